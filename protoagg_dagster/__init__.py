@@ -1,0 +1,1 @@
+"""protoagg: archive every Kafka message exactly once into GCS, orchestrated by Dagster."""

@@ -1,0 +1,130 @@
+"""The archive's wire format: ``uint32 little-endian length | ProtoLog bytes``, repeated.
+
+This is the reference tool's format, so its archives and ours are interchangeable. Encoding uses
+the protobuf runtime's C (upb) backend; reading never trusts a length prefix further than the
+bytes actually present.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Iterator
+from typing import BinaryIO, NamedTuple
+
+from protoagg_dagster.core.errors import ArchiveFormatError
+from protoagg_dagster.core.records import LogRecord
+from protoagg_dagster.pb.log_pb2 import ProtoLog
+
+LENGTH = struct.Struct("<I")
+# A frame larger than this is treated as corruption rather than allocated: messages over the
+# configured size limit never reach the archive, and this bound is far above any sane limit.
+MAX_FRAME_BYTES = 64 * 1024 * 1024
+_READ_CHUNK = 1024 * 1024
+
+
+def encode_records(records: Iterable[LogRecord]) -> bytes:
+    """Frame each record as ``ProtoLog``, in the order given."""
+    parts: list[bytes] = []
+    append = parts.append
+    pack = LENGTH.pack
+    message = ProtoLog()
+    timestamp = message.timestamp
+    for record in records:
+        message.logId = record.log_id
+        timestamp.seconds = record.seconds
+        timestamp.nanos = record.nanos
+        message.message = record.message
+        data = message.SerializeToString()
+        append(pack(len(data)))
+        append(data)
+    return b"".join(parts)
+
+
+class ArchivedRecord(NamedTuple):
+    """One record read back from an archive, with where it sits."""
+
+    index: int
+    byte_offset: int
+    log_id: str
+    seconds: int
+    nanos: int
+    message: str
+
+
+def iter_frames(stream: BinaryIO, max_frame_bytes: int = MAX_FRAME_BYTES) -> Iterator[bytes]:
+    """Yield each frame's payload; raise ArchiveFormatError on a truncated or absurd frame."""
+    for _, _, payload in _iter_located_frames(stream, max_frame_bytes):
+        yield payload
+
+
+def iter_records(stream: BinaryIO, max_frame_bytes: int = MAX_FRAME_BYTES) -> Iterator[ArchivedRecord]:
+    """Decode an archive stream record by record, in archive order.
+
+    Memory stays bounded by one read chunk plus one frame, whatever the archive's size.
+    """
+    message = ProtoLog()
+    for index, offset, payload in _iter_located_frames(stream, max_frame_bytes):
+        try:
+            message.ParseFromString(payload)
+        except Exception as exc:  # upb raises a bare DecodeError subclass of Exception
+            raise ArchiveFormatError(
+                f"record {index} at byte {offset}: {len(payload)}-byte frame is not a ProtoLog "
+                f"({exc})"
+            ) from exc
+        yield ArchivedRecord(
+            index,
+            offset,
+            message.logId,
+            message.timestamp.seconds,
+            message.timestamp.nanos,
+            message.message,
+        )
+
+
+def _iter_located_frames(
+    stream: BinaryIO, max_frame_bytes: int
+) -> Iterator[tuple[int, int, bytes]]:
+    """Yield (record index, byte offset, payload) of each frame."""
+    buffer, pos, base, index = b"", 0, 0, 0
+    while True:
+        if len(buffer) - pos < LENGTH.size:
+            buffer, pos, base = _refill(stream, buffer, pos, base, LENGTH.size)
+            if len(buffer) == 0:
+                return
+            if len(buffer) < LENGTH.size:
+                raise ArchiveFormatError(
+                    f"record {index} at byte {base}: truncated length prefix, {len(buffer)} of "
+                    f"{LENGTH.size} bytes present"
+                )
+        (length,) = LENGTH.unpack_from(buffer, pos)
+        if length > max_frame_bytes:
+            raise ArchiveFormatError(
+                f"record {index} at byte {base + pos}: length prefix {length} exceeds the "
+                f"{max_frame_bytes}-byte frame limit (corrupt, or not a protoagg archive; prefix "
+                f"bytes {buffer[pos:pos + LENGTH.size].hex()})"
+            )
+        end = pos + LENGTH.size + length
+        if end > len(buffer):
+            buffer, pos, base = _refill(stream, buffer, pos, base, LENGTH.size + length)
+            end = LENGTH.size + length
+            if end > len(buffer):
+                raise ArchiveFormatError(
+                    f"record {index} at byte {base}: truncated frame, {len(buffer)} of {end} "
+                    "bytes present"
+                )
+        yield index, base + pos, buffer[pos + LENGTH.size : end]
+        pos = end
+        index += 1
+
+
+def _refill(stream: BinaryIO, buffer: bytes, pos: int, base: int, need: int) -> tuple[bytes, int, int]:
+    """Keep the unread tail of ``buffer`` and read until it holds ``need`` bytes or EOF."""
+    chunks = [buffer[pos:]]
+    have = len(chunks[0])
+    while have < need:
+        chunk = stream.read(max(_READ_CHUNK, need - have))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        have += len(chunk)
+    return b"".join(chunks), 0, base + pos

@@ -1,0 +1,84 @@
+"""The configuration vocabulary shared by the CLI, the Dagster resources, docker compose and docs.
+
+Each setting is one environment variable with a default that points at the local services that
+``protoagg services up`` starts.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Setting:
+    """An environment variable and its default."""
+
+    env: str
+    default: str
+    help: str
+
+    def read(self, environ: Mapping[str, str] | None = None) -> str:
+        source = os.environ if environ is None else environ
+        return source.get(self.env, self.default)
+
+
+KAFKA_BOOTSTRAP = Setting(
+    "PROTOAGG_KAFKA_BOOTSTRAP", "127.0.0.1:9094", "Kafka bootstrap servers, comma separated"
+)
+TOPICS = Setting("PROTOAGG_TOPICS", "logs", "Kafka topics to archive, comma separated")
+POSTGRES_DSN = Setting(
+    "PROTOAGG_POSTGRES_DSN",
+    "postgresql://protoagg:protoagg@127.0.0.1:5432/protoagg",
+    "PostgreSQL DSN of the dedupe database",
+)
+GCS_BUCKET = Setting("PROTOAGG_GCS_BUCKET", "logs", "GCS bucket that holds the archive")
+GCS_OBJECT = Setting(
+    "PROTOAGG_GCS_OBJECT",
+    "log.pb",
+    "archive object name template; fields {topic} {partition} {date} {year} {month} {day} {hour}",
+)
+STORAGE_EMULATOR_HOST = Setting(
+    "STORAGE_EMULATOR_HOST",
+    "",
+    "GCS emulator endpoint (local: http://127.0.0.1:4443); unset means real GCS with"
+    " Application Default Credentials",
+)
+
+BATCH_SIZE = Setting("PROTOAGG_BATCH_SIZE", "500", "launch a run once this many messages wait")
+LINGER_SECONDS = Setting(
+    "PROTOAGG_LINGER_SECONDS", "15", "...or once the oldest waiting message is this old"
+)
+MAX_BATCH_MESSAGES = Setting(
+    "PROTOAGG_MAX_BATCH_MESSAGES", "200000", "most messages one run reads"
+)
+MAX_BATCH_BYTES = Setting(
+    "PROTOAGG_MAX_BATCH_BYTES", str(128 * 1024 * 1024), "most value bytes one run reads"
+)
+MAX_MESSAGE_BYTES = Setting(
+    "PROTOAGG_MAX_MESSAGE_BYTES", str(1024 * 1024), "larger messages are rejected"
+)
+START_FROM = Setting(
+    "PROTOAGG_START_FROM", "earliest", "where a never-archived partition starts: earliest|latest"
+)
+
+ALL_SETTINGS: tuple[Setting, ...] = (
+    KAFKA_BOOTSTRAP,
+    TOPICS,
+    POSTGRES_DSN,
+    GCS_BUCKET,
+    GCS_OBJECT,
+    STORAGE_EMULATOR_HOST,
+    BATCH_SIZE,
+    LINGER_SECONDS,
+    MAX_BATCH_MESSAGES,
+    MAX_BATCH_BYTES,
+    MAX_MESSAGE_BYTES,
+    START_FROM,
+)
+
+
+def split_list(value: str) -> list[str]:
+    """Split a comma separated setting, dropping blanks."""
+    return [item.strip() for item in value.split(",") if item.strip()]

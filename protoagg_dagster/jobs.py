@@ -1,0 +1,42 @@
+"""The archive job: one bounded offset range of one partition per run."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from protoagg_dagster.ops import append, consume, dedupe, encode
+
+PARTITION_TAG = "protoagg/partition"
+RANGE_TAG = "protoagg/range"
+
+
+@dg.job(
+    executor_def=dg.in_process_executor,
+    description="Archive offsets [start, end) of one Kafka partition: consume, dedupe, encode, "
+    "append to GCS. Launched by kafka_offsets_sensor; launch it by hand to backfill a range.",
+)
+def archive_kafka_batch() -> None:
+    append(encode(dedupe(consume())))
+
+
+def range_tags(topic: str, partition: int, start: int, end: int) -> dict[str, str]:
+    """Tags of a run: one run per partition at a time is enforced on ``protoagg/partition``."""
+    return {
+        PARTITION_TAG: f"{topic}-{partition}",
+        RANGE_TAG: f"{topic}-{partition}-{start}-{end}",
+    }
+
+
+def range_run_config(topic: str, partition: int, start: int, end: int) -> dict[str, object]:
+    return {
+        "ops": {
+            "consume": {
+                "config": {
+                    "topic": topic,
+                    "partition": partition,
+                    "start_offset": start,
+                    "end_offset": end,
+                }
+            }
+        }
+    }

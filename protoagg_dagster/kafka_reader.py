@@ -1,0 +1,77 @@
+"""Reading exactly one offset range of one partition with kafka-python (assign + seek).
+
+No consumer group is involved: what is read is decided by the range alone, so a retry or a second
+instance reads the same messages.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from kafka import KafkaConsumer, TopicPartition
+
+from protoagg_dagster.core.errors import BackendError
+from protoagg_dagster.core.planning import OffsetRange
+from protoagg_dagster.core.records import KafkaMessage
+
+
+@dataclass(frozen=True)
+class RangeRead:
+    """Messages of ``batch`` in offset order; ``batch.end`` may be below the requested end when
+    the byte limit stopped the read. ``skipped`` counts offsets already gone to retention."""
+
+    batch: OffsetRange
+    messages: list[KafkaMessage]
+    value_bytes: int
+    skipped: int
+
+
+def read_range(
+    consumer: KafkaConsumer,
+    wanted: OffsetRange,
+    max_bytes: int,
+    timeout_seconds: float = 120.0,
+) -> RangeRead:
+    """Read offsets ``[wanted.start, wanted.end)``, stopping early once ``max_bytes`` is reached.
+
+    Offsets with no message (compaction, transaction markers, retention) are passed over: the
+    loop ends on the consumer's position, not on a message count.
+    """
+    tp = TopicPartition(wanted.topic, wanted.partition)
+    consumer.assign([tp])
+    log_start = consumer.beginning_offsets([tp])[tp]
+    start = max(wanted.start, log_start)
+    consumer.seek(tp, start)
+    messages: list[KafkaMessage] = []
+    value_bytes = 0
+    end = wanted.end
+    deadline = time.monotonic() + timeout_seconds
+    while start < end and consumer.position(tp) < end:
+        if time.monotonic() > deadline:
+            raise BackendError(
+                f"reading {wanted} timed out after {timeout_seconds:.0f} s at offset "
+                f"{consumer.position(tp)}: is the broker reachable and the range still retained?"
+            )
+        polled = consumer.poll(timeout_ms=1000, max_records=10_000).get(tp, [])
+        for record in polled:
+            if record.offset >= end:
+                break
+            value = record.value
+            messages.append(
+                KafkaMessage(
+                    record.topic,
+                    record.partition,
+                    record.offset,
+                    record.timestamp,
+                    record.key,
+                    value,
+                    tuple(record.headers or ()),
+                )
+            )
+            value_bytes += len(value) if value is not None else 0
+            if value_bytes >= max_bytes:
+                end = record.offset + 1
+                break
+    batch = OffsetRange(wanted.topic, wanted.partition, wanted.start, end)
+    return RangeRead(batch, messages, value_bytes, skipped=min(start, end) - wanted.start)

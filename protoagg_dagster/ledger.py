@@ -1,0 +1,253 @@
+"""The PostgreSQL side of exactly-once: dedupe claims, the batch ledger and archived positions.
+
+Tables:
+
+- ``processed_logs``: one row per archived logId (``log_id uuid`` primary key) and the batch that
+  claimed it. ``INSERT ... ON CONFLICT DO NOTHING`` makes concurrent claimers of one id agree on a
+  single winner without locking the table.
+- ``archive_batches``: one row per claimed offset range; ``state`` is ``claimed`` until the append
+  to GCS is confirmed, then ``appended``. At most one ``claimed`` row per partition.
+- ``archive_positions``: per partition, the first offset not yet archived.
+
+A claimed batch whose run died is *adopted* by the next run of that partition: its claims are its
+own, so the same records are appended (or found already appended, via the object's metadata).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import psycopg
+
+from protoagg_dagster.core.errors import BackendError
+from protoagg_dagster.core.planning import OffsetRange
+from protoagg_dagster.core.records import LogRecord
+
+# Any constant works; it only has to be the same for every protoagg process.
+_SCHEMA_LOCK_ID = 0x70726F746F616767
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS processed_logs (
+    log_id       uuid PRIMARY KEY,
+    batch_id     bigint NOT NULL,
+    kafka_offset bigint NOT NULL,
+    claimed_at   timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS processed_logs_batch ON processed_logs (batch_id);
+CREATE TABLE IF NOT EXISTS archive_batches (
+    batch_id     bigserial PRIMARY KEY,
+    topic        text NOT NULL,
+    partition    integer NOT NULL,
+    start_offset bigint NOT NULL,
+    end_offset   bigint NOT NULL,
+    object_name  text NOT NULL,
+    state        text NOT NULL CHECK (state IN ('claimed', 'appended')),
+    records      integer NOT NULL,
+    claimed      integer NOT NULL,
+    run_id       text,
+    generation   bigint,
+    claimed_at   timestamptz NOT NULL DEFAULT now(),
+    appended_at  timestamptz
+);
+CREATE UNIQUE INDEX IF NOT EXISTS archive_batches_one_claimed
+    ON archive_batches (topic, partition) WHERE state = 'claimed';
+CREATE TABLE IF NOT EXISTS archive_positions (
+    topic       text NOT NULL,
+    partition   integer NOT NULL,
+    next_offset bigint NOT NULL,
+    PRIMARY KEY (topic, partition)
+);
+"""
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The outcome of claiming a batch: which records are new and must be appended."""
+
+    batch_id: int | None
+    batch: OffsetRange
+    object_name: str
+    kept: tuple[LogRecord, ...]
+    duplicates: int
+    adopted: bool
+
+    @property
+    def nothing_to_do(self) -> bool:
+        return self.batch_id is None
+
+
+@dataclass(frozen=True)
+class PartitionProgress:
+    next_offset: int | None
+    pending: OffsetRange | None
+
+
+def ensure_schema(conn: psycopg.Connection) -> None:
+    """Create the tables once; concurrent callers serialise on an advisory lock."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK_ID,))
+        conn.execute(SCHEMA)
+
+
+def read_progress(conn: psycopg.Connection, topic: str) -> dict[int, PartitionProgress]:
+    """Archived position and pending (claimed, unconfirmed) range of each known partition."""
+    positions = dict(
+        conn.execute(
+            "SELECT partition, next_offset FROM archive_positions WHERE topic = %s", (topic,)
+        ).fetchall()
+    )
+    pending = {
+        row[0]: OffsetRange(topic, row[0], row[1], row[2])
+        for row in conn.execute(
+            "SELECT partition, start_offset, end_offset FROM archive_batches "
+            "WHERE topic = %s AND state = 'claimed'",
+            (topic,),
+        )
+    }
+    return {
+        partition: PartitionProgress(positions.get(partition), pending.get(partition))
+        for partition in positions.keys() | pending.keys()
+    }
+
+
+def claim_batch(
+    conn: psycopg.Connection,
+    batch: OffsetRange,
+    records: Sequence[LogRecord],
+    object_name: str,
+    run_id: str | None,
+) -> Claim:
+    """Claim the new logIds of ``records`` (offsets of ``batch``) in one short transaction.
+
+    Returns the records to append, in offset order: the first occurrence of each logId that no
+    other batch has claimed. If the partition has a claimed batch starting at ``batch.start``, that
+    batch is adopted instead and its own claims are returned. Offsets already archived are
+    trimmed; a batch that starts beyond the archived position is refused (it would leave a gap).
+    """
+    with conn.transaction():
+        conn.execute(
+            "INSERT INTO archive_positions (topic, partition, next_offset) VALUES (%s, %s, %s) "
+            "ON CONFLICT DO NOTHING",
+            (batch.topic, batch.partition, batch.start),
+        )
+        # The row lock serialises claimers of one partition; other partitions are not blocked.
+        row = conn.execute(
+            "SELECT next_offset FROM archive_positions WHERE topic = %s AND partition = %s "
+            "FOR UPDATE",
+            (batch.topic, batch.partition),
+        ).fetchone()
+        assert row is not None
+        next_offset: int = row[0]
+        pending = conn.execute(
+            "SELECT batch_id, start_offset, end_offset, object_name FROM archive_batches "
+            "WHERE topic = %s AND partition = %s AND state = 'claimed'",
+            (batch.topic, batch.partition),
+        ).fetchone()
+        if pending is not None:
+            return _adopt(conn, batch, records, pending)
+        if batch.end <= next_offset:
+            return Claim(None, batch, object_name, (), 0, adopted=False)
+        if batch.start > next_offset:
+            raise BackendError(
+                f"{batch} would leave a gap: {batch.topic}[{batch.partition}] is archived up to "
+                f"offset {next_offset}; archive {next_offset}..{batch.start} first"
+            )
+        effective = OffsetRange(batch.topic, batch.partition, max(batch.start, next_offset), batch.end)
+        candidates = _first_occurrences(r for r in records if r.offset >= effective.start)
+        batch_id = _insert_batch(conn, effective, object_name, len(records), run_id)
+        claimed_offsets = _insert_claims(conn, batch_id, candidates)
+        conn.execute(
+            "UPDATE archive_batches SET claimed = %s WHERE batch_id = %s",
+            (len(claimed_offsets), batch_id),
+        )
+    kept = tuple(r for r in candidates if r.offset in claimed_offsets)
+    in_range = sum(1 for r in records if r.offset >= effective.start)
+    return Claim(batch_id, effective, object_name, kept, in_range - len(kept), adopted=False)
+
+
+def _adopt(
+    conn: psycopg.Connection,
+    batch: OffsetRange,
+    records: Sequence[LogRecord],
+    pending: tuple[int, int, int, str],
+) -> Claim:
+    batch_id, start, end, object_name = pending
+    if start != batch.start or end > batch.end:
+        raise BackendError(
+            f"{batch.topic}[{batch.partition}] has an unfinished batch {start}..{end} (id "
+            f"{batch_id}); it must be finished first by a run for offsets {start}..{end}"
+        )
+    own = {
+        offset
+        for (offset,) in conn.execute(
+            "SELECT kafka_offset FROM processed_logs WHERE batch_id = %s", (batch_id,)
+        )
+    }
+    adopted = OffsetRange(batch.topic, batch.partition, start, end)
+    in_range = [r for r in records if r.offset < end]
+    kept = tuple(r for r in in_range if r.offset in own)
+    return Claim(batch_id, adopted, object_name, kept, len(in_range) - len(kept), adopted=True)
+
+
+def _first_occurrences(records: Iterable[LogRecord]) -> list[LogRecord]:
+    seen: set[str] = set()
+    result = []
+    for record in records:
+        key = record.log_id.lower()
+        if key not in seen:
+            seen.add(key)
+            result.append(record)
+    return result
+
+
+def _insert_batch(
+    conn: psycopg.Connection, batch: OffsetRange, object_name: str, records: int, run_id: str | None
+) -> int:
+    row = conn.execute(
+        "INSERT INTO archive_batches (topic, partition, start_offset, end_offset, object_name, "
+        "state, records, claimed, run_id) VALUES (%s, %s, %s, %s, %s, 'claimed', %s, 0, %s) "
+        "RETURNING batch_id",
+        (batch.topic, batch.partition, batch.start, batch.end, object_name, records, run_id),
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def _insert_claims(conn: psycopg.Connection, batch_id: int, records: list[LogRecord]) -> set[int]:
+    """Claim each record's logId for ``batch_id``; return the offsets whose claim won."""
+    if not records:
+        return set()
+    conn.execute(
+        "CREATE TEMP TABLE IF NOT EXISTS claim_candidates (log_id uuid, kafka_offset bigint) "
+        "ON COMMIT DELETE ROWS"
+    )
+    payload = "".join(f"{r.log_id}\t{r.offset}\n" for r in records)
+    with conn.cursor() as cursor:
+        with cursor.copy("COPY claim_candidates (log_id, kafka_offset) FROM STDIN") as copy:
+            copy.write(payload)
+        # Inserting in log_id order makes concurrent claimers of overlapping ids take their row
+        # locks in the same order, so they wait for each other instead of deadlocking.
+        cursor.execute(
+            "INSERT INTO processed_logs (log_id, batch_id, kafka_offset) "
+            "SELECT log_id, %s, kafka_offset FROM claim_candidates ORDER BY log_id "
+            "ON CONFLICT (log_id) DO NOTHING RETURNING kafka_offset",
+            (batch_id,),
+        )
+        return {offset for (offset,) in cursor.fetchall()}
+
+
+def finish_batch(conn: psycopg.Connection, batch_id: int, generation: int | None) -> None:
+    """Mark a claimed batch appended and advance its partition's position; idempotent."""
+    with conn.transaction():
+        row = conn.execute(
+            "UPDATE archive_batches SET state = 'appended', appended_at = now(), generation = %s "
+            "WHERE batch_id = %s AND state = 'claimed' RETURNING topic, partition, end_offset",
+            (generation, batch_id),
+        ).fetchone()
+        if row is not None:
+            conn.execute(
+                "UPDATE archive_positions SET next_offset = GREATEST(next_offset, %s) "
+                "WHERE topic = %s AND partition = %s",
+                (row[2], row[0], row[1]),
+            )

@@ -1,0 +1,1 @@
+"""Generated protobuf code for proto/log.proto (regenerate with generate.sh)."""

@@ -1,0 +1,99 @@
+"""Kafka through kafka-python: consumers that read assigned ranges, producers, admin."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dagster as dg
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import KafkaError
+from pydantic import Field
+
+from protoagg_dagster.core.errors import BackendError, ConfigError
+from protoagg_dagster.core.settings import split_list
+
+
+class KafkaResource(dg.ConfigurableResource):  # type: ignore[misc]
+    """Connection settings for the Kafka cluster whose topics are archived."""
+
+    bootstrap_servers: str = Field(description="Comma-separated host:port list of brokers.")
+    topics: str = Field(default="logs", description="Comma-separated topics to archive.")
+    security_protocol: str = Field(
+        default="PLAINTEXT", description="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL."
+    )
+    sasl_mechanism: str | None = Field(default=None, description="e.g. PLAIN, SCRAM-SHA-512.")
+    sasl_username: str | None = Field(default=None, description="SASL user name.")
+    sasl_password: str | None = Field(default=None, description="SASL password (use an EnvVar).")
+    ssl_cafile: str | None = Field(default=None, description="CA bundle for SSL.")
+    request_timeout_ms: int = Field(default=30_000, description="Broker request timeout.")
+    fetch_max_bytes: int = Field(
+        default=64 * 1024 * 1024, description="Upper bound on one fetch response."
+    )
+
+    def topic_list(self) -> list[str]:
+        topics = split_list(self.topics)
+        if not topics:
+            raise ConfigError("PROTOAGG_TOPICS names no topic")
+        return topics
+
+    def _common(self) -> dict[str, Any]:
+        config: dict[str, Any] = {
+            "bootstrap_servers": split_list(self.bootstrap_servers),
+            "security_protocol": self.security_protocol,
+            "request_timeout_ms": self.request_timeout_ms,
+            "client_id": "protoagg",
+        }
+        optional = {
+            "sasl_mechanism": self.sasl_mechanism,
+            "sasl_plain_username": self.sasl_username,
+            "sasl_plain_password": self.sasl_password,
+            "ssl_cafile": self.ssl_cafile,
+        }
+        config.update({key: value for key, value in optional.items() if value is not None})
+        return config
+
+    def get_consumer(self) -> KafkaConsumer:
+        """A group-less consumer: offsets are chosen by assign + seek, never committed."""
+        return self._connect(
+            KafkaConsumer,
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            fetch_max_bytes=self.fetch_max_bytes,
+            max_partition_fetch_bytes=min(self.fetch_max_bytes, 16 * 1024 * 1024),
+            consumer_timeout_ms=1000,
+        )
+
+    def get_producer(self) -> KafkaProducer:
+        return self._connect(KafkaProducer, acks="all", linger_ms=20, batch_size=256 * 1024)
+
+    def get_admin(self) -> KafkaAdminClient:
+        return self._connect(KafkaAdminClient)
+
+    def offset_bounds(self, topic: str) -> dict[int, tuple[int, int]]:
+        """Each partition's first retained offset and end offset (the next to be written)."""
+        consumer = self.get_consumer()
+        try:
+            partitions = consumer.partitions_for_topic(topic)
+            if not partitions:
+                raise ConfigError(
+                    f"Kafka topic {topic!r} does not exist on {self.bootstrap_servers} "
+                    "(check PROTOAGG_TOPICS)"
+                )
+            tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+            begins = consumer.beginning_offsets(tps)
+            ends = consumer.end_offsets(tps)
+            return {tp.partition: (begins[tp], ends[tp]) for tp in tps}
+        except KafkaError as exc:
+            raise BackendError(f"Kafka offsets of {topic!r} failed: {exc}") from exc
+        finally:
+            consumer.close()
+
+    def _connect(self, factory: Any, **extra: Any) -> Any:
+        try:
+            return factory(**self._common(), **extra)
+        except KafkaError as exc:
+            raise BackendError(
+                f"no Kafka broker answers at {self.bootstrap_servers} "
+                "(check PROTOAGG_KAFKA_BOOTSTRAP, or start one with `protoagg services up`)"
+            ) from exc

@@ -1,0 +1,37 @@
+"""PostgreSQL through psycopg 3: one connection per use, committed or rolled back as a unit."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import dagster as dg
+import psycopg
+from pydantic import Field
+
+from protoagg_dagster.core.errors import BackendError
+from protoagg_dagster.ledger import ensure_schema
+
+
+class PostgresResource(dg.ConfigurableResource):  # type: ignore[misc]
+    """The dedupe database."""
+
+    dsn: str = Field(description="libpq connection string or URI of the dedupe database.")
+    connect_timeout: int = Field(default=10, description="Seconds to wait for a connection.")
+
+    @contextmanager
+    def get_connection(self) -> Iterator[psycopg.Connection]:
+        """An autocommit connection whose schema is ready; use ``conn.transaction()`` blocks."""
+        try:
+            conn = psycopg.connect(self.dsn, connect_timeout=self.connect_timeout, autocommit=True)
+        except psycopg.OperationalError as exc:
+            raise BackendError(
+                f"cannot connect to PostgreSQL (check PROTOAGG_POSTGRES_DSN): {_first_line(exc)}"
+            ) from exc
+        with conn:
+            ensure_schema(conn)
+            yield conn
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -1,0 +1,199 @@
+"""A private PostgreSQL 15 cluster under the state directory, from Debian's server binaries.
+
+The server refuses to run as root, so when we are root (as CI is) the cluster is owned by and run as
+the unprivileged ``postgres`` user.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import psycopg
+from psycopg import sql
+
+from protoagg_dagster.core.errors import ServiceError
+from protoagg_dagster.services.process import (
+    Endpoint,
+    ManagedProcess,
+    poll_until,
+    require_free_port,
+)
+
+POSTGRES_BIN = Path(os.environ.get("PROTOAGG_POSTGRES_BIN", "/usr/lib/postgresql/15/bin"))
+SUPERUSER = "postgres"
+SUPERUSER_PASSWORD = "postgres"
+APP_USER = "protoagg"
+APP_PASSWORD = "protoagg"
+APP_DATABASE = "protoagg"
+UNPRIVILEGED_USER = "postgres"
+
+
+@dataclass(frozen=True)
+class PostgresService:
+    state_dir: Path
+    port: int = 5432
+    host: str = "127.0.0.1"
+    name: ClassVar[str] = "postgres"
+
+    @property
+    def home(self) -> Path:
+        return self.state_dir / "postgres"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.home / "data"
+
+    @property
+    def process(self) -> ManagedProcess:
+        return ManagedProcess(self.name, self.home)
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return Endpoint(self.host, self.port)
+
+    @property
+    def dsn(self) -> str:
+        return (
+            f"postgresql://{APP_USER}:{APP_PASSWORD}@{self.host}:{self.port}/{APP_DATABASE}"
+        )
+
+    def is_running(self) -> bool:
+        return self.process.pid() is not None
+
+    def up(self, timeout: float = 60.0) -> None:
+        if self.is_running() and self._accepts_connections():
+            return
+        binary = POSTGRES_BIN / "postgres"
+        if not binary.exists():
+            raise ServiceError(
+                f"PostgreSQL server binaries were not found in {POSTGRES_BIN}: install Debian's "
+                "postgresql-15 package (apt-get install postgresql-15) or set "
+                "PROTOAGG_POSTGRES_BIN to the directory holding `postgres` and `initdb`."
+            )
+        require_free_port(self.endpoint, "PostgreSQL", "--postgres-port")
+        user = _server_user()
+        self.home.mkdir(parents=True, exist_ok=True)
+        if not (self.data_dir / "PG_VERSION").exists():
+            self._initdb(user)
+        if user is not None:
+            _chown_tree(self.home, user)
+        self.process.spawn(
+            [
+                str(binary),
+                "-D", str(self.data_dir),
+                "-p", str(self.port),
+                "-c", f"listen_addresses={self.host}",
+                "-c", f"unix_socket_directories={self.home}",
+                "-c", "max_connections=200",
+                "-c", "fsync=on",
+            ],
+            user=user,
+        )
+        if not poll_until(self._accepts_connections, timeout, interval=0.3):
+            raise ServiceError(
+                f"PostgreSQL did not accept connections on {self.endpoint} within {timeout:.0f} s; "
+                f"see {self.process.log_file}:\n{self.process.log_tail()}"
+            )
+        self._ensure_app_database()
+
+    def down(self) -> bool:
+        # SIGINT is PostgreSQL's "fast" shutdown: SIGTERM would wait for every client to leave.
+        return self.process.stop(signal.SIGINT)
+
+    def describe(self) -> str:
+        pid = self.process.pid()
+        if pid is None:
+            return f"{self.name}: stopped"
+        return (
+            f"{self.name}: running (pid {pid}) at {self.endpoint}, database {APP_DATABASE}, "
+            f"log {self.process.log_file}"
+        )
+
+    def exports(self) -> dict[str, str]:
+        return {"PROTOAGG_POSTGRES_DSN": self.dsn}
+
+    def _initdb(self, user: str | None) -> None:
+        if self.data_dir.exists():
+            shutil.rmtree(self.data_dir)
+        pwfile = self.home / "superuser.pw"
+        pwfile.write_text(SUPERUSER_PASSWORD + "\n")
+        if user is not None:
+            _chown_tree(self.home, user)
+        command = [
+            str(POSTGRES_BIN / "initdb"),
+            "-D", str(self.data_dir),
+            "-U", SUPERUSER,
+            f"--pwfile={pwfile}",
+            "--auth-local=trust",
+            "--auth-host=scram-sha-256",
+            "--encoding=UTF8",
+            "--locale=C",
+        ]
+        if user is not None:
+            command = ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", *command]
+        result = subprocess.run(  # noqa: S603 - fixed argv
+            command, capture_output=True, text=True, check=False
+        )
+        pwfile.unlink(missing_ok=True)
+        if result.returncode != 0:
+            raise ServiceError(f"initdb failed for {self.data_dir}:\n{result.stderr.strip()}")
+
+    def _accepts_connections(self) -> bool:
+        try:
+            with psycopg.connect(self._superuser_dsn(), connect_timeout=2):
+                return True
+        except psycopg.OperationalError:
+            return False
+
+    def _superuser_dsn(self, database: str = "postgres") -> str:
+        return (
+            f"postgresql://{SUPERUSER}:{SUPERUSER_PASSWORD}@{self.host}:{self.port}/{database}"
+        )
+
+    def _ensure_app_database(self) -> None:
+        with psycopg.connect(self._superuser_dsn(), autocommit=True) as conn:
+            role = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (APP_USER,))
+            if role.fetchone() is None:
+                conn.execute(
+                    sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
+                        sql.Identifier(APP_USER), sql.Literal(APP_PASSWORD)
+                    )
+                )
+            exists = conn.execute(
+                "SELECT 1 FROM pg_database WHERE datname = %s", (APP_DATABASE,)
+            ).fetchone()
+            if not exists:
+                conn.execute(
+                    sql.SQL("CREATE DATABASE {} OWNER {}").format(
+                        sql.Identifier(APP_DATABASE), sql.Identifier(APP_USER)
+                    )
+                )
+
+
+def _server_user() -> str | None:
+    """The user to run the server as: ourselves, or ``postgres`` when we are root."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        pwd.getpwnam(UNPRIVILEGED_USER)
+    except KeyError as exc:
+        raise ServiceError(
+            "PostgreSQL refuses to run as root and there is no `postgres` user to run it as: "
+            "install Debian's postgresql-15 package (it creates the user) or run as a normal user."
+        ) from exc
+    return UNPRIVILEGED_USER
+
+
+def _chown_tree(path: Path, user: str) -> None:
+    entry = pwd.getpwnam(user)
+    for root, dirs, files in os.walk(path):
+        os.chown(root, entry.pw_uid, entry.pw_gid)
+        for name in dirs + files:
+            os.chown(os.path.join(root, name), entry.pw_uid, entry.pw_gid, follow_symlinks=False)
