@@ -10,6 +10,8 @@ from __future__ import annotations
 import random
 import time
 import uuid
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 from google.api_core import exceptions as gexc
@@ -40,16 +42,19 @@ def append_batch(
     object_name: str,
     batch: OffsetRange,
     data: bytes,
+    serialize: Callable[[], AbstractContextManager[None]] = nullcontext,
     max_attempts: int = 20,
 ) -> AppendResult:
     """Append ``data`` (framed records of ``batch``) to ``object_name`` exactly once.
 
+    The upload happens first, outside ``serialize`` (a lock held only around read-and-compose).
     Returns ``appended=False`` when the object's metadata shows the batch is already archived.
     """
     temp = bucket.blob(temp_object_name(batch, uuid.uuid4().hex))
     temp.upload_from_string(data, content_type=CONTENT_TYPE, if_generation_match=0)
     try:
-        return _compose_fenced(bucket, object_name, batch, temp, max_attempts)
+        with serialize():
+            return _compose_fenced(bucket, object_name, batch, temp, max_attempts)
     finally:
         _delete_quietly(temp)
 

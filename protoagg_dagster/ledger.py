@@ -15,7 +15,8 @@ own, so the same records are appended (or found already appended, via the object
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import psycopg
@@ -251,3 +252,16 @@ def finish_batch(conn: psycopg.Connection, batch_id: int, generation: int | None
                 "WHERE topic = %s AND partition = %s",
                 (row[2], row[0], row[1]),
             )
+
+
+@contextmanager
+def object_lock(conn: psycopg.Connection, bucket: str, object_name: str) -> Iterator[None]:
+    """Serialise appenders of one archive object across every process sharing this database.
+
+    GCS's generation precondition is the real fence; this lock keeps writers from racing into
+    it (and keeps emulators that ignore compose preconditions safe). It is a transaction-level
+    advisory lock, so a writer that dies releases it with its connection.
+    """
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (f"{bucket}/{object_name}",))
+        yield

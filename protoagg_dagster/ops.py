@@ -19,7 +19,7 @@ from protoagg_dagster.core.framing import encode_records
 from protoagg_dagster.core.planning import OffsetRange
 from protoagg_dagster.core.records import Rejection, parse_messages
 from protoagg_dagster.kafka_reader import RangeRead, read_range
-from protoagg_dagster.ledger import Claim, claim_batch, finish_batch
+from protoagg_dagster.ledger import Claim, claim_batch, finish_batch, object_lock
 from protoagg_dagster.resources import GCSResource, KafkaResource, PostgresResource
 from protoagg_dagster.settings_resource import ArchiverSettings
 
@@ -142,15 +142,21 @@ def append(
     appended_bytes = 0
     size: int | None = None
     if claim.batch_id is not None:
-        if encoded.data:
-            result = append_batch(gcs.get_bucket(), claim.object_name, claim.batch, encoded.data)
-            generation, size = result.generation, result.object_size
-            appended_bytes = len(encoded.data) if result.appended else 0
-            if not result.appended:
-                context.log.info(
-                    f"append: gs://{gcs.bucket}/{claim.object_name} already holds {claim.batch}"
-                )
         with postgres.get_connection() as conn:
+            if encoded.data:
+                result = append_batch(
+                    gcs.get_bucket(),
+                    claim.object_name,
+                    claim.batch,
+                    encoded.data,
+                    serialize=lambda: object_lock(conn, gcs.bucket, claim.object_name),
+                )
+                generation, size = result.generation, result.object_size
+                appended_bytes = len(encoded.data) if result.appended else 0
+                if not result.appended:
+                    context.log.info(
+                        f"append: gs://{gcs.bucket}/{claim.object_name} already holds {claim.batch}"
+                    )
             finish_batch(conn, claim.batch_id, generation)
     elapsed = time.perf_counter() - started
     seconds = {**encoded.seconds, "append": elapsed}

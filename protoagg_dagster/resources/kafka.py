@@ -62,6 +62,8 @@ class KafkaResource(dg.ConfigurableResource):  # type: ignore[misc]
             fetch_max_bytes=self.fetch_max_bytes,
             max_partition_fetch_bytes=min(self.fetch_max_bytes, 16 * 1024 * 1024),
             consumer_timeout_ms=1000,
+            # Reading must never create a topic that a typo named.
+            allow_auto_create_topics=False,
         )
 
     def get_producer(self) -> KafkaProducer:

@@ -13,6 +13,7 @@ created through the JSON API.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -68,6 +69,12 @@ def find_binary() -> Path:
     if not os.access(binary, os.X_OK):
         raise ServiceError(f"{binary} is not executable; run `chmod +x {binary}`.")
     return binary
+
+
+def _reap(pid: int) -> None:
+    """Collect the exit status of our child ``pid`` if it ended, so no zombie is left behind."""
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
 
 
 @dataclass(frozen=True)
@@ -151,6 +158,7 @@ class GcsEmulatorService:
                 f"{process.log_file}:\n{process.log_tail()}"
             )
         if process.pid() is None:
+            _reap(pid)
             raise ServiceError(
                 f"gcs: fake-gcs-server (pid {pid}) exited during start; see "
                 f"{process.log_file}:\n{process.log_tail()}"

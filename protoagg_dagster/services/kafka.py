@@ -39,11 +39,13 @@ from protoagg_dagster.services.process import (
 
 KAFKA_VERSION = "4.1.1"
 # Kafka 4.x logs through SLF4J 1.7 and ships Log4j 2 (api+core) as runtime dependencies, but the
-# SLF4J->Log4j 2 binding is only in the binary distribution, not in the POMs: add it ourselves.
+# SLF4J->Log4j 2 binding is only in the binary distribution, not in the POMs: add it ourselves,
+# at the Log4j version of kafka_2.13's POM (check it when changing KAFKA_VERSION).
 LOG4J_VERSION = "2.24.3"
 JVM_HEAP = ("-Xms256m", "-Xmx512m")
 NODE_ID = 1
 CLIENT_ID = "protoagg-services"
+_START_MARKER = "--- protoagg: starting Kafka"
 
 _JAVA_ADVICE = (
     "install a Java 17+ runtime (Debian: apt-get install openjdk-17-jre-headless) to run Kafka."
@@ -79,6 +81,8 @@ _POM = """<?xml version="1.0" encoding="UTF-8"?>
 _LOG4J2 = """# Written by protoagg on every start; everything goes to stdout, i.e. to kafka.log.
 status = warn
 name = protoagg-kafka
+# Kafka's own shutdown hook logs the controlled shutdown; Log4j's hook would cut it short.
+shutdownHook = disable
 appender.out.type = Console
 appender.out.name = STDOUT
 appender.out.layout.type = PatternLayout
@@ -162,15 +166,19 @@ class KafkaService:
                 java = _java()
                 classpath = kafka_classpath()
                 self._write_config()
+                self._rotate_log()
                 if not (self.data_dir / "meta.properties").exists():
                     self._format(java, classpath)
-                pid = self.process.spawn(self._broker_argv(java, classpath), cwd=self.home)
+                argv = self._broker_argv(java, classpath)
+                with self.process.log_file.open("a") as log:
+                    log.write(f"{_START_MARKER} {KAFKA_VERSION} at {self.endpoint}\n")
+                pid = self.process.spawn(argv, cwd=self.home)
             elif self._answers():
                 return
             self._wait_ready(pid, deadline)
 
     def down(self) -> bool:
-        """Stop the broker (controlled shutdown, SIGKILL after 60 s); False if it was not running."""
+        """Stop the broker (SIGKILL after 60 s); False if it was not running."""
         return self.process.stop(timeout=60.0)
 
     def is_running(self) -> bool:
@@ -231,6 +239,13 @@ class KafkaService:
         self.config_file.write_text(text)
         self.log4j_file.write_text(_LOG4J2)
 
+    def _rotate_log(self, limit: int = 20 << 20) -> None:
+        """Keep one previous log: a long-lived dev broker would otherwise grow kafka.log forever."""
+        log = self.process.log_file
+        with contextlib.suppress(FileNotFoundError):
+            if log.stat().st_size > limit:
+                log.replace(log.with_name(log.name + ".1"))
+
     def _jvm_options(self) -> list[str]:
         return [
             *JVM_HEAP,
@@ -248,7 +263,7 @@ class KafkaService:
         return [java, *self._jvm_options(), "-cp", classpath, "kafka.Kafka", str(self.config_file)]
 
     def _format(self, java: str, classpath: str) -> None:
-        """Format the KRaft storage once (writes data/meta.properties and the bootstrap snapshot)."""
+        """Format the KRaft storage once: writes data/meta.properties and bootstrap.checkpoint."""
         argv = [
             java,
             "-Xmx256m",
@@ -265,13 +280,13 @@ class KafkaService:
             "--ignore-formatted",
         ]
         try:
-            done = subprocess.run(  # noqa: S603 - argv is built by us
+            done = subprocess.run(
                 argv, capture_output=True, text=True, timeout=120, check=False, cwd=self.home
             )
         except subprocess.TimeoutExpired as exc:
             raise ServiceError(
-                f"Formatting Kafka's storage in {self.data_dir} took over 120 s; check the machine's "
-                "load and retry `protoagg services up`."
+                f"Formatting Kafka's storage in {self.data_dir} took over 120 s; check the "
+                "machine's load and retry `protoagg services up`."
             ) from exc
         with self.process.log_file.open("a") as log:
             log.write(f"--- kafka storage format ({' '.join(argv[-7:])})\n")
@@ -297,16 +312,28 @@ class KafkaService:
         ok = poll_until(ready, remaining, interval=0.5)
         if ok and not died:
             return
-        log = self.process.log_file
         if died:
             reason = "exited during start-up"
         else:
-            reason = f"did not answer a Kafka client at {self.endpoint} within the timeout"
+            reason = (
+                f"did not answer a Kafka client at {self.endpoint} within the timeout "
+                f"(give `up` a longer timeout on a slow machine)"
+            )
             # Leave nothing half-started behind: a later `up` starts afresh.
             self.process.stop(timeout=30.0)
+        log = self._start_log() or "(nothing logged yet)"
         raise ServiceError(
-            f"Kafka {reason}; read {log} for the cause. Last lines:\n{self.process.log_tail(25)}"
+            f"Kafka {reason}; read {self.process.log_file} for the cause. Log:\n{log}"
         )
+
+    def _start_log(self, lines: int = 25) -> str:
+        """The log of the last start, from its first ERROR line if any, at most ``lines`` lines."""
+        text = self.process.log_tail(100_000).splitlines()
+        starts = [i for i, line in enumerate(text) if line.startswith(_START_MARKER)]
+        text = text[starts[-1] + 1 :] if starts else text
+        errors = [i for i, line in enumerate(text) if " ERROR " in line]
+        text = text[errors[0] :] if errors else text[-lines:]
+        return "\n".join(text[:lines])
 
     def _answers(self) -> bool:
         """Whether kafka-python gets cluster metadata listing this broker and the topic list."""
@@ -331,7 +358,7 @@ class KafkaService:
                 )
                 cluster = admin.describe_cluster()
                 admin.list_topics()
-            except Exception:  # noqa: BLE001 - any client failure means "not ready yet"
+            except Exception:
                 return False
             finally:
                 if admin is not None:
@@ -379,7 +406,7 @@ def kafka_classpath(version: str | None = None) -> str:
         ]
         try:
             with mvn_log.open("w") as log:
-                done = subprocess.run(  # noqa: S603 - argv is built by us
+                done = subprocess.run(
                     argv, stdout=log, stderr=subprocess.STDOUT, timeout=900, check=False, cwd=cache
                 )
         except subprocess.TimeoutExpired as exc:
@@ -388,10 +415,11 @@ def kafka_classpath(version: str | None = None) -> str:
                 f"the Maven repository and retry (log: {mvn_log})."
             ) from exc
         if done.returncode != 0:
+            tail = _tail(mvn_log.read_text(errors="replace"))
             raise ServiceError(
                 f"Maven could not fetch the Kafka {version} jars (exit {done.returncode}); check "
-                f"access to the Maven repository and read {mvn_log}. Last lines:\n"
-                f"{_tail(mvn_log.read_text(errors='replace'))}"
+                f"access to the Maven repository and read {mvn_log}."
+                + (f" Last lines:\n{tail}" if tail else "")
             )
         classpath = _read_classpath(partial)
         if classpath is None:
@@ -429,7 +457,7 @@ def _java() -> str:
     else:
         java = require_executable("java", _JAVA_ADVICE)
     try:
-        done = subprocess.run(  # noqa: S603
+        done = subprocess.run(
             [java, "-version"], capture_output=True, text=True, timeout=60, check=False
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -441,7 +469,9 @@ def _java() -> str:
     if major == 1 and match.group(2):  # "1.8.0_…" style
         major = int(match.group(2))
     if major < 17:
-        raise ServiceError(f"{java} is Java {major} but Kafka {KAFKA_VERSION} needs 17+: {_JAVA_ADVICE}")
+        raise ServiceError(
+            f"{java} is Java {major} but Kafka {KAFKA_VERSION} needs 17+: {_JAVA_ADVICE}"
+        )
     return java
 
 

@@ -1,0 +1,98 @@
+"""Dedupe claims and the batch ledger on a real PostgreSQL."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+
+import pytest
+
+from protoagg_dagster.core.errors import BackendError
+from protoagg_dagster.core.planning import OffsetRange
+from protoagg_dagster.core.records import LogRecord
+from protoagg_dagster.ledger import claim_batch, finish_batch, read_progress
+from protoagg_dagster.resources import PostgresResource
+
+
+def records(ids: list[str], first_offset: int = 0) -> list[LogRecord]:
+    return [LogRecord(first_offset + i, log_id, 0, 0, "m") for i, log_id in enumerate(ids)]
+
+
+def new_ids(n: int) -> list[str]:
+    return [str(uuid.uuid4()) for _ in range(n)]
+
+
+def test_claim_keeps_first_occurrence_and_drops_archived_ids(postgres_dsn: str) -> None:
+    pg = PostgresResource(dsn=postgres_dsn)
+    a, b, c = new_ids(3)
+    with pg.get_connection() as conn:
+        first = claim_batch(conn, OffsetRange("t", 0, 0, 3), records([a, b, a]), "o", None)
+        assert [r.offset for r in first.kept] == [0, 1]
+        assert first.duplicates == 1
+        assert first.batch_id is not None
+        finish_batch(conn, first.batch_id, None)
+        second = claim_batch(conn, OffsetRange("t", 0, 3, 6), records([b, c, a], 3), "o", None)
+        assert [r.log_id for r in second.kept] == [c]
+        assert second.duplicates == 2
+
+
+def test_rerun_of_an_archived_range_claims_nothing(postgres_dsn: str) -> None:
+    pg = PostgresResource(dsn=postgres_dsn)
+    ids = new_ids(4)
+    with pg.get_connection() as conn:
+        claim = claim_batch(conn, OffsetRange("t", 0, 0, 4), records(ids), "o", None)
+        assert claim.batch_id is not None
+        finish_batch(conn, claim.batch_id, 1)
+        again = claim_batch(conn, OffsetRange("t", 0, 0, 4), records(ids), "o", None)
+        assert again.nothing_to_do
+        assert read_progress(conn, "t")[0].next_offset == 4
+
+
+def test_unfinished_claim_is_adopted_with_its_own_records(postgres_dsn: str) -> None:
+    pg = PostgresResource(dsn=postgres_dsn)
+    ids = new_ids(5)
+    with pg.get_connection() as conn:
+        crashed = claim_batch(conn, OffsetRange("t", 0, 0, 5), records(ids), "o", "run-1")
+        # The run died before appending: its claims must not hide its own records.
+        retry = claim_batch(conn, OffsetRange("t", 0, 0, 5), records(ids), "other", "run-2")
+        assert retry.adopted
+        assert retry.batch_id == crashed.batch_id
+        assert retry.object_name == "o"
+        assert [r.log_id for r in retry.kept] == ids
+        assert read_progress(conn, "t")[0].pending == OffsetRange("t", 0, 0, 5)
+
+
+def test_a_range_beyond_the_archived_position_is_refused(postgres_dsn: str) -> None:
+    pg = PostgresResource(dsn=postgres_dsn)
+    with pg.get_connection() as conn:
+        claim = claim_batch(conn, OffsetRange("t", 0, 0, 2), records(new_ids(2)), "o", None)
+        assert claim.batch_id is not None
+        finish_batch(conn, claim.batch_id, None)
+        with pytest.raises(BackendError, match="gap"):
+            claim_batch(conn, OffsetRange("t", 0, 5, 7), records(new_ids(2), 5), "o", None)
+
+
+def test_concurrent_claims_of_overlapping_ids_on_two_partitions_win_once(
+    postgres_dsn: str,
+) -> None:
+    pg = PostgresResource(dsn=postgres_dsn)
+    shared = new_ids(2000)
+    kept: dict[int, set[str]] = {}
+    barrier = threading.Barrier(2)
+
+    def claim(partition: int) -> None:
+        mine = shared[partition::2] + shared  # some ids only here, all ids in both
+        with pg.get_connection() as conn:
+            barrier.wait()
+            result = claim_batch(
+                conn, OffsetRange("t", partition, 0, len(mine)), records(mine), "o", None
+            )
+        kept[partition] = {r.log_id for r in result.kept}
+
+    threads = [threading.Thread(target=claim, args=(p,)) for p in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert kept[0].isdisjoint(kept[1])
+    assert kept[0] | kept[1] == set(shared)
