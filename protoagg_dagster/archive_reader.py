@@ -24,9 +24,7 @@ def open_archive(url: str) -> BinaryIO:
     bucket_name, _, object_name = url[len("gs://") :].partition("/")
     if not bucket_name or not object_name:
         raise ConfigError(f"{url!r} is not of the form gs://BUCKET/OBJECT")
-    gcs = GCSResource(
-        bucket=bucket_name, emulator_host=settings.STORAGE_EMULATOR_HOST.read()
-    )
+    gcs = GCSResource(bucket=bucket_name, emulator_host=settings.STORAGE_EMULATOR_HOST.read())
     blob = gcs.get_client().bucket(bucket_name).blob(object_name)
     try:
         blob.reload()

@@ -7,6 +7,7 @@ crash, finds out from the object itself whether its batch is already there.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 import uuid
@@ -95,7 +96,5 @@ def _compose_fenced(
 
 
 def _delete_quietly(blob: storage.Blob) -> None:
-    try:
+    with contextlib.suppress(gexc.NotFound):
         blob.delete()
-    except gexc.NotFound:
-        pass

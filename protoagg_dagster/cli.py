@@ -36,8 +36,12 @@ def _parser() -> argparse.ArgumentParser:
 
     services = commands.add_parser("services", help="start, stop or show the local services")
     services.add_argument("action", choices=["up", "down", "status"])
-    services.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR,
-                          help="where data, PID files and logs live (default .protoagg/)")
+    services.add_argument(
+        "--state-dir",
+        type=Path,
+        default=DEFAULT_STATE_DIR,
+        help="where data, PID files and logs live (default .protoagg/)",
+    )
     services.add_argument("--kafka-port", type=int, default=Ports.kafka)
     services.add_argument("--kafka-controller-port", type=int, default=Ports.kafka_controller)
     services.add_argument("--postgres-port", type=int, default=Ports.postgres)
@@ -47,8 +51,12 @@ def _parser() -> argparse.ArgumentParser:
     produce = commands.add_parser("produce", help="send each line of a JSON-lines file to Kafka")
     produce.add_argument("file", type=Path)
     produce.add_argument("--topic", default=None, help="default: first of PROTOAGG_TOPICS")
-    produce.add_argument("--partitions", type=int, default=None,
-                         help="create the topic with this many partitions if it does not exist")
+    produce.add_argument(
+        "--partitions",
+        type=int,
+        default=None,
+        help="create the topic with this many partitions if it does not exist",
+    )
     produce.set_defaults(handler=_produce)
 
     cat = commands.add_parser("cat", help="print an archive as JSON lines")

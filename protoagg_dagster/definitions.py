@@ -1,7 +1,8 @@
 """The single Definitions of protoagg: job, sensor, archive asset and resources.
 
-Each setting comes from its environment variable when that is set (resolved at run time, never
-shown in the UI), else from the local-services default in ``core.settings``.
+Connection settings come from their environment variable when it is set (``EnvVar``: resolved at
+run time, never shown in the UI), else from the local-services default in ``core.settings``.
+Batch tuning knobs are plain numbers read when the code location loads.
 """
 
 from __future__ import annotations
@@ -20,14 +21,6 @@ from protoagg_dagster.settings_resource import ArchiverSettings
 
 def _value(setting: settings.Setting) -> str | dg.EnvVar:
     return dg.EnvVar(setting.env) if setting.env in os.environ else setting.default
-
-
-def _int(setting: settings.Setting) -> int | dg.EnvVar:
-    return dg.EnvVar.int(setting.env) if setting.env in os.environ else int(setting.default)
-
-
-def _float(setting: settings.Setting) -> float | dg.EnvVar:
-    return dg.EnvVar.float(setting.env) if setting.env in os.environ else float(setting.default)
 
 
 archive_asset = dg.AssetSpec(
@@ -52,11 +45,11 @@ defs = dg.Definitions(
             emulator_host=_value(settings.STORAGE_EMULATOR_HOST),
         ),
         "archiver": ArchiverSettings(
-            batch_size=_int(settings.BATCH_SIZE),
-            linger_seconds=_float(settings.LINGER_SECONDS),
-            max_batch_messages=_int(settings.MAX_BATCH_MESSAGES),
-            max_batch_bytes=_int(settings.MAX_BATCH_BYTES),
-            max_message_bytes=_int(settings.MAX_MESSAGE_BYTES),
+            batch_size=settings.BATCH_SIZE.read_int(),
+            linger_seconds=settings.LINGER_SECONDS.read_float(),
+            max_batch_messages=settings.MAX_BATCH_MESSAGES.read_int(),
+            max_batch_bytes=settings.MAX_BATCH_BYTES.read_int(),
+            max_message_bytes=settings.MAX_MESSAGE_BYTES.read_int(),
             start_from=_value(settings.START_FROM),
         ),
     },

@@ -18,8 +18,11 @@ from protoagg_dagster.core.records import KafkaMessage
 
 @dataclass(frozen=True)
 class RangeRead:
-    """Messages of ``batch`` in offset order; ``batch.end`` may be below the requested end when
-    the byte limit stopped the read. ``skipped`` counts offsets already gone to retention."""
+    """Messages of ``batch`` in offset order.
+
+    ``batch.end`` is below the requested end when the byte limit stopped the read; ``skipped``
+    counts offsets already deleted by retention.
+    """
 
     batch: OffsetRange
     messages: list[KafkaMessage]

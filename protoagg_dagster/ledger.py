@@ -93,7 +93,7 @@ def ensure_schema(conn: psycopg.Connection) -> None:
 
 def read_progress(conn: psycopg.Connection, topic: str) -> dict[int, PartitionProgress]:
     """Archived position and pending (claimed, unconfirmed) range of each known partition."""
-    positions = dict(
+    positions: dict[int, int] = dict(
         conn.execute(
             "SELECT partition, next_offset FROM archive_positions WHERE topic = %s", (topic,)
         ).fetchall()
@@ -154,7 +154,9 @@ def claim_batch(
                 f"{batch} would leave a gap: {batch.topic}[{batch.partition}] is archived up to "
                 f"offset {next_offset}; archive {next_offset}..{batch.start} first"
             )
-        effective = OffsetRange(batch.topic, batch.partition, max(batch.start, next_offset), batch.end)
+        effective = OffsetRange(
+            batch.topic, batch.partition, max(batch.start, next_offset), batch.end
+        )
         candidates = _first_occurrences(r for r in records if r.offset >= effective.start)
         batch_id = _insert_batch(conn, effective, object_name, len(records), run_id)
         claimed_offsets = _insert_claims(conn, batch_id, candidates)
@@ -263,5 +265,7 @@ def object_lock(conn: psycopg.Connection, bucket: str, object_name: str) -> Iter
     advisory lock, so a writer that dies releases it with its connection.
     """
     with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (f"{bucket}/{object_name}",))
+        conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (f"{bucket}/{object_name}",)
+        )
         yield

@@ -4,10 +4,9 @@ Each op passes an immutable value to the next in memory (the job uses the in-pro
 the batch limits bound how large these values get.
 """
 
-
 import time
-from collections.abc import Iterator
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import dagster as dg
@@ -27,7 +26,7 @@ ARCHIVE_ASSET = dg.AssetKey("kafka_archive")
 TRANSIENT_RETRY = dg.RetryPolicy(max_retries=3, delay=2, backoff=dg.Backoff.EXPONENTIAL)
 
 
-class ArchiveRangeConfig(dg.Config):  # type: ignore[misc]
+class ArchiveRangeConfig(dg.Config):
     """The offsets one run archives: ``[start_offset, end_offset)`` of one partition."""
 
     topic: str = Field(description="Kafka topic.")
@@ -77,7 +76,11 @@ def consume(
         f"consume: {len(read.messages)} messages, {read.value_bytes} bytes from {read.batch} "
         f"in {elapsed:.2f} s"
         + (f"; {read.skipped} offsets already deleted by retention" if read.skipped else "")
-        + (f"; stopped at the byte limit (asked up to {wanted.end})" if read.batch != wanted else "")
+        + (
+            f"; stopped at the byte limit (asked up to {wanted.end})"
+            if read.batch != wanted
+            else ""
+        )
     )
     return Consumed(read, {"consume": elapsed})
 
@@ -184,11 +187,12 @@ def append(
             "object_generation": generation if generation is not None else -1,
             "object_size": size if size is not None else -1,
             "already_archived": claim.nothing_to_do or (bool(encoded.data) and not appended_bytes),
-            **{f"seconds_{step}": dg.FloatMetadataValue(round(s, 4)) for step, s in seconds.items()},
+            **{
+                f"seconds_{step}": dg.FloatMetadataValue(round(s, 4)) for step, s in seconds.items()
+            },
             "messages_per_second": dg.FloatMetadataValue(
                 round(len(read.messages) / total, 1) if total > 0 else 0.0
             ),
         },
     )
     yield dg.Output(appended_records)
-

@@ -1,6 +1,5 @@
 """The sensor that watches Kafka partitions and launches one run per bounded offset range."""
 
-
 import json
 import time
 from dataclasses import dataclass

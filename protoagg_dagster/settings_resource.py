@@ -1,4 +1,4 @@
-"""Batching and start-up settings of the archiver, as a Dagster resource the sensor and ops share."""
+"""Batching and start-up settings of the archiver: a resource the sensor and ops share."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from protoagg_dagster.core.planning import BatchLimits
 START_FROM_CHOICES = ("earliest", "latest")
 
 
-class ArchiverSettings(dg.ConfigurableResource):  # type: ignore[misc]
+class ArchiverSettings(dg.ConfigurableResource):  # type: ignore[type-arg]
     """How much to put in one run, and where a never-archived partition starts."""
 
     batch_size: int = Field(default=500, description="Launch a run once this many messages wait.")

@@ -27,7 +27,9 @@ def validate_template(template: str) -> None:
     try:
         fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
     except ValueError as exc:
-        raise ConfigError(f"PROTOAGG_GCS_OBJECT {template!r} is not a valid template: {exc}") from None
+        raise ConfigError(
+            f"PROTOAGG_GCS_OBJECT {template!r} is not a valid template: {exc}"
+        ) from None
     unknown = fields - TEMPLATE_FIELDS
     if unknown:
         raise ConfigError(
@@ -71,9 +73,7 @@ def archived_offsets(metadata: Mapping[str, str] | None) -> dict[str, int]:
         ) from exc
 
 
-def metadata_after_append(
-    metadata: Mapping[str, str] | None, batch: OffsetRange
-) -> dict[str, str]:
+def metadata_after_append(metadata: Mapping[str, str] | None, batch: OffsetRange) -> dict[str, str]:
     """The destination's full custom metadata once ``batch`` is appended."""
     offsets = archived_offsets(metadata)
     offsets[partition_key(batch.topic, batch.partition)] = batch.end

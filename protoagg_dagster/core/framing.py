@@ -43,7 +43,7 @@ def encode_records(records: Iterable[LogRecord]) -> bytes:
 class ArchivedRecord(NamedTuple):
     """One record read back from an archive, with where it sits."""
 
-    index: int
+    number: int
     byte_offset: int
     log_id: str
     seconds: int
@@ -57,7 +57,9 @@ def iter_frames(stream: BinaryIO, max_frame_bytes: int = MAX_FRAME_BYTES) -> Ite
         yield payload
 
 
-def iter_records(stream: BinaryIO, max_frame_bytes: int = MAX_FRAME_BYTES) -> Iterator[ArchivedRecord]:
+def iter_records(
+    stream: BinaryIO, max_frame_bytes: int = MAX_FRAME_BYTES
+) -> Iterator[ArchivedRecord]:
     """Decode an archive stream record by record, in archive order.
 
     Memory stays bounded by one read chunk plus one frame, whatever the archive's size.
@@ -101,7 +103,7 @@ def _iter_located_frames(
             raise ArchiveFormatError(
                 f"record {index} at byte {base + pos}: length prefix {length} exceeds the "
                 f"{max_frame_bytes}-byte frame limit (corrupt, or not a protoagg archive; prefix "
-                f"bytes {buffer[pos:pos + LENGTH.size].hex()})"
+                f"bytes {buffer[pos : pos + LENGTH.size].hex()})"
             )
         end = pos + LENGTH.size + length
         if end > len(buffer):
@@ -117,7 +119,9 @@ def _iter_located_frames(
         index += 1
 
 
-def _refill(stream: BinaryIO, buffer: bytes, pos: int, base: int, need: int) -> tuple[bytes, int, int]:
+def _refill(
+    stream: BinaryIO, buffer: bytes, pos: int, base: int, need: int
+) -> tuple[bytes, int, int]:
     """Keep the unread tail of ``buffer`` and read until it holds ``need`` bytes or EOF."""
     chunks = [buffer[pos:]]
     have = len(chunks[0])

@@ -93,8 +93,10 @@ def parse_rfc3339(text: str) -> tuple[int, int]:
 
 @functools.lru_cache(maxsize=4096)
 def _epoch_day(date: str) -> int | None:
-    """Days since 1970-01-01 of ``YYYY-MM-DD``, or None if no such date; cached since logs of a
-    batch share few dates."""
+    """Days since 1970-01-01 of ``YYYY-MM-DD``, or None if no such date.
+
+    Cached: the messages of a batch share very few dates.
+    """
     year, month, day = int(date[:4]), int(date[5:7]), int(date[8:10])
     if not 1 <= month <= 12 or not 1 <= day <= _days_in_month(year, month):
         return None

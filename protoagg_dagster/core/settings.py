@@ -10,6 +10,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from protoagg_dagster.core.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Setting:
@@ -22,6 +24,20 @@ class Setting:
     def read(self, environ: Mapping[str, str] | None = None) -> str:
         source = os.environ if environ is None else environ
         return source.get(self.env, self.default)
+
+    def read_int(self, environ: Mapping[str, str] | None = None) -> int:
+        return int(self._read_number(environ))
+
+    def read_float(self, environ: Mapping[str, str] | None = None) -> float:
+        return self._read_number(environ)
+
+    def _read_number(self, environ: Mapping[str, str] | None) -> float:
+        text = self.read(environ)
+        try:
+            value = float(text) if "." in text else int(text)
+        except ValueError:
+            raise ConfigError(f"{self.env} must be a number ({self.help}), got {text!r}") from None
+        return value
 
 
 KAFKA_BOOTSTRAP = Setting(
@@ -50,9 +66,7 @@ BATCH_SIZE = Setting("PROTOAGG_BATCH_SIZE", "500", "launch a run once this many 
 LINGER_SECONDS = Setting(
     "PROTOAGG_LINGER_SECONDS", "15", "...or once the oldest waiting message is this old"
 )
-MAX_BATCH_MESSAGES = Setting(
-    "PROTOAGG_MAX_BATCH_MESSAGES", "200000", "most messages one run reads"
-)
+MAX_BATCH_MESSAGES = Setting("PROTOAGG_MAX_BATCH_MESSAGES", "200000", "most messages one run reads")
 MAX_BATCH_BYTES = Setting(
     "PROTOAGG_MAX_BATCH_BYTES", str(128 * 1024 * 1024), "most value bytes one run reads"
 )

@@ -10,7 +10,7 @@ from pydantic import Field
 from protoagg_dagster.core.archive_object import validate_template
 
 
-class GCSResource(dg.ConfigurableResource):  # type: ignore[misc]
+class GCSResource(dg.ConfigurableResource):  # type: ignore[type-arg]
     """Where the archive lives."""
 
     bucket: str = Field(default="logs", description="Bucket holding the archive objects.")
@@ -30,7 +30,7 @@ class GCSResource(dg.ConfigurableResource):  # type: ignore[misc]
         if self.emulator_host:
             return storage.Client(
                 project=self.project or "protoagg-local",
-                credentials=AnonymousCredentials(),
+                credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
                 client_options={"api_endpoint": self.emulator_host},
             )
         return storage.Client(project=self.project)

@@ -13,7 +13,7 @@ from protoagg_dagster.core.errors import BackendError, ConfigError
 from protoagg_dagster.core.settings import split_list
 
 
-class KafkaResource(dg.ConfigurableResource):  # type: ignore[misc]
+class KafkaResource(dg.ConfigurableResource):  # type: ignore[type-arg]
     """Connection settings for the Kafka cluster whose topics are archived."""
 
     bootstrap_servers: str = Field(description="Comma-separated host:port list of brokers.")

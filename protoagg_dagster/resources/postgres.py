@@ -13,7 +13,7 @@ from protoagg_dagster.core.errors import BackendError
 from protoagg_dagster.ledger import ensure_schema
 
 
-class PostgresResource(dg.ConfigurableResource):  # type: ignore[misc]
+class PostgresResource(dg.ConfigurableResource):  # type: ignore[type-arg]
     """The dedupe database."""
 
     dsn: str = Field(description="libpq connection string or URI of the dedupe database.")

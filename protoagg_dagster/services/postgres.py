@@ -28,9 +28,9 @@ from protoagg_dagster.services.process import (
 
 POSTGRES_BIN = Path(os.environ.get("PROTOAGG_POSTGRES_BIN", "/usr/lib/postgresql/15/bin"))
 SUPERUSER = "postgres"
-SUPERUSER_PASSWORD = "postgres"
+SUPERUSER_PASSWORD = "postgres"  # noqa: S105 - a throwaway local dev cluster on loopback
 APP_USER = "protoagg"
-APP_PASSWORD = "protoagg"
+APP_PASSWORD = "protoagg"  # noqa: S105 - a throwaway local dev cluster on loopback
 APP_DATABASE = "protoagg"
 UNPRIVILEGED_USER = "postgres"
 
@@ -60,9 +60,7 @@ class PostgresService:
 
     @property
     def dsn(self) -> str:
-        return (
-            f"postgresql://{APP_USER}:{APP_PASSWORD}@{self.host}:{self.port}/{APP_DATABASE}"
-        )
+        return f"postgresql://{APP_USER}:{APP_PASSWORD}@{self.host}:{self.port}/{APP_DATABASE}"
 
     def is_running(self) -> bool:
         return self.process.pid() is not None
@@ -87,12 +85,18 @@ class PostgresService:
         self.process.spawn(
             [
                 str(binary),
-                "-D", str(self.data_dir),
-                "-p", str(self.port),
-                "-c", f"listen_addresses={self.host}",
-                "-c", f"unix_socket_directories={self.home}",
-                "-c", "max_connections=200",
-                "-c", "fsync=on",
+                "-D",
+                str(self.data_dir),
+                "-p",
+                str(self.port),
+                "-c",
+                f"listen_addresses={self.host}",
+                "-c",
+                f"unix_socket_directories={self.home}",
+                "-c",
+                "max_connections=200",
+                "-c",
+                "fsync=on",
             ],
             user=user,
         )
@@ -128,8 +132,10 @@ class PostgresService:
             _chown_tree(self.home, user)
         command = [
             str(POSTGRES_BIN / "initdb"),
-            "-D", str(self.data_dir),
-            "-U", SUPERUSER,
+            "-D",
+            str(self.data_dir),
+            "-U",
+            SUPERUSER,
             f"--pwfile={pwfile}",
             "--auth-local=trust",
             "--auth-host=scram-sha-256",
@@ -138,9 +144,7 @@ class PostgresService:
         ]
         if user is not None:
             command = ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", *command]
-        result = subprocess.run(  # noqa: S603 - fixed argv
-            command, capture_output=True, text=True, check=False
-        )
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
         pwfile.unlink(missing_ok=True)
         if result.returncode != 0:
             raise ServiceError(f"initdb failed for {self.data_dir}:\n{result.stderr.strip()}")
@@ -153,9 +157,7 @@ class PostgresService:
             return False
 
     def _superuser_dsn(self, database: str = "postgres") -> str:
-        return (
-            f"postgresql://{SUPERUSER}:{SUPERUSER_PASSWORD}@{self.host}:{self.port}/{database}"
-        )
+        return f"postgresql://{SUPERUSER}:{SUPERUSER_PASSWORD}@{self.host}:{self.port}/{database}"
 
     def _ensure_app_database(self) -> None:
         with psycopg.connect(self._superuser_dsn(), autocommit=True) as conn:

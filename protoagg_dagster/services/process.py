@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -79,7 +80,7 @@ class ManagedProcess:
             # setpriv execs in place (runuser would fork), so the PID file names the server itself.
             command = ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", *command]
         with self.log_file.open("ab") as log:
-            proc = subprocess.Popen(  # noqa: S603 - argv is built by us, not from input
+            proc = subprocess.Popen(
                 command,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -136,10 +137,8 @@ def _alive(pid: int) -> bool:
         return True
     if _is_zombie(pid):
         # Reap it if it is our child, so it disappears from the table.
-        try:
+        with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
         return False
     return True
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 from protoagg_dagster.services.gcs import GcsEmulatorService
 from protoagg_dagster.services.kafka import KafkaService
@@ -14,7 +14,7 @@ DEFAULT_STATE_DIR = Path(".protoagg")
 
 
 class LocalService(Protocol):
-    name: str
+    name: ClassVar[str]
 
     def up(self) -> None: ...
     def down(self) -> bool: ...

@@ -73,7 +73,9 @@ def archive(stack: Stack) -> tuple[list[ArchivedRecord], str]:
     name = stack.gcs.object_template
     blob = stack.gcs.get_bucket().get_blob(name)
     assert blob is not None, f"no archive object {name}"
-    return list(iter_records(io.BytesIO(blob.download_as_bytes()))), f"gs://{stack.gcs.bucket}/{name}"
+    return list(
+        iter_records(io.BytesIO(blob.download_as_bytes()))
+    ), f"gs://{stack.gcs.bucket}/{name}"
 
 
 def expected_first_occurrences(values: list[bytes]) -> list[dict[str, str]]:
@@ -130,7 +132,9 @@ def test_re_executing_a_finished_run_appends_nothing(stack: Stack) -> None:
     assert len(records) == 60
 
 
-def run_in_subprocess(stack: Stack, topic: str, partition: int, start: int, end: int) -> subprocess.Popen[bytes]:
+def run_in_subprocess(
+    stack: Stack, topic: str, partition: int, start: int, end: int
+) -> subprocess.Popen[bytes]:
     spec = {
         "resources": {
             name: resource.model_dump(exclude_none=True)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import uuid
 
-from google.api_core import exceptions as gexc
 import pytest
+from google.api_core import exceptions as gexc
 
+from protoagg_dagster.core.errors import BackendError
 from protoagg_dagster.core.planning import OffsetRange
 from protoagg_dagster.kafka_reader import read_range
 from protoagg_dagster.resources import GCSResource, KafkaResource, PostgresResource
@@ -75,9 +76,9 @@ def test_gcs_upload_compose_download(services: Services, unique: str) -> None:
 
 
 def test_postgres_wrong_password_is_one_clear_error(services: Services) -> None:
-    from protoagg_dagster.core.errors import BackendError
-
     bad = services.postgres_admin_dsn.replace(":postgres@", f":{uuid.uuid4().hex}@")
-    with pytest.raises(BackendError, match="PROTOAGG_POSTGRES_DSN"):
-        with PostgresResource(dsn=bad).get_connection():
-            pass
+    with (
+        pytest.raises(BackendError, match="PROTOAGG_POSTGRES_DSN"),
+        PostgresResource(dsn=bad).get_connection(),
+    ):
+        pass

@@ -20,7 +20,9 @@ def test_default_template_is_the_reference_tools_object() -> None:
 
 
 def test_template_fields_come_from_the_batch() -> None:
-    name = object_name("{topic}/{partition}/{year}/{month}/{day}/{hour}-{date}.pb", "logs", 3, MOMENT_MS)
+    name = object_name(
+        "{topic}/{partition}/{year}/{month}/{day}/{hour}-{date}.pb", "logs", 3, MOMENT_MS
+    )
     assert name == "logs/3/2026/11/28/05-2026-11-28.pb"
 
 

@@ -46,7 +46,7 @@ def test_encode_then_read_round_trips(records: list[LogRecord]) -> None:
     assert [(r.log_id, r.seconds, r.nanos, r.message) for r in back] == [
         (r.log_id, r.seconds, r.nanos, r.message) for r in records
     ]
-    assert [r.index for r in back] == list(range(len(records)))
+    assert [r.number for r in back] == list(range(len(records)))
 
 
 @given(records=records_strategy.filter(bool), cut=st.integers(1, 10_000))

@@ -17,12 +17,24 @@ def view(**changes: object) -> PartitionView:
     [
         ("empty", view(), 100.0, None, None),
         ("full batch", view(end_offset=100), 100.0, (0, 100), None),
-        ("starts at the archived position", view(next_offset=40, end_offset=150), 1.0, (40, 150), None),
+        (
+            "starts at the archived position",
+            view(next_offset=40, end_offset=150),
+            1.0,
+            (40, 150),
+            None,
+        ),
         ("few waiting starts the clock", view(end_offset=5), 100.0, None, 100.0),
         ("few waiting keeps the clock", view(end_offset=5, backlog_since=90.0), 100.0, None, 90.0),
         ("linger elapsed", view(end_offset=5, backlog_since=85.0), 100.0, (0, 5), None),
         ("capped by max_batch_messages", view(end_offset=5000), 1.0, (0, 1000), None),
-        ("in flight waits", view(end_offset=5000, in_flight=True, backlog_since=3.0), 9.0, None, 3.0),
+        (
+            "in flight waits",
+            view(end_offset=5000, in_flight=True, backlog_since=3.0),
+            9.0,
+            None,
+            3.0,
+        ),
         (
             "pending claim is finished exactly",
             view(next_offset=10, end_offset=5000, pending=OffsetRange("logs", 0, 10, 60)),
@@ -31,7 +43,13 @@ def view(**changes: object) -> PartitionView:
             None,
         ),
         # A reset cursor only loses the clock: the next offset comes from the ledger.
-        ("reset cursor", view(next_offset=700, end_offset=750, backlog_since=None), 50.0, None, 50.0),
+        (
+            "reset cursor",
+            view(next_offset=700, end_offset=750, backlog_since=None),
+            50.0,
+            None,
+            50.0,
+        ),
         ("archive ahead of the log end", view(next_offset=900, end_offset=800), 1.0, None, None),
     ],
 )
