@@ -11,6 +11,7 @@ from typing import BinaryIO, TextIO
 from google.api_core import exceptions as gexc
 
 from protoagg_dagster.core import settings
+from protoagg_dagster.core.dead_letters import iter_dead_letters
 from protoagg_dagster.core.errors import ArchiveFormatError, BackendError, ConfigError
 from protoagg_dagster.core.framing import iter_records
 from protoagg_dagster.core.records import format_rfc3339
@@ -51,6 +52,27 @@ def cat_archive(url: str, out: TextIO) -> int:
                 + "\n"
             )
             count += 1
+    return count
+
+
+def list_dead_letters(url: str, out: TextIO, with_values: bool) -> int:
+    """Print one readable line per dead letter (and its value, if asked); return how many."""
+    count = 0
+    reasons: Counter[str] = Counter()
+    with open_archive(url) as stream:
+        for letter in iter_dead_letters(stream):
+            message = letter.message
+            out.write(
+                f"{message.topic}[{message.partition}]@{message.offset}  "
+                f"{letter.reason}: {letter.detail}\n"
+            )
+            if with_values:
+                shown = "null" if message.value is None else repr(message.value)[2:-1]
+                out.write(f"    value: {shown}\n")
+            count += 1
+            reasons[letter.reason] += 1
+    summary = ", ".join(f"{reason} {n}" for reason, n in reasons.most_common())
+    out.write(f"{count} dead letters" + (f" ({summary})" if summary else "") + "\n")
     return count
 
 

@@ -63,6 +63,11 @@ def _parser() -> argparse.ArgumentParser:
     cat.add_argument("url", help="gs://BUCKET/OBJECT or a local file path")
     cat.set_defaults(handler=_cat)
 
+    dead = commands.add_parser("dead-letters", help="list the messages set aside, with reasons")
+    dead.add_argument("url", help="gs://BUCKET/OBJECT or a local file path")
+    dead.add_argument("--values", action="store_true", help="print each original value too")
+    dead.set_defaults(handler=_dead_letters)
+
     verify = commands.add_parser("verify", help="check an archive's framing and duplicate ids")
     verify.add_argument("url", help="gs://BUCKET/OBJECT or a local file path")
     verify.set_defaults(handler=_verify)
@@ -103,6 +108,13 @@ def _cat(args: argparse.Namespace) -> int:
     from protoagg_dagster.archive_reader import cat_archive
 
     cat_archive(args.url, sys.stdout)
+    return 0
+
+
+def _dead_letters(args: argparse.Namespace) -> int:
+    from protoagg_dagster.archive_reader import list_dead_letters
+
+    list_dead_letters(args.url, sys.stdout, with_values=args.values)
     return 0
 
 

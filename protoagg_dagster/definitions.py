@@ -42,6 +42,7 @@ defs = dg.Definitions(
         "gcs": GCSResource(
             bucket=_value(settings.GCS_BUCKET),
             object_template=_value(settings.GCS_OBJECT),
+            dead_letter_template=_value(settings.GCS_DEAD_LETTERS),
             emulator_host=_value(settings.STORAGE_EMULATOR_HOST),
         ),
         "archiver": ArchiverSettings(
@@ -50,6 +51,7 @@ defs = dg.Definitions(
             max_batch_messages=settings.MAX_BATCH_MESSAGES.read_int(),
             max_batch_bytes=settings.MAX_BATCH_BYTES.read_int(),
             max_message_bytes=settings.MAX_MESSAGE_BYTES.read_int(),
+            max_dead_letter_ratio=settings.MAX_DEAD_LETTER_RATIO.read_float(),
             start_from=_value(settings.START_FROM),
         ),
     },

@@ -8,15 +8,17 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import dagster as dg
 from pydantic import Field
 
-from protoagg_dagster.archive_store import append_batch
+from protoagg_dagster.archive_store import AppendResult, append_batch
 from protoagg_dagster.core.archive_object import object_name
+from protoagg_dagster.core.dead_letters import encode_envelopes
 from protoagg_dagster.core.framing import encode_records
 from protoagg_dagster.core.planning import OffsetRange
-from protoagg_dagster.core.records import Rejection, parse_messages
+from protoagg_dagster.core.records import TOMBSTONE, Rejection, parse_messages
 from protoagg_dagster.kafka_reader import RangeRead, read_range
 from protoagg_dagster.ledger import Claim, claim_batch, finish_batch, object_lock
 from protoagg_dagster.resources import GCSResource, KafkaResource, PostgresResource
@@ -45,7 +47,8 @@ class Consumed:
 class Claimed:
     read: RangeRead
     claim: Claim
-    rejections: tuple[Rejection, ...]
+    dead_letters: tuple[Rejection, ...]
+    tombstones: int
     seconds: dict[str, float]
 
 
@@ -103,20 +106,25 @@ def dedupe(
     )
     with postgres.get_connection() as conn:
         claim = claim_batch(conn, read.batch, records, destination, context.run_id)
+    # Only what the claimed range covers (an adopted or trimmed claim may be narrower).
+    inside = [r for r in rejections if claim.batch.start <= r.message.offset < claim.batch.end]
+    dead_letters = tuple(r for r in inside if r.reason != TOMBSTONE)
+    tombstones = len(inside) - len(dead_letters)
     elapsed = time.perf_counter() - started
     if claim.nothing_to_do:
         context.log.info(f"dedupe: {read.batch} is already archived; nothing to do")
     else:
         context.log.info(
             f"dedupe: {len(claim.kept)} new, {claim.duplicates} duplicates, "
-            f"{len(rejections)} rejected of {len(read.messages)} in {claim.batch}"
+            f"{len(dead_letters)} dead letters, {tombstones} tombstones of "
+            f"{len(read.messages)} in {claim.batch}"
             + (" (finishing an earlier claim of this range)" if claim.adopted else "")
             + f" in {elapsed:.2f} s"
         )
-    if rejections:
-        reasons = Counter(r.reason for r in rejections)
-        context.log.warning(f"dedupe: rejected messages by reason: {dict(reasons)}")
-    return Claimed(read, claim, tuple(rejections), {**consumed.seconds, "dedupe": elapsed})
+    if dead_letters:
+        reasons = Counter(r.reason for r in dead_letters)
+        context.log.warning(f"dedupe: dead letters by reason: {dict(reasons)}")
+    return Claimed(read, claim, dead_letters, tombstones, {**consumed.seconds, "dedupe": elapsed})
 
 
 @dg.op
@@ -137,62 +145,107 @@ def append(
     encoded: Encoded,
     gcs: GCSResource,
     postgres: PostgresResource,
+    archiver: ArchiverSettings,
 ) -> Iterator[dg.AssetMaterialization | dg.Output[int]]:
-    """Append to the archive object (upload, fenced compose, delete) and confirm the claim."""
-    claim = encoded.claimed.claim
+    """Append dead letters, then records (upload, fenced compose, delete); confirm the claim."""
+    claimed = encoded.claimed
+    claim = claimed.claim
     started = time.perf_counter()
-    generation: int | None = None
-    appended_bytes = 0
-    size: int | None = None
+    archived: AppendResult | None = None
     if claim.batch_id is not None:
+        bucket = gcs.get_bucket()
         with postgres.get_connection() as conn:
-            if encoded.data:
+
+            def append_once(name: str, data: bytes) -> AppendResult:
                 result = append_batch(
-                    gcs.get_bucket(),
-                    claim.object_name,
+                    bucket,
+                    name,
                     claim.batch,
-                    encoded.data,
-                    serialize=lambda: object_lock(conn, gcs.bucket, claim.object_name),
+                    data,
+                    serialize=lambda: object_lock(conn, gcs.bucket, name),
                 )
-                generation, size = result.generation, result.object_size
-                appended_bytes = len(encoded.data) if result.appended else 0
                 if not result.appended:
                     context.log.info(
-                        f"append: gs://{gcs.bucket}/{claim.object_name} already holds {claim.batch}"
+                        f"append: gs://{gcs.bucket}/{name} already holds {claim.batch}"
                     )
-            finish_batch(conn, claim.batch_id, generation)
-    elapsed = time.perf_counter() - started
-    seconds = {**encoded.seconds, "append": elapsed}
-    appended_records = len(claim.kept) if appended_bytes else 0
+                return result
+
+            # Dead letters first: once the batch is confirmed nothing of it may be missing.
+            if claimed.dead_letters:
+                append_once(
+                    dead_letter_object(gcs, claim),
+                    encode_envelopes(claimed.dead_letters),
+                )
+            if encoded.data:
+                archived = append_once(claim.object_name, encoded.data)
+            finish_batch(conn, claim.batch_id, archived.generation if archived else None)
+    seconds = {**encoded.seconds, "append": time.perf_counter() - started}
+    appended = len(claim.kept) if archived is not None and archived.appended else 0
     context.log.info(
-        f"append: {appended_records} records, {appended_bytes} bytes to "
-        f"gs://{gcs.bucket}/{claim.object_name} (generation {generation}) in {elapsed:.2f} s"
+        f"append: {appended} records, {len(claimed.dead_letters)} dead letters to "
+        f"gs://{gcs.bucket}/{claim.object_name} in {seconds['append']:.2f} s"
     )
-    read = encoded.claimed.read
-    total = sum(seconds.values())
     yield dg.AssetMaterialization(
         asset_key=ARCHIVE_ASSET,
-        description=f"{claim.batch}",
-        metadata={
-            "topic": claim.batch.topic,
-            "partition": claim.batch.partition,
-            "start_offset": claim.batch.start,
-            "end_offset": claim.batch.end,
-            "object": f"gs://{gcs.bucket}/{claim.object_name}",
-            "records_read": len(read.messages),
-            "duplicates_dropped": claim.duplicates,
-            "rejected": len(encoded.claimed.rejections),
-            "records_appended": appended_records,
-            "bytes_appended": appended_bytes,
-            "object_generation": generation if generation is not None else -1,
-            "object_size": size if size is not None else -1,
-            "already_archived": claim.nothing_to_do or (bool(encoded.data) and not appended_bytes),
-            **{
-                f"seconds_{step}": dg.FloatMetadataValue(round(s, 4)) for step, s in seconds.items()
-            },
-            "messages_per_second": dg.FloatMetadataValue(
-                round(len(read.messages) / total, 1) if total > 0 else 0.0
-            ),
-        },
+        description=str(claim.batch),
+        metadata=_batch_metadata(gcs.bucket, encoded, archived, appended, seconds),
     )
-    yield dg.Output(appended_records)
+    read_count = len(claimed.read.messages)
+    ratio = len(claimed.dead_letters) / read_count if read_count else 0.0
+    if ratio > archiver.max_dead_letter_ratio:
+        # The batch is archived and its dead letters kept; failing makes a misconfigured topic
+        # impossible to miss instead of quietly filling the dead-letter object.
+        raise dg.Failure(
+            description=f"{len(claimed.dead_letters)} of {read_count} messages in {claim.batch} "
+            f"were dead letters ({ratio:.0%} > PROTOAGG_MAX_DEAD_LETTER_RATIO "
+            f"{archiver.max_dead_letter_ratio:.0%}); they are kept in "
+            f"gs://{gcs.bucket}/{dead_letter_object(gcs, claim)}. Is the topic carrying "
+            "protoagg's JSON log messages?",
+            allow_retries=False,
+        )
+    yield dg.Output(appended)
+
+
+def dead_letter_object(gcs: GCSResource, claim: Claim) -> str:
+    return object_name(
+        gcs.dead_letter_template,
+        claim.batch.topic,
+        claim.batch.partition,
+        0,
+        setting="PROTOAGG_GCS_DEAD_LETTERS",
+    )
+
+
+def _batch_metadata(
+    bucket: str,
+    encoded: Encoded,
+    archived: AppendResult | None,
+    appended: int,
+    seconds: dict[str, float],
+) -> dict[str, Any]:
+    claimed = encoded.claimed
+    claim = claimed.claim
+    read_count = len(claimed.read.messages)
+    total = sum(seconds.values())
+    reasons = Counter(r.reason for r in claimed.dead_letters)
+    return {
+        "topic": claim.batch.topic,
+        "partition": claim.batch.partition,
+        "start_offset": claim.batch.start,
+        "end_offset": claim.batch.end,
+        "object": f"gs://{bucket}/{claim.object_name}",
+        "records_read": read_count,
+        "duplicates_dropped": claim.duplicates,
+        "dead_letters": len(claimed.dead_letters),
+        "dead_letters_by_reason": dg.JsonMetadataValue(dict(reasons)),
+        "tombstones": claimed.tombstones,
+        "records_appended": appended,
+        "bytes_appended": len(encoded.data) if appended else 0,
+        "object_generation": archived.generation or -1 if archived else -1,
+        "object_size": archived.object_size or -1 if archived else -1,
+        "already_archived": claim.nothing_to_do or (archived is not None and not archived.appended),
+        **{f"seconds_{step}": dg.FloatMetadataValue(round(s, 4)) for step, s in seconds.items()},
+        "messages_per_second": dg.FloatMetadataValue(
+            round(read_count / total, 1) if total > 0 else 0.0
+        ),
+    }

@@ -27,6 +27,10 @@ class ArchiverSettings(dg.ConfigurableResource):  # type: ignore[type-arg]
     max_message_bytes: int = Field(
         default=1024 * 1024, description="Larger messages are rejected as dead letters."
     )
+    max_dead_letter_ratio: float = Field(
+        default=0.2,
+        description="A run whose share of dead letters exceeds this fails (after archiving).",
+    )
     start_from: str = Field(
         default="earliest",
         description="Where a partition with no archive yet starts: earliest or latest.",

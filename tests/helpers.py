@@ -58,3 +58,7 @@ def produce(kafka: KafkaResource, topic: str, values: Iterable[bytes], partition
     finally:
         producer.close()
     return count
+
+
+def topic_of(stack: Stack) -> str:
+    return stack.kafka.topic_list()[0]

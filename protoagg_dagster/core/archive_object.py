@@ -20,29 +20,33 @@ TEMP_PREFIX = "_protoagg/tmp/"
 TEMPLATE_FIELDS = frozenset({"topic", "partition", "date", "year", "month", "day", "hour"})
 
 
-def validate_template(template: str) -> None:
-    """Raise ConfigError if the object template is empty or names an unknown field."""
+def validate_template(template: str, setting: str = "PROTOAGG_GCS_OBJECT") -> None:
+    """Raise ConfigError, naming ``setting``, if the template is empty or has an unknown field."""
     if not template.strip():
-        raise ConfigError("PROTOAGG_GCS_OBJECT (object template) must not be empty")
+        raise ConfigError(f"{setting} (object template) must not be empty")
     try:
         fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
     except ValueError as exc:
-        raise ConfigError(
-            f"PROTOAGG_GCS_OBJECT {template!r} is not a valid template: {exc}"
-        ) from None
+        raise ConfigError(f"{setting} {template!r} is not a valid template: {exc}") from None
     unknown = fields - TEMPLATE_FIELDS
     if unknown:
         raise ConfigError(
-            f"PROTOAGG_GCS_OBJECT {template!r} names unknown field(s) {sorted(unknown)}; "
+            f"{setting} {template!r} names unknown field(s) {sorted(unknown)}; "
             f"known fields: {sorted(TEMPLATE_FIELDS)}"
         )
     if template.startswith(TEMP_PREFIX):
-        raise ConfigError(f"PROTOAGG_GCS_OBJECT must not start with {TEMP_PREFIX!r} (reserved)")
+        raise ConfigError(f"{setting} must not start with {TEMP_PREFIX!r} (reserved)")
 
 
-def object_name(template: str, topic: str, partition: int, timestamp_ms: int) -> str:
-    """The archive object for a batch: ``timestamp_ms`` is its first message's Kafka timestamp."""
-    validate_template(template)
+def object_name(
+    template: str,
+    topic: str,
+    partition: int,
+    timestamp_ms: int,
+    setting: str = "PROTOAGG_GCS_OBJECT",
+) -> str:
+    """The object for a batch: ``timestamp_ms`` is its first message's Kafka timestamp."""
+    validate_template(template, setting)
     moment = time.gmtime(max(timestamp_ms, 0) // 1000)
     return template.format(
         topic=topic,

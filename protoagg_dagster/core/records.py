@@ -25,6 +25,9 @@ _RFC3339 = re.compile(
 # The canonical 8-4-4-4-12 form only: PostgreSQL and uuid.UUID accept more spellings (braces, no
 # dashes, urn:), and admitting them would let one id hide behind two strings in the archive.
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\Z")
+# A null value: a deletion marker of a compacted topic. It carries no log, so it is counted and
+# skipped rather than dead-lettered.
+TOMBSTONE = "tombstone"
 _DAYS_IN_MONTH = (31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
 
 
@@ -151,7 +154,7 @@ def parse_log_value(offset: int, value: bytes | None, max_bytes: int) -> LogReco
     Unknown extra fields are ignored: the archive keeps the three ``ProtoLog`` fields only.
     """
     if value is None:
-        raise RecordRejected("tombstone", "null value")
+        raise RecordRejected(TOMBSTONE, "null value")
     if len(value) > max_bytes:
         raise RecordRejected("too_large", f"{len(value)} bytes > limit {max_bytes}")
     try:

@@ -73,6 +73,14 @@ MAX_BATCH_BYTES = Setting(
 MAX_MESSAGE_BYTES = Setting(
     "PROTOAGG_MAX_MESSAGE_BYTES", str(1024 * 1024), "larger messages are rejected"
 )
+GCS_DEAD_LETTERS = Setting(
+    "PROTOAGG_GCS_DEAD_LETTERS",
+    "dead-letters/{topic}/{partition}.jsonl",
+    "object template for messages that cannot be archived",
+)
+MAX_DEAD_LETTER_RATIO = Setting(
+    "PROTOAGG_MAX_DEAD_LETTER_RATIO", "0.2", "a run with a larger dead-letter share fails"
+)
 START_FROM = Setting(
     "PROTOAGG_START_FROM", "earliest", "where a never-archived partition starts: earliest|latest"
 )
@@ -89,6 +97,8 @@ ALL_SETTINGS: tuple[Setting, ...] = (
     MAX_BATCH_MESSAGES,
     MAX_BATCH_BYTES,
     MAX_MESSAGE_BYTES,
+    GCS_DEAD_LETTERS,
+    MAX_DEAD_LETTER_RATIO,
     START_FROM,
 )
 

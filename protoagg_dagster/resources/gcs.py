@@ -8,6 +8,7 @@ from google.cloud import storage
 from pydantic import Field
 
 from protoagg_dagster.core.archive_object import validate_template
+from protoagg_dagster.core.dead_letters import DEFAULT_TEMPLATE as DEAD_LETTER_TEMPLATE
 
 
 class GCSResource(dg.ConfigurableResource):  # type: ignore[type-arg]
@@ -18,6 +19,11 @@ class GCSResource(dg.ConfigurableResource):  # type: ignore[type-arg]
         default="log.pb",
         description="Archive object name; may use {topic} {partition} {date} {year} {month} "
         "{day} {hour} (from the batch's first message timestamp).",
+    )
+    dead_letter_template: str = Field(
+        default=DEAD_LETTER_TEMPLATE,
+        description="Object receiving messages that cannot be archived (JSON envelopes); same "
+        "fields as object_template.",
     )
     emulator_host: str = Field(
         default="",
@@ -37,4 +43,5 @@ class GCSResource(dg.ConfigurableResource):  # type: ignore[type-arg]
 
     def get_bucket(self) -> storage.Bucket:
         validate_template(self.object_template)
+        validate_template(self.dead_letter_template, "PROTOAGG_GCS_DEAD_LETTERS")
         return self.get_client().bucket(self.bucket)

@@ -10,39 +10,18 @@ import uuid
 from pathlib import Path
 
 import dagster as dg
-import pytest
 
 from protoagg_dagster.archive_reader import verify_archive
 from protoagg_dagster.core.framing import ArchivedRecord, iter_records
 from protoagg_dagster.core.records import parse_rfc3339
 from protoagg_dagster.jobs import archive_kafka_batch, range_run_config
 from protoagg_dagster.ledger import object_lock
-from protoagg_dagster.resources import GCSResource, KafkaResource, PostgresResource
+from protoagg_dagster.resources import GCSResource
 from protoagg_dagster.sensors import kafka_offsets_sensor
-from protoagg_dagster.settings_resource import ArchiverSettings
-from tests.conftest import ROOT, Services
-from tests.helpers import Stack, create_topic, log_value, produce
+from tests.conftest import ROOT
+from tests.helpers import Stack, create_topic, log_value, produce, topic_of
 
 EXAMPLES = ROOT / "examples" / "messages.jsonl"
-
-
-@pytest.fixture
-def stack(services: Services, postgres_dsn: str, unique: str) -> Stack:
-    topic = f"logs-{unique}"
-    return Stack(
-        kafka=KafkaResource(bootstrap_servers=services.kafka_bootstrap, topics=topic),
-        postgres=PostgresResource(dsn=postgres_dsn),
-        gcs=GCSResource(
-            bucket=services.bucket,
-            object_template=f"{unique}/log.pb",
-            emulator_host=services.gcs_url,
-        ),
-        archiver=ArchiverSettings(batch_size=100, linger_seconds=0, max_batch_messages=100),
-    )
-
-
-def topic_of(stack: Stack) -> str:
-    return stack.kafka.topic_list()[0]
 
 
 def run_sensor_until_idle(stack: Stack, instance: dg.DagsterInstance, max_ticks: int = 50) -> int:
