@@ -2,9 +2,8 @@
 
 Tables:
 
-- ``processed_logs``: one row per archived logId (``log_id uuid`` primary key) and the batch that
-  claimed it. ``INSERT ... ON CONFLICT DO NOTHING`` makes concurrent claimers of one id agree on a
-  single winner without locking the table.
+- ``processed_logs``: one row per archived logId and the batch that claimed it, partitioned by
+  day (see ``dedupe_window``).
 - ``archive_batches``: one row per claimed offset range; ``state`` is ``claimed`` until the append
   to GCS is confirmed, then ``appended``. At most one ``claimed`` row per partition.
 - ``archive_positions``: per partition, the first offset not yet archived.
@@ -24,18 +23,12 @@ import psycopg
 from protoagg_dagster.core.errors import BackendError
 from protoagg_dagster.core.planning import OffsetRange
 from protoagg_dagster.core.records import LogRecord
+from protoagg_dagster.dedupe_window import claim_ids, ensure_window, epoch_day, own_claims
 
 # Any constant works; it only has to be the same for every protoagg process.
 _SCHEMA_LOCK_ID = 0x70726F746F616767
 
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS processed_logs (
-    log_id       uuid PRIMARY KEY,
-    batch_id     bigint NOT NULL,
-    kafka_offset bigint NOT NULL,
-    claimed_at   timestamptz NOT NULL DEFAULT now()
-);
-CREATE INDEX IF NOT EXISTS processed_logs_batch ON processed_logs (batch_id);
 CREATE TABLE IF NOT EXISTS archive_batches (
     batch_id     bigserial PRIMARY KEY,
     topic        text NOT NULL,
@@ -89,6 +82,7 @@ def ensure_schema(conn: psycopg.Connection) -> None:
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK_ID,))
         conn.execute(SCHEMA)
+        ensure_window(conn, epoch_day())
 
 
 def read_progress(conn: psycopg.Connection, topic: str) -> dict[int, PartitionProgress]:
@@ -159,7 +153,7 @@ def claim_batch(
         )
         candidates = _first_occurrences(r for r in records if r.offset >= effective.start)
         batch_id = _insert_batch(conn, effective, object_name, len(records), run_id)
-        claimed_offsets = _insert_claims(conn, batch_id, candidates)
+        claimed_offsets = claim_ids(conn, batch_id, candidates)
         conn.execute(
             "UPDATE archive_batches SET claimed = %s WHERE batch_id = %s",
             (len(claimed_offsets), batch_id),
@@ -181,12 +175,7 @@ def _adopt(
             f"{batch.topic}[{batch.partition}] has an unfinished batch {start}..{end} (id "
             f"{batch_id}); it must be finished first by a run for offsets {start}..{end}"
         )
-    own = {
-        offset
-        for (offset,) in conn.execute(
-            "SELECT kafka_offset FROM processed_logs WHERE batch_id = %s", (batch_id,)
-        )
-    }
+    own = own_claims(conn, batch_id)
     adopted = OffsetRange(batch.topic, batch.partition, start, end)
     in_range = [r for r in records if r.offset < end]
     kept = tuple(r for r in in_range if r.offset in own)
@@ -215,29 +204,6 @@ def _insert_batch(
     ).fetchone()
     assert row is not None
     return int(row[0])
-
-
-def _insert_claims(conn: psycopg.Connection, batch_id: int, records: list[LogRecord]) -> set[int]:
-    """Claim each record's logId for ``batch_id``; return the offsets whose claim won."""
-    if not records:
-        return set()
-    conn.execute(
-        "CREATE TEMP TABLE IF NOT EXISTS claim_candidates (log_id uuid, kafka_offset bigint) "
-        "ON COMMIT DELETE ROWS"
-    )
-    payload = "".join(f"{r.log_id}\t{r.offset}\n" for r in records)
-    with conn.cursor() as cursor:
-        with cursor.copy("COPY claim_candidates (log_id, kafka_offset) FROM STDIN") as copy:
-            copy.write(payload)
-        # Inserting in log_id order makes concurrent claimers of overlapping ids take their row
-        # locks in the same order, so they wait for each other instead of deadlocking.
-        cursor.execute(
-            "INSERT INTO processed_logs (log_id, batch_id, kafka_offset) "
-            "SELECT log_id, %s, kafka_offset FROM claim_candidates ORDER BY log_id "
-            "ON CONFLICT (log_id) DO NOTHING RETURNING kafka_offset",
-            (batch_id,),
-        )
-        return {offset for (offset,) in cursor.fetchall()}
 
 
 def finish_batch(conn: psycopg.Connection, batch_id: int, generation: int | None) -> None:

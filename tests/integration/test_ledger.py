@@ -5,11 +5,13 @@ from __future__ import annotations
 import threading
 import uuid
 
+import psycopg
 import pytest
 
 from protoagg_dagster.core.errors import BackendError
 from protoagg_dagster.core.planning import OffsetRange
 from protoagg_dagster.core.records import LogRecord
+from protoagg_dagster.dedupe_window import advance_window, epoch_day, partition_name
 from protoagg_dagster.ledger import claim_batch, finish_batch, read_progress
 from protoagg_dagster.resources import PostgresResource
 
@@ -96,3 +98,36 @@ def test_concurrent_claims_of_overlapping_ids_on_two_partitions_win_once(
         thread.join(timeout=60)
     assert kept[0].isdisjoint(kept[1])
     assert kept[0] | kept[1] == set(shared)
+
+
+def test_dedupe_window_remembers_ids_until_their_day_is_dropped(postgres_dsn: str) -> None:
+    pg = PostgresResource(dsn=postgres_dsn)
+    ids = new_ids(3)
+    with pg.get_connection() as conn:
+        today = epoch_day()
+        first = claim_batch(conn, OffsetRange("t", 0, 0, 3), records(ids), "o", None)
+        assert first.batch_id is not None
+        finish_batch(conn, first.batch_id, None)
+        change = advance_window(conn, today + 1, keep_days=2)
+        assert change.created and change.current_day == today + 1 and change.dropped == ()
+        # Still inside the window: the older day's partition is checked.
+        second = claim_batch(conn, OffsetRange("t", 0, 3, 6), records(ids, 3), "o", None)
+        assert second.kept == ()
+        assert second.batch_id is not None
+        finish_batch(conn, second.batch_id, None)
+        change = advance_window(conn, today + 2, keep_days=2)
+        assert change.dropped == (partition_name(today),)
+        # Out of the window: documented trade-off, the id is archived again.
+        third = claim_batch(conn, OffsetRange("t", 0, 6, 9), records(ids, 6), "o", None)
+        assert [r.log_id for r in third.kept] == ids
+
+
+def test_advancing_the_window_waits_for_claims_in_flight(postgres_dsn: str) -> None:
+    pg = PostgresResource(dsn=postgres_dsn)
+    with pg.get_connection() as claimer, pg.get_connection() as maintainer:
+        with claimer.transaction():
+            claimer.execute("SELECT current_day FROM dedupe_window FOR SHARE")
+            maintainer.execute("SET lock_timeout = '300ms'")
+            with pytest.raises(psycopg.errors.LockNotAvailable):
+                advance_window(maintainer, epoch_day() + 1, keep_days=3)
+        assert advance_window(maintainer, epoch_day() + 1, keep_days=3).created

@@ -1,0 +1,143 @@
+"""The dedupe window: ``processed_logs``, partitioned by claim day, pruned by dropping partitions.
+
+A logId is claimed in the *current* day's partition with ``INSERT ... ON CONFLICT DO NOTHING``
+(concurrent claimers of one id agree on one winner) after checking that no older partition of
+the window holds it. Older partitions never receive rows, so that check cannot race. Moving to a
+new day takes the control row ``FOR UPDATE`` while each claim holds it ``FOR SHARE``: the switch
+waits for claims in flight, claims never wait for each other. Pruning drops whole partitions, so
+the per-batch cost stays flat however long the archive has run.
+
+Trade-off: a message redelivered after its id left the window is archived again.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import sql
+
+from protoagg_dagster.core.records import LogRecord
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS processed_logs (
+    log_id       uuid NOT NULL,
+    day          integer NOT NULL,
+    batch_id     bigint NOT NULL,
+    kafka_offset bigint NOT NULL,
+    PRIMARY KEY (log_id, day)
+) PARTITION BY LIST (day);
+CREATE INDEX IF NOT EXISTS processed_logs_batch ON processed_logs (batch_id);
+CREATE TABLE IF NOT EXISTS dedupe_window (
+    singleton   boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    current_day integer NOT NULL
+);
+"""
+
+
+def epoch_day(now: float | None = None) -> int:
+    """Days since 1970-01-01 UTC."""
+    return int((time.time() if now is None else now) // 86_400)
+
+
+def partition_name(day: int) -> str:
+    return f"processed_logs_d{day}"
+
+
+def ensure_window(conn: psycopg.Connection, today: int) -> None:
+    """Create the tables and the current day's partition (inside the schema transaction)."""
+    conn.execute(SCHEMA)
+    conn.execute(
+        "INSERT INTO dedupe_window (current_day) VALUES (%s) ON CONFLICT DO NOTHING", (today,)
+    )
+    row = conn.execute("SELECT current_day FROM dedupe_window").fetchone()
+    assert row is not None
+    _create_partition(conn, int(row[0]))
+
+
+def _create_partition(conn: psycopg.Connection, day: int) -> bool:
+    exists = conn.execute("SELECT to_regclass(%s)", (partition_name(day),)).fetchone()
+    if exists is not None and exists[0] is not None:
+        return False
+    conn.execute(
+        sql.SQL("CREATE TABLE {} PARTITION OF processed_logs FOR VALUES IN ({})").format(
+            sql.Identifier(partition_name(day)), sql.Literal(day)
+        )
+    )
+    return True
+
+
+def claim_ids(conn: psycopg.Connection, batch_id: int, records: Sequence[LogRecord]) -> set[int]:
+    """Claim each record's logId for ``batch_id`` (inside the caller's transaction).
+
+    Returns the offsets whose claim won: ids in no partition of the window before.
+    """
+    if not records:
+        return set()
+    row = conn.execute("SELECT current_day FROM dedupe_window FOR SHARE").fetchone()
+    assert row is not None
+    day = int(row[0])
+    conn.execute(
+        "CREATE TEMP TABLE IF NOT EXISTS claim_candidates (log_id uuid, kafka_offset bigint) "
+        "ON COMMIT DELETE ROWS"
+    )
+    payload = "".join(f"{r.log_id}\t{r.offset}\n" for r in records)
+    with conn.cursor() as cursor:
+        with cursor.copy("COPY claim_candidates (log_id, kafka_offset) FROM STDIN") as copy:
+            copy.write(payload)
+        # Inserting in log_id order makes concurrent claimers of overlapping ids take their row
+        # locks in the same order, so they wait for each other instead of deadlocking.
+        cursor.execute(
+            "INSERT INTO processed_logs (log_id, day, batch_id, kafka_offset) "
+            "SELECT c.log_id, %(day)s, %(batch)s, c.kafka_offset FROM claim_candidates c "
+            "WHERE NOT EXISTS (SELECT 1 FROM processed_logs p "
+            "                  WHERE p.log_id = c.log_id AND p.day < %(day)s) "
+            "ORDER BY c.log_id "
+            "ON CONFLICT (log_id, day) DO NOTHING RETURNING kafka_offset",
+            {"day": day, "batch": batch_id},
+        )
+        return {offset for (offset,) in cursor.fetchall()}
+
+
+def own_claims(conn: psycopg.Connection, batch_id: int) -> set[int]:
+    """Offsets whose logId ``batch_id`` claimed."""
+    return {
+        offset
+        for (offset,) in conn.execute(
+            "SELECT kafka_offset FROM processed_logs WHERE batch_id = %s", (batch_id,)
+        )
+    }
+
+
+@dataclass(frozen=True)
+class WindowChange:
+    current_day: int
+    created: bool
+    dropped: tuple[str, ...]
+
+
+def advance_window(conn: psycopg.Connection, today: int, keep_days: int) -> WindowChange:
+    """Make ``today`` the claim day and drop partitions older than ``keep_days`` days."""
+    if keep_days < 1:
+        raise ValueError("keep_days must be at least 1")
+    with conn.transaction():
+        row = conn.execute("SELECT current_day FROM dedupe_window FOR UPDATE").fetchone()
+        assert row is not None
+        current = int(row[0])
+        created = False
+        if today > current:
+            created = _create_partition(conn, today)
+            conn.execute("UPDATE dedupe_window SET current_day = %s", (today,))
+            current = today
+        oldest_kept = current - keep_days + 1
+        dropped = []
+        for (name,) in conn.execute(
+            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+            "WHERE i.inhparent = 'processed_logs'::regclass ORDER BY c.relname"
+        ).fetchall():
+            if int(name.removeprefix("processed_logs_d")) < oldest_kept:
+                conn.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(name)))
+                dropped.append(name)
+    return WindowChange(current, created, tuple(dropped))
