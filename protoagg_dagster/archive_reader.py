@@ -16,6 +16,8 @@ from protoagg_dagster.core.errors import ArchiveFormatError, BackendError, Confi
 from protoagg_dagster.core.framing import iter_records
 from protoagg_dagster.core.records import format_rfc3339
 from protoagg_dagster.resources.gcs import GCSResource
+from protoagg_dagster.resources.kafka import KafkaResource
+from protoagg_dagster.verification import KafkaCheck, check_against_kafka
 
 
 def open_archive(url: str) -> BinaryIO:
@@ -115,3 +117,29 @@ def verify_archive(url: str) -> VerifyReport:
         except ArchiveFormatError as exc:
             report.error = str(exc)
     return report
+
+
+def check_url_against_kafka(url: str) -> KafkaCheck:
+    """``check_against_kafka`` for ``gs://BUCKET/OBJECT`` with the environment's settings."""
+    if not url.startswith("gs://"):
+        raise ConfigError(
+            "--against-kafka needs a gs:// URL (the object's metadata says what to check)"
+        )
+    bucket_name, _, name = url[len("gs://") :].partition("/")
+    gcs = GCSResource(
+        bucket=bucket_name,
+        emulator_host=settings.STORAGE_EMULATOR_HOST.read(),
+        dead_letter_template=settings.GCS_DEAD_LETTERS.read(),
+    )
+    kafka = KafkaResource(bootstrap_servers=settings.KAFKA_BOOTSTRAP.read())
+    consumer = kafka.get_consumer()
+    try:
+        return check_against_kafka(
+            gcs.get_bucket(),
+            name,
+            gcs.dead_letter_template,
+            consumer,
+            settings.MAX_MESSAGE_BYTES.read_int(),
+        )
+    finally:
+        consumer.close()

@@ -19,6 +19,7 @@ from google.api_core import exceptions as gexc
 from google.cloud import storage
 
 from protoagg_dagster.core.archive_object import (
+    TEMP_PREFIX,
     archived_offsets,
     metadata_after_append,
     partition_key,
@@ -98,3 +99,20 @@ def _compose_fenced(
 def _delete_quietly(blob: storage.Blob) -> None:
     with contextlib.suppress(gexc.NotFound):
         blob.delete()
+
+
+def remove_orphaned_temp_objects(
+    bucket: storage.Bucket, older_than_seconds: float, now: float | None = None
+) -> list[str]:
+    """Delete temporary uploads left by runs that died between upload and delete.
+
+    Only objects older than ``older_than_seconds`` go: a younger one may belong to a run that is
+    about to compose it (and if it is deleted anyway, that run's compose fails and is retried).
+    """
+    cutoff = (time.time() if now is None else now) - older_than_seconds
+    removed = []
+    for blob in bucket.list_blobs(prefix=TEMP_PREFIX):
+        if blob.time_created is not None and blob.time_created.timestamp() <= cutoff:
+            _delete_quietly(blob)
+            removed.append(blob.name)
+    return removed

@@ -70,6 +70,12 @@ def _parser() -> argparse.ArgumentParser:
 
     verify = commands.add_parser("verify", help="check an archive's framing and duplicate ids")
     verify.add_argument("url", help="gs://BUCKET/OBJECT or a local file path")
+    verify.add_argument(
+        "--against-kafka",
+        action="store_true",
+        help="also read the partitions the object records back from Kafka and account for "
+        "every offset (archived once, duplicate, dead letter or tombstone)",
+    )
     verify.set_defaults(handler=_verify)
     return parser
 
@@ -123,7 +129,13 @@ def _verify(args: argparse.Namespace) -> int:
 
     report = verify_archive(args.url)
     print(report.summary())
-    return 0 if report.ok else 1
+    if not args.against_kafka:
+        return 0 if report.ok else 1
+    from protoagg_dagster.archive_reader import check_url_against_kafka
+
+    check = check_url_against_kafka(args.url)
+    print(check.summary())
+    return 0 if report.ok and check.ok else 1
 
 
 if __name__ == "__main__":

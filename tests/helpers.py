@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import io
 import json
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import dagster as dg
 from kafka.admin import NewTopic
 
+from protoagg_dagster.core.framing import ArchivedRecord, iter_records
+from protoagg_dagster.jobs import archive_kafka_batch
 from protoagg_dagster.resources import GCSResource, KafkaResource, PostgresResource
+from protoagg_dagster.sensors import kafka_offsets_sensor
 from protoagg_dagster.settings_resource import ArchiverSettings
+from tests.conftest import ROOT
 
 
 @dataclass(frozen=True)
@@ -62,3 +70,56 @@ def produce(kafka: KafkaResource, topic: str, values: Iterable[bytes], partition
 
 def topic_of(stack: Stack) -> str:
     return stack.kafka.topic_list()[0]
+
+
+def run_sensor_until_idle(stack: Stack, instance: dg.DagsterInstance, max_ticks: int = 50) -> int:
+    """Tick the sensor and execute what it asks for, until it asks for nothing; return runs."""
+    cursor = None
+    launched = 0
+    for _ in range(max_ticks):
+        context = dg.build_sensor_context(
+            instance=instance, cursor=cursor, resources=stack.resources()
+        )
+        result = kafka_offsets_sensor(context)
+        cursor = result.cursor
+        if not result.run_requests:
+            return launched
+        for request in result.run_requests:
+            outcome = archive_kafka_batch.execute_in_process(
+                run_config=request.run_config,
+                resources=stack.resources(),
+                instance=instance,
+                tags=request.tags,
+            )
+            assert outcome.success
+            launched += 1
+    raise AssertionError(f"sensor still launching runs after {max_ticks} ticks")
+
+
+def run_in_subprocess(
+    stack: Stack, topic: str, partition: int, start: int, end: int, crash_at: str | None = None
+) -> subprocess.Popen[bytes]:
+    """Start one archive run in its own process (see tests/e2e/run_range.py)."""
+    spec = {
+        "resources": {
+            name: resource.model_dump(exclude_none=True)
+            for name, resource in stack.resources().items()
+        },
+        "range": [topic, partition, start, end],
+        "crash_at": crash_at,
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.e2e.run_range", json.dumps(spec)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def archive(stack: Stack) -> tuple[list[ArchivedRecord], str]:
+    name = stack.gcs.object_template
+    blob = stack.gcs.get_bucket().get_blob(name)
+    assert blob is not None, f"no archive object {name}"
+    return list(
+        iter_records(io.BytesIO(blob.download_as_bytes()))
+    ), f"gs://{stack.gcs.bucket}/{name}"

@@ -23,7 +23,3 @@ def stack(services: Services, postgres_dsn: str, unique: str) -> Stack:
         ),
         archiver=ArchiverSettings(batch_size=100, linger_seconds=0, max_batch_messages=100),
     )
-
-
-def topic_of(stack: Stack) -> str:
-    return stack.kafka.topic_list()[0]

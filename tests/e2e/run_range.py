@@ -1,16 +1,24 @@
 """Run one archive_kafka_batch in this process: ``python -m tests.e2e.run_range SPEC_JSON``.
 
 Tests start several of these at once to get truly concurrent runs (Dagster's in-process execution
-is not thread-safe). SPEC_JSON: {"resources": {...resource fields...}, "range": [topic, p, a, b]}.
+is not thread-safe). SPEC_JSON: {"resources": {...resource fields...}, "range": [topic, p, a, b],
+"crash_at": optional crash point}. At a crash point the process SIGKILLs itself: no exception
+handler, retry or cleanup runs, as when a machine dies.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
 
 import dagster as dg
 
+from protoagg_dagster import archive_store, ops
 from protoagg_dagster.jobs import archive_kafka_batch, range_run_config
 from protoagg_dagster.resources import GCSResource, KafkaResource, PostgresResource
 from protoagg_dagster.settings_resource import ArchiverSettings
@@ -23,8 +31,39 @@ KINDS = {
 }
 
 
+def _die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _after(module: ModuleType, name: str) -> None:
+    original = getattr(module, name)
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        result = original(*args, **kwargs)
+        _die()
+        return result
+
+    setattr(module, name, wrapper)
+
+
+def _before(module: ModuleType, name: str) -> None:
+    setattr(module, name, lambda *args, **kwargs: _die())
+
+
+CRASH_POINTS: dict[str, Callable[[], None]] = {
+    "after_consume": lambda: _after(ops, "read_range"),
+    "after_claim": lambda: _after(ops, "claim_batch"),
+    "after_upload": lambda: _before(archive_store, "_compose_fenced"),
+    "after_compose": lambda: _before(archive_store, "_delete_quietly"),
+    "before_commit": lambda: _before(ops, "finish_batch"),
+    "after_commit": lambda: _after(ops, "finish_batch"),
+}
+
+
 def main() -> int:
     spec = json.loads(sys.argv[1])
+    if spec.get("crash_at"):
+        CRASH_POINTS[spec["crash_at"]]()
     resources = {name: KINDS[name](**fields) for name, fields in spec["resources"].items()}
     topic, partition, start, end = spec["range"]
     with dg.instance_for_test() as instance:

@@ -14,8 +14,7 @@ from protoagg_dagster.core.dead_letters import iter_dead_letters
 from protoagg_dagster.core.framing import iter_records
 from protoagg_dagster.jobs import archive_kafka_batch, range_run_config
 from protoagg_dagster.settings_resource import ArchiverSettings
-from tests.e2e.test_pipeline import run_sensor_until_idle
-from tests.helpers import Stack, create_topic, log_value, topic_of
+from tests.helpers import Stack, create_topic, log_value, run_sensor_until_idle, topic_of
 
 GOOD_ID = str(uuid.uuid4())
 BAD_CASES: list[tuple[str, bytes | None]] = [

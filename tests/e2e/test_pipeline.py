@@ -4,57 +4,30 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
 import dagster as dg
 
 from protoagg_dagster.archive_reader import verify_archive
-from protoagg_dagster.core.framing import ArchivedRecord, iter_records
+from protoagg_dagster.core.framing import iter_records
 from protoagg_dagster.core.records import parse_rfc3339
 from protoagg_dagster.jobs import archive_kafka_batch, range_run_config
 from protoagg_dagster.ledger import object_lock
 from protoagg_dagster.resources import GCSResource
-from protoagg_dagster.sensors import kafka_offsets_sensor
 from tests.conftest import ROOT
-from tests.helpers import Stack, create_topic, log_value, produce, topic_of
+from tests.helpers import (
+    Stack,
+    archive,
+    create_topic,
+    log_value,
+    produce,
+    run_in_subprocess,
+    run_sensor_until_idle,
+    topic_of,
+)
 
 EXAMPLES = ROOT / "examples" / "messages.jsonl"
-
-
-def run_sensor_until_idle(stack: Stack, instance: dg.DagsterInstance, max_ticks: int = 50) -> int:
-    """Tick the sensor and execute what it asks for, until it asks for nothing; return runs."""
-    cursor = None
-    launched = 0
-    for _ in range(max_ticks):
-        context = dg.build_sensor_context(
-            instance=instance, cursor=cursor, resources=stack.resources()
-        )
-        result = kafka_offsets_sensor(context)
-        cursor = result.cursor
-        if not result.run_requests:
-            return launched
-        for request in result.run_requests:
-            outcome = archive_kafka_batch.execute_in_process(
-                run_config=request.run_config,
-                resources=stack.resources(),
-                instance=instance,
-                tags=request.tags,
-            )
-            assert outcome.success
-            launched += 1
-    raise AssertionError(f"sensor still launching runs after {max_ticks} ticks")
-
-
-def archive(stack: Stack) -> tuple[list[ArchivedRecord], str]:
-    name = stack.gcs.object_template
-    blob = stack.gcs.get_bucket().get_blob(name)
-    assert blob is not None, f"no archive object {name}"
-    return list(
-        iter_records(io.BytesIO(blob.download_as_bytes()))
-    ), f"gs://{stack.gcs.bucket}/{name}"
 
 
 def expected_first_occurrences(values: list[bytes]) -> list[dict[str, str]]:
@@ -109,24 +82,6 @@ def test_re_executing_a_finished_run_appends_nothing(stack: Stack) -> None:
     assert (after.size, after.generation) == (before.size, before.generation)
     records, _ = archive(stack)
     assert len(records) == 60
-
-
-def run_in_subprocess(
-    stack: Stack, topic: str, partition: int, start: int, end: int
-) -> subprocess.Popen[bytes]:
-    spec = {
-        "resources": {
-            name: resource.model_dump(exclude_none=True)
-            for name, resource in stack.resources().items()
-        },
-        "range": [topic, partition, start, end],
-    }
-    return subprocess.Popen(
-        [sys.executable, "-m", "tests.e2e.run_range", json.dumps(spec)],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
 
 
 def test_overlapping_runs_in_parallel_archive_each_id_once(stack: Stack) -> None:

@@ -1,0 +1,70 @@
+"""Crash anywhere: a run SIGKILLed at each step boundary, then the normal machinery finishes.
+
+Every time the archive must hold each distinct logId of the range exactly once, in offset order;
+no claim may be left hiding a message, and a cleanup pass removes leftover temporary objects.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import dagster as dg
+import pytest
+
+from protoagg_dagster.archive_store import remove_orphaned_temp_objects
+from protoagg_dagster.core.archive_object import TEMP_PREFIX
+from protoagg_dagster.ledger import read_progress
+from protoagg_dagster.verification import check_against_kafka
+from tests.e2e.run_range import CRASH_POINTS
+from tests.helpers import (
+    Stack,
+    archive,
+    create_topic,
+    log_value,
+    produce,
+    run_in_subprocess,
+    run_sensor_until_idle,
+    topic_of,
+)
+
+
+@pytest.mark.parametrize("crash_at", sorted(CRASH_POINTS))
+def test_crash_at_each_step_then_recovery_archives_exactly_once(
+    stack: Stack, crash_at: str
+) -> None:
+    topic = topic_of(stack)
+    create_topic(stack.kafka, topic)
+    first = [log_value() for _ in range(60)]
+    # Repeats inside the crashed range and across ranges: dedupe must survive the crash too.
+    values = first + first[10:20] + [log_value() for _ in range(30)]
+    produce(stack.kafka, topic, values)
+
+    crashed = run_in_subprocess(stack, topic, 0, 0, 70, crash_at=crash_at)
+    assert crashed.wait(timeout=180) == -signal.SIGKILL
+
+    with dg.instance_for_test() as instance:
+        run_sensor_until_idle(stack, instance)
+
+    bucket = stack.gcs.get_bucket()
+    removed = remove_orphaned_temp_objects(bucket, older_than_seconds=0)
+    assert not list(bucket.list_blobs(prefix=f"{TEMP_PREFIX}{topic}/"))
+    if crash_at in ("after_upload", "after_compose"):
+        assert any(name.startswith(f"{TEMP_PREFIX}{topic}/0/0-70-") for name in removed)
+
+    records, _ = archive(stack)
+    distinct = list(dict.fromkeys(json.loads(v)["logId"] for v in values))
+    assert [r.log_id for r in records] == distinct
+    with stack.postgres.get_connection() as conn:
+        progress = read_progress(conn, topic)[0]
+    assert progress.pending is None
+    assert progress.next_offset == len(values)
+    consumer = stack.kafka.get_consumer()
+    try:
+        check = check_against_kafka(
+            bucket, stack.gcs.object_template, stack.gcs.dead_letter_template, consumer, 1 << 20
+        )
+    finally:
+        consumer.close()
+    assert check.ok, check.summary()
+    assert (check.offsets, check.archived, check.duplicates) == (len(values), len(distinct), 10)
