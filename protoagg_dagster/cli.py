@@ -59,6 +59,35 @@ def _parser() -> argparse.ArgumentParser:
     )
     produce.set_defaults(handler=_produce)
 
+    backfill = commands.add_parser(
+        "backfill", help="archive an offset or time range as bounded runs queued in Dagster"
+    )
+    backfill.add_argument("--topic", required=True)
+    backfill.add_argument(
+        "--partition",
+        type=int,
+        action="append",
+        dest="partitions",
+        help="repeat for several; default: every partition",
+    )
+    backfill.add_argument("--from-offset", type=int)
+    backfill.add_argument("--to-offset", type=int, help="exclusive; default: the log end")
+    backfill.add_argument("--from-time", type=_time_ms, help="RFC 3339, e.g. 2026-11-01T00:00:00Z")
+    backfill.add_argument("--to-time", type=_time_ms, help="RFC 3339 (exclusive)")
+    backfill.add_argument(
+        "--max-batch-messages",
+        type=int,
+        default=None,
+        help="offsets per run (default PROTOAGG_MAX_BATCH_MESSAGES)",
+    )
+    backfill.add_argument(
+        "--dagster",
+        default="127.0.0.1:3000",
+        help="host:port of the Dagster webserver (default 127.0.0.1:3000)",
+    )
+    backfill.add_argument("--no-wait", action="store_true", help="queue the runs and return")
+    backfill.set_defaults(handler=_backfill)
+
     cat = commands.add_parser("cat", help="print an archive as JSON lines")
     cat.add_argument("url", help="gs://BUCKET/OBJECT or a local file path")
     cat.set_defaults(handler=_cat)
@@ -108,6 +137,22 @@ def _produce(args: argparse.Namespace) -> int:
     sent = produce_file(args.file, topic, settings.KAFKA_BOOTSTRAP.read(), args.partitions)
     print(f"sent {sent} messages from {args.file} to topic {topic!r}")
     return 0
+
+
+def _time_ms(text: str) -> int:
+    from protoagg_dagster.core.records import RecordRejected, parse_rfc3339
+
+    try:
+        seconds, nanos = parse_rfc3339(text)
+    except RecordRejected as exc:
+        raise argparse.ArgumentTypeError(exc.detail) from None
+    return seconds * 1000 + nanos // 1_000_000
+
+
+def _backfill(args: argparse.Namespace) -> int:
+    from protoagg_dagster.backfill_cli import run_backfill
+
+    return run_backfill(args)
 
 
 def _cat(args: argparse.Namespace) -> int:

@@ -11,9 +11,10 @@ import os
 
 import dagster as dg
 
+from protoagg_dagster.assets import archive_asset
+from protoagg_dagster.checks import archive_checks
 from protoagg_dagster.core import settings
 from protoagg_dagster.jobs import archive_kafka_batch
-from protoagg_dagster.ops import ARCHIVE_ASSET
 from protoagg_dagster.resources import GCSResource, KafkaResource, PostgresResource
 from protoagg_dagster.sensors import kafka_offsets_sensor
 from protoagg_dagster.settings_resource import ArchiverSettings
@@ -23,15 +24,9 @@ def _value(setting: settings.Setting) -> str | dg.EnvVar:
     return dg.EnvVar(setting.env) if setting.env in os.environ else setting.default
 
 
-archive_asset = dg.AssetSpec(
-    ARCHIVE_ASSET,
-    description="Every Kafka message of the archived topics, framed as uint32 LE length | "
-    "ProtoLog, in GCS. Materialized by each archive_kafka_batch run.",
-    group_name="protoagg",
-)
-
 defs = dg.Definitions(
     assets=[archive_asset],
+    asset_checks=[archive_checks],
     jobs=[archive_kafka_batch],
     sensors=[kafka_offsets_sensor],
     resources={

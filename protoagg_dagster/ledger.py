@@ -41,9 +41,13 @@ CREATE TABLE IF NOT EXISTS archive_batches (
     claimed      integer NOT NULL,
     run_id       text,
     generation   bigint,
+    appended_bytes bigint,
+    object_size  bigint,
     claimed_at   timestamptz NOT NULL DEFAULT now(),
     appended_at  timestamptz
 );
+CREATE INDEX IF NOT EXISTS archive_batches_partition
+    ON archive_batches (topic, partition, start_offset);
 CREATE UNIQUE INDEX IF NOT EXISTS archive_batches_one_claimed
     ON archive_batches (topic, partition) WHERE state = 'claimed';
 CREATE TABLE IF NOT EXISTS archive_positions (
@@ -206,13 +210,24 @@ def _insert_batch(
     return int(row[0])
 
 
-def finish_batch(conn: psycopg.Connection, batch_id: int, generation: int | None) -> None:
-    """Mark a claimed batch appended and advance its partition's position; idempotent."""
+def finish_batch(
+    conn: psycopg.Connection,
+    batch_id: int,
+    generation: int | None,
+    appended_bytes: int = 0,
+    object_size: int | None = None,
+) -> None:
+    """Mark a claimed batch appended and advance its partition's position; idempotent.
+
+    ``appended_bytes`` and ``object_size`` locate the batch's frames in the object (the bytes
+    ``[object_size - appended_bytes, object_size)``) for later integrity checks.
+    """
     with conn.transaction():
         row = conn.execute(
-            "UPDATE archive_batches SET state = 'appended', appended_at = now(), generation = %s "
+            "UPDATE archive_batches SET state = 'appended', appended_at = now(), generation = %s, "
+            "appended_bytes = %s, object_size = %s "
             "WHERE batch_id = %s AND state = 'claimed' RETURNING topic, partition, end_offset",
-            (generation, batch_id),
+            (generation, appended_bytes, object_size, batch_id),
         ).fetchone()
         if row is not None:
             conn.execute(
@@ -235,3 +250,47 @@ def object_lock(conn: psycopg.Connection, bucket: str, object_name: str) -> Iter
             "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (f"{bucket}/{object_name}",)
         )
         yield
+
+
+@dataclass(frozen=True)
+class AppendedBatch:
+    batch_id: int
+    batch: OffsetRange
+    object_name: str
+    appended_bytes: int
+    object_size: int | None
+
+
+def latest_appended(conn: psycopg.Connection) -> list[AppendedBatch]:
+    """The most recent appended batch of each partition."""
+    rows = conn.execute(
+        "SELECT DISTINCT ON (topic, partition) batch_id, topic, partition, start_offset, "
+        "end_offset, object_name, COALESCE(appended_bytes, 0), object_size FROM archive_batches "
+        "WHERE state = 'appended' ORDER BY topic, partition, end_offset DESC"
+    ).fetchall()
+    return [
+        AppendedBatch(row[0], OffsetRange(row[1], row[2], row[3], row[4]), row[5], row[6], row[7])
+        for row in rows
+    ]
+
+
+def offset_gaps(conn: psycopg.Connection, topic: str, partition: int) -> list[tuple[int, int]]:
+    """Holes ``(previous end, next start)`` between consecutive appended batches of a partition."""
+    rows = conn.execute(
+        "SELECT previous_end, start_offset FROM ("
+        "  SELECT start_offset, lag(end_offset) OVER (ORDER BY start_offset) AS previous_end"
+        "  FROM archive_batches WHERE topic = %s AND partition = %s AND state = 'appended'"
+        ") batches WHERE previous_end IS NOT NULL AND previous_end <> start_offset",
+        (topic, partition),
+    ).fetchall()
+    return [(int(a), int(b)) for a, b in rows]
+
+
+def gap_before(conn: psycopg.Connection, batch: OffsetRange) -> list[tuple[int, int]]:
+    """The hole between the partition's previous appended batch and ``batch``, if any."""
+    row = conn.execute(
+        "SELECT end_offset FROM archive_batches WHERE topic = %s AND partition = %s "
+        "AND state = 'appended' AND start_offset < %s ORDER BY start_offset DESC LIMIT 1",
+        (batch.topic, batch.partition, batch.start),
+    ).fetchone()
+    return [] if row is None or row[0] == batch.start else [(int(row[0]), batch.start)]

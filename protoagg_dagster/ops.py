@@ -14,17 +14,25 @@ import dagster as dg
 from pydantic import Field
 
 from protoagg_dagster.archive_store import AppendResult, append_batch
+from protoagg_dagster.assets import ARCHIVE_ASSET
+from protoagg_dagster.checks import evaluate_batch
 from protoagg_dagster.core.archive_object import object_name
 from protoagg_dagster.core.dead_letters import encode_envelopes
 from protoagg_dagster.core.framing import encode_records
 from protoagg_dagster.core.planning import OffsetRange
 from protoagg_dagster.core.records import TOMBSTONE, Rejection, parse_messages
 from protoagg_dagster.kafka_reader import RangeRead, read_range
-from protoagg_dagster.ledger import Claim, claim_batch, finish_batch, object_lock
+from protoagg_dagster.ledger import (
+    AppendedBatch,
+    Claim,
+    claim_batch,
+    finish_batch,
+    gap_before,
+    object_lock,
+)
 from protoagg_dagster.resources import GCSResource, KafkaResource, PostgresResource
 from protoagg_dagster.settings_resource import ArchiverSettings
 
-ARCHIVE_ASSET = dg.AssetKey("kafka_archive")
 TRANSIENT_RETRY = dg.RetryPolicy(max_retries=3, delay=2, backoff=dg.Backoff.EXPONENTIAL)
 
 
@@ -146,12 +154,13 @@ def append(
     gcs: GCSResource,
     postgres: PostgresResource,
     archiver: ArchiverSettings,
-) -> Iterator[dg.AssetMaterialization | dg.Output[int]]:
+) -> Iterator[dg.AssetMaterialization | dg.AssetCheckEvaluation | dg.Output[int]]:
     """Append dead letters, then records (upload, fenced compose, delete); confirm the claim."""
     claimed = encoded.claimed
     claim = claimed.claim
     started = time.perf_counter()
     archived: AppendResult | None = None
+    checks: list[dg.AssetCheckEvaluation] = []
     if claim.batch_id is not None:
         bucket = gcs.get_bucket()
         with postgres.get_connection() as conn:
@@ -178,7 +187,28 @@ def append(
                 )
             if encoded.data:
                 archived = append_once(claim.object_name, encoded.data)
-            finish_batch(conn, claim.batch_id, archived.generation if archived else None)
+            if archived is not None and archived.appended:
+                finish_batch(
+                    conn,
+                    claim.batch_id,
+                    archived.generation,
+                    len(encoded.data),
+                    archived.object_size,
+                )
+                checks = evaluate_batch(
+                    bucket,
+                    AppendedBatch(
+                        claim.batch_id,
+                        claim.batch,
+                        claim.object_name,
+                        len(encoded.data),
+                        archived.object_size,
+                    ),
+                    expected_records=len(claim.kept),
+                    gaps=gap_before(conn, claim.batch),
+                )
+            else:
+                finish_batch(conn, claim.batch_id, archived.generation if archived else None)
     seconds = {**encoded.seconds, "append": time.perf_counter() - started}
     appended = len(claim.kept) if archived is not None and archived.appended else 0
     context.log.info(
@@ -190,6 +220,7 @@ def append(
         description=str(claim.batch),
         metadata=_batch_metadata(gcs.bucket, encoded, archived, appended, seconds),
     )
+    yield from checks
     read_count = len(claimed.read.messages)
     ratio = len(claimed.dead_letters) / read_count if read_count else 0.0
     if ratio > archiver.max_dead_letter_ratio:

@@ -104,3 +104,13 @@ def plan_batch(view: PartitionView, limits: BatchLimits, now: float) -> Plan:
     size = min(waiting, limits.max_batch_messages)
     launch = OffsetRange(view.topic, view.partition, view.next_offset, view.next_offset + size)
     return Plan(launch, None, "batch full" if full else f"lingered {now - since:.1f} s")
+
+
+def split_range(whole: OffsetRange, max_messages: int) -> list[OffsetRange]:
+    """Consecutive ranges of at most ``max_messages`` offsets covering ``whole``, in order."""
+    if max_messages < 1:
+        raise ConfigError(f"max_messages must be at least 1, got {max_messages}")
+    return [
+        OffsetRange(whole.topic, whole.partition, start, min(start + max_messages, whole.end))
+        for start in range(whole.start, whole.end, max_messages)
+    ]

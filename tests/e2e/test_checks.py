@@ -1,0 +1,43 @@
+"""Asset checks run with each batch, and catch a corrupted archive when re-checked."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from protoagg_dagster.checks import FRAMING, NO_GAPS, UNIQUE_IDS, evaluate_batch
+from protoagg_dagster.jobs import archive_kafka_batch, range_run_config
+from protoagg_dagster.ledger import latest_appended
+from tests.helpers import Stack, create_topic, log_value, produce, topic_of
+
+
+def test_each_batch_reports_passing_checks_and_a_corruption_is_caught(stack: Stack) -> None:
+    topic = topic_of(stack)
+    create_topic(stack.kafka, topic)
+    produce(stack.kafka, topic, [log_value() for _ in range(40)])
+    with dg.instance_for_test() as instance:
+        for start, end in ((0, 20), (20, 40)):
+            result = archive_kafka_batch.execute_in_process(
+                run_config=range_run_config(topic, 0, start, end),
+                resources=stack.resources(),
+                instance=instance,
+            )
+            evaluations = [
+                e.asset_check_evaluation_data
+                for e in result.all_events
+                if e.event_type_value == "ASSET_CHECK_EVALUATION"
+            ]
+            assert {(e.check_name, e.passed) for e in evaluations} == {
+                (FRAMING, True),
+                (UNIQUE_IDS, True),
+                (NO_GAPS, True),
+            }
+    bucket = stack.gcs.get_bucket()
+    blob = bucket.get_blob(stack.gcs.object_template)
+    assert blob is not None
+    data = bytearray(blob.download_as_bytes())
+    data[-30:-26] = b"\xff\xff\xff\x0f"  # a garbage length prefix inside the last batch
+    bucket.blob(stack.gcs.object_template).upload_from_string(bytes(data))
+    with stack.postgres.get_connection() as conn:
+        [latest] = latest_appended(conn)
+    verdicts = {e.check_name: e.passed for e in evaluate_batch(bucket, latest, 20, [])}
+    assert verdicts[FRAMING] is False
