@@ -15,6 +15,7 @@ from protoagg_dagster.assets import archive_asset
 from protoagg_dagster.checks import archive_checks
 from protoagg_dagster.core import settings
 from protoagg_dagster.jobs import archive_kafka_batch
+from protoagg_dagster.maintenance import archive_maintenance, maintain_archive
 from protoagg_dagster.resources import GCSResource, KafkaResource, PostgresResource
 from protoagg_dagster.sensors import kafka_offsets_sensor
 from protoagg_dagster.settings_resource import ArchiverSettings
@@ -27,7 +28,8 @@ def _value(setting: settings.Setting) -> str | dg.EnvVar:
 defs = dg.Definitions(
     assets=[archive_asset],
     asset_checks=[archive_checks],
-    jobs=[archive_kafka_batch],
+    jobs=[archive_kafka_batch, maintain_archive],
+    schedules=[archive_maintenance],
     sensors=[kafka_offsets_sensor],
     resources={
         "kafka": KafkaResource(

@@ -78,3 +78,30 @@ def read_range(
                 break
     batch = OffsetRange(wanted.topic, wanted.partition, wanted.start, end)
     return RangeRead(batch, messages, value_bytes, skipped=min(start, end) - wanted.start)
+
+
+def timestamps_at(
+    consumer: KafkaConsumer, offsets: dict[TopicPartition, int]
+) -> dict[TopicPartition, int]:
+    """Kafka timestamp (ms) of the message at (or first after) each offset, where there is one."""
+    found: dict[TopicPartition, int] = {}
+    if not offsets:
+        return found
+    consumer.assign(list(offsets))
+    for tp, offset in offsets.items():
+        consumer.seek(tp, offset)
+    deadline = time.monotonic() + 5.0
+    while len(found) < len(offsets) and time.monotonic() < deadline:
+        for tp, records in consumer.poll(timeout_ms=500, max_records=500).items():
+            if tp not in found and records:
+                found[tp] = records[0].timestamp
+                consumer.pause(tp)
+    return found
+
+
+def offsets_at_time(
+    consumer: KafkaConsumer, partitions: list[TopicPartition], time_ms: int
+) -> dict[TopicPartition, int | None]:
+    """First offset at or after ``time_ms`` per partition (None: no such message yet)."""
+    answer = consumer.offsets_for_times({tp: time_ms for tp in partitions})
+    return {tp: (value.offset if value is not None else None) for tp, value in answer.items()}

@@ -294,3 +294,13 @@ def gap_before(conn: psycopg.Connection, batch: OffsetRange) -> list[tuple[int, 
         (batch.topic, batch.partition, batch.start),
     ).fetchone()
     return [] if row is None or row[0] == batch.start else [(int(row[0]), batch.start)]
+
+
+def stale_claims(conn: psycopg.Connection, claimed_before: float) -> list[OffsetRange]:
+    """Claimed batches still unfinished that were claimed before the given epoch time."""
+    rows = conn.execute(
+        "SELECT topic, partition, start_offset, end_offset FROM archive_batches "
+        "WHERE state = 'claimed' AND claimed_at < to_timestamp(%s)",
+        (claimed_before,),
+    ).fetchall()
+    return [OffsetRange(*row) for row in rows]

@@ -1,4 +1,8 @@
-"""The sensor that watches Kafka partitions and launches one run per bounded offset range."""
+"""The sensor that watches Kafka partitions and launches one run per bounded offset range.
+
+Each tick also records the consumer lag of every partition (messages and seconds behind) as an
+observation of the archive asset.
+"""
 
 import json
 import time
@@ -6,8 +10,10 @@ from dataclasses import dataclass
 
 import dagster as dg
 from dagster._core.storage.dagster_run import IN_PROGRESS_RUN_STATUSES
+from kafka import KafkaConsumer, TopicPartition
 
-from protoagg_dagster.core.planning import PartitionView, plan_batch
+from protoagg_dagster.assets import ARCHIVE_ASSET
+from protoagg_dagster.core.planning import OffsetRange, PartitionView, plan_batch
 from protoagg_dagster.jobs import (
     PARTITION_TAG,
     RANGE_TAG,
@@ -15,17 +21,18 @@ from protoagg_dagster.jobs import (
     range_run_config,
     range_tags,
 )
-from protoagg_dagster.ledger import read_progress
+from protoagg_dagster.kafka_reader import offsets_at_time, timestamps_at
+from protoagg_dagster.ledger import PartitionProgress, read_progress
 from protoagg_dagster.resources import KafkaResource, PostgresResource
 from protoagg_dagster.settings_resource import ArchiverSettings
 
 
 @dataclass
 class SensorCursor:
-    """Per partition: when unarchived messages were first seen, and a resolved ``latest`` start.
+    """Per partition: when unarchived messages were first seen, and a resolved first offset.
 
     Only a convenience: the ledger's archived position is the truth, so a lost cursor costs at
-    most one extra linger period.
+    most one extra linger period (and, for ``start_from=latest``, a new look at the log end).
     """
 
     backlog_since: dict[str, float]
@@ -59,46 +66,111 @@ def kafka_offsets_sensor(
 ) -> dg.SensorResult:
     cursor = SensorCursor.loads(context.cursor)
     limits = archiver.limits()
-    start_from = archiver.start_choice()
     now = time.time()
     in_flight = _partitions_in_flight(context.instance)
-    requests: list[dg.RunRequest] = []
     with postgres.get_connection() as conn:
         progress = {topic: read_progress(conn, topic) for topic in kafka.topic_list()}
-    for topic, known in progress.items():
-        for partition, (log_start, log_end) in kafka.offset_bounds(topic).items():
-            key = f"{topic}-{partition}"
-            state = known.get(partition)
-            next_offset = state.next_offset if state is not None else None
-            if next_offset is None:
-                if key not in cursor.start_at:
-                    cursor.start_at[key] = log_start if start_from == "earliest" else log_end
-                next_offset = cursor.start_at[key]
-            view = PartitionView(
-                topic=topic,
-                partition=partition,
-                next_offset=next_offset,
-                end_offset=log_end,
-                pending=state.pending if state is not None else None,
-                in_flight=key in in_flight,
-                backlog_since=cursor.backlog_since.get(key),
-            )
-            plan = plan_batch(view, limits, now)
-            _remember(cursor.backlog_since, key, plan.backlog_since)
-            if plan.launch is None:
-                continue
-            batch = plan.launch
-            attempts = _earlier_runs(context.instance, batch.run_key)
-            run_key = batch.run_key if attempts == 0 else f"{batch.run_key}-retry{attempts}"
-            context.log.info(f"launching {batch}: {plan.reason}")
-            requests.append(
-                dg.RunRequest(
-                    run_key=run_key,
-                    run_config=range_run_config(topic, partition, batch.start, batch.end),
-                    tags=range_tags(topic, partition, batch.start, batch.end),
+    requests: list[dg.RunRequest] = []
+    behind: dict[TopicPartition, tuple[int, int]] = {}  # next offset, messages behind
+    consumer = kafka.get_consumer()
+    try:
+        for topic, known in progress.items():
+            bounds = kafka.offset_bounds(topic)
+            starts = _next_offsets(consumer, topic, bounds, known, cursor, archiver.start_choice())
+            for partition, (_, log_end) in bounds.items():
+                key = f"{topic}-{partition}"
+                state = known.get(partition)
+                view = PartitionView(
+                    topic=topic,
+                    partition=partition,
+                    next_offset=starts[partition],
+                    end_offset=log_end,
+                    pending=state.pending if state is not None else None,
+                    in_flight=key in in_flight,
+                    backlog_since=cursor.backlog_since.get(key),
                 )
-            )
-    return dg.SensorResult(run_requests=requests, cursor=cursor.dumps())
+                behind[TopicPartition(topic, partition)] = (
+                    view.next_offset,
+                    max(log_end - view.next_offset, 0),
+                )
+                plan = plan_batch(view, limits, now)
+                _remember(cursor.backlog_since, key, plan.backlog_since)
+                if plan.launch is not None:
+                    context.log.info(f"launching {plan.launch}: {plan.reason}")
+                    requests.append(_run_request(context.instance, plan.launch))
+        oldest = timestamps_at(
+            consumer, {tp: offset for tp, (offset, lag) in behind.items() if lag > 0}
+        )
+    finally:
+        consumer.close()
+    return dg.SensorResult(
+        run_requests=requests,
+        cursor=cursor.dumps(),
+        asset_events=[_lag_observation(behind, oldest, now)],
+    )
+
+
+def _next_offsets(
+    consumer: KafkaConsumer,
+    topic: str,
+    bounds: dict[int, tuple[int, int]],
+    known: dict[int, PartitionProgress],
+    cursor: SensorCursor,
+    start_from: str | int,
+) -> dict[int, int]:
+    """The first offset to archive per partition: the ledger's position, else ``start_from``."""
+    result: dict[int, int] = {}
+    unresolved = []
+    for partition, (log_start, log_end) in bounds.items():
+        state = known.get(partition)
+        key = f"{topic}-{partition}"
+        if state is not None and state.next_offset is not None:
+            result[partition] = state.next_offset
+        elif key in cursor.start_at:
+            result[partition] = cursor.start_at[key]
+        elif start_from == "earliest":
+            result[partition] = log_start
+        elif start_from == "latest":
+            result[partition] = log_end
+        else:
+            unresolved.append(partition)
+    if unresolved:
+        assert isinstance(start_from, int)
+        found = offsets_at_time(
+            consumer, [TopicPartition(topic, p) for p in unresolved], start_from
+        )
+        for tp, offset in found.items():
+            result[tp.partition] = offset if offset is not None else bounds[tp.partition][1]
+    for partition, offset in result.items():
+        if known.get(partition) is None or known[partition].next_offset is None:
+            cursor.start_at[f"{topic}-{partition}"] = offset
+    return result
+
+
+def _run_request(instance: dg.DagsterInstance, batch: OffsetRange) -> dg.RunRequest:
+    # A range relaunched after a failed run needs a fresh run key: Dagster skips a known one.
+    attempts = instance.get_runs_count(filters=dg.RunsFilter(tags={RANGE_TAG: batch.run_key}))
+    return dg.RunRequest(
+        run_key=batch.run_key if attempts == 0 else f"{batch.run_key}-retry{attempts}",
+        run_config=range_run_config(batch.topic, batch.partition, batch.start, batch.end),
+        tags=range_tags(batch.topic, batch.partition, batch.start, batch.end),
+    )
+
+
+def _lag_observation(
+    behind: dict[TopicPartition, tuple[int, int]], oldest: dict[TopicPartition, int], now: float
+) -> dg.AssetObservation:
+    seconds = {tp: max(now - ts / 1000, 0.0) for tp, ts in oldest.items()}
+    metadata: dict[str, dg.MetadataValue] = {
+        "lag_messages": dg.IntMetadataValue(sum(lag for _, lag in behind.values())),
+        "lag_seconds_max": dg.FloatMetadataValue(round(max(seconds.values(), default=0.0), 1)),
+    }
+    for tp, (_, lag) in sorted(behind.items()):
+        metadata[f"lag_messages[{tp.topic}/{tp.partition}]"] = dg.IntMetadataValue(lag)
+        metadata[f"lag_seconds[{tp.topic}/{tp.partition}]"] = dg.FloatMetadataValue(
+            round(seconds.get(tp, 0.0), 1)
+        )
+    return dg.AssetObservation(asset_key=ARCHIVE_ASSET, metadata=metadata)
 
 
 def _remember(clocks: dict[str, float], key: str, since: float | None) -> None:
@@ -115,7 +187,3 @@ def _partitions_in_flight(instance: dg.DagsterInstance) -> set[str]:
         )
     )
     return {run.tags[PARTITION_TAG] for run in runs if PARTITION_TAG in run.tags}
-
-
-def _earlier_runs(instance: dg.DagsterInstance, range_key: str) -> int:
-    return instance.get_runs_count(filters=dg.RunsFilter(tags={RANGE_TAG: range_key}))

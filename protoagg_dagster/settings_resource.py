@@ -7,6 +7,7 @@ from pydantic import Field
 
 from protoagg_dagster.core.errors import ConfigError
 from protoagg_dagster.core.planning import BatchLimits
+from protoagg_dagster.core.records import RecordRejected, parse_rfc3339
 
 START_FROM_CHOICES = ("earliest", "latest")
 
@@ -33,7 +34,8 @@ class ArchiverSettings(dg.ConfigurableResource):  # type: ignore[type-arg]
     )
     start_from: str = Field(
         default="earliest",
-        description="Where a partition with no archive yet starts: earliest or latest.",
+        description="Where a partition with no archive yet starts: earliest, latest, or an "
+        "RFC 3339 time (the first message at or after it).",
     )
 
     def limits(self) -> BatchLimits:
@@ -44,9 +46,15 @@ class ArchiverSettings(dg.ConfigurableResource):  # type: ignore[type-arg]
             max_batch_bytes=self.max_batch_bytes,
         )
 
-    def start_choice(self) -> str:
-        if self.start_from not in START_FROM_CHOICES:
+    def start_choice(self) -> str | int:
+        """``earliest``, ``latest``, or a time in epoch milliseconds."""
+        if self.start_from in START_FROM_CHOICES:
+            return self.start_from
+        try:
+            seconds, nanos = parse_rfc3339(self.start_from)
+        except RecordRejected:
             raise ConfigError(
-                f"PROTOAGG_START_FROM must be one of {START_FROM_CHOICES}, got {self.start_from!r}"
-            )
-        return self.start_from
+                f"PROTOAGG_START_FROM must be earliest, latest or an RFC 3339 time, got "
+                f"{self.start_from!r}"
+            ) from None
+        return seconds * 1000 + nanos // 1_000_000

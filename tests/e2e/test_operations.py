@@ -1,0 +1,104 @@
+"""Operating the archive: where a fresh sensor starts, lag observations, scheduled maintenance."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import dagster as dg
+
+from protoagg_dagster.core.archive_object import TEMP_PREFIX
+from protoagg_dagster.core.records import format_rfc3339
+from protoagg_dagster.maintenance import maintain_archive
+from protoagg_dagster.sensors import kafka_offsets_sensor
+from protoagg_dagster.settings_resource import ArchiverSettings
+from tests.helpers import Stack, create_topic, log_value, produce, topic_of
+
+
+def tick(stack: Stack, instance: dg.DagsterInstance, cursor: str | None) -> dg.SensorResult:
+    context = dg.build_sensor_context(instance=instance, cursor=cursor, resources=stack.resources())
+    result = kafka_offsets_sensor(context)
+    assert isinstance(result, dg.SensorResult)
+    return result
+
+
+def launched(result: dg.SensorResult) -> list[tuple[int, int]]:
+    ranges = []
+    for request in result.run_requests or []:
+        config = request.run_config["ops"]["consume"]["config"]
+        ranges.append((config["start_offset"], config["end_offset"]))
+    return ranges
+
+
+def test_fresh_sensor_with_start_from_latest_skips_history(stack: Stack) -> None:
+    topic = topic_of(stack)
+    create_topic(stack.kafka, topic)
+    produce(stack.kafka, topic, [log_value() for _ in range(30)])
+    latest = replace(
+        stack, archiver=ArchiverSettings(batch_size=10, linger_seconds=0, start_from="latest")
+    )
+    with dg.instance_for_test() as instance:
+        first = tick(latest, instance, None)
+        assert launched(first) == []
+        produce(stack.kafka, topic, [log_value() for _ in range(20)])
+        second = tick(latest, instance, first.cursor)
+    assert launched(second) == [(30, 50)]
+
+
+def test_fresh_sensor_with_start_from_a_time_starts_at_that_message(stack: Stack) -> None:
+    topic = topic_of(stack)
+    create_topic(stack.kafka, topic)
+    producer = stack.kafka.get_producer()
+    for i in range(40):
+        producer.send(
+            topic, value=log_value(), partition=0, timestamp_ms=1_790_000_000_000 + i * 1000
+        )
+    producer.flush()
+    producer.close()
+    at_25 = replace(
+        stack,
+        archiver=ArchiverSettings(
+            batch_size=5, linger_seconds=0, start_from=format_rfc3339(1_790_000_025, 0)
+        ),
+    )
+    with dg.instance_for_test() as instance:
+        result = tick(at_25, instance, None)
+    assert launched(result) == [(25, 40)]
+
+
+def test_each_tick_observes_the_lag_of_every_partition(stack: Stack) -> None:
+    topic = topic_of(stack)
+    create_topic(stack.kafka, topic, partitions=2)
+    produce(stack.kafka, topic, [log_value() for _ in range(7)], partition=1)
+    waiting = replace(stack, archiver=ArchiverSettings(batch_size=100, linger_seconds=3600))
+    with dg.instance_for_test() as instance:
+        result = tick(waiting, instance, None)
+    assert launched(result) == []
+    [observation] = result.asset_events
+    metadata = observation.metadata
+    assert metadata["lag_messages"].value == 7
+    assert metadata[f"lag_messages[{topic}/0]"].value == 0
+    assert metadata[f"lag_messages[{topic}/1]"].value == 7
+    assert metadata[f"lag_seconds[{topic}/1]"].value >= 0.0
+
+
+def test_maintenance_removes_orphans_and_advances_the_window(stack: Stack, unique: str) -> None:
+    bucket = stack.gcs.get_bucket()
+    orphan = f"{TEMP_PREFIX}{unique}/0/0-10-deadbeef"
+    bucket.blob(orphan).upload_from_string(b"left behind by a dead run")
+    with dg.instance_for_test() as instance:
+        result = maintain_archive.execute_in_process(
+            run_config={
+                "ops": {
+                    "remove_orphans": {"config": {"temp_older_than_seconds": 0}},
+                    "advance_dedupe_window": {"config": {"keep_days": 3}},
+                }
+            },
+            resources={"gcs": stack.gcs, "postgres": stack.postgres},
+            instance=instance,
+        )
+        logs = [e.message for e in instance.all_logs(result.run_id) if e.message]
+    assert result.success
+    assert bucket.get_blob(orphan) is None
+    assert any(
+        f"removed orphaned temporary object gs://{stack.gcs.bucket}/{orphan}" in m for m in logs
+    )
