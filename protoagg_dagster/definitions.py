@@ -8,6 +8,7 @@ Batch tuning knobs are plain numbers read when the code location loads.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import dagster as dg
 
@@ -25,6 +26,17 @@ def _value(setting: settings.Setting) -> str | dg.EnvVar:
     return dg.EnvVar(setting.env) if setting.env in os.environ else setting.default
 
 
+def _kafka_security() -> dict[str, Any]:
+    """SASL/SSL settings that are set, as EnvVars so no secret is stored or shown."""
+    optional = {
+        "sasl_mechanism": settings.KAFKA_SASL_MECHANISM,
+        "sasl_username": settings.KAFKA_SASL_USERNAME,
+        "sasl_password": settings.KAFKA_SASL_PASSWORD,
+        "ssl_cafile": settings.KAFKA_SSL_CAFILE,
+    }
+    return {field: dg.EnvVar(s.env) for field, s in optional.items() if os.environ.get(s.env)}
+
+
 defs = dg.Definitions(
     assets=[archive_asset],
     asset_checks=[archive_checks],
@@ -33,7 +45,10 @@ defs = dg.Definitions(
     sensors=[kafka_offsets_sensor],
     resources={
         "kafka": KafkaResource(
-            bootstrap_servers=_value(settings.KAFKA_BOOTSTRAP), topics=_value(settings.TOPICS)
+            bootstrap_servers=_value(settings.KAFKA_BOOTSTRAP),
+            topics=_value(settings.TOPICS),
+            security_protocol=_value(settings.KAFKA_SECURITY_PROTOCOL),
+            **_kafka_security(),
         ),
         "postgres": PostgresResource(dsn=_value(settings.POSTGRES_DSN)),
         "gcs": GCSResource(

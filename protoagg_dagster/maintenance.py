@@ -73,6 +73,7 @@ def maintain_archive() -> None:
 
 
 archive_maintenance = dg.ScheduleDefinition(
+    name="archive_maintenance",
     job=maintain_archive,
     cron_schedule="17 * * * *",
     default_status=dg.DefaultScheduleStatus.RUNNING,

@@ -43,6 +43,15 @@ class Setting:
 KAFKA_BOOTSTRAP = Setting(
     "PROTOAGG_KAFKA_BOOTSTRAP", "127.0.0.1:9094", "Kafka bootstrap servers, comma separated"
 )
+KAFKA_SECURITY_PROTOCOL = Setting(
+    "PROTOAGG_KAFKA_SECURITY_PROTOCOL", "PLAINTEXT", "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL"
+)
+KAFKA_SASL_MECHANISM = Setting(
+    "PROTOAGG_KAFKA_SASL_MECHANISM", "", "e.g. PLAIN or SCRAM-SHA-512; empty: no SASL"
+)
+KAFKA_SASL_USERNAME = Setting("PROTOAGG_KAFKA_SASL_USERNAME", "", "SASL user name")
+KAFKA_SASL_PASSWORD = Setting("PROTOAGG_KAFKA_SASL_PASSWORD", "", "SASL password (a secret)")
+KAFKA_SSL_CAFILE = Setting("PROTOAGG_KAFKA_SSL_CAFILE", "", "CA bundle file for SSL")
 TOPICS = Setting("PROTOAGG_TOPICS", "logs", "Kafka topics to archive, comma separated")
 POSTGRES_DSN = Setting(
     "PROTOAGG_POSTGRES_DSN",
@@ -87,6 +96,11 @@ START_FROM = Setting(
 
 ALL_SETTINGS: tuple[Setting, ...] = (
     KAFKA_BOOTSTRAP,
+    KAFKA_SECURITY_PROTOCOL,
+    KAFKA_SASL_MECHANISM,
+    KAFKA_SASL_USERNAME,
+    KAFKA_SASL_PASSWORD,
+    KAFKA_SSL_CAFILE,
     TOPICS,
     POSTGRES_DSN,
     GCS_BUCKET,

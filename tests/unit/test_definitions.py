@@ -1,0 +1,48 @@
+import importlib
+
+import dagster as dg
+import pytest
+
+from protoagg_dagster.core import settings
+from protoagg_dagster.core.errors import ConfigError
+
+
+def load_definitions() -> dg.Definitions:
+    import protoagg_dagster.definitions as module
+
+    return importlib.reload(module).defs
+
+
+def test_definitions_load_and_every_job_sensor_and_schedule_resolves() -> None:
+    defs = load_definitions()
+    dg.Definitions.validate_loadable(defs)
+    repo = defs.get_repository_def()
+    assert {job.name for job in repo.get_all_jobs()} >= {"archive_kafka_batch", "maintain_archive"}
+    assert [s.name for s in repo.sensor_defs] == ["kafka_offsets_sensor"]
+    assert [s.name for s in repo.schedule_defs] == ["archive_maintenance"]
+    assert set(repo.get_top_level_resources()) == {"kafka", "postgres", "gcs", "archiver"}
+
+
+def test_secrets_are_wired_as_env_vars_not_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(settings.POSTGRES_DSN.env, "postgresql://u:s3cret@db/x")
+    monkeypatch.setenv(settings.KAFKA_SASL_PASSWORD.env, "hunter2")
+    defs = load_definitions()
+    dg.Definitions.validate_loadable(defs)
+    resources = defs.resources or {}
+    assert isinstance(resources["postgres"].dsn, dg.EnvVar)
+    assert isinstance(resources["kafka"].sasl_password, dg.EnvVar)
+
+
+def test_a_non_numeric_batch_setting_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(settings.BATCH_SIZE.env, "lots")
+    with pytest.raises(ConfigError, match="PROTOAGG_BATCH_SIZE"):
+        load_definitions()
+
+
+def test_start_from_must_be_a_known_word_or_a_time() -> None:
+    from protoagg_dagster.settings_resource import ArchiverSettings
+
+    assert ArchiverSettings(start_from="latest").start_choice() == "latest"
+    assert ArchiverSettings(start_from="1970-01-01T00:00:01.5Z").start_choice() == 1500
+    with pytest.raises(ConfigError, match="PROTOAGG_START_FROM"):
+        ArchiverSettings(start_from="yesterday").start_choice()
