@@ -25,7 +25,7 @@ from protoagg_dagster.core.archive_object import (
     partition_key,
     temp_object_name,
 )
-from protoagg_dagster.core.errors import BackendError, FencedAppendError
+from protoagg_dagster.core.errors import BackendError, ConfigError, FencedAppendError
 from protoagg_dagster.core.planning import OffsetRange
 
 CONTENT_TYPE = "application/x-protobuf"
@@ -53,7 +53,19 @@ def append_batch(
     Returns ``appended=False`` when the object's metadata shows the batch is already archived.
     """
     temp = bucket.blob(temp_object_name(batch, uuid.uuid4().hex))
-    temp.upload_from_string(data, content_type=CONTENT_TYPE, if_generation_match=0)
+    try:
+        temp.upload_from_string(data, content_type=CONTENT_TYPE, if_generation_match=0)
+    except gexc.PreconditionFailed:
+        # The name is unique to this attempt: the object exists because our own upload landed
+        # and only its response was lost, so the client's retry met it. Check it is whole.
+        uploaded = bucket.get_blob(temp.name)
+        if uploaded is None or uploaded.size != len(data):
+            raise
+    except gexc.Forbidden as exc:
+        raise ConfigError(
+            f"cannot write to gs://{bucket.name} with these credentials (needs "
+            f"roles/storage.objectAdmin): {exc.message}"
+        ) from exc
     try:
         with serialize():
             return _compose_fenced(bucket, object_name, batch, temp, max_attempts)
@@ -102,16 +114,17 @@ def _delete_quietly(blob: storage.Blob) -> None:
 
 
 def remove_orphaned_temp_objects(
-    bucket: storage.Bucket, older_than_seconds: float, now: float | None = None
+    bucket: storage.Bucket, older_than_seconds: float, topic: str | None = None
 ) -> list[str]:
-    """Delete temporary uploads left by runs that died between upload and delete.
+    """Delete temporary uploads (of ``topic``, or all) left by runs that died before deleting.
 
     Only objects older than ``older_than_seconds`` go: a younger one may belong to a run that is
-    about to compose it (and if it is deleted anyway, that run's compose fails and is retried).
+    about to compose it (if it is deleted anyway, that compose fails and the op is retried).
     """
-    cutoff = (time.time() if now is None else now) - older_than_seconds
+    cutoff = time.time() - older_than_seconds
     removed = []
-    for blob in bucket.list_blobs(prefix=TEMP_PREFIX):
+    prefix = TEMP_PREFIX if topic is None else f"{TEMP_PREFIX}{topic}/"
+    for blob in bucket.list_blobs(prefix=prefix):
         if blob.time_created is not None and blob.time_created.timestamp() <= cutoff:
             _delete_quietly(blob)
             removed.append(blob.name)

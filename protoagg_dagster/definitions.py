@@ -55,6 +55,7 @@ defs = dg.Definitions(
             bucket=_value(settings.GCS_BUCKET),
             object_template=_value(settings.GCS_OBJECT),
             dead_letter_template=_value(settings.GCS_DEAD_LETTERS),
+            create_bucket=settings.GCS_CREATE_BUCKET.read_bool(),
             emulator_host=_value(settings.STORAGE_EMULATOR_HOST),
         ),
         "archiver": ArchiverSettings(

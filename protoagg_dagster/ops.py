@@ -162,7 +162,7 @@ def append(
     archived: AppendResult | None = None
     checks: list[dg.AssetCheckEvaluation] = []
     if claim.batch_id is not None:
-        bucket = gcs.get_bucket()
+        bucket = gcs.writable_bucket()
         with postgres.get_connection() as conn:
 
             def append_once(name: str, data: bytes) -> AppendResult:

@@ -25,6 +25,12 @@ class Setting:
         source = os.environ if environ is None else environ
         return source.get(self.env, self.default)
 
+    def read_bool(self, environ: Mapping[str, str] | None = None) -> bool:
+        text = self.read(environ).strip().lower()
+        if text not in ("true", "false", "1", "0", "yes", "no"):
+            raise ConfigError(f"{self.env} must be true or false ({self.help}), got {text!r}")
+        return text in ("true", "1", "yes")
+
     def read_int(self, environ: Mapping[str, str] | None = None) -> int:
         return int(self._read_number(environ))
 
@@ -82,6 +88,9 @@ MAX_BATCH_BYTES = Setting(
 MAX_MESSAGE_BYTES = Setting(
     "PROTOAGG_MAX_MESSAGE_BYTES", str(1024 * 1024), "larger messages are rejected"
 )
+GCS_CREATE_BUCKET = Setting(
+    "PROTOAGG_GCS_CREATE_BUCKET", "false", "create the bucket if it is missing (true/false)"
+)
 GCS_DEAD_LETTERS = Setting(
     "PROTOAGG_GCS_DEAD_LETTERS",
     "dead-letters/{topic}/{partition}.jsonl",
@@ -111,6 +120,7 @@ ALL_SETTINGS: tuple[Setting, ...] = (
     MAX_BATCH_MESSAGES,
     MAX_BATCH_BYTES,
     MAX_MESSAGE_BYTES,
+    GCS_CREATE_BUCKET,
     GCS_DEAD_LETTERS,
     MAX_DEAD_LETTER_RATIO,
     START_FROM,

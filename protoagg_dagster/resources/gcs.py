@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dagster as dg
+from google.api_core import exceptions as gexc
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 from pydantic import Field
 
 from protoagg_dagster.core.archive_object import validate_template
 from protoagg_dagster.core.dead_letters import DEFAULT_TEMPLATE as DEAD_LETTER_TEMPLATE
+from protoagg_dagster.core.errors import ConfigError
 
 
 class GCSResource(dg.ConfigurableResource):  # type: ignore[type-arg]
@@ -31,6 +33,9 @@ class GCSResource(dg.ConfigurableResource):  # type: ignore[type-arg]
         "Application Default Credentials.",
     )
     project: str | None = Field(default=None, description="Project for the client, if needed.")
+    create_bucket: bool = Field(
+        default=False, description="Create the bucket if it does not exist (else: an error)."
+    )
 
     def get_client(self) -> storage.Client:
         if self.emulator_host:
@@ -45,3 +50,22 @@ class GCSResource(dg.ConfigurableResource):  # type: ignore[type-arg]
         validate_template(self.object_template)
         validate_template(self.dead_letter_template, "PROTOAGG_GCS_DEAD_LETTERS")
         return self.get_client().bucket(self.bucket)
+
+    def writable_bucket(self) -> storage.Bucket:
+        """The bucket, checked to exist (or created, if ``create_bucket``) and to be reachable."""
+        bucket = self.get_bucket()
+        try:
+            if bucket.exists():
+                return bucket
+            if not self.create_bucket:
+                raise ConfigError(
+                    f"GCS bucket {self.bucket!r} does not exist: create it, fix "
+                    "PROTOAGG_GCS_BUCKET, or set PROTOAGG_GCS_CREATE_BUCKET=true to let protoagg "
+                    "create it"
+                )
+            return self.get_client().create_bucket(self.bucket)
+        except gexc.Forbidden as exc:
+            raise ConfigError(
+                f"no permission on GCS bucket {self.bucket!r} for these credentials (needs "
+                f"roles/storage.objectAdmin): {exc.message}"
+            ) from exc

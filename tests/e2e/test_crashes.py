@@ -47,7 +47,7 @@ def test_crash_at_each_step_then_recovery_archives_exactly_once(
         run_sensor_until_idle(stack, instance)
 
     bucket = stack.gcs.get_bucket()
-    removed = remove_orphaned_temp_objects(bucket, older_than_seconds=0)
+    removed = remove_orphaned_temp_objects(bucket, older_than_seconds=0, topic=topic)
     assert not list(bucket.list_blobs(prefix=f"{TEMP_PREFIX}{topic}/"))
     if crash_at in ("after_upload", "after_compose"):
         assert any(name.startswith(f"{TEMP_PREFIX}{topic}/0/0-70-") for name in removed)

@@ -9,6 +9,7 @@ import dagster as dg
 from protoagg_dagster.core.archive_object import TEMP_PREFIX
 from protoagg_dagster.core.records import format_rfc3339
 from protoagg_dagster.maintenance import maintain_archive
+from protoagg_dagster.resources import GCSResource
 from protoagg_dagster.sensors import kafka_offsets_sensor
 from protoagg_dagster.settings_resource import ArchiverSettings
 from tests.helpers import Stack, create_topic, log_value, produce, topic_of
@@ -82,7 +83,11 @@ def test_each_tick_observes_the_lag_of_every_partition(stack: Stack) -> None:
 
 
 def test_maintenance_removes_orphans_and_advances_the_window(stack: Stack, unique: str) -> None:
-    bucket = stack.gcs.get_bucket()
+    # A bucket of its own: sweeping with a zero age must not touch other tests' uploads.
+    gcs = GCSResource(
+        bucket=f"maint-{unique}", emulator_host=stack.gcs.emulator_host, create_bucket=True
+    )
+    bucket = gcs.writable_bucket()
     orphan = f"{TEMP_PREFIX}{unique}/0/0-10-deadbeef"
     bucket.blob(orphan).upload_from_string(b"left behind by a dead run")
     with dg.instance_for_test() as instance:
@@ -93,12 +98,12 @@ def test_maintenance_removes_orphans_and_advances_the_window(stack: Stack, uniqu
                     "advance_dedupe_window": {"config": {"keep_days": 3}},
                 }
             },
-            resources={"gcs": stack.gcs, "postgres": stack.postgres},
+            resources={"gcs": gcs, "postgres": stack.postgres},
             instance=instance,
         )
         logs = [e.message for e in instance.all_logs(result.run_id) if e.message]
     assert result.success
     assert bucket.get_blob(orphan) is None
     assert any(
-        f"removed orphaned temporary object gs://{stack.gcs.bucket}/{orphan}" in m for m in logs
+        f"removed orphaned temporary object gs://{gcs.bucket}/{orphan}" in m for m in logs
     )

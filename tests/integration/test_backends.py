@@ -7,7 +7,7 @@ import uuid
 import pytest
 from google.api_core import exceptions as gexc
 
-from protoagg_dagster.core.errors import BackendError
+from protoagg_dagster.core.errors import BackendError, ConfigError
 from protoagg_dagster.core.planning import OffsetRange
 from protoagg_dagster.kafka_reader import read_range
 from protoagg_dagster.resources import GCSResource, KafkaResource, PostgresResource
@@ -82,3 +82,30 @@ def test_postgres_wrong_password_is_one_clear_error(services: Services) -> None:
         PostgresResource(dsn=bad).get_connection(),
     ):
         pass
+
+
+def test_unreachable_kafka_is_one_clear_error() -> None:
+    kafka = KafkaResource(bootstrap_servers="127.0.0.1:1", topics="logs", request_timeout_ms=3000)
+    with pytest.raises(BackendError, match="PROTOAGG_KAFKA_BOOTSTRAP"):
+        kafka.offset_bounds("logs")
+
+
+def test_unknown_topic_names_the_setting(services: Services, unique: str) -> None:
+    kafka = KafkaResource(bootstrap_servers=services.kafka_bootstrap, topics=f"missing-{unique}")
+    with pytest.raises(ConfigError, match="PROTOAGG_TOPICS"):
+        kafka.offset_bounds(f"missing-{unique}")
+    # Looking must not create it.
+    with pytest.raises(ConfigError):
+        kafka.offset_bounds(f"missing-{unique}")
+
+
+def test_missing_bucket_is_an_error_unless_creation_is_allowed(
+    services: Services, unique: str
+) -> None:
+    name = f"bucket-{unique}"
+    with pytest.raises(ConfigError, match="PROTOAGG_GCS_CREATE_BUCKET"):
+        GCSResource(bucket=name, emulator_host=services.gcs_url).writable_bucket()
+    created = GCSResource(
+        bucket=name, emulator_host=services.gcs_url, create_bucket=True
+    ).writable_bucket()
+    assert created.exists()
