@@ -4,11 +4,13 @@ Each op passes an immutable value to the next in memory (the job uses the in-pro
 the batch limits bound how large these values get.
 """
 
+import functools
+import inspect
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ParamSpec, TypeVar, cast
 
 import dagster as dg
 from pydantic import Field
@@ -18,6 +20,7 @@ from protoagg_dagster.assets import ARCHIVE_ASSET
 from protoagg_dagster.checks import evaluate_batch
 from protoagg_dagster.core.archive_object import object_name
 from protoagg_dagster.core.dead_letters import encode_envelopes
+from protoagg_dagster.core.errors import ConfigError
 from protoagg_dagster.core.framing import encode_records
 from protoagg_dagster.core.planning import OffsetRange
 from protoagg_dagster.core.records import TOMBSTONE, Rejection, parse_messages
@@ -33,7 +36,36 @@ from protoagg_dagster.ledger import (
 from protoagg_dagster.resources import GCSResource, KafkaResource, PostgresResource
 from protoagg_dagster.settings_resource import ArchiverSettings
 
+P = ParamSpec("P")
+R = TypeVar("R")
 TRANSIENT_RETRY = dg.RetryPolicy(max_retries=3, delay=2, backoff=dg.Backoff.EXPONENTIAL)
+
+
+def fail_fast(step: Callable[P, R]) -> Callable[P, R]:
+    """Turn configuration errors into failures Dagster does not retry.
+
+    Transient errors (a broker or database restarting, GCS 503) are retried by the op's
+    RetryPolicy with backoff; retrying a wrong password or bucket name only delays the message.
+    """
+    if inspect.isgeneratorfunction(step):
+
+        @functools.wraps(step)
+        def generator(*args: P.args, **kwargs: P.kwargs) -> Any:
+            try:
+                yield from cast(Iterator[Any], step(*args, **kwargs))
+            except ConfigError as exc:
+                raise dg.Failure(description=str(exc), allow_retries=False) from exc
+
+        return cast(Callable[P, R], generator)
+
+    @functools.wraps(step)
+    def plain(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return step(*args, **kwargs)
+        except ConfigError as exc:
+            raise dg.Failure(description=str(exc), allow_retries=False) from exc
+
+    return plain
 
 
 class ArchiveRangeConfig(dg.Config):
@@ -68,6 +100,7 @@ class Encoded:
 
 
 @dg.op(retry_policy=TRANSIENT_RETRY)
+@fail_fast
 def consume(
     context: dg.OpExecutionContext,
     config: ArchiveRangeConfig,
@@ -97,6 +130,7 @@ def consume(
 
 
 @dg.op(retry_policy=TRANSIENT_RETRY)
+@fail_fast
 def dedupe(
     context: dg.OpExecutionContext,
     consumed: Consumed,
@@ -148,6 +182,7 @@ def encode(context: dg.OpExecutionContext, claimed: Claimed) -> Encoded:
 
 
 @dg.op(retry_policy=TRANSIENT_RETRY)
+@fail_fast
 def append(
     context: dg.OpExecutionContext,
     encoded: Encoded,

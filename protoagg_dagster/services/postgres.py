@@ -6,11 +6,14 @@ the unprivileged ``postgres`` user.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 import pwd
 import shutil
 import signal
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -46,9 +49,20 @@ class PostgresService:
     def home(self) -> Path:
         return self.state_dir / "postgres"
 
+    @functools.cached_property
+    def cluster_dir(self) -> Path:
+        """Where the cluster's files live: the state directory, unless we are root and the
+        unprivileged server user cannot reach it (e.g. under /root); then a private directory
+        under /tmp named after the state directory.
+        """
+        if _server_user() is None or _reachable_by(UNPRIVILEGED_USER, self.state_dir):
+            return self.home
+        digest = hashlib.sha256(str(self.home.resolve()).encode()).hexdigest()[:12]
+        return Path(tempfile.gettempdir()) / f"protoagg-postgres-{digest}"
+
     @property
     def data_dir(self) -> Path:
-        return self.home / "data"
+        return self.cluster_dir / "data"
 
     @property
     def process(self) -> ManagedProcess:
@@ -78,10 +92,11 @@ class PostgresService:
         require_free_port(self.endpoint, "PostgreSQL", "--postgres-port")
         user = _server_user()
         self.home.mkdir(parents=True, exist_ok=True)
+        self.cluster_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         if not (self.data_dir / "PG_VERSION").exists():
             self._initdb(user)
         if user is not None:
-            _chown_tree(self.home, user)
+            _chown_tree(self.cluster_dir, user)
         self.process.spawn(
             [
                 str(binary),
@@ -92,7 +107,7 @@ class PostgresService:
                 "-c",
                 f"listen_addresses={self.host}",
                 "-c",
-                f"unix_socket_directories={self.home}",
+                f"unix_socket_directories={self.cluster_dir}",
                 "-c",
                 "max_connections=200",
                 "-c",
@@ -126,10 +141,10 @@ class PostgresService:
     def _initdb(self, user: str | None) -> None:
         if self.data_dir.exists():
             shutil.rmtree(self.data_dir)
-        pwfile = self.home / "superuser.pw"
+        pwfile = self.cluster_dir / "superuser.pw"
         pwfile.write_text(SUPERUSER_PASSWORD + "\n")
         if user is not None:
-            _chown_tree(self.home, user)
+            _chown_tree(self.cluster_dir, user)
         command = [
             str(POSTGRES_BIN / "initdb"),
             "-D",
@@ -199,3 +214,13 @@ def _chown_tree(path: Path, user: str) -> None:
         os.chown(root, entry.pw_uid, entry.pw_gid)
         for name in dirs + files:
             os.chown(os.path.join(root, name), entry.pw_uid, entry.pw_gid, follow_symlinks=False)
+
+
+def _reachable_by(user: str, path: Path) -> bool:
+    """Whether ``user`` can enter ``path`` (every directory above it needs the x bit for them)."""
+    path.mkdir(parents=True, exist_ok=True)
+    probe = subprocess.run(
+        ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", "test", "-x", str(path)],
+        check=False,
+    )
+    return probe.returncode == 0
