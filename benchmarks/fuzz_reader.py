@@ -32,9 +32,8 @@ def main() -> None:
     )
     started = time.monotonic()
     check()
-    print(
-        f"fuzz_reader: {args.examples} mutated archives, no failure, {time.monotonic() - started:.1f} s"
-    )
+    elapsed = time.monotonic() - started
+    print(f"fuzz_reader: {args.examples} mutated archives, no failure, {elapsed:.1f} s")
 
 
 if __name__ == "__main__":
