@@ -78,7 +78,7 @@ def test_gcs_upload_compose_download(services: Services, unique: str) -> None:
 def test_postgres_wrong_password_is_one_clear_error(services: Services) -> None:
     bad = services.postgres_admin_dsn.replace(":postgres@", f":{uuid.uuid4().hex}@")
     with (
-        pytest.raises(BackendError, match="PROTOAGG_POSTGRES_DSN"),
+        pytest.raises(ConfigError, match="PROTOAGG_POSTGRES_DSN"),
         PostgresResource(dsn=bad).get_connection(),
     ):
         pass
