@@ -143,10 +143,11 @@ def claim_batch(
             "WHERE topic = %s AND partition = %s AND state = 'claimed'",
             (batch.topic, batch.partition),
         ).fetchone()
-        if pending is not None:
-            return _adopt(conn, batch, records, pending)
+        # A stale run (its range archived meanwhile) is done even if a later batch is pending.
         if batch.end <= next_offset:
             return Claim(None, batch, object_name, (), 0, adopted=False)
+        if pending is not None:
+            return _adopt(conn, batch, records, pending)
         if batch.start > next_offset:
             raise BackendError(
                 f"{batch} would leave a gap: {batch.topic}[{batch.partition}] is archived up to "

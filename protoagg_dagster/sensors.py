@@ -9,7 +9,6 @@ import time
 from dataclasses import dataclass
 
 import dagster as dg
-from dagster._core.storage.dagster_run import IN_PROGRESS_RUN_STATUSES
 from kafka import KafkaConsumer, TopicPartition
 
 from protoagg_dagster.assets import ARCHIVE_ASSET
@@ -180,10 +179,19 @@ def _remember(clocks: dict[str, float], key: str, since: float | None) -> None:
         clocks[key] = since
 
 
+# Queued and not-yet-started runs count: launching the same range again while one waits in the
+# run queue would only queue a twin.
+NOT_FINISHED = [
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+    dg.DagsterRunStatus.CANCELING,
+]
+
+
 def _partitions_in_flight(instance: dg.DagsterInstance) -> set[str]:
     runs = instance.get_runs(
-        filters=dg.RunsFilter(
-            job_name=archive_kafka_batch.name, statuses=list(IN_PROGRESS_RUN_STATUSES)
-        )
+        filters=dg.RunsFilter(job_name=archive_kafka_batch.name, statuses=NOT_FINISHED)
     )
     return {run.tags[PARTITION_TAG] for run in runs if PARTITION_TAG in run.tags}

@@ -51,9 +51,11 @@ class PostgresService:
 
     @functools.cached_property
     def cluster_dir(self) -> Path:
-        """Where the cluster's files live: the state directory, unless we are root and the
-        unprivileged server user cannot reach it (e.g. under /root); then a private directory
-        under /tmp named after the state directory.
+        """Where the cluster's files live.
+
+        The state directory, unless we are root and the unprivileged server user cannot reach
+        it (e.g. under /root); then a private directory under /tmp named after the state
+        directory.
         """
         if _server_user() is None or _reachable_by(UNPRIVILEGED_USER, self.state_dir):
             return self.home

@@ -8,6 +8,7 @@ import dagster as dg
 
 from protoagg_dagster.core.archive_object import TEMP_PREFIX
 from protoagg_dagster.core.records import format_rfc3339
+from protoagg_dagster.jobs import archive_kafka_batch
 from protoagg_dagster.maintenance import maintain_archive
 from protoagg_dagster.resources import GCSResource
 from protoagg_dagster.sensors import kafka_offsets_sensor
@@ -104,6 +105,20 @@ def test_maintenance_removes_orphans_and_advances_the_window(stack: Stack, uniqu
         logs = [e.message for e in instance.all_logs(result.run_id) if e.message]
     assert result.success
     assert bucket.get_blob(orphan) is None
-    assert any(
-        f"removed orphaned temporary object gs://{gcs.bucket}/{orphan}" in m for m in logs
-    )
+    assert any(f"removed orphaned temporary object gs://{gcs.bucket}/{orphan}" in m for m in logs)
+
+
+def test_a_run_not_yet_started_counts_as_in_flight(stack: Stack) -> None:
+    topic = topic_of(stack)
+    create_topic(stack.kafka, topic)
+    produce(stack.kafka, topic, [log_value() for _ in range(150)])
+    with dg.instance_for_test() as instance:
+        first = tick(stack, instance, None)
+        [request] = first.run_requests or []
+        instance.create_run_for_job(
+            archive_kafka_batch,
+            run_config=request.run_config,
+            tags=request.tags,
+            status=dg.DagsterRunStatus.NOT_STARTED,
+        )
+        assert launched(tick(stack, instance, first.cursor)) == []

@@ -131,3 +131,16 @@ def test_advancing_the_window_waits_for_claims_in_flight(postgres_dsn: str) -> N
             with pytest.raises(psycopg.errors.LockNotAvailable):
                 advance_window(maintainer, epoch_day() + 1, keep_days=3)
         assert advance_window(maintainer, epoch_day() + 1, keep_days=3).created
+
+
+def test_a_stale_run_of_an_archived_range_is_done_even_while_a_later_batch_is_pending(
+    postgres_dsn: str,
+) -> None:
+    pg = PostgresResource(dsn=postgres_dsn)
+    with pg.get_connection() as conn:
+        first = claim_batch(conn, OffsetRange("t", 0, 0, 5), records(new_ids(5)), "o", None)
+        assert first.batch_id is not None
+        finish_batch(conn, first.batch_id, None)
+        claim_batch(conn, OffsetRange("t", 0, 5, 10), records(new_ids(5), 5), "o", None)
+        stale = claim_batch(conn, OffsetRange("t", 0, 0, 5), records(new_ids(5)), "o", None)
+    assert stale.nothing_to_do

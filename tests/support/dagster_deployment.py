@@ -1,0 +1,281 @@
+"""A real Dagster deployment for the tests: its own DAGSTER_HOME and a ``dagster-daemon`` process.
+
+:class:`DagsterDeployment` copies ``deploy/dagster.local.yaml`` (the production queue: one run per
+``protoagg/partition`` value) into a fresh DAGSTER_HOME, starts ``dagster-daemon run`` on the
+project's ``workspace.yaml`` in a new session (the daemon, its code server and the run processes
+the code server spawns all share one process group), and stops the whole group: SIGTERM, then
+SIGKILL after a deadline. The daemon's output goes to ``<home>/daemon.log``.
+
+:func:`run_summaries` reads what a deployment did from its SQLite run storage: each run's range,
+status, start/end times, step retries and errors, and the batch numbers its materialization
+recorded.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import dagster as dg
+from dagster._core.events import DagsterEventType
+from dagster._core.instance.ref import InstanceRef
+from dagster._core.storage.dagster_run import FINISHED_STATUSES
+from dagster._core.storage.tags import (
+    PARENT_RUN_ID_TAG,
+    RETRY_NUMBER_TAG,
+    RUN_KEY_TAG,
+    WILL_RETRY_TAG,
+)
+
+from protoagg_dagster.jobs import PARTITION_TAG, RANGE_TAG
+from tests.conftest import ROOT
+
+INSTANCE_YAML = ROOT / "deploy" / "dagster.local.yaml"
+WORKSPACE_YAML = ROOT / "workspace.yaml"
+DAEMON = ROOT / ".venv" / "bin" / "dagster-daemon"
+# Variables a developer's shell might set that must not leak into a test deployment.
+_DROPPED_ENV = ("DAGSTER_HOME",)
+
+
+@dataclass
+class DagsterDeployment:
+    """One independent Dagster deployment: a DAGSTER_HOME and the daemon serving it."""
+
+    name: str
+    home: Path
+    env: Mapping[str, str]
+    process: subprocess.Popen[bytes] | None = None
+    _log: IO[bytes] | None = None
+
+    @property
+    def log_path(self) -> Path:
+        return self.home / "daemon.log"
+
+    def start(self) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(INSTANCE_YAML, self.home / "dagster.yaml")
+        with self.instance():
+            pass  # create the SQLite storages here, not in a race with the daemon
+        env = {k: v for k, v in os.environ.items() if k not in _DROPPED_ENV}
+        env.update(self.env)
+        env["DAGSTER_HOME"] = str(self.home)
+        self._log = self.log_path.open("wb")
+        self.process = subprocess.Popen(
+            [str(DAEMON), "run", "-w", str(WORKSPACE_YAML)],
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, grace_seconds: float = 30.0) -> None:
+        """SIGTERM the daemon's process group; SIGKILL what is left after ``grace_seconds``."""
+        if self.process is None:
+            return
+        group = self.process.pid  # start_new_session: the daemon leads its own group
+        _signal_group(group, signal.SIGTERM)
+        deadline = time.monotonic() + grace_seconds
+        while time.monotonic() < deadline and (self.process.poll() is None or _members(group)):
+            time.sleep(0.2)
+        if self.process.poll() is None or _members(group):
+            _signal_group(group, signal.SIGKILL)
+            self.process.wait(timeout=30)
+            kill_deadline = time.monotonic() + 30
+            while _members(group) and time.monotonic() < kill_deadline:
+                time.sleep(0.2)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    @contextmanager
+    def instance(self) -> Iterator[dg.DagsterInstance]:
+        """The deployment's instance (its SQLite storages), opened in this process."""
+        with dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(self.home))) as instance:
+            yield instance
+
+    def log_tail(self, lines: int = 60) -> str:
+        if not self.log_path.exists():
+            return f"[{self.name}] no daemon log"
+        text = self.log_path.read_text(errors="replace").splitlines()[-lines:]
+        return f"----- {self.name}: last {len(text)} lines of {self.log_path}\n" + "\n".join(text)
+
+
+def _signal_group(group: int, sig: signal.Signals) -> None:
+    with suppress(ProcessLookupError):
+        os.killpg(group, sig)
+
+
+def _members(group: int) -> list[int]:
+    """Live (not zombie) processes of a process group, from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # pid (comm) state ppid pgrp ...; comm may contain spaces and parentheses.
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[2]) == group and fields[0] != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+@dataclass
+class RunSummary:
+    """What one run of a deployment did."""
+
+    deployment: str
+    run_id: str
+    job_name: str
+    partition: str | None
+    range_key: str | None
+    status: str
+    created_time: float
+    run_key: str | None
+    start_time: float | None
+    end_time: float | None
+    launched_time: float | None
+    retry_number: int
+    parent_run_id: str | None
+    will_retry: bool
+    errors: list[str] = field(default_factory=list)
+    step_retries: list[str] = field(default_factory=list)
+    materializations: list[dict[str, Any]] = field(default_factory=list)
+
+    def overlaps(self, other: RunSummary) -> bool:
+        """Both executed at once (between their RUN_START and RUN_SUCCESS/FAILURE)."""
+        return _overlap(self.start_time, self.end_time, other.start_time, other.end_time)
+
+    def active_together(self, other: RunSummary) -> bool:
+        """Both counted against the run queue's limits at once: dequeued (RUN_STARTING: its
+        process is being launched) and not yet finished."""
+        return _overlap(self.launched_time, self.end_time, other.launched_time, other.end_time)
+
+    def line(self, origin: float) -> str:
+        def rel(t: float | None) -> str:
+            return "-" if t is None else f"{t - origin:7.1f}"
+
+        batch = ", ".join(
+            f"{m.get('start_offset')}-{m.get('end_offset')}: appended {m.get('records_appended')}"
+            f" dup {m.get('duplicates_dropped')}"
+            + (" (already archived)" if m.get("already_archived") else "")
+            for m in self.materializations
+        )
+        text = (
+            f"{self.deployment} {self.run_id[:8]} {self.range_key} {self.status:<8} "
+            f"created {rel(self.created_time)} launched {rel(self.launched_time)} "
+            f"ran {rel(self.start_time)} → {rel(self.end_time)}"
+            + (
+                " (run key ...-" + self.run_key.rsplit("-", 1)[1] + ")"
+                if self.run_key and "retry" in self.run_key.rsplit("-", 1)[1]
+                else ""
+            )
+            + (
+                f" retry#{self.retry_number} of {self.parent_run_id[:8]}"
+                if self.parent_run_id
+                else ""
+            )
+            + (f" [{batch}]" if batch else "")
+        )
+        for retry in self.step_retries:
+            text += f"\n      step retry: {retry}"
+        for error in self.errors:
+            text += f"\n      error: {error}"
+        return text
+
+
+def _overlap(a0: float | None, a1: float | None, b0: float | None, b1: float | None) -> bool:
+    if a0 is None or a1 is None or b0 is None or b1 is None:
+        return False
+    return a0 < b1 and b0 < a1
+
+
+def _error_text(entry: Any) -> str:
+    event = entry.dagster_event
+    data = getattr(event, "event_specific_data", None)
+    error = getattr(data, "error", None)
+    step = f"{event.step_key}: " if event is not None and event.step_key else ""
+    if error is not None:
+        message = error.message.strip().splitlines()
+        cause = error.cause
+        while cause is not None:  # the user code's exception is the innermost cause
+            message = cause.message.strip().splitlines()
+            cause = cause.cause
+        return step + (message[-1] if message else error.cls_name or "?")
+    return step + (entry.message or event.message or "?").strip().splitlines()[0]
+
+
+def run_summaries(deployment: DagsterDeployment) -> list[RunSummary]:
+    summaries = []
+    with deployment.instance() as instance:
+        for record in instance.get_run_records():
+            run = record.dagster_run
+            summary = RunSummary(
+                deployment=deployment.name,
+                run_id=run.run_id,
+                job_name=run.job_name,
+                partition=run.tags.get(PARTITION_TAG),
+                range_key=run.tags.get(RANGE_TAG),
+                status=run.status.value,
+                created_time=record.create_timestamp.timestamp(),
+                run_key=run.tags.get(RUN_KEY_TAG),
+                start_time=record.start_time,
+                end_time=record.end_time,
+                launched_time=None,
+                retry_number=int(run.tags.get(RETRY_NUMBER_TAG, "0")),
+                parent_run_id=run.tags.get(PARENT_RUN_ID_TAG),
+                will_retry=run.tags.get(WILL_RETRY_TAG) == "true",
+            )
+            for entry in instance.all_logs(
+                run.run_id,
+                of_type={
+                    DagsterEventType.STEP_FAILURE,
+                    DagsterEventType.RUN_FAILURE,
+                    DagsterEventType.STEP_UP_FOR_RETRY,
+                    DagsterEventType.ASSET_MATERIALIZATION,
+                    DagsterEventType.RUN_STARTING,
+                },
+            ):
+                event = entry.dagster_event
+                assert event is not None
+                if event.event_type == DagsterEventType.RUN_STARTING:
+                    summary.launched_time = entry.timestamp
+                elif event.event_type == DagsterEventType.ASSET_MATERIALIZATION:
+                    metadata = event.step_materialization_data.materialization.metadata
+                    summary.materializations.append({k: v.value for k, v in metadata.items()})
+                elif event.event_type == DagsterEventType.STEP_UP_FOR_RETRY:
+                    summary.step_retries.append(_error_text(entry))
+                else:
+                    summary.errors.append(_error_text(entry))
+            summaries.append(summary)
+    return sorted(summaries, key=lambda s: (s.start_time or float("inf"), s.run_id))
+
+
+def settled(deployment: DagsterDeployment) -> bool:
+    """Every run finished (none queued, starting or running); each failed run due for a retry
+    has it."""
+    with deployment.instance() as instance:
+        runs = instance.get_runs()
+    if any(run.status not in FINISHED_STATUSES for run in runs):
+        return False
+    parents = {run.tags.get(PARENT_RUN_ID_TAG) for run in runs}
+    return all(
+        run.run_id in parents
+        for run in runs
+        if run.status == dg.DagsterRunStatus.FAILURE and run.tags.get(WILL_RETRY_TAG) == "true"
+    )
