@@ -29,7 +29,6 @@ CREATE TABLE IF NOT EXISTS processed_logs (
     kafka_offset bigint NOT NULL,
     PRIMARY KEY (log_id, day)
 ) PARTITION BY LIST (day);
-CREATE INDEX IF NOT EXISTS processed_logs_batch ON processed_logs (batch_id);
 CREATE TABLE IF NOT EXISTS dedupe_window (
     singleton   boolean PRIMARY KEY DEFAULT true CHECK (singleton),
     current_day integer NOT NULL
@@ -72,43 +71,54 @@ def _create_partition(conn: psycopg.Connection, day: int) -> bool:
 def claim_ids(conn: psycopg.Connection, batch_id: int, records: Sequence[LogRecord]) -> set[int]:
     """Claim each record's logId for ``batch_id`` (inside the caller's transaction).
 
-    Returns the offsets whose claim won: ids in no partition of the window before.
+    Returns the offsets whose claim won: for each logId new to the window, its first occurrence
+    (repeats inside ``records`` lose to the lowest offset in the same statement).
     """
     if not records:
         return set()
     row = conn.execute("SELECT current_day FROM dedupe_window FOR SHARE").fetchone()
     assert row is not None
-    day = int(row[0])
+    _load_candidates(conn, records)
+    # Inserting in log_id order makes concurrent claimers of overlapping ids take their row
+    # locks in the same order, so they wait for each other instead of deadlocking.
+    rows = conn.execute(
+        "INSERT INTO processed_logs (log_id, day, batch_id, kafka_offset) "
+        "SELECT c.log_id, %(day)s, %(batch)s, c.kafka_offset FROM claim_candidates c "
+        "WHERE NOT EXISTS (SELECT 1 FROM processed_logs p "
+        "                  WHERE p.log_id = c.log_id AND p.day < %(day)s) "
+        "ORDER BY c.log_id, c.kafka_offset "
+        "ON CONFLICT (log_id, day) DO NOTHING RETURNING kafka_offset",
+        {"day": int(row[0]), "batch": batch_id},
+    ).fetchall()
+    return {offset for (offset,) in rows}
+
+
+def own_claims(conn: psycopg.Connection, batch_id: int, records: Sequence[LogRecord]) -> set[int]:
+    """Offsets of ``records`` whose logId ``batch_id`` claimed.
+
+    Looked up by logId: an index on batch_id would cost every claim an extra index insert.
+    """
+    if not records:
+        return set()
+    with conn.transaction():
+        _load_candidates(conn, records)
+        rows = conn.execute(
+            "SELECT c.kafka_offset FROM claim_candidates c JOIN processed_logs p "
+            "ON p.log_id = c.log_id AND p.kafka_offset = c.kafka_offset AND p.batch_id = %s",
+            (batch_id,),
+        ).fetchall()
+    return {offset for (offset,) in rows}
+
+
+def _load_candidates(conn: psycopg.Connection, records: Sequence[LogRecord]) -> None:
+    """``COPY`` (logId, offset) pairs into a temp table emptied at commit."""
     conn.execute(
         "CREATE TEMP TABLE IF NOT EXISTS claim_candidates (log_id uuid, kafka_offset bigint) "
         "ON COMMIT DELETE ROWS"
     )
     payload = "".join(f"{r.log_id}\t{r.offset}\n" for r in records)
-    with conn.cursor() as cursor:
-        with cursor.copy("COPY claim_candidates (log_id, kafka_offset) FROM STDIN") as copy:
-            copy.write(payload)
-        # Inserting in log_id order makes concurrent claimers of overlapping ids take their row
-        # locks in the same order, so they wait for each other instead of deadlocking.
-        cursor.execute(
-            "INSERT INTO processed_logs (log_id, day, batch_id, kafka_offset) "
-            "SELECT c.log_id, %(day)s, %(batch)s, c.kafka_offset FROM claim_candidates c "
-            "WHERE NOT EXISTS (SELECT 1 FROM processed_logs p "
-            "                  WHERE p.log_id = c.log_id AND p.day < %(day)s) "
-            "ORDER BY c.log_id "
-            "ON CONFLICT (log_id, day) DO NOTHING RETURNING kafka_offset",
-            {"day": day, "batch": batch_id},
-        )
-        return {offset for (offset,) in cursor.fetchall()}
-
-
-def own_claims(conn: psycopg.Connection, batch_id: int) -> set[int]:
-    """Offsets whose logId ``batch_id`` claimed."""
-    return {
-        offset
-        for (offset,) in conn.execute(
-            "SELECT kafka_offset FROM processed_logs WHERE batch_id = %s", (batch_id,)
-        )
-    }
+    with conn.cursor().copy("COPY claim_candidates (log_id, kafka_offset) FROM STDIN") as copy:
+        copy.write(payload)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ own, so the same records are appended (or found already appended, via the object
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -156,7 +156,7 @@ def claim_batch(
         effective = OffsetRange(
             batch.topic, batch.partition, max(batch.start, next_offset), batch.end
         )
-        candidates = _first_occurrences(r for r in records if r.offset >= effective.start)
+        candidates = [r for r in records if r.offset >= effective.start]
         batch_id = _insert_batch(conn, effective, object_name, len(records), run_id)
         claimed_offsets = claim_ids(conn, batch_id, candidates)
         conn.execute(
@@ -164,8 +164,7 @@ def claim_batch(
             (len(claimed_offsets), batch_id),
         )
     kept = tuple(r for r in candidates if r.offset in claimed_offsets)
-    in_range = sum(1 for r in records if r.offset >= effective.start)
-    return Claim(batch_id, effective, object_name, kept, in_range - len(kept), adopted=False)
+    return Claim(batch_id, effective, object_name, kept, len(candidates) - len(kept), adopted=False)
 
 
 def _adopt(
@@ -180,22 +179,11 @@ def _adopt(
             f"{batch.topic}[{batch.partition}] has an unfinished batch {start}..{end} (id "
             f"{batch_id}); it must be finished first by a run for offsets {start}..{end}"
         )
-    own = own_claims(conn, batch_id)
     adopted = OffsetRange(batch.topic, batch.partition, start, end)
     in_range = [r for r in records if r.offset < end]
+    own = own_claims(conn, batch_id, in_range)
     kept = tuple(r for r in in_range if r.offset in own)
     return Claim(batch_id, adopted, object_name, kept, len(in_range) - len(kept), adopted=True)
-
-
-def _first_occurrences(records: Iterable[LogRecord]) -> list[LogRecord]:
-    seen: set[str] = set()
-    result = []
-    for record in records:
-        key = record.log_id.lower()
-        if key not in seen:
-            seen.add(key)
-            result.append(record)
-    return result
 
 
 def _insert_batch(
