@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
+from protoagg_dagster.core.errors import ConfigError
 from protoagg_dagster.core.records import LogRecord
 
 SCHEMA = """
@@ -47,6 +48,15 @@ def partition_name(day: int) -> str:
 
 def ensure_window(conn: psycopg.Connection, today: int) -> None:
     """Create the tables and the current day's partition (inside the schema transaction)."""
+    kind = conn.execute(
+        "SELECT relkind FROM pg_class WHERE oid = to_regclass('processed_logs')"
+    ).fetchone()
+    if kind is not None and kind[0] != "p":
+        raise ConfigError(
+            "table processed_logs was created by an older protoagg (not partitioned by day): "
+            "ALTER TABLE processed_logs RENAME TO processed_logs_legacy, let protoagg create the "
+            "new table, then copy the ids you still want deduplicated into it"
+        )
     conn.execute(SCHEMA)
     conn.execute(
         "INSERT INTO dedupe_window (current_day) VALUES (%s) ON CONFLICT DO NOTHING", (today,)

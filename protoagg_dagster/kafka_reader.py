@@ -69,7 +69,7 @@ def read_range(
                     record.timestamp,
                     record.key,
                     value,
-                    tuple(record.headers or ()),
+                    tuple(record.headers) if record.headers else (),
                 )
             )
             value_bytes += len(value) if value is not None else 0

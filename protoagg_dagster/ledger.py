@@ -293,3 +293,12 @@ def stale_claims(conn: psycopg.Connection, claimed_before: float) -> list[Offset
         (claimed_before,),
     ).fetchall()
     return [OffsetRange(*row) for row in rows]
+
+
+def archived_position(conn: psycopg.Connection, topic: str, partition: int) -> int | None:
+    """The first offset of the partition not yet archived, or None if never archived."""
+    row = conn.execute(
+        "SELECT next_offset FROM archive_positions WHERE topic = %s AND partition = %s",
+        (topic, partition),
+    ).fetchone()
+    return None if row is None else int(row[0])

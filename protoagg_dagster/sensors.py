@@ -7,6 +7,7 @@ observation of the archive asset.
 import json
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import dagster as dg
 from kafka import KafkaConsumer, TopicPartition
@@ -194,4 +195,19 @@ def _partitions_in_flight(instance: dg.DagsterInstance) -> set[str]:
     runs = instance.get_runs(
         filters=dg.RunsFilter(job_name=archive_kafka_batch.name, statuses=NOT_FINISHED)
     )
-    return {run.tags[PARTITION_TAG] for run in runs if PARTITION_TAG in run.tags}
+    return {key for run in runs if (key := _partition_of(run)) is not None}
+
+
+def _partition_of(run: dg.DagsterRun) -> str | None:
+    """``topic-partition`` of a run: its tag, or its run config.
+
+    Runs launched by hand from the Launchpad usually carry no tags.
+    """
+    if PARTITION_TAG in run.tags:
+        return run.tags[PARTITION_TAG]
+    try:
+        config: Any = run.run_config["ops"]
+        consume = config["consume"]["config"]
+        return f"{consume['topic']}-{consume['partition']}"
+    except (KeyError, TypeError):
+        return None

@@ -31,9 +31,11 @@ TOMBSTONE = "tombstone"
 _DAYS_IN_MONTH = (31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
 
 
-@dataclass(frozen=True, slots=True)
-class KafkaMessage:
-    """One message as read from a partition, value bytes untouched."""
+class KafkaMessage(NamedTuple):
+    """One message as read from a partition, value bytes untouched.
+
+    A NamedTuple: batches build hundreds of thousands of these.
+    """
 
     topic: str
     partition: int
@@ -75,14 +77,27 @@ def parse_rfc3339(text: str) -> tuple[int, int]:
     match = _RFC3339.match(text)
     if match is None:
         raise RecordRejected("bad_timestamp", f"not an RFC 3339 timestamp: {text[:64]!r}")
-    _, _, _, hour, minute, second, fraction, _, sign, offset_hours, offset_minutes = match.groups()
+    (
+        _,
+        _,
+        _,
+        hour_text,
+        minute_text,
+        second_text,
+        fraction,
+        _,
+        sign,
+        offset_hours,
+        offset_minutes,
+    ) = match.groups()
     days = _epoch_day(text[:10])
     if days is None:
         raise RecordRejected("bad_timestamp", f"no such date: {text[:64]!r}")
-    seconds = days * 86_400 + int(hour) * 3_600 + int(minute) * 60 + int(second)
+    hour, minute, second = int(hour_text), int(minute_text), int(second_text)
     # A leap second (:60) has no place in protobuf's smeared time; it becomes the next second.
-    if int(hour) > 23 or int(minute) > 59 or int(second) > 60:
+    if hour > 23 or minute > 59 or second > 60:
         raise RecordRejected("bad_timestamp", f"no such time of day: {text[:64]!r}")
+    seconds = days * 86_400 + hour * 3_600 + minute * 60 + second
     nanos = int(fraction.ljust(9, "0")) if fraction else 0
     if sign:
         if int(offset_hours) > 23 or int(offset_minutes) > 59:

@@ -39,5 +39,5 @@ def test_each_batch_reports_passing_checks_and_a_corruption_is_caught(stack: Sta
     bucket.blob(stack.gcs.object_template).upload_from_string(bytes(data))
     with stack.postgres.get_connection() as conn:
         [latest] = latest_appended(conn)
-    verdicts = {e.check_name: e.passed for e in evaluate_batch(bucket, latest, 20, [])}
+    verdicts = {e.check_name: e.passed for e in evaluate_batch(bucket, latest, [])}
     assert verdicts[FRAMING] is False

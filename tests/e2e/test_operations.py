@@ -122,3 +122,19 @@ def test_a_run_not_yet_started_counts_as_in_flight(stack: Stack) -> None:
             status=dg.DagsterRunStatus.NOT_STARTED,
         )
         assert launched(tick(stack, instance, first.cursor)) == []
+
+
+def test_a_run_launched_without_tags_counts_as_in_flight(stack: Stack) -> None:
+    topic = topic_of(stack)
+    create_topic(stack.kafka, topic)
+    produce(stack.kafka, topic, [log_value() for _ in range(150)])
+    with dg.instance_for_test() as instance:
+        first = tick(stack, instance, None)
+        [request] = first.run_requests or []
+        # As from the Launchpad: the same config, no protoagg tags.
+        instance.create_run_for_job(
+            archive_kafka_batch,
+            run_config=request.run_config,
+            status=dg.DagsterRunStatus.STARTED,
+        )
+        assert launched(tick(stack, instance, first.cursor)) == []
