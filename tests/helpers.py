@@ -18,6 +18,7 @@ from protoagg_dagster.jobs import archive_kafka_batch
 from protoagg_dagster.resources import GCSResource, KafkaResource, PostgresResource
 from protoagg_dagster.sensors import kafka_offsets_sensor
 from protoagg_dagster.settings_resource import ArchiverSettings
+from protoagg_dagster.verification import KafkaCheck, check_against_kafka
 from tests.conftest import ROOT
 
 
@@ -123,3 +124,18 @@ def archive(stack: Stack) -> tuple[list[ArchivedRecord], str]:
     return list(
         iter_records(io.BytesIO(blob.download_as_bytes()))
     ), f"gs://{stack.gcs.bucket}/{name}"
+
+
+def check_archive(stack: Stack) -> KafkaCheck:
+    """The invariant checker over the stack's archive object and its topic."""
+    consumer = stack.kafka.get_consumer()
+    try:
+        return check_against_kafka(
+            stack.gcs.get_bucket(),
+            stack.gcs.object_template,
+            stack.gcs.dead_letter_template,
+            consumer,
+            1 << 20,
+        )
+    finally:
+        consumer.close()

@@ -15,11 +15,11 @@ import pytest
 from protoagg_dagster.archive_store import remove_orphaned_temp_objects
 from protoagg_dagster.core.archive_object import TEMP_PREFIX
 from protoagg_dagster.ledger import read_progress
-from protoagg_dagster.verification import check_against_kafka
 from tests.e2e.run_range import CRASH_POINTS
 from tests.helpers import (
     Stack,
     archive,
+    check_archive,
     create_topic,
     log_value,
     produce,
@@ -59,12 +59,6 @@ def test_crash_at_each_step_then_recovery_archives_exactly_once(
         progress = read_progress(conn, topic)[0]
     assert progress.pending is None
     assert progress.next_offset == len(values)
-    consumer = stack.kafka.get_consumer()
-    try:
-        check = check_against_kafka(
-            bucket, stack.gcs.object_template, stack.gcs.dead_letter_template, consumer, 1 << 20
-        )
-    finally:
-        consumer.close()
+    check = check_archive(stack)
     assert check.ok, check.summary()
     assert (check.offsets, check.archived, check.duplicates) == (len(values), len(distinct), 10)

@@ -19,9 +19,8 @@ from protoagg_dagster import ops
 from protoagg_dagster.resources import GCSResource, KafkaResource, PostgresResource
 from protoagg_dagster.services.kafka import KafkaService
 from protoagg_dagster.services.postgres import PostgresService
-from protoagg_dagster.verification import check_against_kafka
 from tests.conftest import Services
-from tests.helpers import Stack, archive, create_topic, log_value, produce, topic_of
+from tests.helpers import Stack, archive, check_archive, create_topic, log_value, produce, topic_of
 from tests.support.gcs_proxy import GcsProxy
 
 RETRY_EVENT = "STEP_UP_FOR_RETRY"
@@ -52,17 +51,7 @@ def ops_job_run(stack: Stack, end: int, instance: dg.DagsterInstance) -> dg.Exec
 def assert_archived_exactly_once(stack: Stack, count: int) -> None:
     records, _ = archive(stack)
     assert len(records) == len({r.log_id for r in records}) == count
-    consumer = stack.kafka.get_consumer()
-    try:
-        check = check_against_kafka(
-            stack.gcs.get_bucket(),
-            stack.gcs.object_template,
-            stack.gcs.dead_letter_template,
-            consumer,
-            1 << 20,
-        )
-    finally:
-        consumer.close()
+    check = check_archive(stack)
     assert check.ok, check.summary()
 
 

@@ -28,9 +28,16 @@ import psycopg
 from protoagg_dagster.jobs import archive_kafka_batch
 from protoagg_dagster.ledger import read_progress
 from protoagg_dagster.resources import GCSResource
-from protoagg_dagster.verification import check_against_kafka
 from tests.conftest import Services
-from tests.helpers import Stack, archive, create_topic, log_value, produce, run_in_subprocess
+from tests.helpers import (
+    Stack,
+    archive,
+    check_archive,
+    create_topic,
+    log_value,
+    produce,
+    run_in_subprocess,
+)
 from tests.support.dagster_deployment import (
     DagsterDeployment,
     RunSummary,
@@ -217,17 +224,7 @@ def test_two_deployments_and_a_backfill_archive_every_id_once(
         assert conn.execute(
             "SELECT count(*) FROM archive_batches WHERE state <> 'appended'"
         ).fetchone() == (0,)
-    consumer = stack.kafka.get_consumer()
-    try:
-        check = check_against_kafka(
-            stack.gcs.get_bucket(),
-            stack.gcs.object_template,
-            stack.gcs.dead_letter_template,
-            consumer,
-            1 << 20,
-        )
-    finally:
-        consumer.close()
+    check = check_archive(stack)
     print(check.summary())
     assert check.ok, check.summary()
     assert check.offsets == 2 * PER_PARTITION

@@ -19,7 +19,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -37,6 +37,7 @@ from dagster._core.storage.tags import (
 
 from protoagg_dagster.jobs import PARTITION_TAG, RANGE_TAG
 from tests.conftest import ROOT
+from tests.support.process_groups import group_members, signal_group
 
 INSTANCE_YAML = ROOT / "deploy" / "dagster.local.yaml"
 WORKSPACE_YAML = ROOT / "workspace.yaml"
@@ -86,15 +87,15 @@ class DagsterDeployment:
         if self.process is None:
             return
         group = self.process.pid  # start_new_session: the daemon leads its own group
-        _signal_group(group, signal.SIGTERM)
+        signal_group(group, signal.SIGTERM)
         deadline = time.monotonic() + grace_seconds
-        while time.monotonic() < deadline and (self.process.poll() is None or _members(group)):
+        while time.monotonic() < deadline and (self.process.poll() is None or group_members(group)):
             time.sleep(0.2)
-        if self.process.poll() is None or _members(group):
-            _signal_group(group, signal.SIGKILL)
+        if self.process.poll() is None or group_members(group):
+            signal_group(group, signal.SIGKILL)
             self.process.wait(timeout=30)
             kill_deadline = time.monotonic() + 30
-            while _members(group) and time.monotonic() < kill_deadline:
+            while group_members(group) and time.monotonic() < kill_deadline:
                 time.sleep(0.2)
         if self._log is not None:
             self._log.close()
@@ -111,28 +112,6 @@ class DagsterDeployment:
             return f"[{self.name}] no daemon log"
         text = self.log_path.read_text(errors="replace").splitlines()[-lines:]
         return f"----- {self.name}: last {len(text)} lines of {self.log_path}\n" + "\n".join(text)
-
-
-def _signal_group(group: int, sig: signal.Signals) -> None:
-    with suppress(ProcessLookupError):
-        os.killpg(group, sig)
-
-
-def _members(group: int) -> list[int]:
-    """Live (not zombie) processes of a process group, from /proc."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # pid (comm) state ppid pgrp ...; comm may contain spaces and parentheses.
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if int(fields[2]) == group and fields[0] != "Z":
-            found.append(int(entry.name))
-    return found
 
 
 @dataclass

@@ -30,6 +30,7 @@ import dagster as dg
 from dagster._core.instance.ref import InstanceRef
 
 from tests.conftest import ROOT
+from tests.support.process_groups import group_members, signal_group
 
 INSTANCE_YAML = ROOT / "deploy" / "dagster.local.yaml"
 WORKSPACE_YAML = ROOT / "workspace.yaml"
@@ -213,13 +214,13 @@ class DagsterWeb:
         """SIGTERM each process group; SIGKILL what is left after ``grace_seconds``."""
         groups = [process.pid for process in self.processes.values()]
         for group in groups:
-            _signal_group(group, signal.SIGTERM)
+            signal_group(group, signal.SIGTERM)
         deadline = time.monotonic() + grace_seconds
-        while time.monotonic() < deadline and any(_members(group) for group in groups):
+        while time.monotonic() < deadline and any(group_members(group) for group in groups):
             time.sleep(0.2)
         for group in groups:
-            if _members(group):
-                _signal_group(group, signal.SIGKILL)
+            if group_members(group):
+                signal_group(group, signal.SIGKILL)
         for process in self.processes.values():
             with suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=30)
@@ -233,25 +234,3 @@ class DagsterWeb:
             return f"no {name} log"
         text = path.read_text(errors="replace").splitlines()[-lines:]
         return f"----- last {len(text)} lines of {path}\n" + "\n".join(text)
-
-
-def _signal_group(group: int, sig: signal.Signals) -> None:
-    with suppress(ProcessLookupError):
-        os.killpg(group, sig)
-
-
-def _members(group: int) -> list[int]:
-    """Live (not zombie) processes of a process group, from /proc."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # pid (comm) state ppid pgrp ...; comm may contain spaces and parentheses.
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if int(fields[2]) == group and fields[0] != "Z":
-            found.append(int(entry.name))
-    return found
