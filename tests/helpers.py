@@ -135,7 +135,7 @@ def check_archive(stack: Stack) -> KafkaCheck:
             stack.gcs.object_template,
             stack.gcs.dead_letter_template,
             consumer,
-            1 << 20,
+            stack.archiver.max_message_bytes,
         )
     finally:
         consumer.close()

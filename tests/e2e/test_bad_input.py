@@ -14,7 +14,14 @@ from protoagg_dagster.core.dead_letters import iter_dead_letters
 from protoagg_dagster.core.framing import iter_records
 from protoagg_dagster.jobs import archive_kafka_batch, range_run_config
 from protoagg_dagster.settings_resource import ArchiverSettings
-from tests.helpers import Stack, create_topic, log_value, run_sensor_until_idle, topic_of
+from tests.helpers import (
+    Stack,
+    check_archive,
+    create_topic,
+    log_value,
+    run_sensor_until_idle,
+    topic_of,
+)
 
 GOOD_ID = str(uuid.uuid4())
 BAD_CASES: list[tuple[str, bytes | None]] = [
@@ -93,7 +100,14 @@ def test_each_bad_message_becomes_a_dead_letter_and_good_ones_are_archived(stack
         d.message.key == b"k" and d.message.headers == (("source", b"test"),) for d in letters
     )
     # Nothing lost: every offset is archived, a dead letter, or the one tombstone.
-    assert len(archived) + len(letters) + 1 == len(cases)
+    check = check_archive(small)
+    assert check.ok, check.summary()
+    assert (check.offsets, check.archived, check.dead_letters, check.tombstones) == (
+        len(cases),
+        len(archived),
+        len(letters),
+        1,
+    )
 
 
 def test_a_topic_of_junk_fails_the_run_loudly_but_keeps_every_message(stack: Stack) -> None:
