@@ -44,6 +44,10 @@ defs = dg.Definitions(
     schedules=[archive_maintenance],
     sensors=[kafka_offsets_sensor],
     resources={
+        # Op outputs stay in memory: the default filesystem IO manager pickled every batch to
+        # disk three times (measured: 21 µs per message, more than any step, and disk that only
+        # grew).
+        "io_manager": dg.mem_io_manager,
         "kafka": KafkaResource(
             bootstrap_servers=_value(settings.KAFKA_BOOTSTRAP),
             topics=_value(settings.TOPICS),

@@ -12,6 +12,9 @@ RANGE_TAG = "protoagg/range"
 
 @dg.job(
     executor_def=dg.in_process_executor,
+    # Outputs live in memory (definitions.py), so a retried run re-executes all its steps,
+    # which the ledger makes safe.
+    tags={"dagster/retry_strategy": "ALL_STEPS"},
     description="Archive offsets [start, end) of one Kafka partition: consume, dedupe, encode, "
     "append to GCS. Launched by kafka_offsets_sensor; launch it by hand to backfill a range.",
 )

@@ -85,6 +85,9 @@ def collector_paused() -> Iterator[None]:
         yield
     finally:
         if was_enabled:
+            # Moving what the loop built out of the collector's reach keeps re-enabling from
+            # triggering one big scan of it; objects are still freed by reference counting.
+            gc.freeze()
             gc.enable()
 
 

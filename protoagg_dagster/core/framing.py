@@ -24,8 +24,7 @@ _READ_CHUNK = 1024 * 1024
 
 def encode_records(records: Iterable[LogRecord]) -> bytes:
     """Frame each record as ``ProtoLog``, in the order given."""
-    parts: list[bytes] = []
-    append = parts.append
+    out = bytearray()
     pack = LENGTH.pack
     message = ProtoLog()
     timestamp = message.timestamp
@@ -35,9 +34,9 @@ def encode_records(records: Iterable[LogRecord]) -> bytes:
         timestamp.nanos = record.nanos
         message.message = record.message
         data = message.SerializeToString()
-        append(pack(len(data)))
-        append(data)
-    return b"".join(parts)
+        out += pack(len(data))
+        out += data
+    return bytes(out)
 
 
 class ArchivedRecord(NamedTuple):

@@ -20,7 +20,13 @@ def test_definitions_load_and_every_job_sensor_and_schedule_resolves() -> None:
     assert {job.name for job in repo.get_all_jobs()} >= {"archive_kafka_batch", "maintain_archive"}
     assert [s.name for s in repo.sensor_defs] == ["kafka_offsets_sensor"]
     assert [s.name for s in repo.schedule_defs] == ["archive_maintenance"]
-    assert set(repo.get_top_level_resources()) == {"kafka", "postgres", "gcs", "archiver"}
+    assert set(repo.get_top_level_resources()) == {
+        "io_manager",
+        "kafka",
+        "postgres",
+        "gcs",
+        "archiver",
+    }
 
 
 def test_secrets_are_wired_as_env_vars_not_values(monkeypatch: pytest.MonkeyPatch) -> None:
