@@ -1,7 +1,8 @@
 """End to end through the real Dagster path: dagster-daemon, kafka_offsets_sensor, queued runs.
 
-    PYTHONPATH=/work/main .venv/bin/python benchmarks/e2e_dagster.py [--smoke] [--messages N]
-        [--configs NAME,...] [--no-plot] [--plot-batches 10000,50000,...] [--plot-messages N]
+    PYTHONPATH=. .venv/bin/python benchmarks/e2e_dagster.py [--smoke] [--messages N]
+        [--configs NAME,...] [--part all|configs|plot] [--plot-batches 10000,50000,...]
+        [--plot-messages N] [--plot-max-runs N]
         [--bootstrap HOST:PORT] [--gcs http://HOST:PORT] [--admin-dsn postgresql://...]
 
 What a user gets: N seed-shaped messages (~120 B JSON, 5% repeated logIds,
@@ -31,6 +32,13 @@ N: one run per partition), ``large-Np-objects`` (large, one object per partition
 PROTOAGG_GCS_OBJECT=.../{topic}/{partition}.pb). The plot sweep archives ``--plot-messages`` on
 1 partition for each max_batch_messages in ``--plot-batches`` (capped at ``--plot-max-runs``
 runs per point, so small batches use a smaller topic) and writes docs/img/throughput-vs-batch.png.
+
+Full size (default): 1,000,000 messages through defaults-1p, defaults-4p, large-1p, large-4p and
+large-4p-objects, then the plot sweep (about 9 minutes here; ``--part`` runs one half).
+``--smoke``: 20,000 messages on a 1- and a 2-partition topic archived by ONE deployment with the
+default settings (both topics at once, so they share the CPU; about 30 s); its one-point plot goes
+to the deployment directory, not docs/img. Messages are produced with confluent-kafka when it is
+installed (a benchmark-only dependency, ~30x faster here), else with the project's kafka-python.
 
 The table, then one JSON line ``{"benchmark": "e2e_dagster", ...}`` (the last line of stdout).
 """

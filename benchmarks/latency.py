@@ -1,6 +1,6 @@
 """Produce -> archived latency at a steady rate, through the real Dagster path.
 
-    PYTHONPATH=/work/main .venv/bin/python benchmarks/latency.py [--smoke] [--rate 1000]
+    PYTHONPATH=. .venv/bin/python benchmarks/latency.py [--smoke] [--rate 1000]
         [--seconds 60] [--no-compare] [--compare-linger 1]
         [--bootstrap HOST:PORT] [--gcs http://HOST:PORT] [--admin-dsn postgresql://...]
 
