@@ -255,9 +255,10 @@ def append(
                     dead_letter_object(gcs, claim),
                     encode_envelopes(claimed.dead_letters),
                 )
-            if encoded.data:
-                archived = append_once(claim.object_name, encoded.data)
-            if archived is not None and archived.appended:
+            # Appended even when empty (every record a duplicate): the compose still moves the
+            # object's offsets metadata past the batch, so the object says how far it is whole.
+            archived = append_once(claim.object_name, encoded.data)
+            if archived.appended:
                 finish_batch(
                     conn,
                     claim.batch_id,
@@ -278,7 +279,7 @@ def append(
                     written=Written(encoded.data, [r.log_id for r in claim.kept]),
                 )
             else:
-                finish_batch(conn, claim.batch_id, archived.generation if archived else None)
+                finish_batch(conn, claim.batch_id, archived.generation)
     seconds = {**encoded.seconds, "append": time.perf_counter() - started}
     appended = len(claim.kept) if archived is not None and archived.appended else 0
     context.log.info(

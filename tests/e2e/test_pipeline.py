@@ -19,6 +19,7 @@ from tests.conftest import ROOT
 from tests.helpers import (
     Stack,
     archive,
+    check_archive,
     create_topic,
     log_value,
     produce,
@@ -146,3 +147,23 @@ def test_examples_file_has_repeats(tmp_path: Path) -> None:
     assert len(set(ids)) < len(ids)
     for log_id in ids:
         uuid.UUID(log_id)
+
+
+def test_an_all_duplicate_batch_still_moves_the_objects_offsets(stack: Stack) -> None:
+    topic = topic_of(stack)
+    create_topic(stack.kafka, topic)
+    values = [log_value() for _ in range(20)]
+    produce(stack.kafka, topic, values)
+    produce(stack.kafka, topic, values)  # redelivered whole: the second batch appends nothing
+    with dg.instance_for_test() as instance:
+        for start, end in ((0, 20), (20, 40)):
+            assert archive_kafka_batch.execute_in_process(
+                run_config=range_run_config(topic, 0, start, end),
+                resources=stack.resources(),
+                instance=instance,
+            ).success
+    records, _ = archive(stack)
+    assert len(records) == 20
+    check = check_archive(stack)
+    assert check.ok, check.summary()
+    assert (check.offsets, check.archived, check.duplicates) == (40, 20, 20)
