@@ -68,10 +68,15 @@ if str(ROOT) not in sys.path:
 
 import psycopg  # noqa: E402
 from google.cloud import storage  # noqa: E402
-from kafka import TopicPartition  # noqa: E402
 from kafka.admin import NewTopic  # noqa: E402
 
-from benchmarks.run_once import _rounded, code_version, database, make_values  # noqa: E402
+from benchmarks.run_once import (  # noqa: E402
+    _rounded,
+    code_version,
+    database,
+    make_values,
+    raw_consume,
+)
 from protoagg_dagster.core.archive_object import archived_offsets, partition_key  # noqa: E402
 from protoagg_dagster.jobs import archive_kafka_batch  # noqa: E402
 from protoagg_dagster.ledger import read_progress  # noqa: E402
@@ -184,28 +189,6 @@ def produce(kafka: KafkaResource, topic: str, values: list[bytes], partitions: i
 
 def end_offsets(kafka: KafkaResource, topic: str) -> dict[int, int]:
     return {p: end for p, (_, end) in kafka.offset_bounds(topic).items()}
-
-
-def raw_consume(kafka: KafkaResource, topic: str, ends: dict[int, int]) -> tuple[float, int]:
-    """Read and discard every partition from 0 to its end with one group-less consumer."""
-    tps = [TopicPartition(topic, p) for p in ends]
-    want = sum(ends.values())
-    started = time.perf_counter()
-    consumer = kafka.get_consumer()
-    try:
-        consumer.assign(tps)
-        for tp in tps:
-            consumer.seek(tp, 0)
-        count = 0
-        deadline = time.monotonic() + 300
-        while count < want:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"raw consume: only {count} of {want} messages in 300 s")
-            for records in consumer.poll(timeout_ms=1000, max_records=10_000).values():
-                count += len(records)
-    finally:
-        consumer.close()
-    return time.perf_counter() - started, count
 
 
 @dataclass

@@ -137,19 +137,22 @@ def produce(kafka: KafkaResource, topic: str, values: list[bytes]) -> float:
     return time.perf_counter() - started
 
 
-def raw_consume(kafka: KafkaResource, topic: str, n: int) -> tuple[float, int]:
-    """Read and discard offsets [0, n) with the pipeline's consumer settings (assign + seek)."""
-    tp = TopicPartition(topic, 0)
+def raw_consume(kafka: KafkaResource, topic: str, ends: dict[int, int]) -> tuple[float, int]:
+    """Read and discard every partition from 0 to its end offset with one group-less consumer
+    (the pipeline's consumer settings, assign + seek): the ceiling."""
+    tps = [TopicPartition(topic, p) for p in ends]
+    want = sum(ends.values())
     started = time.perf_counter()
     consumer = kafka.get_consumer()
     try:
-        consumer.assign([tp])
-        consumer.seek(tp, 0)
+        consumer.assign(tps)
+        for tp in tps:
+            consumer.seek(tp, 0)
         count = 0
-        deadline = time.monotonic() + 120
-        while count < n:
+        deadline = time.monotonic() + 300
+        while count < want:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"raw consume: only {count} of {n} messages in 120 s")
+                raise RuntimeError(f"raw consume: only {count} of {want} messages in 300 s")
             for records in consumer.poll(timeout_ms=1000, max_records=10_000).values():
                 count += len(records)
     finally:
@@ -463,15 +466,7 @@ def print_table(n: int, report: dict[str, Any]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", "-n", type=int, default=100_000)
-    parser.add_argument("--bootstrap", default=os.environ.get("PROTOAGG_KAFKA_BOOTSTRAP"))
-    parser.add_argument("--dsn", default=os.environ.get("PROTOAGG_POSTGRES_DSN"))
-    parser.add_argument("--gcs", default=os.environ.get("STORAGE_EMULATOR_HOST"))
-    parser.add_argument("--bucket", default=os.environ.get("PROTOAGG_GCS_BUCKET", "logs"))
-    parser.add_argument(
-        "--admin-dsn",
-        default=os.environ.get("PROTOAGG_BENCH_ADMIN_DSN"),
-        help="superuser DSN: run against a fresh database, dropped afterwards",
-    )
+    add_service_args(parser)
     parser.add_argument("--repeat-fraction", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--skip-empty", action="store_true", help="skip the re-run (step 4)")
@@ -517,7 +512,7 @@ def main() -> int:
         rows_before = processed_rows(dsn)
         create_topic(kafka, topic)
         produce_s = produce(kafka, topic, values)
-        raw_s, raw_count = raw_consume(kafka, topic, n)
+        raw_s, raw_count = raw_consume(kafka, topic, {0: n})
         warmup_s = warm_up(resources, token) if args.warmup else None
         full = run_archive(
             resources, topic, n, "PROFILE-START" if args.profile_marker else None, args.gc_freeze

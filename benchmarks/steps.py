@@ -141,7 +141,7 @@ def measure_consume(
     raw_walls, raw_cpus, walls, cpus = [], [], [], []
     messages: list[KafkaMessage] = []
     for _ in range(repeats):
-        (_, count), t = timed(lambda: raw_consume(kafka, topic, n))
+        (_, count), t = timed(lambda: raw_consume(kafka, topic, {0: n}))
         raw_walls.append(t.wall)
         raw_cpus.append(t.cpu)
         if count < n:
