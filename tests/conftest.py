@@ -20,8 +20,20 @@ from protoagg_dagster.services.postgres import SUPERUSER, SUPERUSER_PASSWORD
 from protoagg_dagster.services.stack import Ports, exports_of, local_stack
 
 ROOT = Path(__file__).resolve().parents[1]
-# Test ports differ from the defaults so a developer's running stack is left alone.
-TEST_PORTS = Ports(kafka=19094, kafka_controller=19095, postgres=15432, gcs=14443)
+
+
+def _test_ports() -> Ports:
+    """Test ports differ from the defaults so a developer's running stack is left alone.
+
+    ``PROTOAGG_TEST_PORTS=KAFKA,CONTROLLER,POSTGRES,GCS`` moves them (scripts/test passes the same
+    to ``services up``), so two checkouts can run their suites side by side.
+    """
+    raw = os.environ.get("PROTOAGG_TEST_PORTS", "19094,19095,15432,14443")
+    kafka, controller, postgres, gcs = (int(part) for part in raw.split(","))
+    return Ports(kafka=kafka, kafka_controller=controller, postgres=postgres, gcs=gcs)
+
+
+TEST_PORTS = _test_ports()
 
 
 @dataclass(frozen=True)
