@@ -51,8 +51,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from protoagg_dagster.jobs import archive_kafka_batch, range_run_config  # noqa: E402
-from protoagg_dagster.resources import GCSResource, KafkaResource, PostgresResource  # noqa: E402
+from protoagg_dagster.jobs import archive_kafka_batch  # noqa: E402
+from protoagg_dagster.resources import GCSResource, KafkaResource, PartitionLease, PostgresResource  # noqa: E402
+from protoagg_dagster.run_tags import range_run_config  # noqa: E402
 from protoagg_dagster.settings_resource import ArchiverSettings  # noqa: E402
 
 STEPS = ("consume", "dedupe", "encode", "append")
@@ -508,6 +509,7 @@ def main() -> int:
                 emulator_host=args.gcs,
             ),
             "archiver": ArchiverSettings(max_batch_messages=n),
+            "lease": PartitionLease(postgres=PostgresResource(dsn=dsn)),
         }
         rows_before = processed_rows(dsn)
         create_topic(kafka, topic)

@@ -74,7 +74,7 @@ from protoagg_dagster.ledger import (  # noqa: E402
     object_lock,
 )
 from protoagg_dagster.ops import Claimed, Consumed, Encoded, collector_paused  # noqa: E402
-from protoagg_dagster.resources import GCSResource, KafkaResource, PostgresResource  # noqa: E402
+from protoagg_dagster.resources import GCSResource, KafkaResource, PartitionLease, PostgresResource  # noqa: E402
 from protoagg_dagster.settings_resource import ArchiverSettings  # noqa: E402
 
 T = TypeVar("T")
@@ -381,6 +381,7 @@ def measure_fixed(
                 emulator_host=gcs.emulator_host,
             ),
             "archiver": ArchiverSettings(),
+            "lease": PartitionLease(postgres=PostgresResource(dsn=dsn)),
         }
         results.append(run_archive(resources, topic, size))
 

@@ -17,8 +17,9 @@ from kafka import TopicPartition
 
 from protoagg_dagster.core.errors import BackendError, ConfigError
 from protoagg_dagster.core.planning import OffsetRange
-from protoagg_dagster.jobs import archive_kafka_batch, range_run_config, range_tags
+from protoagg_dagster.jobs import archive_kafka_batch
 from protoagg_dagster.resources.kafka import KafkaResource
+from protoagg_dagster.run_tags import range_run_config, range_tags
 
 BACKFILL_TAG = "protoagg/backfill"
 FINISHED = {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}

@@ -17,7 +17,7 @@ from protoagg_dagster.checks import archive_checks
 from protoagg_dagster.core import settings
 from protoagg_dagster.jobs import archive_kafka_batch
 from protoagg_dagster.maintenance import archive_maintenance, maintain_archive
-from protoagg_dagster.resources import GCSResource, KafkaResource, PostgresResource
+from protoagg_dagster.resources import GCSResource, KafkaResource, PartitionLease, PostgresResource
 from protoagg_dagster.sensors import kafka_offsets_sensor
 from protoagg_dagster.settings_resource import ArchiverSettings
 
@@ -37,6 +37,8 @@ def _kafka_security() -> dict[str, Any]:
     return {field: dg.EnvVar(s.env) for field, s in optional.items() if os.environ.get(s.env)}
 
 
+postgres = PostgresResource(dsn=_value(settings.POSTGRES_DSN))
+
 defs = dg.Definitions(
     assets=[archive_asset],
     asset_checks=[archive_checks],
@@ -54,7 +56,8 @@ defs = dg.Definitions(
             security_protocol=_value(settings.KAFKA_SECURITY_PROTOCOL),
             **_kafka_security(),
         ),
-        "postgres": PostgresResource(dsn=_value(settings.POSTGRES_DSN)),
+        "postgres": postgres,
+        "lease": PartitionLease(postgres=postgres),
         "gcs": GCSResource(
             bucket=_value(settings.GCS_BUCKET),
             object_template=_value(settings.GCS_OBJECT),

@@ -6,9 +6,6 @@ import dagster as dg
 
 from protoagg_dagster.ops import append, consume, dedupe, encode
 
-PARTITION_TAG = "protoagg/partition"
-RANGE_TAG = "protoagg/range"
-
 
 @dg.job(
     executor_def=dg.in_process_executor,
@@ -20,26 +17,3 @@ RANGE_TAG = "protoagg/range"
 )
 def archive_kafka_batch() -> None:
     append(encode(dedupe(consume())))
-
-
-def range_tags(topic: str, partition: int, start: int, end: int) -> dict[str, str]:
-    """Tags of a run: one run per partition at a time is enforced on ``protoagg/partition``."""
-    return {
-        PARTITION_TAG: f"{topic}-{partition}",
-        RANGE_TAG: f"{topic}-{partition}-{start}-{end}",
-    }
-
-
-def range_run_config(topic: str, partition: int, start: int, end: int) -> dict[str, object]:
-    return {
-        "ops": {
-            "consume": {
-                "config": {
-                    "topic": topic,
-                    "partition": partition,
-                    "start_offset": start,
-                    "end_offset": end,
-                }
-            }
-        }
-    }

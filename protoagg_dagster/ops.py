@@ -36,7 +36,7 @@ from protoagg_dagster.ledger import (
     gap_before,
     object_lock,
 )
-from protoagg_dagster.resources import GCSResource, KafkaResource, PostgresResource
+from protoagg_dagster.resources import GCSResource, KafkaResource, PartitionLease, PostgresResource
 from protoagg_dagster.settings_resource import ArchiverSettings
 
 P = ParamSpec("P")
@@ -170,8 +170,10 @@ def dedupe(
     postgres: PostgresResource,
     gcs: GCSResource,
     archiver: ArchiverSettings,
+    lease: PartitionLease,
 ) -> Claimed:
     """Parse, then claim each new logId in PostgreSQL; drop ids archived before or repeated."""
+    lease.confirm()
     started = time.perf_counter()
     read = consumed.read
     with collector_paused():
@@ -224,8 +226,10 @@ def append(
     gcs: GCSResource,
     postgres: PostgresResource,
     archiver: ArchiverSettings,
+    lease: PartitionLease,
 ) -> Iterator[dg.AssetMaterialization | dg.AssetCheckEvaluation | dg.Output[int]]:
     """Append dead letters, then records (upload, fenced compose, delete); confirm the claim."""
+    lease.confirm()
     claimed = encoded.claimed
     claim = claimed.claim
     started = time.perf_counter()

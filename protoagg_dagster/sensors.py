@@ -1,30 +1,44 @@
 """The sensor that watches Kafka partitions and launches one run per bounded offset range.
 
 Each tick also records the consumer lag of every partition (messages and seconds behind) as an
-observation of the archive asset.
+observation of the archive asset, and fails STARTED runs whose worker is gone (their partition's
+lease stays free; see ``protoagg_dagster.leases``), so that a deployment killed with its runs
+resumes every partition by itself.
 """
 
+import datetime
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import dagster as dg
+import psycopg
+from dagster._core.events import JobFailureData, RunFailureReason
 from kafka import KafkaConsumer, TopicPartition
 
+from protoagg_dagster import leases
 from protoagg_dagster.assets import ARCHIVE_ASSET
+from protoagg_dagster.core.liveness import StartedRun, judge
 from protoagg_dagster.core.planning import OffsetRange, PartitionView, plan_batch
-from protoagg_dagster.jobs import (
-    PARTITION_TAG,
-    RANGE_TAG,
-    archive_kafka_batch,
-    range_run_config,
-    range_tags,
-)
+from protoagg_dagster.jobs import archive_kafka_batch
 from protoagg_dagster.kafka_reader import offsets_at_time, timestamps_at
 from protoagg_dagster.ledger import PartitionProgress, read_progress
 from protoagg_dagster.resources import KafkaResource, PostgresResource
+from protoagg_dagster.run_tags import (
+    PARTITION_TAG,
+    RANGE_TAG,
+    partition_key,
+    range_run_config,
+    range_tags,
+    run_partition,
+)
 from protoagg_dagster.settings_resource import ArchiverSettings
+
+# A STARTED run whose lease stays free this long is dead. Long against the moments a live run
+# goes without it (between RUN_START and taking it, between letting go and RUN_SUCCESS: well
+# under a second), short against "resume within a minute" after a restart.
+DEAD_AFTER_SECONDS = 20.0
 
 
 @dataclass
@@ -37,17 +51,29 @@ class SensorCursor:
 
     backlog_since: dict[str, float]
     start_at: dict[str, int]
+    # Per STARTED run whose lease was last seen free: since when (a lost cursor restarts the
+    # clock, which only delays declaring a dead run dead).
+    lease_free_since: dict[str, float]
 
     @classmethod
     def loads(cls, text: str | None) -> "SensorCursor":
         if not text:
-            return cls({}, {})
+            return cls({}, {}, {})
         raw = json.loads(text)
-        return cls(dict(raw.get("backlog_since", {})), dict(raw.get("start_at", {})))
+        return cls(
+            dict(raw.get("backlog_since", {})),
+            dict(raw.get("start_at", {})),
+            dict(raw.get("lease_free_since", {})),
+        )
 
     def dumps(self) -> str:
         return json.dumps(
-            {"backlog_since": self.backlog_since, "start_at": self.start_at}, sort_keys=True
+            {
+                "backlog_since": self.backlog_since,
+                "start_at": self.start_at,
+                "lease_free_since": self.lease_free_since,
+            },
+            sort_keys=True,
         )
 
 
@@ -67,18 +93,33 @@ def kafka_offsets_sensor(
     cursor = SensorCursor.loads(context.cursor)
     limits = archiver.limits()
     now = time.time()
-    in_flight = _partitions_in_flight(context.instance)
+    unfinished = context.instance.get_run_records(
+        filters=dg.RunsFilter(job_name=archive_kafka_batch.name, statuses=NOT_FINISHED)
+    )
+    # A run failed below stays in flight for this tick: run retries relaunch it, or the next
+    # tick does.
+    in_flight = {key for record in unfinished if (key := _partition_of(record.dagster_run))}
+    bounds = {topic: kafka.offset_bounds(topic) for topic in kafka.topic_list()}
     with postgres.get_connection() as conn:
-        progress = {topic: read_progress(conn, topic) for topic in kafka.topic_list()}
+        progress = {topic: read_progress(conn, topic) for topic in bounds}
+        taken = leases.held(
+            conn,
+            in_flight
+            | {partition_key(t, p) for t, partitions in bounds.items() for p in partitions},
+        )
+        _fail_dead_runs(context, conn, unfinished, taken, cursor, now)
+    # A partition whose lease is taken has a live run, maybe another deployment's.
+    in_flight |= taken
     requests: list[dg.RunRequest] = []
     behind: dict[TopicPartition, tuple[int, int]] = {}  # next offset, messages behind
     consumer = kafka.get_consumer()
     try:
         for topic, known in progress.items():
-            bounds = kafka.offset_bounds(topic)
-            starts = _next_offsets(consumer, topic, bounds, known, cursor, archiver.start_choice())
-            for partition, (_, log_end) in bounds.items():
-                key = f"{topic}-{partition}"
+            starts = _next_offsets(
+                consumer, topic, bounds[topic], known, cursor, archiver.start_choice()
+            )
+            for partition, (_, log_end) in bounds[topic].items():
+                key = partition_key(topic, partition)
                 state = known.get(partition)
                 view = PartitionView(
                     topic=topic,
@@ -191,23 +232,50 @@ NOT_FINISHED = [
 ]
 
 
-def _partitions_in_flight(instance: dg.DagsterInstance) -> set[str]:
-    runs = instance.get_runs(
-        filters=dg.RunsFilter(job_name=archive_kafka_batch.name, statuses=NOT_FINISHED)
-    )
-    return {key for run in runs if (key := _partition_of(run)) is not None}
-
-
 def _partition_of(run: dg.DagsterRun) -> str | None:
-    """``topic-partition`` of a run: its tag, or its run config.
-
-    Runs launched by hand from the Launchpad usually carry no tags.
-    """
+    """``topic-partition`` of a run: its tag, or its run config (Launchpad runs have no tags)."""
     if PARTITION_TAG in run.tags:
         return run.tags[PARTITION_TAG]
-    try:
-        config: Any = run.run_config["ops"]
-        consume = config["consume"]["config"]
-        return f"{consume['topic']}-{consume['partition']}"
-    except (KeyError, TypeError):
-        return None
+    target = run_partition(run)
+    return partition_key(*target) if target is not None else None
+
+
+def _fail_dead_runs(
+    context: dg.SensorEvaluationContext,
+    conn: psycopg.Connection,
+    unfinished: Sequence[dg.RunRecord],
+    taken: set[str],
+    cursor: SensorCursor,
+    now: float,
+) -> None:
+    """Fail each STARTED run whose lease has stayed free: its worker died without a word."""
+    started: dict[str, tuple[str, int]] = {}
+    watched: list[StartedRun] = []
+    for record in unfinished:
+        run = record.dagster_run
+        target = run_partition(run)
+        if run.status == dg.DagsterRunStatus.STARTED and record.start_time and target:
+            started[run.run_id] = target
+            watched.append(StartedRun(run.run_id, partition_key(*target), record.start_time))
+    verdict = judge(watched, taken, cursor.lease_free_since, now, DEAD_AFTER_SECONDS)
+    cursor.lease_free_since = verdict.free_since
+    for run_id, since in verdict.dead.items():
+        topic, partition = started[run_id]
+        current = context.instance.get_run_by_id(run_id)
+        # Finished between the query and now: its lease was free because it was done.
+        if current is None or current.status != dg.DagsterRunStatus.STARTED:
+            continue
+        free_at = datetime.datetime.fromtimestamp(since, datetime.UTC).strftime("%H:%M:%S UTC")
+        message = (
+            f"worker gone: lock of {topic}/{partition} free since {free_at} "
+            f"({now - since:.0f} s); the run's process died (its deployment was killed or its "
+            "host lost). Marked failed so the partition resumes; the next run of this range "
+            "finishes whatever the dead one claimed."
+        )
+        context.log.warning(f"run {run_id}: {message}")
+        context.instance.report_run_failed(
+            current,
+            message,
+            JobFailureData(error=None, failure_reason=RunFailureReason.UNEXPECTED_TERMINATION),
+        )
+        cursor.lease_free_since.pop(run_id, None)

@@ -15,7 +15,7 @@ from kafka.admin import NewTopic
 
 from protoagg_dagster.core.framing import ArchivedRecord, iter_records
 from protoagg_dagster.jobs import archive_kafka_batch
-from protoagg_dagster.resources import GCSResource, KafkaResource, PostgresResource
+from protoagg_dagster.resources import GCSResource, KafkaResource, PartitionLease, PostgresResource
 from protoagg_dagster.sensors import kafka_offsets_sensor
 from protoagg_dagster.settings_resource import ArchiverSettings
 from protoagg_dagster.verification import KafkaCheck, check_against_kafka
@@ -35,6 +35,7 @@ class Stack:
             "postgres": self.postgres,
             "gcs": self.gcs,
             "archiver": self.archiver,
+            "lease": PartitionLease(postgres=self.postgres),
         }
 
 
@@ -78,10 +79,10 @@ def run_sensor_until_idle(stack: Stack, instance: dg.DagsterInstance, max_ticks:
     cursor = None
     launched = 0
     for _ in range(max_ticks):
-        context = dg.build_sensor_context(
+        with dg.build_sensor_context(
             instance=instance, cursor=cursor, resources=stack.resources()
-        )
-        result = kafka_offsets_sensor(context)
+        ) as context:
+            result = kafka_offsets_sensor(context)
         cursor = result.cursor
         if not result.run_requests:
             return launched

@@ -19,8 +19,9 @@ from typing import Any
 import dagster as dg
 
 from protoagg_dagster import archive_store, ops
-from protoagg_dagster.jobs import archive_kafka_batch, range_run_config
-from protoagg_dagster.resources import GCSResource, KafkaResource, PostgresResource
+from protoagg_dagster.jobs import archive_kafka_batch
+from protoagg_dagster.resources import GCSResource, KafkaResource, PartitionLease, PostgresResource
+from protoagg_dagster.run_tags import range_run_config
 from protoagg_dagster.settings_resource import ArchiverSettings
 
 KINDS = {
@@ -28,6 +29,7 @@ KINDS = {
     "postgres": PostgresResource,
     "gcs": GCSResource,
     "archiver": ArchiverSettings,
+    "lease": PartitionLease,
 }
 
 

@@ -17,8 +17,10 @@ from tests.helpers import Stack, create_topic, log_value, produce, topic_of
 
 
 def tick(stack: Stack, instance: dg.DagsterInstance, cursor: str | None) -> dg.SensorResult:
-    context = dg.build_sensor_context(instance=instance, cursor=cursor, resources=stack.resources())
-    result = kafka_offsets_sensor(context)
+    with dg.build_sensor_context(
+        instance=instance, cursor=cursor, resources=stack.resources()
+    ) as context:
+        result = kafka_offsets_sensor(context)
     assert isinstance(result, dg.SensorResult)
     return result
 

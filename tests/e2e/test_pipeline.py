@@ -12,9 +12,10 @@ import dagster as dg
 from protoagg_dagster.archive_reader import verify_archive
 from protoagg_dagster.core.framing import iter_records
 from protoagg_dagster.core.records import parse_rfc3339
-from protoagg_dagster.jobs import archive_kafka_batch, range_run_config
+from protoagg_dagster.jobs import archive_kafka_batch
 from protoagg_dagster.ledger import object_lock
 from protoagg_dagster.resources import GCSResource
+from protoagg_dagster.run_tags import range_run_config
 from tests.conftest import ROOT
 from tests.helpers import (
     Stack,

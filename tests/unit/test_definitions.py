@@ -26,6 +26,7 @@ def test_definitions_load_and_every_job_sensor_and_schedule_resolves() -> None:
         "postgres",
         "gcs",
         "archiver",
+        "lease",
     }
 
 

@@ -1,0 +1,46 @@
+"""Deciding which STARTED runs are dead, from observations of their partitions' leases.
+
+A live run holds its partition's lease from just after it starts until just before it ends (see
+``protoagg_dagster.leases``). A run is declared dead only when its lease was seen free at two
+observations at least ``grace`` seconds apart, none in between saw it held, and the run started
+more than ``grace`` ago: one free sighting can be the moment before a run takes its lease or
+after it let go, never long enough for the grace period.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence, Set
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class StartedRun:
+    run_id: str
+    partition: str  # lease name (``topic-partition``)
+    started_at: float  # epoch seconds
+
+
+@dataclass(frozen=True)
+class Verdict:
+    dead: dict[str, float]  # run id -> epoch seconds its lease has been free since
+    free_since: dict[str, float]  # what to remember for the next observation
+
+
+def judge(
+    runs: Sequence[StartedRun],
+    held: Set[str],
+    free_since: Mapping[str, float],
+    now: float,
+    grace: float,
+) -> Verdict:
+    """The runs whose worker is gone, and the free-since clocks of the ones still watched."""
+    dead: dict[str, float] = {}
+    watching: dict[str, float] = {}
+    for run in runs:
+        if run.partition in held:
+            continue
+        since = free_since.get(run.run_id, now)
+        watching[run.run_id] = since
+        if now - since >= grace and now - run.started_at >= grace:
+            dead[run.run_id] = since
+    return Verdict(dead, watching)

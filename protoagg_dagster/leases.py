@@ -1,0 +1,74 @@
+"""Partition leases: how anyone tells a live archive run from one whose worker is gone.
+
+A run holds a PostgreSQL *session-level* advisory lock named after its partition for as long as it
+works, on a connection of its own. PostgreSQL drops the lock with the session, so the lock is free
+exactly when no live process works the partition: a run killed with its whole deployment (SIGKILL,
+OOM, node loss) loses it within seconds (the session's TCP keepalives bound it when a host
+vanishes without closing its sockets), while a run that is merely slow keeps it, however long it
+takes. Dagster's run storage cannot tell the two apart: a dead run stays STARTED there.
+
+Whoever probes a lease takes it for the length of one transaction; a run starting at that moment
+waits for it (``pg_advisory_lock``), never fails.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import psycopg
+
+from protoagg_dagster.core.errors import BackendError
+
+# Distinguishes lease keys from the object locks (ledger.object_lock), which hash bucket/object.
+_PREFIX = "protoagg lease "
+
+# Server-side keepalives of the lease session: a worker host that vanishes without closing its
+# sockets (power loss, network partition) frees its leases after about 10 + 3 × 5 s.
+_KEEPALIVES = (
+    "SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; SET tcp_keepalives_count = 3"
+)
+
+
+class LeaseTaken(BackendError):
+    """Another live process holds the lease of this partition."""
+
+
+def hold(conn: psycopg.Connection, name: str, wait_seconds: float) -> None:
+    """Take the lease ``name`` on ``conn`` (an autocommit connection kept open while working).
+
+    Waits up to ``wait_seconds`` for a holder to let go, then raises ``LeaseTaken``.
+    """
+    conn.execute(_KEEPALIVES)
+    conn.execute(f"SET lock_timeout = {int(wait_seconds * 1000)}")
+    try:
+        conn.execute("SELECT pg_advisory_lock(hashtextextended(%s || %s, 0))", (_PREFIX, name))
+    except psycopg.errors.LockNotAvailable as exc:
+        raise LeaseTaken(
+            f"partition {name} is being archived by another live run (its lease stayed taken "
+            f"for {wait_seconds:.0f} s); this run did nothing"
+        ) from exc
+    finally:
+        conn.execute("SET lock_timeout = 0")
+
+
+def still_held(conn: psycopg.Connection) -> bool:
+    """Whether the lease session is still alive (a session lock lives exactly as long)."""
+    try:
+        conn.execute("SELECT 1")
+    except psycopg.OperationalError:
+        return False
+    return True
+
+
+def held(conn: psycopg.Connection, names: Iterable[str]) -> set[str]:
+    """Which of the leases ``names`` some live session holds right now."""
+    wanted = sorted(set(names))
+    if not wanted:
+        return set()
+    with conn.transaction():
+        rows = conn.execute(
+            "SELECT name FROM unnest(%s::text[]) AS name "
+            "WHERE NOT pg_try_advisory_xact_lock(hashtextextended(%s || name, 0))",
+            (wanted, _PREFIX),
+        ).fetchall()
+    return {row[0] for row in rows}
