@@ -1,11 +1,12 @@
-"""Partition leases: how anyone tells a live archive run from one whose worker is gone.
+"""Leases: how anyone tells a live archive run from one whose worker is gone.
 
-A run holds a PostgreSQL *session-level* advisory lock named after its partition for as long as it
-works, on a connection of its own. PostgreSQL drops the lock with the session, so the lock is free
-exactly when no live process works the partition: a run killed with its whole deployment (SIGKILL,
-OOM, node loss) loses it within seconds (the session's TCP keepalives bound it when a host
-vanishes without closing its sockets), while a run that is merely slow keeps it, however long it
-takes. Dagster's run storage cannot tell the two apart: a dead run stays STARTED there.
+A run holds two PostgreSQL *session-level* advisory locks for as long as it lives, on a connection
+of its own: its run lease (``run <run id>``), and its partition's lease (``partition
+<topic>-<partition>``), which keeps two runs of any deployments from working one partition at
+once. PostgreSQL drops the locks with the session, so a run killed with its whole deployment
+(SIGKILL, OOM, node loss) loses them within seconds (the session's TCP keepalives bound it when a
+host vanishes without closing its sockets), while a run that is merely slow keeps them, however
+long it takes. Dagster's run storage cannot tell the two apart: a dead run stays STARTED there.
 
 Whoever probes a lease takes it for the length of one transaction; a run starting at that moment
 waits for it (``pg_advisory_lock``), never fails.
@@ -30,7 +31,16 @@ _KEEPALIVES = (
 
 
 class LeaseTaken(BackendError):
-    """Another live process holds the lease of this partition."""
+    """Another live process holds the lease."""
+
+
+def partition_lease(key: str) -> str:
+    """The lease of a partition, by its ``topic-partition`` key."""
+    return f"partition {key}"
+
+
+def run_lease(run_id: str) -> str:
+    return f"run {run_id}"
 
 
 def hold(conn: psycopg.Connection, name: str, wait_seconds: float) -> None:
@@ -43,10 +53,7 @@ def hold(conn: psycopg.Connection, name: str, wait_seconds: float) -> None:
     try:
         conn.execute("SELECT pg_advisory_lock(hashtextextended(%s || %s, 0))", (_PREFIX, name))
     except psycopg.errors.LockNotAvailable as exc:
-        raise LeaseTaken(
-            f"partition {name} is being archived by another live run (its lease stayed taken "
-            f"for {wait_seconds:.0f} s); this run did nothing"
-        ) from exc
+        raise LeaseTaken(f"lease {name!r} stayed taken for {wait_seconds:.0f} s") from exc
     finally:
         conn.execute("SET lock_timeout = 0")
 

@@ -102,14 +102,11 @@ def kafka_offsets_sensor(
     bounds = {topic: kafka.offset_bounds(topic) for topic in kafka.topic_list()}
     with postgres.get_connection() as conn:
         progress = {topic: read_progress(conn, topic) for topic in bounds}
-        taken = leases.held(
-            conn,
-            in_flight
-            | {partition_key(t, p) for t, partitions in bounds.items() for p in partitions},
-        )
-        _fail_dead_runs(context, conn, unfinished, taken, cursor, now)
+        keys = {partition_key(t, p) for t, partitions in bounds.items() for p in partitions}
+        taken = leases.held(conn, {leases.partition_lease(key) for key in keys})
+        _fail_dead_runs(context, conn, unfinished, cursor, now)
     # A partition whose lease is taken has a live run, maybe another deployment's.
-    in_flight |= taken
+    in_flight |= {key for key in keys if leases.partition_lease(key) in taken}
     requests: list[dg.RunRequest] = []
     behind: dict[TopicPartition, tuple[int, int]] = {}  # next offset, messages behind
     consumer = kafka.get_consumer()
@@ -244,7 +241,6 @@ def _fail_dead_runs(
     context: dg.SensorEvaluationContext,
     conn: psycopg.Connection,
     unfinished: Sequence[dg.RunRecord],
-    taken: set[str],
     cursor: SensorCursor,
     now: float,
 ) -> None:
@@ -256,8 +252,9 @@ def _fail_dead_runs(
         target = run_partition(run)
         if run.status == dg.DagsterRunStatus.STARTED and record.start_time and target:
             started[run.run_id] = target
-            watched.append(StartedRun(run.run_id, partition_key(*target), record.start_time))
-    verdict = judge(watched, taken, cursor.lease_free_since, now, DEAD_AFTER_SECONDS)
+            watched.append(StartedRun(run.run_id, leases.run_lease(run.run_id), record.start_time))
+    alive = leases.held(conn, [run.lease for run in watched])
+    verdict = judge(watched, alive, cursor.lease_free_since, now, DEAD_AFTER_SECONDS)
     cursor.lease_free_since = verdict.free_since
     for run_id, since in verdict.dead.items():
         topic, partition = started[run_id]
@@ -268,9 +265,9 @@ def _fail_dead_runs(
         free_at = datetime.datetime.fromtimestamp(since, datetime.UTC).strftime("%H:%M:%S UTC")
         message = (
             f"worker gone: lock of {topic}/{partition} free since {free_at} "
-            f"({now - since:.0f} s); the run's process died (its deployment was killed or its "
-            "host lost). Marked failed so the partition resumes; the next run of this range "
-            "finishes whatever the dead one claimed."
+            f"({now - since:.0f} s, lease {leases.run_lease(run_id)!r}); the run's process died "
+            "(its deployment was killed or its host lost). Marked failed so the partition "
+            "resumes; the next run of this range finishes whatever the dead one claimed."
         )
         context.log.warning(f"run {run_id}: {message}")
         context.instance.report_run_failed(

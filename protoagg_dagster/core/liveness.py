@@ -1,6 +1,6 @@
-"""Deciding which STARTED runs are dead, from observations of their partitions' leases.
+"""Deciding which STARTED runs are dead, from observations of their run leases.
 
-A live run holds its partition's lease from just after it starts until just before it ends (see
+A live run holds its lease from just after it starts until just before it ends (see
 ``protoagg_dagster.leases``). A run is declared dead only when its lease was seen free at two
 observations at least ``grace`` seconds apart, none in between saw it held, and the run started
 more than ``grace`` ago: one free sighting can be the moment before a run takes its lease or
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class StartedRun:
     run_id: str
-    partition: str  # lease name (``topic-partition``)
+    lease: str
     started_at: float  # epoch seconds
 
 
@@ -37,7 +37,7 @@ def judge(
     dead: dict[str, float] = {}
     watching: dict[str, float] = {}
     for run in runs:
-        if run.partition in held:
+        if run.lease in held:
             continue
         since = free_since.get(run.run_id, now)
         watching[run.run_id] = since

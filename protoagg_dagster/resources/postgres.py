@@ -50,9 +50,10 @@ class PostgresResource(dg.ConfigurableResource):  # type: ignore[type-arg]
 
 
 class PartitionLease(dg.ConfigurableResource):  # type: ignore[type-arg]
-    """Held by an archive run from its start to its end: the sign that its worker is alive.
+    """Held by an archive run from its start to its end: its run's and its partition's leases.
 
-    The sensor fails a STARTED run whose lease stays free (see ``protoagg_dagster.leases``).
+    The sensor fails a STARTED run whose run lease stays free, and launches nothing for a
+    partition whose lease is taken (see ``protoagg_dagster.leases``).
     """
 
     postgres: PostgresResource
@@ -62,51 +63,53 @@ class PartitionLease(dg.ConfigurableResource):  # type: ignore[type-arg]
         "(another deployment's) before it gives up without doing anything.",
     )
     _conn: psycopg.Connection | None = PrivateAttr(default=None)
-    _name: str | None = PrivateAttr(default=None)
-    _application: str = PrivateAttr(default="protoagg run")
+    _partition: str | None = PrivateAttr(default=None)
+    _run_id: str = PrivateAttr(default="")
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         run = context.dagster_run
         target = run_partition(run) if run is not None else None
-        if target is None:
+        if run is None or target is None:
             return
-        self._name = partition_key(*target)
-        self._application = f"protoagg run {run.run_id}" if run is not None else "protoagg run"
+        self._partition = partition_key(*target)
+        self._run_id = run.run_id
         self._conn = self._take(self.wait_seconds)
         if context.log is not None:
-            context.log.info(f"holding the lease of partition {self._name}")
+            context.log.info(f"holding the leases of this run and of partition {self._partition}")
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
         if self._conn is not None:
-            self._conn.close()  # closing the session frees the lease
+            self._conn.close()  # closing the session frees the leases
             self._conn = None
 
     def confirm(self) -> None:
-        """Make sure the lease is still ours before touching the ledger or the archive.
+        """Make sure the leases are still ours before touching the ledger or the archive.
 
-        A lease session lost while the run lives (PostgreSQL restarted) is taken again if free;
-        if someone else took it meanwhile, another run now works the partition and this one stops.
+        Leases lost while the run lives (PostgreSQL restarted) are taken again if free; if another
+        run took the partition meanwhile, that run now works it and this one stops.
         """
-        if self._name is None or (self._conn is not None and leases.still_held(self._conn)):
+        if self._partition is None or (self._conn is not None and leases.still_held(self._conn)):
             return
         if self._conn is not None:
             self._conn.close()
         self._conn = None
-        try:
-            self._conn = self._take(wait_seconds=0.0)
-        except leases.LeaseTaken as exc:
-            raise dg.Failure(
-                description=f"lost the lease of partition {self._name} and another run took it; "
-                "this run stops so that one run archives the partition",
-                allow_retries=False,
-            ) from exc
+        self._conn = self._take(wait_seconds=0.0)
 
     def _take(self, wait_seconds: float) -> psycopg.Connection:
-        assert self._name is not None
+        assert self._partition is not None
         # The run id in pg_stat_activity tells an operator which run holds which lease.
-        conn = self.postgres.connect(application_name=self._application[:63])
+        conn = self.postgres.connect(application_name=f"protoagg run {self._run_id}"[:63])
         try:
-            leases.hold(conn, self._name, wait_seconds)
+            leases.hold(conn, leases.run_lease(self._run_id), wait_seconds=0.0)
+            leases.hold(conn, leases.partition_lease(self._partition), wait_seconds)
+        except leases.LeaseTaken as exc:
+            conn.close()
+            raise dg.Failure(
+                description=f"partition {self._partition} is being archived by another live "
+                f"run (its lease stayed taken for {wait_seconds:.0f} s); this run stops without "
+                "archiving anything, so that one run at a time works the partition",
+                allow_retries=False,
+            ) from exc
         except BaseException:
             conn.close()
             raise

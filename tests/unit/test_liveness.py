@@ -8,21 +8,21 @@ GRACE = 20.0
 
 
 def test_a_run_holding_its_lease_is_alive_however_long_it_runs() -> None:
-    run = StartedRun("r", "t-0", started_at=0.0)
-    verdict = judge([run], {"t-0"}, {"r": 5.0}, now=10_000.0, grace=GRACE)
+    run = StartedRun("r", "run r", started_at=0.0)
+    verdict = judge([run], {"run r"}, {"r": 5.0}, now=10_000.0, grace=GRACE)
     assert verdict.dead == {}
     assert verdict.free_since == {}  # seen held: the clock starts again
 
 
 def test_one_free_sighting_only_starts_the_clock() -> None:
-    run = StartedRun("r", "t-0", started_at=0.0)
+    run = StartedRun("r", "run r", started_at=0.0)
     verdict = judge([run], set(), {}, now=1_000.0, grace=GRACE)
     assert verdict.dead == {}
     assert verdict.free_since == {"r": 1_000.0}
 
 
 def test_free_for_the_grace_period_is_dead() -> None:
-    run = StartedRun("r", "t-0", started_at=0.0)
+    run = StartedRun("r", "run r", started_at=0.0)
     early = judge([run], set(), {"r": 1_000.0}, now=1_000.0 + GRACE - 1, grace=GRACE)
     assert early.dead == {}
     assert early.free_since == {"r": 1_000.0}
@@ -31,19 +31,20 @@ def test_free_for_the_grace_period_is_dead() -> None:
 
 
 def test_a_run_that_just_started_is_not_dead_even_with_an_old_clock() -> None:
-    run = StartedRun("r", "t-0", started_at=995.0)
+    run = StartedRun("r", "run r", started_at=995.0)
     verdict = judge([run], set(), {"r": 900.0}, now=1_010.0, grace=GRACE)
     assert verdict.dead == {}
 
 
 def test_clocks_of_runs_no_longer_started_are_forgotten() -> None:
-    alive = StartedRun("a", "t-0", started_at=0.0)
+    alive = StartedRun("a", "run a", started_at=0.0)
     verdict = judge([alive], set(), {"gone": 1.0, "a": 50.0}, now=60.0, grace=GRACE)
     assert verdict.free_since == {"a": 50.0}
     assert verdict.dead == {}
 
 
-def test_a_partition_held_by_another_run_keeps_this_one_alive() -> None:
-    # Two deployments: a second run of the partition holds the lease; the first waits for it.
-    waiting = StartedRun("w", "t-0", started_at=0.0)
-    assert judge([waiting], {"t-0"}, {"w": 1.0}, now=500.0, grace=GRACE).dead == {}
+def test_each_run_is_judged_by_its_own_lease() -> None:
+    alive = StartedRun("a", "run a", started_at=0.0)
+    dead = StartedRun("d", "run d", started_at=0.0)
+    verdict = judge([alive, dead], {"run a"}, {"a": 1.0, "d": 1.0}, now=500.0, grace=GRACE)
+    assert verdict.dead == {"d": 1.0}
