@@ -42,6 +42,7 @@ from tests.support.process_groups import group_members, signal_group
 INSTANCE_YAML = ROOT / "deploy" / "dagster.local.yaml"
 WORKSPACE_YAML = ROOT / "workspace.yaml"
 DAEMON = ROOT / ".venv" / "bin" / "dagster-daemon"
+DAGSTER = ROOT / ".venv" / "bin" / "dagster"
 # Variables a developer's shell might set that must not leak into a test deployment.
 _DROPPED_ENV = ("DAGSTER_HOME",)
 
@@ -53,6 +54,11 @@ class DagsterDeployment:
     name: str
     home: Path
     env: Mapping[str, str]
+    # Another code location, e.g. tests.support.slow_code (a python module name).
+    module: str | None = None
+    # ``dagster dev`` on this port (webserver, daemon, code server and run workers in one
+    # process group) instead of ``dagster-daemon run`` alone.
+    dev_port: int | None = None
     process: subprocess.Popen[bytes] | None = None
     _log: IO[bytes] | None = None
 
@@ -61,16 +67,31 @@ class DagsterDeployment:
         return self.home / "daemon.log"
 
     def start(self) -> None:
+        """Start (or, after a kill, restart) the deployment on its DAGSTER_HOME."""
         self.home.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(INSTANCE_YAML, self.home / "dagster.yaml")
-        with self.instance():
-            pass  # create the SQLite storages here, not in a race with the daemon
+        if not (self.home / "dagster.yaml").exists():
+            shutil.copyfile(INSTANCE_YAML, self.home / "dagster.yaml")
+            with self.instance():
+                pass  # create the SQLite storages here, not in a race with the daemon
+        workspace = WORKSPACE_YAML
+        if self.module is not None:
+            workspace = self.home / "workspace.yaml"
+            workspace.write_text(
+                "load_from:\n  - python_module:\n"
+                f"      module_name: {self.module}\n"
+                f"      working_directory: {ROOT}\n"
+                "      location_name: protoagg\n"
+            )
         env = {k: v for k, v in os.environ.items() if k not in _DROPPED_ENV}
         env.update(self.env)
         env["DAGSTER_HOME"] = str(self.home)
-        self._log = self.log_path.open("wb")
+        self._log = self.log_path.open("ab")
+        command = [str(DAEMON), "run", "-w", str(workspace)]
+        if self.dev_port is not None:
+            command = [str(DAGSTER), "dev", "-h", "127.0.0.1", "-p", str(self.dev_port)]
+            command += ["-w", str(workspace)]
         self.process = subprocess.Popen(
-            [str(DAEMON), "run", "-w", str(WORKSPACE_YAML)],
+            command,
             cwd=ROOT,
             env=env,
             stdin=subprocess.DEVNULL,
@@ -100,6 +121,23 @@ class DagsterDeployment:
         if self._log is not None:
             self._log.close()
             self._log = None
+
+    def kill(self) -> list[int]:
+        """SIGKILL the whole process group at once, as a node loss or OOM kill does; returns the
+        pids it held. Run records stay as the dead processes left them."""
+        assert self.process is not None
+        group = self.process.pid
+        members = group_members(group)
+        signal_group(group, signal.SIGKILL)
+        self.process.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while group_members(group) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not group_members(group), f"{self.name}: processes survived SIGKILL"
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        return members
 
     @contextmanager
     def instance(self) -> Iterator[dg.DagsterInstance]:
