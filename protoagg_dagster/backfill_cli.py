@@ -12,7 +12,7 @@ from tqdm import tqdm
 from protoagg_dagster.backfill import follow, resolve_ranges, submit
 from protoagg_dagster.core import settings
 from protoagg_dagster.core.planning import OffsetRange, split_range
-from protoagg_dagster.ledger import read_progress
+from protoagg_dagster.ledger import begin_partition, read_progress
 from protoagg_dagster.resources import KafkaResource, PostgresResource
 
 
@@ -28,6 +28,8 @@ def run_backfill(args: argparse.Namespace) -> int:
         args.to_time,
     )
     with PostgresResource(dsn=settings.POSTGRES_DSN.read()).get_connection() as conn:
+        for whole in wanted:
+            begin_partition(conn, whole.topic, whole.partition, whole.start)
         progress = read_progress(conn, args.topic)
     to_run: list[OffsetRange] = []
     for whole in wanted:

@@ -110,6 +110,21 @@ def read_progress(conn: psycopg.Connection, topic: str) -> dict[int, PartitionPr
     }
 
 
+def begin_partition(conn: psycopg.Connection, topic: str, partition: int, start: int) -> None:
+    """Make ``start`` the partition's first offset to archive, unless it has one already.
+
+    The first claim of a partition does this for its own start. A backfill does it before its
+    runs are queued: should a later range run first (its predecessor's run died and was retried
+    behind it), it is refused as a gap instead of silently starting the archive after the range
+    that has not run yet.
+    """
+    conn.execute(
+        "INSERT INTO archive_positions (topic, partition, next_offset) VALUES (%s, %s, %s) "
+        "ON CONFLICT DO NOTHING",
+        (topic, partition, start),
+    )
+
+
 def claim_batch(
     conn: psycopg.Connection,
     batch: OffsetRange,
@@ -125,11 +140,7 @@ def claim_batch(
     trimmed; a batch that starts beyond the archived position is refused (it would leave a gap).
     """
     with conn.transaction():
-        conn.execute(
-            "INSERT INTO archive_positions (topic, partition, next_offset) VALUES (%s, %s, %s) "
-            "ON CONFLICT DO NOTHING",
-            (batch.topic, batch.partition, batch.start),
-        )
+        begin_partition(conn, batch.topic, batch.partition, batch.start)
         # The row lock serialises claimers of one partition; other partitions are not blocked.
         row = conn.execute(
             "SELECT next_offset FROM archive_positions WHERE topic = %s AND partition = %s "

@@ -298,15 +298,17 @@ def test_whole_deployment_killed_three_times_resumes_every_partition_exactly_onc
             deployment.start()
             watched = sorted(busy) or [f"{topic}/0"]
             for partition in watched:
-                waited = wait_until(
+                wait_until(
                     f"a run of {partition} starts after the restart",
                     lambda p=partition: next_start(deployment, p, restarted_at[-1]) is not None,
                     240,
                     alive,
                 )
+                resumed = next_start(deployment, partition, restarted_at[-1])
+                assert resumed is not None
                 resumes.append(
                     f"kill {label} ({len(killed)} processes; busy: {sorted(busy)}): "
-                    f"{partition} ran again {waited:.1f} s after the restart"
+                    f"{partition} ran again {resumed - restarted_at[-1]:.1f} s after the restart"
                 )
         wait_until(
             "every partition is archived to its end with nothing pending",

@@ -12,7 +12,7 @@ from protoagg_dagster.core.errors import BackendError
 from protoagg_dagster.core.planning import OffsetRange
 from protoagg_dagster.core.records import LogRecord
 from protoagg_dagster.dedupe_window import advance_window, epoch_day, partition_name
-from protoagg_dagster.ledger import claim_batch, finish_batch, read_progress
+from protoagg_dagster.ledger import begin_partition, claim_batch, finish_batch, read_progress
 from protoagg_dagster.resources import PostgresResource
 
 
@@ -144,3 +144,19 @@ def test_a_stale_run_of_an_archived_range_is_done_even_while_a_later_batch_is_pe
         claim_batch(conn, OffsetRange("t", 0, 5, 10), records(new_ids(5), 5), "o", None)
         stale = claim_batch(conn, OffsetRange("t", 0, 0, 5), records(new_ids(5)), "o", None)
     assert stale.nothing_to_do
+
+
+def test_a_range_run_before_its_predecessor_is_refused_once_the_start_is_known(
+    postgres_dsn: str,
+) -> None:
+    # A backfill registers where the partition starts; a later range whose run goes first must not
+    # become the archive's start and silently skip the range before it.
+    pg = PostgresResource(dsn=postgres_dsn)
+    with pg.get_connection() as conn:
+        begin_partition(conn, "t", 0, 0)
+        with pytest.raises(BackendError, match="would leave a gap"):
+            claim_batch(conn, OffsetRange("t", 0, 4, 8), records(new_ids(4), 4), "o", None)
+        first = claim_batch(conn, OffsetRange("t", 0, 0, 4), records(new_ids(4)), "o", None)
+        assert first.batch_id is not None and len(first.kept) == 4
+        begin_partition(conn, "t", 0, 100)  # known already: unchanged
+        assert read_progress(conn, "t")[0].next_offset == 0
