@@ -165,5 +165,10 @@ def test_a_wrong_postgres_password_fails_at_once_naming_the_setting(
     result = run_range(stack, 5)
     assert not result.success
     assert not any(e.event_type_value == RETRY_EVENT for e in result.all_events)
-    failure = next(e for e in result.all_events if e.is_step_failure)
-    assert "PROTOAGG_POSTGRES_DSN" in str(failure.step_failure_data.error)
+    # The run's lease connects first, as its resources start: the run fails before any step.
+    errors = [
+        str(error)
+        for e in result.all_events
+        if (error := getattr(e.event_specific_data, "error", None)) is not None
+    ]
+    assert any("PROTOAGG_POSTGRES_DSN" in error for error in errors)
