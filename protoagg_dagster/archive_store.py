@@ -91,12 +91,23 @@ def _compose_fenced(
                 f"gs://{bucket.name}/{object_name} says {key} is archived up to {done}, inside "
                 f"{batch}: another writer appended a different range; refusing to append"
             )
+        if current is not None and (current.temporary_hold or current.event_based_hold):
+            raise ConfigError(
+                f"gs://{bucket.name}/{object_name} is under a hold, so appending to it (compose "
+                "replaces the object) is refused: release the hold or change PROTOAGG_GCS_OBJECT"
+            )
         target = bucket.blob(object_name)
         target.metadata = metadata_after_append(current.metadata if current else None, batch)
         target.content_type = CONTENT_TYPE
         sources = [current, temp] if current is not None else [temp]
         try:
             target.compose(sources, if_generation_match=current.generation if current else 0)
+        except gexc.Forbidden as exc:
+            raise ConfigError(
+                f"GCS refused to append to gs://{bucket.name}/{object_name}: {exc.message} "
+                "(a retention policy or hold forbids replacing the object; archive into a bucket "
+                "without one, see `protoagg doctor`)"
+            ) from exc
         except gexc.PreconditionFailed:
             # Another writer (another partition, or a twin of this run) appended first.
             time.sleep(min(2.0, 0.05 * 2**attempt) * random.random())
@@ -109,7 +120,9 @@ def _compose_fenced(
 
 
 def _delete_quietly(blob: storage.Blob) -> None:
-    with contextlib.suppress(gexc.NotFound):
+    # Forbidden: a retention policy keeps the piece; the append has already said so, and the
+    # cleanup pass removes it once the policy allows.
+    with contextlib.suppress(gexc.NotFound, gexc.Forbidden):
         blob.delete()
 
 

@@ -13,7 +13,9 @@ import dagster as dg
 from kafka import KafkaConsumer, TopicPartition
 
 from protoagg_dagster.assets import ARCHIVE_ASSET
+from protoagg_dagster.core.errors import ConfigError, MissingCredentials
 from protoagg_dagster.core.planning import OffsetRange, PartitionView, plan_batch
+from protoagg_dagster.core.storage_bill import bill_findings, expected_appends_per_day
 from protoagg_dagster.jobs import (
     PARTITION_TAG,
     RANGE_TAG,
@@ -22,32 +24,43 @@ from protoagg_dagster.jobs import (
     range_tags,
 )
 from protoagg_dagster.kafka_reader import offsets_at_time, timestamps_at
-from protoagg_dagster.ledger import PartitionProgress, read_progress
-from protoagg_dagster.resources import KafkaResource, PostgresResource
+from protoagg_dagster.ledger import AppendedBatch, PartitionProgress, latest_appended, read_progress
+from protoagg_dagster.resources import GCSResource, KafkaResource, PostgresResource
 from protoagg_dagster.settings_resource import ArchiverSettings
 
 
 @dataclass
 class SensorCursor:
-    """Per partition: when unarchived messages were first seen, and a resolved first offset.
+    """Per partition: backlog clocks and resolved first offsets; and the bucket check done.
 
+    ``bill_checked`` says the bucket's settings were read for what appends cost (first tick).
     Only a convenience: the ledger's archived position is the truth, so a lost cursor costs at
     most one extra linger period (and, for ``start_from=latest``, a new look at the log end).
     """
 
     backlog_since: dict[str, float]
     start_at: dict[str, int]
+    bill_checked: bool = False
 
     @classmethod
     def loads(cls, text: str | None) -> "SensorCursor":
         if not text:
             return cls({}, {})
         raw = json.loads(text)
-        return cls(dict(raw.get("backlog_since", {})), dict(raw.get("start_at", {})))
+        return cls(
+            dict(raw.get("backlog_since", {})),
+            dict(raw.get("start_at", {})),
+            bool(raw.get("bill_checked", False)),
+        )
 
     def dumps(self) -> str:
         return json.dumps(
-            {"backlog_since": self.backlog_since, "start_at": self.start_at}, sort_keys=True
+            {
+                "backlog_since": self.backlog_since,
+                "start_at": self.start_at,
+                "bill_checked": self.bill_checked,
+            },
+            sort_keys=True,
         )
 
 
@@ -62,6 +75,7 @@ def kafka_offsets_sensor(
     context: dg.SensorEvaluationContext,
     kafka: KafkaResource,
     postgres: PostgresResource,
+    gcs: GCSResource,
     archiver: ArchiverSettings,
 ) -> dg.SensorResult:
     cursor = SensorCursor.loads(context.cursor)
@@ -70,6 +84,15 @@ def kafka_offsets_sensor(
     in_flight = _partitions_in_flight(context.instance)
     with postgres.get_connection() as conn:
         progress = {topic: read_progress(conn, topic) for topic in kafka.topic_list()}
+        biggest = max(latest_appended(conn), key=lambda b: b.object_size or 0, default=None)
+    bill: dict[str, dg.MetadataValue] = {}
+    if not cursor.bill_checked:
+        try:
+            bill = _storage_bill(context, gcs, kafka, archiver, biggest)
+        except MissingCredentials as exc:
+            # Every run would fail the same way: say it once per tick, launch nothing.
+            return dg.SensorResult(skip_reason=str(exc), cursor=context.cursor)
+        cursor.bill_checked = True
     requests: list[dg.RunRequest] = []
     behind: dict[TopicPartition, tuple[int, int]] = {}  # next offset, messages behind
     consumer = kafka.get_consumer()
@@ -106,8 +129,40 @@ def kafka_offsets_sensor(
     return dg.SensorResult(
         run_requests=requests,
         cursor=cursor.dumps(),
-        asset_events=[_lag_observation(behind, oldest, now)],
+        asset_events=[_lag_observation(behind, oldest, now, bill)],
     )
+
+
+def _storage_bill(
+    context: dg.SensorEvaluationContext,
+    gcs: GCSResource,
+    kafka: KafkaResource,
+    archiver: ArchiverSettings,
+    biggest: AppendedBatch | None,
+) -> dict[str, dg.MetadataValue]:
+    """Warn (log and metadata) about bucket settings that make each append cost a copy."""
+    try:
+        bucket = gcs.bucket_settings()
+        name = biggest.object_name if biggest is not None else gcs.object_template
+        archive = gcs.object_settings(name) if "{" not in name else None
+    except MissingCredentials:
+        raise
+    except ConfigError as exc:
+        context.log.warning(f"bucket settings not checked: {exc}")
+        return {}
+    partitions = sum(len(kafka.offset_bounds(topic)) for topic in kafka.topic_list())
+    findings = bill_findings(
+        bucket, archive, expected_appends_per_day(partitions, archiver.linger_seconds)
+    )
+    for finding in findings:
+        context.log.warning(f"GCS {finding.level}: {finding.line()}")
+    if not findings:
+        return {"storage_bill": dg.TextMetadataValue("bucket settings add no cost per append")}
+    return {
+        "storage_bill": dg.MarkdownMetadataValue(
+            "\n".join(f"- **{f.level} {f.setting}**: {f.detail}. Fix: {f.fix}" for f in findings)
+        )
+    }
 
 
 def _next_offsets(
@@ -158,7 +213,10 @@ def _run_request(instance: dg.DagsterInstance, batch: OffsetRange) -> dg.RunRequ
 
 
 def _lag_observation(
-    behind: dict[TopicPartition, tuple[int, int]], oldest: dict[TopicPartition, int], now: float
+    behind: dict[TopicPartition, tuple[int, int]],
+    oldest: dict[TopicPartition, int],
+    now: float,
+    extra: dict[str, dg.MetadataValue],
 ) -> dg.AssetObservation:
     seconds = {tp: max(now - ts / 1000, 0.0) for tp, ts in oldest.items()}
     metadata: dict[str, dg.MetadataValue] = {
@@ -170,6 +228,7 @@ def _lag_observation(
         metadata[f"lag_seconds[{tp.topic}/{tp.partition}]"] = dg.FloatMetadataValue(
             round(seconds.get(tp, 0.0), 1)
         )
+    metadata.update(extra)
     return dg.AssetObservation(asset_key=ARCHIVE_ASSET, metadata=metadata)
 
 

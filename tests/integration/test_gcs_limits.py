@@ -136,3 +136,24 @@ def test_a_held_object_cannot_be_composed_onto(
     with pytest.raises(gexc.Forbidden) as raised:
         bucket.blob(held.name).compose([held, piece], retry=None)
     assert "hold" in raised.value.message
+
+
+def test_appending_onto_a_held_or_retained_object_fails_at_once_with_a_clear_error(
+    services: Services, unique: str, proxy: GcsProxy, bucket: storage.Bucket
+) -> None:
+    from protoagg_dagster.archive_store import append_batch
+    from protoagg_dagster.core.errors import ConfigError
+    from protoagg_dagster.core.planning import OffsetRange
+
+    held, retained = f"{unique}/held.pb", f"{unique}/retained.pb"
+    append_batch(bucket, held, OffsetRange("t", 0, 0, 1), b"a")
+    append_batch(bucket, retained, OffsetRange("t", 0, 0, 1), b"a")
+    proxy.place_hold(services.bucket, held)
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match="under a hold"):
+        append_batch(bucket, held, OffsetRange("t", 0, 1, 2), b"b")
+    proxy.present_bucket(services.bucket, BucketPolicy(retention_seconds=3600))
+    with pytest.raises(ConfigError, match="retention policy or hold"):
+        append_batch(bucket, retained, OffsetRange("t", 0, 1, 2), b"b")
+    assert time.monotonic() - started < 10  # no retries with backoff
+    assert proxy.count(kind="compose", status=403) == 1
