@@ -142,18 +142,51 @@ def test_appending_onto_a_held_or_retained_object_fails_at_once_with_a_clear_err
     services: Services, unique: str, proxy: GcsProxy, bucket: storage.Bucket
 ) -> None:
     from protoagg_dagster.archive_store import append_batch
+    from protoagg_dagster.core.archive_object import Piece
     from protoagg_dagster.core.errors import ConfigError
     from protoagg_dagster.core.planning import OffsetRange
+    from tests.support.memory_ledger import MemoryLedger
 
+    ledger = MemoryLedger()
     held, retained = f"{unique}/held.pb", f"{unique}/retained.pb"
-    append_batch(bucket, held, OffsetRange("t", 0, 0, 1), b"a")
-    append_batch(bucket, retained, OffsetRange("t", 0, 0, 1), b"a")
+    first, second = OffsetRange("t", 0, 0, 1), OffsetRange("t", 0, 1, 2)
+    append_batch(bucket, held, first, Piece(1, "records", 1), b"a", ledger)
+    append_batch(bucket, retained, first, Piece(2, "records", 1), b"a", ledger)
     proxy.place_hold(services.bucket, held)
     started = time.monotonic()
     with pytest.raises(ConfigError, match="under a hold"):
-        append_batch(bucket, held, OffsetRange("t", 0, 1, 2), b"b")
+        append_batch(bucket, held, second, Piece(3, "records", 1), b"b", ledger)
     proxy.present_bucket(services.bucket, BucketPolicy(retention_seconds=3600))
     with pytest.raises(ConfigError, match="retention policy or hold"):
-        append_batch(bucket, retained, OffsetRange("t", 0, 1, 2), b"b")
+        append_batch(bucket, retained, second, Piece(4, "records", 1), b"b", ledger)
     assert time.monotonic() - started < 10  # no retries with backoff
     assert proxy.count(kind="compose", status=403) == 1
+
+
+def test_two_thousand_partitions_append_to_one_object_within_the_metadata_limit(
+    services: Services, unique: str, proxy: GcsProxy, bucket: storage.Bucket, postgres_dsn: str
+) -> None:
+    """The object's bookkeeping is one marker; the partitions' offsets live in the ledger."""
+    from protoagg_dagster.archive_store import append_batch
+    from protoagg_dagster.core.archive_object import Piece
+    from protoagg_dagster.core.planning import OffsetRange
+    from protoagg_dagster.ledger import AppendLedger, archived_partitions, claim_batch
+    from protoagg_dagster.resources import PostgresResource
+
+    proxy.mutation_interval = None  # the rate is not under test here: 2,000 appends at speed
+    name, partitions = f"{unique}/log.pb", 2000
+    with PostgresResource(dsn=postgres_dsn).get_connection() as conn:
+        ledger = AppendLedger(conn, services.bucket)
+        for partition in range(partitions):
+            batch = OffsetRange(f"topic-with-a-long-name-{unique}", partition, 0, 1_000_000)
+            claim = claim_batch(conn, batch, [], name, run_id=None)
+            assert claim.batch_id is not None
+            data = f"{partition};".encode()
+            piece = Piece(claim.batch_id, "records", len(data))
+            assert append_batch(bucket, name, batch, piece, data, ledger, sleep=lambda _: None)
+        offsets = archived_partitions(conn, [name])
+    blob = bucket.get_blob(name)
+    assert blob.download_as_bytes() == b"".join(f"{p};".encode() for p in range(partitions))
+    assert sum(len(k) + len(v) for k, v in blob.metadata.items()) < 64
+    assert len(offsets) == partitions and set(offsets.values()) == {1_000_000}
+    assert proxy.count(status=400) == 0
