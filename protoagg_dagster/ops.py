@@ -253,9 +253,11 @@ def append(
                     "dead_letters",
                     encode_envelopes(claimed.dead_letters),
                 )
-            # Appended even when empty (every record a duplicate): the compose still moves the
-            # object's offsets metadata past the batch, so the object says how far it is whole.
+            # Appended even when empty (every record a duplicate), so the ledger records the
+            # batch against its object like any other.
             archived = append_once(claim.object_name, "records", encoded.data)
+            # append_batch recorded the piece inside the object's lock; finishing again is a
+            # no-op that keeps "the claim is confirmed" one visible step of the op.
             if archived.appended:
                 finish_batch(
                     conn,
