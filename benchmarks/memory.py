@@ -52,9 +52,7 @@ from benchmarks.run_once import (  # noqa: E402
     require_service_args,
 )
 from protoagg_dagster.archive_store import CONTENT_TYPE  # noqa: E402
-from protoagg_dagster.core.archive_object import metadata_after_append  # noqa: E402
 from protoagg_dagster.core.framing import encode_records  # noqa: E402
-from protoagg_dagster.core.planning import OffsetRange  # noqa: E402
 from protoagg_dagster.core.records import LogRecord  # noqa: E402
 from protoagg_dagster.resources import GCSResource, KafkaResource  # noqa: E402
 
@@ -139,7 +137,6 @@ def upload_archive(gcs: GCSResource, name: str, records: int) -> int:
         for i in range(records)
     )
     blob = gcs.get_bucket().blob(name)
-    blob.metadata = metadata_after_append(None, OffsetRange("preloaded", 0, 0, records))
     blob.upload_from_string(data, content_type=CONTENT_TYPE)
     return len(data)
 

@@ -37,7 +37,6 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -61,17 +60,18 @@ from benchmarks.run_once import (  # noqa: E402
 )
 from protoagg_dagster.archive_store import append_batch  # noqa: E402
 from protoagg_dagster.checks import Written, evaluate_batch  # noqa: E402
+from protoagg_dagster.core.archive_object import Piece  # noqa: E402
 from protoagg_dagster.core.framing import encode_records  # noqa: E402
 from protoagg_dagster.core.planning import OffsetRange  # noqa: E402
 from protoagg_dagster.core.records import KafkaMessage, LogRecord, parse_messages  # noqa: E402
 from protoagg_dagster.kafka_reader import RangeRead, read_range  # noqa: E402
 from protoagg_dagster.ledger import (  # noqa: E402
     AppendedBatch,
+    AppendLedger,
     Claim,
     claim_batch,
     finish_batch,
     gap_before,
-    object_lock,
 )
 from protoagg_dagster.ops import Claimed, Consumed, Encoded, collector_paused  # noqa: E402
 from protoagg_dagster.resources import GCSResource, KafkaResource, PartitionLease, PostgresResource  # noqa: E402
@@ -230,12 +230,9 @@ def measure_batches(
             if claim.batch_id is None:
                 raise RuntimeError(f"nothing claimed in {rng}")
             with Timed() as t_append:
+                piece = Piece(claim.batch_id, "records", len(data))
                 result = append_batch(
-                    bucket,
-                    name,
-                    claim.batch,
-                    data,
-                    serialize=partial(object_lock, conn, lock, name),
+                    bucket, name, claim.batch, piece, data, AppendLedger(conn, lock)
                 )
             with Timed() as t_finish:
                 finish_batch(conn, claim.batch_id, result.generation, len(data), result.object_size)

@@ -15,8 +15,10 @@ from protoagg_dagster.core.dead_letters import iter_dead_letters
 from protoagg_dagster.core.errors import ArchiveFormatError, BackendError, ConfigError
 from protoagg_dagster.core.framing import iter_records
 from protoagg_dagster.core.records import format_rfc3339
+from protoagg_dagster.ledger import archived_partitions
 from protoagg_dagster.resources.gcs import GCSResource
 from protoagg_dagster.resources.kafka import KafkaResource
+from protoagg_dagster.resources.postgres import PostgresResource
 from protoagg_dagster.verification import KafkaCheck, check_against_kafka
 
 
@@ -123,7 +125,7 @@ def check_url_against_kafka(url: str) -> KafkaCheck:
     """``check_against_kafka`` for ``gs://BUCKET/OBJECT`` with the environment's settings."""
     if not url.startswith("gs://"):
         raise ConfigError(
-            "--against-kafka needs a gs:// URL (the object's metadata says what to check)"
+            "--against-kafka needs a gs:// URL (the ledger says which partitions it holds)"
         )
     bucket_name, _, name = url[len("gs://") :].partition("/")
     gcs = GCSResource(
@@ -132,6 +134,8 @@ def check_url_against_kafka(url: str) -> KafkaCheck:
         dead_letter_template=settings.GCS_DEAD_LETTERS.read(),
     )
     kafka = KafkaResource(bootstrap_servers=settings.KAFKA_BOOTSTRAP.read())
+    with PostgresResource(dsn=settings.POSTGRES_DSN.read()).get_connection() as conn:
+        partitions = archived_partitions(conn, [name])
     consumer = kafka.get_consumer()
     try:
         return check_against_kafka(
@@ -140,6 +144,7 @@ def check_url_against_kafka(url: str) -> KafkaCheck:
             gcs.dead_letter_template,
             consumer,
             settings.MAX_MESSAGE_BYTES.read_int(),
+            partitions,
         )
     finally:
         consumer.close()

@@ -1,34 +1,51 @@
-"""Appending a batch to an archive object in GCS: upload, fenced compose, delete.
+"""Appending a batch to an archive object in GCS: upload, fenced and paced compose, delete.
 
-The destination's generation fences the compose (``if_generation_match``), and its metadata says
-up to which offset each partition is archived, so a writer that lost a race, or a retry after a
-crash, finds out from the object itself whether its batch is already there.
+The destination's generation fences the compose (``if_generation_match``). Which pieces an
+object holds is the ledger's to say (``AppendLedger``), with the object's one-piece marker
+covering a compose whose record was lost, so a writer that lost a race, or a retry after a crash,
+finds out whether its piece is already there whatever the number of partitions.
+
+GCS allows about one mutation per second per object name (429 beyond it): the lock holder waits
+until a second has passed since the destination's last update before composing, and the client
+retries a 429 with backoff (compose carries a generation, so its retry is safe).
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import random
 import time
 import uuid
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Protocol
 
 from google.api_core import exceptions as gexc
 from google.cloud import storage
 
 from protoagg_dagster.core.archive_object import (
     TEMP_PREFIX,
-    archived_offsets,
+    Piece,
+    last_append,
     metadata_after_append,
-    partition_key,
     temp_object_name,
 )
-from protoagg_dagster.core.errors import BackendError, ConfigError, FencedAppendError
+from protoagg_dagster.core.errors import ConfigError, FencedAppendError
 from protoagg_dagster.core.planning import OffsetRange
 
 CONTENT_TYPE = "application/x-protobuf"
+MUTATION_INTERVAL_SECONDS = 1.0  # GCS: about one write per second per object name
+
+
+class PieceLedger(Protocol):
+    """The object lock and the record of appended pieces (``ledger.AppendLedger``)."""
+
+    def locked(self, object_name: str) -> contextlib.AbstractContextManager[None]: ...
+
+    def is_appended(self, piece: Piece) -> bool: ...
+
+    def record(self, piece: Piece, generation: int | None, object_size: int | None) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -43,14 +60,16 @@ def append_batch(
     bucket: storage.Bucket,
     object_name: str,
     batch: OffsetRange,
+    piece: Piece,
     data: bytes,
-    serialize: Callable[[], AbstractContextManager[None]] = nullcontext,
+    ledger: PieceLedger,
     max_attempts: int = 20,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> AppendResult:
-    """Append ``data`` (framed records of ``batch``) to ``object_name`` exactly once.
+    """Append ``data`` (``piece`` of ``batch``) to ``object_name`` exactly once.
 
-    The upload happens first, outside ``serialize`` (a lock held only around read-and-compose).
-    Returns ``appended=False`` when the object's metadata shows the batch is already archived.
+    The upload happens first, outside the object's lock (held only around read-and-compose).
+    Returns ``appended=False`` when the ledger or the object's marker shows it already there.
     """
     temp = bucket.blob(temp_object_name(batch, uuid.uuid4().hex))
     try:
@@ -64,11 +83,11 @@ def append_batch(
     except gexc.Forbidden as exc:
         raise ConfigError(
             f"cannot write to gs://{bucket.name} with these credentials (needs "
-            f"roles/storage.objectAdmin): {exc.message}"
+            f"roles/storage.objectUser): {exc.message}"
         ) from exc
     try:
-        with serialize():
-            return _compose_fenced(bucket, object_name, batch, temp, max_attempts)
+        with ledger.locked(object_name):
+            return _compose_fenced(bucket, object_name, piece, temp, ledger, max_attempts, sleep)
     finally:
         _delete_quietly(temp)
 
@@ -76,31 +95,50 @@ def append_batch(
 def _compose_fenced(
     bucket: storage.Bucket,
     object_name: str,
-    batch: OffsetRange,
+    piece: Piece,
     temp: storage.Blob,
+    ledger: PieceLedger,
     max_attempts: int,
+    sleep: Callable[[float], None],
 ) -> AppendResult:
-    key = partition_key(batch.topic, batch.partition)
     for attempt in range(1, max_attempts + 1):
         current = bucket.get_blob(object_name)
-        done = archived_offsets(current.metadata if current else None).get(key)
-        if done is not None and done >= batch.end:
-            return AppendResult(False, current.generation, current.size, attempt)
-        if done is not None and done > batch.start:
-            raise BackendError(
-                f"gs://{bucket.name}/{object_name} says {key} is archived up to {done}, inside "
-                f"{batch}: another writer appended a different range; refusing to append"
+        if current is not None:
+            previous = last_append(current.metadata)
+            if previous is not None and not ledger.is_appended(previous):
+                # Composed by a writer that died (or lost the response) before recording it.
+                ledger.record(previous, current.generation, current.size)
+        if ledger.is_appended(piece):
+            return AppendResult(
+                False,
+                current.generation if current else None,
+                current.size if current else None,
+                attempt,
             )
+        if current is not None and (current.temporary_hold or current.event_based_hold):
+            raise ConfigError(
+                f"gs://{bucket.name}/{object_name} is under a hold, so appending to it (compose "
+                "replaces the object) is refused: release the hold or change PROTOAGG_GCS_OBJECT"
+            )
+        if current is not None:
+            sleep(_pause_before_compose(current.updated))
         target = bucket.blob(object_name)
-        target.metadata = metadata_after_append(current.metadata if current else None, batch)
+        target.metadata = metadata_after_append(current.metadata if current else None, piece)
         target.content_type = CONTENT_TYPE
         sources = [current, temp] if current is not None else [temp]
         try:
             target.compose(sources, if_generation_match=current.generation if current else 0)
+        except gexc.Forbidden as exc:
+            raise ConfigError(
+                f"GCS refused to append to gs://{bucket.name}/{object_name}: {exc.message} "
+                "(a retention policy or hold forbids replacing the object; archive into a bucket "
+                "without one, see `protoagg doctor`)"
+            ) from exc
         except gexc.PreconditionFailed:
             # Another writer (another partition, or a twin of this run) appended first.
-            time.sleep(min(2.0, 0.05 * 2**attempt) * random.random())
+            sleep(min(2.0, 0.05 * 2**attempt) * random.random())
             continue
+        ledger.record(piece, target.generation, target.size)
         return AppendResult(True, target.generation, target.size, attempt)
     raise FencedAppendError(
         f"gs://{bucket.name}/{object_name}: lost the compose race {max_attempts} times in a row; "
@@ -108,8 +146,22 @@ def _compose_fenced(
     )
 
 
+def _pause_before_compose(updated: datetime.datetime | None) -> float:
+    """Seconds to wait so the compose comes a full interval after the object's last update.
+
+    ``updated`` is GCS's clock; a skewed local clock only makes the wait shorter or longer by
+    the skew, capped at one interval, and a 429 is still retried by the client.
+    """
+    if updated is None:
+        return 0.0
+    since = (datetime.datetime.now(datetime.UTC) - updated).total_seconds()
+    return min(max(MUTATION_INTERVAL_SECONDS - since, 0.0), MUTATION_INTERVAL_SECONDS)
+
+
 def _delete_quietly(blob: storage.Blob) -> None:
-    with contextlib.suppress(gexc.NotFound):
+    # Forbidden: a retention policy keeps the piece; the append has already said so, and the
+    # cleanup pass removes it once the policy allows.
+    with contextlib.suppress(gexc.NotFound, gexc.Forbidden):
         blob.delete()
 
 

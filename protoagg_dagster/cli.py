@@ -111,6 +111,17 @@ def _parser() -> argparse.ArgumentParser:
         "every offset (archived once, duplicate, dead letter or tombstone)",
     )
     verify.set_defaults(handler=_verify)
+
+    doctor = commands.add_parser(
+        "doctor", help="check Kafka, PostgreSQL, GCS and Dagster settings; one line per check"
+    )
+    doctor.add_argument(
+        "--dagster-yaml",
+        type=Path,
+        default=None,
+        help="the Dagster instance's dagster.yaml (default: $DAGSTER_HOME/dagster.yaml)",
+    )
+    doctor.set_defaults(handler=_doctor)
     return parser
 
 
@@ -186,6 +197,39 @@ def _verify(args: argparse.Namespace) -> int:
     check = check_url_against_kafka(args.url)
     print(check.summary())
     return 0 if report.ok and check.ok else 1
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from protoagg_dagster.doctor import Deployment, diagnose
+    from protoagg_dagster.resources import GCSResource, KafkaResource
+
+    dagster_yaml = args.dagster_yaml
+    if dagster_yaml is None and os.environ.get("DAGSTER_HOME"):
+        dagster_yaml = Path(os.environ["DAGSTER_HOME"]) / "dagster.yaml"
+    deployment = Deployment(
+        kafka=KafkaResource(
+            bootstrap_servers=settings.KAFKA_BOOTSTRAP.read(),
+            topics=settings.TOPICS.read(),
+            security_protocol=settings.KAFKA_SECURITY_PROTOCOL.read(),
+            sasl_mechanism=settings.KAFKA_SASL_MECHANISM.read() or None,
+            sasl_username=settings.KAFKA_SASL_USERNAME.read() or None,
+            sasl_password=settings.KAFKA_SASL_PASSWORD.read() or None,
+            ssl_cafile=settings.KAFKA_SSL_CAFILE.read() or None,
+        ),
+        postgres_dsn=settings.POSTGRES_DSN.read(),
+        gcs=GCSResource(
+            bucket=settings.GCS_BUCKET.read(),
+            object_template=settings.GCS_OBJECT.read(),
+            dead_letter_template=settings.GCS_DEAD_LETTERS.read(),
+            emulator_host=settings.STORAGE_EMULATOR_HOST.read(),
+        ),
+        linger_seconds=settings.LINGER_SECONDS.read_float(),
+        dagster_yaml=dagster_yaml,
+    )
+    findings = diagnose(deployment)
+    for finding in findings:
+        print(finding.line(), flush=True)
+    return 1 if any(f.status == "FAIL" for f in findings) else 0
 
 
 if __name__ == "__main__":

@@ -15,11 +15,12 @@ own, so the same records are appended (or found already appended, via the object
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 
 import psycopg
 
+from protoagg_dagster.core.archive_object import Piece
 from protoagg_dagster.core.errors import BackendError
 from protoagg_dagster.core.planning import OffsetRange
 from protoagg_dagster.core.records import LogRecord
@@ -50,6 +51,10 @@ CREATE INDEX IF NOT EXISTS archive_batches_partition
     ON archive_batches (topic, partition, start_offset);
 CREATE UNIQUE INDEX IF NOT EXISTS archive_batches_one_claimed
     ON archive_batches (topic, partition) WHERE state = 'claimed';
+ALTER TABLE archive_batches
+    ADD COLUMN IF NOT EXISTS dead_letters_appended boolean NOT NULL DEFAULT false;
+CREATE INDEX IF NOT EXISTS archive_batches_object
+    ON archive_batches (object_name, topic, partition) WHERE state = 'appended';
 CREATE TABLE IF NOT EXISTS archive_positions (
     topic       text NOT NULL,
     partition   integer NOT NULL,
@@ -250,6 +255,48 @@ def object_lock(conn: psycopg.Connection, bucket: str, object_name: str) -> Iter
             "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (f"{bucket}/{object_name}",)
         )
         yield
+
+
+class AppendLedger:
+    """What ``append_batch`` asks the ledger: the object's lock, and which pieces are appended.
+
+    A piece is recorded inside the object's lock, in the lock's transaction, right after its
+    compose: so every piece composed onto an object is recorded, except at most the last one,
+    which the object's marker names and the next lock holder records.
+    """
+
+    def __init__(self, conn: psycopg.Connection, bucket: str) -> None:
+        self.conn = conn
+        self.bucket = bucket
+
+    def locked(self, object_name: str) -> AbstractContextManager[None]:
+        return object_lock(self.conn, self.bucket, object_name)
+
+    def is_appended(self, piece: Piece) -> bool:
+        column = "dead_letters_appended" if piece.role == "dead_letters" else "state = 'appended'"
+        row = self.conn.execute(
+            f"SELECT {column} FROM archive_batches WHERE batch_id = %s", (piece.batch_id,)
+        ).fetchone()
+        return bool(row and row[0])
+
+    def record(self, piece: Piece, generation: int | None, object_size: int | None) -> None:
+        if piece.role == "dead_letters":
+            self.conn.execute(
+                "UPDATE archive_batches SET dead_letters_appended = true WHERE batch_id = %s",
+                (piece.batch_id,),
+            )
+        else:
+            finish_batch(self.conn, piece.batch_id, generation, piece.size, object_size)
+
+
+def archived_partitions(conn: psycopg.Connection, object_names: Sequence[str]) -> dict[str, int]:
+    """``topic/partition`` → offset after the last batch appended to any of ``object_names``."""
+    rows = conn.execute(
+        "SELECT topic, partition, max(end_offset) FROM archive_batches "
+        "WHERE object_name = ANY(%s) AND state = 'appended' GROUP BY topic, partition",
+        (list(object_names),),
+    ).fetchall()
+    return {f"{topic}/{partition}": int(end) for topic, partition, end in rows}
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from pydantic import Field
 from protoagg_dagster.archive_store import AppendResult, append_batch
 from protoagg_dagster.assets import ARCHIVE_ASSET
 from protoagg_dagster.checks import Written, evaluate_batch
-from protoagg_dagster.core.archive_object import object_name
+from protoagg_dagster.core.archive_object import Piece, PieceRole, object_name
 from protoagg_dagster.core.dead_letters import encode_envelopes
 from protoagg_dagster.core.errors import ConfigError
 from protoagg_dagster.core.framing import encode_records
@@ -29,12 +29,12 @@ from protoagg_dagster.core.records import TOMBSTONE, Rejection, parse_messages
 from protoagg_dagster.kafka_reader import RangeRead, read_range
 from protoagg_dagster.ledger import (
     AppendedBatch,
+    AppendLedger,
     Claim,
     archived_position,
     claim_batch,
     finish_batch,
     gap_before,
-    object_lock,
 )
 from protoagg_dagster.resources import GCSResource, KafkaResource, PartitionLease, PostgresResource
 from protoagg_dagster.settings_resource import ArchiverSettings
@@ -238,15 +238,12 @@ def append(
     if claim.batch_id is not None:
         bucket = gcs.writable_bucket()
         with postgres.get_connection() as conn:
+            ledger = AppendLedger(conn, gcs.bucket)
 
-            def append_once(name: str, data: bytes) -> AppendResult:
-                result = append_batch(
-                    bucket,
-                    name,
-                    claim.batch,
-                    data,
-                    serialize=lambda: object_lock(conn, gcs.bucket, name),
-                )
+            def append_once(name: str, role: PieceRole, data: bytes) -> AppendResult:
+                assert claim.batch_id is not None
+                piece = Piece(claim.batch_id, role, len(data))
+                result = append_batch(bucket, name, claim.batch, piece, data, ledger)
                 if not result.appended:
                     context.log.info(
                         f"append: gs://{gcs.bucket}/{name} already holds {claim.batch}"
@@ -257,11 +254,14 @@ def append(
             if claimed.dead_letters:
                 append_once(
                     dead_letter_object(gcs, claim),
+                    "dead_letters",
                     encode_envelopes(claimed.dead_letters),
                 )
-            # Appended even when empty (every record a duplicate): the compose still moves the
-            # object's offsets metadata past the batch, so the object says how far it is whole.
-            archived = append_once(claim.object_name, encoded.data)
+            # Appended even when empty (every record a duplicate), so the ledger records the
+            # batch against its object like any other.
+            archived = append_once(claim.object_name, "records", encoded.data)
+            # append_batch recorded the piece inside the object's lock; finishing again is a
+            # no-op that keeps "the claim is confirmed" one visible step of the op.
             if archived.appended:
                 finish_batch(
                     conn,

@@ -19,12 +19,14 @@ from kafka import KafkaConsumer, TopicPartition
 
 from protoagg_dagster import leases
 from protoagg_dagster.assets import ARCHIVE_ASSET
+from protoagg_dagster.core.errors import ConfigError, MissingCredentials
 from protoagg_dagster.core.liveness import StartedRun, judge
 from protoagg_dagster.core.planning import OffsetRange, PartitionView, plan_batch
+from protoagg_dagster.core.storage_bill import bill_findings, expected_appends_per_day
 from protoagg_dagster.jobs import archive_kafka_batch
 from protoagg_dagster.kafka_reader import offsets_at_time, timestamps_at
-from protoagg_dagster.ledger import PartitionProgress, read_progress
-from protoagg_dagster.resources import KafkaResource, PostgresResource
+from protoagg_dagster.ledger import AppendedBatch, PartitionProgress, latest_appended, read_progress
+from protoagg_dagster.resources import GCSResource, KafkaResource, PostgresResource
 from protoagg_dagster.run_tags import (
     PARTITION_TAG,
     RANGE_TAG,
@@ -43,8 +45,9 @@ DEAD_AFTER_SECONDS = 20.0
 
 @dataclass
 class SensorCursor:
-    """Per partition: when unarchived messages were first seen, and a resolved first offset.
+    """Per partition: backlog clocks and resolved first offsets; and the bucket check done.
 
+    ``bill_checked`` says the bucket's settings were read for what appends cost (first tick).
     Only a convenience: the ledger's archived position is the truth, so a lost cursor costs at
     most one extra linger period (and, for ``start_from=latest``, a new look at the log end).
     """
@@ -54,6 +57,7 @@ class SensorCursor:
     # Per STARTED run whose lease was last seen free: since when (a lost cursor restarts the
     # clock, which only delays declaring a dead run dead).
     lease_free_since: dict[str, float]
+    bill_checked: bool = False
 
     @classmethod
     def loads(cls, text: str | None) -> "SensorCursor":
@@ -64,6 +68,7 @@ class SensorCursor:
             dict(raw.get("backlog_since", {})),
             dict(raw.get("start_at", {})),
             dict(raw.get("lease_free_since", {})),
+            bool(raw.get("bill_checked", False)),
         )
 
     def dumps(self) -> str:
@@ -72,6 +77,7 @@ class SensorCursor:
                 "backlog_since": self.backlog_since,
                 "start_at": self.start_at,
                 "lease_free_since": self.lease_free_since,
+                "bill_checked": self.bill_checked,
             },
             sort_keys=True,
         )
@@ -88,6 +94,7 @@ def kafka_offsets_sensor(
     context: dg.SensorEvaluationContext,
     kafka: KafkaResource,
     postgres: PostgresResource,
+    gcs: GCSResource,
     archiver: ArchiverSettings,
 ) -> dg.SensorResult:
     cursor = SensorCursor.loads(context.cursor)
@@ -105,8 +112,17 @@ def kafka_offsets_sensor(
         keys = {partition_key(t, p) for t, partitions in bounds.items() for p in partitions}
         taken = leases.held(conn, {leases.partition_lease(key) for key in keys})
         _fail_dead_runs(context, conn, unfinished, cursor, now)
+        biggest = max(latest_appended(conn), key=lambda b: b.object_size or 0, default=None)
     # A partition whose lease is taken has a live run, maybe another deployment's.
     in_flight |= {key for key in keys if leases.partition_lease(key) in taken}
+    bill: dict[str, dg.MetadataValue] = {}
+    if not cursor.bill_checked:
+        try:
+            bill = _storage_bill(context, gcs, kafka, archiver, biggest)
+        except MissingCredentials as exc:
+            # Every run would fail the same way: say it once per tick, launch nothing.
+            return dg.SensorResult(skip_reason=str(exc), cursor=cursor.dumps())
+        cursor.bill_checked = True
     requests: list[dg.RunRequest] = []
     behind: dict[TopicPartition, tuple[int, int]] = {}  # next offset, messages behind
     consumer = kafka.get_consumer()
@@ -144,8 +160,40 @@ def kafka_offsets_sensor(
     return dg.SensorResult(
         run_requests=requests,
         cursor=cursor.dumps(),
-        asset_events=[_lag_observation(behind, oldest, now)],
+        asset_events=[_lag_observation(behind, oldest, now, bill)],
     )
+
+
+def _storage_bill(
+    context: dg.SensorEvaluationContext,
+    gcs: GCSResource,
+    kafka: KafkaResource,
+    archiver: ArchiverSettings,
+    biggest: AppendedBatch | None,
+) -> dict[str, dg.MetadataValue]:
+    """Warn (log and metadata) about bucket settings that make each append cost a copy."""
+    try:
+        bucket = gcs.bucket_settings()
+        name = biggest.object_name if biggest is not None else gcs.object_template
+        archive = gcs.object_settings(name) if "{" not in name else None
+    except MissingCredentials:
+        raise
+    except ConfigError as exc:
+        context.log.warning(f"bucket settings not checked: {exc}")
+        return {}
+    partitions = sum(len(kafka.offset_bounds(topic)) for topic in kafka.topic_list())
+    findings = bill_findings(
+        bucket, archive, expected_appends_per_day(partitions, archiver.linger_seconds)
+    )
+    for finding in findings:
+        context.log.warning(f"GCS {finding.level}: {finding.line()}")
+    if not findings:
+        return {"storage_bill": dg.TextMetadataValue("bucket settings add no cost per append")}
+    return {
+        "storage_bill": dg.MarkdownMetadataValue(
+            "\n".join(f"- **{f.level} {f.setting}**: {f.detail}. Fix: {f.fix}" for f in findings)
+        )
+    }
 
 
 def _next_offsets(
@@ -196,7 +244,10 @@ def _run_request(instance: dg.DagsterInstance, batch: OffsetRange) -> dg.RunRequ
 
 
 def _lag_observation(
-    behind: dict[TopicPartition, tuple[int, int]], oldest: dict[TopicPartition, int], now: float
+    behind: dict[TopicPartition, tuple[int, int]],
+    oldest: dict[TopicPartition, int],
+    now: float,
+    extra: dict[str, dg.MetadataValue],
 ) -> dg.AssetObservation:
     seconds = {tp: max(now - ts / 1000, 0.0) for tp, ts in oldest.items()}
     metadata: dict[str, dg.MetadataValue] = {
@@ -208,6 +259,7 @@ def _lag_observation(
         metadata[f"lag_seconds[{tp.topic}/{tp.partition}]"] = dg.FloatMetadataValue(
             round(seconds.get(tp, 0.0), 1)
         )
+    metadata.update(extra)
     return dg.AssetObservation(asset_key=ARCHIVE_ASSET, metadata=metadata)
 
 

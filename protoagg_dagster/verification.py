@@ -1,6 +1,6 @@
 """The invariant checker: does the archive hold each logId of the topic exactly once?
 
-For every partition an archive object records (its ``protoagg-offsets`` metadata), the offsets
+For every partition the ledger records as appended to an archive object, the offsets
 ``[first retained, archived position)`` are read back from Kafka and each message must be
 accounted for: archived once (its first occurrence), a duplicate of an id archived before, a dead
 letter, or a tombstone. Ids archived twice, ids missing from the archive, partitions out of offset
@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import io
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from google.cloud import storage
 from kafka import KafkaConsumer
 
-from protoagg_dagster.core.archive_object import archived_offsets, object_name
+from protoagg_dagster.core.archive_object import object_name
 from protoagg_dagster.core.dead_letters import iter_dead_letters
 from protoagg_dagster.core.errors import ArchiveFormatError, BackendError
 from protoagg_dagster.core.framing import iter_records
@@ -75,8 +76,13 @@ def check_against_kafka(
     dead_letter_template: str,
     consumer: KafkaConsumer,
     max_message_bytes: int,
+    partitions: Mapping[str, int],
 ) -> KafkaCheck:
-    """Compare one archive object with the topic partitions it records."""
+    """Compare one archive object with the topic partitions appended to it.
+
+    ``partitions`` maps ``topic/partition`` to the offset after its last appended batch
+    (``ledger.archived_partitions``).
+    """
     report = KafkaCheck()
     blob = bucket.get_blob(archive_object)
     if blob is None:
@@ -91,7 +97,6 @@ def check_against_kafka(
     except ArchiveFormatError as exc:
         report.format_error = str(exc)
     report.doubled = sorted(key for key, n in counts.items() if n > 1)
-    partitions = archived_offsets(blob.metadata)
     for key, end in sorted(partitions.items()):
         topic, _, partition = key.rpartition("/")
         _check_partition(

@@ -15,6 +15,7 @@ from kafka.admin import NewTopic
 
 from protoagg_dagster.core.framing import ArchivedRecord, iter_records
 from protoagg_dagster.jobs import archive_kafka_batch
+from protoagg_dagster.ledger import archived_partitions
 from protoagg_dagster.resources import GCSResource, KafkaResource, PartitionLease, PostgresResource
 from protoagg_dagster.sensors import kafka_offsets_sensor
 from protoagg_dagster.settings_resource import ArchiverSettings
@@ -129,6 +130,8 @@ def archive(stack: Stack) -> tuple[list[ArchivedRecord], str]:
 
 def check_archive(stack: Stack) -> KafkaCheck:
     """The invariant checker over the stack's archive object and its topic."""
+    with stack.postgres.get_connection() as conn:
+        partitions = archived_partitions(conn, [stack.gcs.object_template])
     consumer = stack.kafka.get_consumer()
     try:
         return check_against_kafka(
@@ -137,6 +140,7 @@ def check_archive(stack: Stack) -> KafkaCheck:
             stack.gcs.dead_letter_template,
             consumer,
             stack.archiver.max_message_bytes,
+            partitions,
         )
     finally:
         consumer.close()

@@ -1,21 +1,26 @@
 """Names and metadata of archive objects: pure functions, so retries always hit the same object.
 
-The destination's custom metadata records, per topic-partition, the offset after the last batch
-appended to it. Compose replaces metadata rather than merging it, so every append re-sends the
-whole map.
+The destination's custom metadata holds one fixed-size marker, the last piece composed onto it
+(``batch id:role:bytes``). What each batch covers lives in the PostgreSQL ledger, so the
+metadata stays a few dozen bytes however many partitions write to the object (GCS allows 8 KiB).
+The marker closes the one gap the ledger cannot: a compose that landed but whose ledger record
+was not committed (a crash, or a lost response); whoever next holds the object's lock reads it
+and records that piece before composing anything else.
 """
 
 from __future__ import annotations
 
-import json
 import string
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
 
 from protoagg_dagster.core.errors import ConfigError
 from protoagg_dagster.core.planning import OffsetRange
 
-OFFSETS_METADATA_KEY = "protoagg-offsets"
+LAST_APPEND_KEY = "protoagg-last-append"
+LEGACY_OFFSETS_KEY = "protoagg-offsets"
 TEMP_PREFIX = "_protoagg/tmp/"
 TEMPLATE_FIELDS = frozenset({"topic", "partition", "date", "year", "month", "day", "hour"})
 
@@ -59,30 +64,40 @@ def object_name(
     )
 
 
-def partition_key(topic: str, partition: int) -> str:
-    return f"{topic}/{partition}"
+PieceRole = Literal["records", "dead_letters"]
 
 
-def archived_offsets(metadata: Mapping[str, str] | None) -> dict[str, int]:
-    """The per-partition next offsets recorded on an archive object (empty if none)."""
-    raw = (metadata or {}).get(OFFSETS_METADATA_KEY)
+@dataclass(frozen=True)
+class Piece:
+    """One append: the bytes of ``role`` (records or dead letters) of ledger batch ``batch_id``."""
+
+    batch_id: int
+    role: PieceRole
+    size: int
+
+    def marker(self) -> str:
+        return f"{self.batch_id}:{self.role}:{self.size}"
+
+
+def last_append(metadata: Mapping[str, str] | None) -> Piece | None:
+    """The piece the object's last compose appended, as its marker records (None if none)."""
+    raw = (metadata or {}).get(LAST_APPEND_KEY)
     if not raw:
-        return {}
-    try:
-        decoded = json.loads(raw)
-        return {str(key): int(value) for key, value in decoded.items()}
-    except (ValueError, AttributeError, TypeError) as exc:
-        raise ConfigError(
-            f"archive object metadata {OFFSETS_METADATA_KEY!r} is not valid JSON offsets: {raw!r}"
-        ) from exc
+        return None
+    batch_id, role, size = [*raw.split(":"), "", "", ""][:3]
+    if role not in ("records", "dead_letters") or not batch_id.isdigit() or not size.isdigit():
+        raise ConfigError(f"archive object metadata {LAST_APPEND_KEY!r} is not a marker: {raw!r}")
+    return Piece(int(batch_id), "records" if role == "records" else "dead_letters", int(size))
 
 
-def metadata_after_append(metadata: Mapping[str, str] | None, batch: OffsetRange) -> dict[str, str]:
-    """The destination's full custom metadata once ``batch`` is appended."""
-    offsets = archived_offsets(metadata)
-    offsets[partition_key(batch.topic, batch.partition)] = batch.end
-    result = dict(metadata or {})
-    result[OFFSETS_METADATA_KEY] = json.dumps(offsets, sort_keys=True, separators=(",", ":"))
+def metadata_after_append(metadata: Mapping[str, str] | None, piece: Piece) -> dict[str, str]:
+    """The destination's full custom metadata once ``piece`` is appended.
+
+    Compose replaces metadata, so the user's own keys are re-sent; the per-partition offsets map
+    of earlier versions is dropped (the ledger holds offsets now).
+    """
+    result = {k: v for k, v in (metadata or {}).items() if k != LEGACY_OFFSETS_KEY}
+    result[LAST_APPEND_KEY] = piece.marker()
     return result
 
 

@@ -5,6 +5,7 @@ Dagster ops) can tell our actionable failures from bugs::
 
     ProtoaggError
     ├── ConfigError        a setting is missing, malformed or inconsistent; the message names it
+    │   └── MissingCredentials  real GCS without Application Default Credentials
     ├── ServiceError       a local service (Kafka, PostgreSQL, GCS emulator) cannot start or answer
     ├── BackendError       a backend call failed after retries (Kafka, PostgreSQL, GCS)
     │   └── FencedAppendError   another writer appended to the archive object first
@@ -20,6 +21,10 @@ class ProtoaggError(Exception):
 
 class ConfigError(ProtoaggError):
     """A setting is missing, malformed or inconsistent with another one."""
+
+
+class MissingCredentials(ConfigError):
+    """Real GCS was asked for but no Application Default Credentials were found."""
 
 
 class ServiceError(ProtoaggError):

@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import dagster as dg
 from google.api_core import exceptions as gexc
+from google.auth import exceptions as auth_exc
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 from pydantic import Field
 
 from protoagg_dagster.core.archive_object import validate_template
 from protoagg_dagster.core.dead_letters import DEFAULT_TEMPLATE as DEAD_LETTER_TEMPLATE
-from protoagg_dagster.core.errors import ConfigError
+from protoagg_dagster.core.errors import ConfigError, MissingCredentials
+from protoagg_dagster.core.storage_bill import BucketSettings, ObjectSettings
+
+NO_CREDENTIALS = (
+    "no Google Cloud credentials: set STORAGE_EMULATOR_HOST to use a GCS emulator (local: "
+    "http://127.0.0.1:4443), or give protoagg Application Default Credentials for real GCS "
+    "(`gcloud auth application-default login`, or GOOGLE_APPLICATION_CREDENTIALS=key.json)"
+)
 
 
 class GCSResource(dg.ConfigurableResource):  # type: ignore[type-arg]
@@ -44,7 +52,10 @@ class GCSResource(dg.ConfigurableResource):  # type: ignore[type-arg]
                 credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
                 client_options={"api_endpoint": self.emulator_host},
             )
-        return storage.Client(project=self.project)
+        try:
+            return storage.Client(project=self.project)
+        except auth_exc.DefaultCredentialsError as exc:
+            raise MissingCredentials(NO_CREDENTIALS) from exc
 
     def get_bucket(self) -> storage.Bucket:
         validate_template(self.object_template)
@@ -69,3 +80,34 @@ class GCSResource(dg.ConfigurableResource):  # type: ignore[type-arg]
                 f"no permission on GCS bucket {self.bucket!r} for these credentials (needs "
                 f"roles/storage.objectAdmin): {exc.message}"
             ) from exc
+
+    def bucket_settings(self) -> BucketSettings:
+        """The bucket's soft delete, versioning, class and retention, as GCS reports them."""
+        bucket = self.get_client().bucket(self.bucket)
+        try:
+            bucket.reload()
+        except gexc.NotFound as exc:
+            raise ConfigError(
+                f"GCS bucket {self.bucket!r} does not exist (PROTOAGG_GCS_BUCKET)"
+            ) from exc
+        soft_delete = bucket.soft_delete_policy.retention_duration_seconds
+        return BucketSettings(
+            name=self.bucket,
+            soft_delete_seconds=int(soft_delete or 0),
+            versioning=bool(bucket.versioning_enabled),
+            storage_class=bucket.storage_class or "STANDARD",
+            retention_seconds=int(bucket.retention_period) if bucket.retention_period else None,
+            retention_locked=bool(bucket.retention_policy_locked),
+        )
+
+    def object_settings(self, name: str) -> ObjectSettings | None:
+        """An archive object's size, storage class and holds; None if it does not exist."""
+        blob = self.get_client().bucket(self.bucket).get_blob(name)
+        if blob is None:
+            return None
+        return ObjectSettings(
+            name=name,
+            size_bytes=int(blob.size or 0),
+            storage_class=blob.storage_class,
+            held=bool(blob.temporary_hold or blob.event_based_hold),
+        )

@@ -18,12 +18,13 @@ import requests
 from google.api_core import exceptions as gexc
 from google.cloud import storage
 
-from protoagg_dagster.archive_store import append_batch
-from protoagg_dagster.core.archive_object import TEMP_PREFIX, archived_offsets
+from protoagg_dagster.archive_store import AppendResult, append_batch
+from protoagg_dagster.core.archive_object import TEMP_PREFIX, Piece, last_append
 from protoagg_dagster.core.planning import OffsetRange
 from protoagg_dagster.resources.gcs import GCSResource
 from tests.conftest import Services
 from tests.support.gcs_proxy import GcsProxy
+from tests.support.memory_ledger import MemoryLedger
 
 
 def _bucket(services: Services, url: str) -> storage.Bucket:
@@ -47,6 +48,14 @@ def bucket(services: Services, proxy: GcsProxy) -> storage.Bucket:
 @pytest.fixture
 def raw_bucket(services: Services) -> storage.Bucket:
     return _bucket(services, services.gcs_url)
+
+
+def _append(
+    ledger: MemoryLedger, bucket: storage.Bucket, name: str, batch: OffsetRange, data: bytes
+) -> AppendResult:
+    """``append_batch`` of one range; the range stands for its ledger batch."""
+    piece = Piece(batch.partition * 1_000_000 + batch.start + 1, "records", len(data))
+    return append_batch(bucket, name, batch, piece, data, ledger)
 
 
 def _put(bucket: storage.Bucket, name: str, data: bytes) -> storage.Blob:
@@ -184,13 +193,15 @@ def test_concurrent_composes_with_the_same_generation_exactly_one_wins(
 def test_append_batch_appends_through_the_proxy(
     unique: str, proxy: GcsProxy, bucket: storage.Bucket
 ) -> None:
+    ledger = MemoryLedger()
     topic, name = f"t-{unique}", f"{unique}/log.pb"
-    first = append_batch(bucket, name, OffsetRange(topic, 0, 0, 5), b"one|")
-    second = append_batch(bucket, name, OffsetRange(topic, 0, 5, 9), b"two|")
-    again = append_batch(bucket, name, OffsetRange(topic, 0, 5, 9), b"two|")
+    first = _append(ledger, bucket, name, OffsetRange(topic, 0, 0, 5), b"one|")
+    second = _append(ledger, bucket, name, OffsetRange(topic, 0, 5, 9), b"two|")
+    again = _append(ledger, bucket, name, OffsetRange(topic, 0, 5, 9), b"two|")
     assert (first.appended, second.appended, again.appended) == (True, True, False)
     assert _content(bucket, name) == b"one|two|"
-    assert archived_offsets(bucket.get_blob(name).metadata) == {f"{topic}/0": 9}
+    assert last_append(bucket.get_blob(name).metadata) == Piece(6, "records", 4)
+    assert len(ledger.appended) == 2
     assert proxy.count(kind="compose", status=200) == 2
     assert proxy.count(status=412) == 0
     assert _temp_objects(bucket, topic) == []
@@ -200,21 +211,23 @@ def test_stalled_writer_is_fenced_and_appends_after_the_other_writer(
     services: Services, unique: str, proxy: GcsProxy, bucket: storage.Bucket
 ) -> None:
     """Writer A reads the object, stalls before composing; B appends; A's compose gets 412."""
+    ledger = MemoryLedger()
     topic, name = f"t-{unique}", f"{unique}/log.pb"
-    append_batch(bucket, name, OffsetRange(topic, 0, 0, 5), b"p0:0-5|")
+    _append(ledger, bucket, name, OffsetRange(topic, 0, 0, 5), b"p0:0-5|")
     hold = proxy.hold(kind="compose", object_name=name)
     stalled = _bucket(services, proxy.url)
     with ThreadPoolExecutor(1) as pool:
-        a = pool.submit(append_batch, stalled, name, OffsetRange(topic, 0, 5, 8), b"p0:5-8|")
+        a = pool.submit(_append, ledger, stalled, name, OffsetRange(topic, 0, 5, 8), b"p0:5-8|")
         assert hold.wait_arrived()  # A has read the generation and sent its compose
-        b = append_batch(bucket, name, OffsetRange(topic, 1, 0, 3), b"p1:0-3|")
+        b = _append(ledger, bucket, name, OffsetRange(topic, 1, 0, 3), b"p1:0-3|")
         hold.release()
         a_result = a.result(timeout=60)
     assert b.appended and b.compose_attempts == 1
     assert a_result.appended and a_result.compose_attempts == 2  # the fenced retry ran
     assert proxy.count(kind="compose", status=412, refused=True) == 1
     assert _content(bucket, name) == b"p0:0-5|p1:0-3|p0:5-8|"
-    assert archived_offsets(bucket.get_blob(name).metadata) == {f"{topic}/0": 8, f"{topic}/1": 3}
+    assert last_append(bucket.get_blob(name).metadata) == Piece(6, "records", 7)
+    assert len(ledger.appended) == 3
     assert _temp_objects(bucket, topic) == []
 
 
@@ -224,17 +237,18 @@ def test_lost_compose_response_is_retried_by_the_client(
 ) -> None:
     """The compose happens but its response is lost (503): the client retries the same compose.
 
-    With preconditions enforced the retry gets 412 and append_batch finds its batch in the
-    metadata (appended once). With the emulator's semantics the retry composes again: the
+    With preconditions enforced the retry gets 412 and append_batch finds its piece named by the
+    object's marker (appended once). With the emulator's semantics the retry composes again: the
     batch is in the object twice. Only the generation fence makes this retry safe.
     """
+    ledger = MemoryLedger()
     topic, name = f"t-{unique}", f"{unique}/log.pb"
     proxy = GcsProxy(services.gcs_url, enforce_preconditions=enforce)
     with proxy as url:
         bucket = _bucket(services, url)
-        append_batch(bucket, name, OffsetRange(topic, 0, 0, 5), b"one|")
+        _append(ledger, bucket, name, OffsetRange(topic, 0, 0, 5), b"one|")
         proxy.fail_next(1, 503, kind="compose", object_name=name, after=True)
-        result = append_batch(bucket, name, OffsetRange(topic, 0, 5, 9), b"two|")
+        result = _append(ledger, bucket, name, OffsetRange(topic, 0, 5, 9), b"two|")
         content = _content(bucket, name)
     if enforce:
         assert (result.appended, result.compose_attempts) == (False, 2)
@@ -253,10 +267,11 @@ def test_lost_compose_response_is_retried_by_the_client(
 def test_transient_errors_on_upload_and_compose_are_absorbed_by_client_retries(
     unique: str, proxy: GcsProxy, bucket: storage.Bucket, status: int
 ) -> None:
+    ledger = MemoryLedger()
     topic, name = f"t-{unique}", f"{unique}/log.pb"
     proxy.fail_next(2, status, kind="upload")
     proxy.fail_next(2, status, kind="compose")
-    result = append_batch(bucket, name, OffsetRange(topic, 0, 0, 5), b"one|")
+    result = _append(ledger, bucket, name, OffsetRange(topic, 0, 0, 5), b"one|")
     assert result.appended and result.compose_attempts == 1  # the client retried, not our loop
     assert _content(bucket, name) == b"one|"
     assert proxy.count(kind="upload", status=status, fault="fail") == 2
@@ -283,9 +298,10 @@ def test_lost_upload_response_is_recognised_and_the_append_completes(
     upload_from_string(if_generation_match=0) retries the 503 and gets 412: append_batch sees
     that the uniquely named temporary object is whole and carries on.
     """
+    ledger = MemoryLedger()
     topic, name = f"t-{unique}", f"{unique}/log.pb"
     proxy.fail_next(1, 503, kind="upload", after=True)
-    result = append_batch(bucket, name, OffsetRange(topic, 0, 0, 5), b"one|")
+    result = _append(ledger, bucket, name, OffsetRange(topic, 0, 0, 5), b"one|")
     assert result.appended
     assert bucket.blob(name).download_as_bytes() == b"one|"
     assert _temp_objects(bucket, topic) == []

@@ -15,6 +15,13 @@ updates and resumable uploads; real GCS enforces them, and our append path relie
 * **injects faults** the test thread programs: :meth:`GcsProxy.fail_next` answers an error instead
   of (or, with ``after=True``, after) forwarding, :meth:`GcsProxy.stall_next` delays a request,
   :meth:`GcsProxy.hold` parks a request until the test releases it;
+* **enforces the limits of real GCS** that the emulator ignores: at most 32 compose sources and
+  8 KiB of custom metadata (400 ``invalid``), and, with ``mutation_interval`` (about 1 s on GCS),
+  one mutation per object name per interval (429 ``rateLimitExceeded``);
+* **presents bucket and object policies** the test sets with :meth:`GcsProxy.present_bucket` and
+  :meth:`GcsProxy.place_hold` (soft delete, versioning, storage class, retention policy, holds):
+  bucket and object reads carry them, and a retention policy or a hold makes replacing or deleting
+  an object fail with 403 like GCS;
 * **counts** every exchange (:attr:`GcsProxy.stats`, :meth:`GcsProxy.count`).
 
 URLs the emulator returns (resumable ``Location``, ``mediaLink``, ``selfLink``) are rewritten to
@@ -45,7 +52,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Literal
 
-__all__ = ["Exchange", "GcsProxy", "Hold", "Kind"]
+__all__ = ["BucketPolicy", "Exchange", "GcsProxy", "Hold", "Kind"]
 
 Kind = Literal[
     "compose",
@@ -84,7 +91,8 @@ _PRECONDITIONS = (
     "ifMetagenerationNotMatch",
 )
 _ERROR_REASONS = {
-    400: "badRequest",
+    400: "invalid",
+    403: "forbidden",
     404: "notFound",
     408: "requestTimeout",
     412: "conditionNotMet",
@@ -95,6 +103,9 @@ _ERROR_REASONS = {
     504: "gatewayTimeout",
 }
 _HOLD_LIMIT_SECONDS = 120.0  # a forgotten hold never parks a request forever
+# Documented limits of Cloud Storage that fake-gcs-server does not enforce.
+MAX_COMPOSE_SOURCES = 32
+MAX_CUSTOM_METADATA_BYTES = 8 * 1024
 
 
 # -- what a request is ---------------------------------------------------------------------------
@@ -125,6 +136,8 @@ class _Request:
     mutates: bool = False
     checks: list[_Check] = field(default_factory=list)
     upload_id: str | None = None
+    metadata: dict[str, object] | None = None  # custom metadata the request sets, if any
+    sources: int = 0  # compose: how many source objects
 
 
 def _segments(path: str) -> list[str]:
@@ -154,6 +167,16 @@ def _json_body(body: bytes) -> dict[str, object]:
     except ValueError:
         return {}
     return decoded if isinstance(decoded, dict) else {}
+
+
+def _custom_metadata(resource: dict[str, object]) -> dict[str, object] | None:
+    metadata = resource.get("metadata")
+    return metadata if isinstance(metadata, dict) else None
+
+
+def _metadata_bytes(metadata: dict[str, object]) -> int:
+    """Size of custom metadata as GCS counts it: keys and values, UTF-8."""
+    return sum(len(str(k).encode()) + len(str(v or "").encode()) for k, v in metadata.items())
 
 
 def _query_checks(query: dict[str, str], key: ObjectKey, prefix: str = "") -> list[_Check]:
@@ -192,6 +215,10 @@ def _classify(req: _Request) -> None:
             if upload_type == "multipart":
                 name = _multipart_metadata(req.headers, req.body).get("name") or name
         req.mutates = True
+        if upload_type == "multipart":
+            req.metadata = _custom_metadata(_multipart_metadata(req.headers, req.body))
+        elif upload_type == "resumable":
+            req.metadata = _custom_metadata(_json_body(req.body))
         if isinstance(name, str) and name:
             req.key = (bucket, name)
             req.checks = _query_checks(q, req.key)
@@ -223,11 +250,17 @@ def _classify(req: _Request) -> None:
         req.mutates = req.method in ("DELETE", "PATCH", "PUT")
         if req.mutates:
             req.checks = _query_checks(q, key)
+        if req.method in ("PATCH", "PUT"):
+            req.metadata = _custom_metadata(_json_body(req.body))
         return
     if rest == ["compose"] and req.method == "POST":
         req.kind, req.key, req.mutates = "compose", key, True
         req.checks = _query_checks(q, key)
-        sources = _json_body(req.body).get("sourceObjects") or []
+        compose_body = _json_body(req.body)
+        destination = compose_body.get("destination")
+        req.metadata = _custom_metadata(destination if isinstance(destination, dict) else {})
+        sources = compose_body.get("sourceObjects") or []
+        req.sources = len(sources) if isinstance(sources, list) else 0
         for source in sources if isinstance(sources, list) else []:
             pre = source.get("objectPreconditions") if isinstance(source, dict) else None
             if isinstance(pre, dict) and "ifGenerationMatch" in pre:
@@ -299,7 +332,7 @@ class Exchange:
     object_name: str | None
     status: int
     fault: str | None  # the programmed rule applied to it: "fail", "stall", "hold" or None
-    refused: bool  # the proxy answered 412 itself: a precondition did not hold
+    refused: bool  # the proxy answered itself: a precondition, limit or policy refused it
     seconds: float
 
 
@@ -387,10 +420,49 @@ def _precondition_failed() -> _Upstream:
     )
 
 
-class GcsProxy:
-    """A precondition-enforcing, fault-injecting HTTP proxy in front of a GCS emulator URL."""
+@dataclass(frozen=True)
+class BucketPolicy:
+    """Bucket settings the proxy presents (``None``: leave the emulator's answer alone)."""
 
-    def __init__(self, upstream: str, *, enforce_preconditions: bool = True) -> None:
+    soft_delete_seconds: int | None = None
+    versioning: bool | None = None
+    storage_class: str | None = None
+    retention_seconds: int | None = None
+    retention_locked: bool = False
+    object_storage_class: str | None = None
+
+
+def _forbidden(message: str, reason: str) -> _Upstream:
+    body = {"error": {"code": 403, "message": message, "errors": [
+        {"reason": reason, "message": message, "domain": "global"}
+    ]}}  # fmt: skip
+    return _Upstream(
+        403, [("Content-Type", "application/json; charset=UTF-8")], json.dumps(body).encode()
+    )
+
+
+def _rate_limited(key: ObjectKey) -> _Upstream:
+    message = (
+        f"The object {key[0]}/{key[1]} exceeded the rate limit for object mutation operations "
+        "(create, update, and delete). Please reduce your request rate."
+    )
+    return _error(429, message)
+
+
+class GcsProxy:
+    """A precondition-enforcing, fault-injecting HTTP proxy in front of a GCS emulator URL.
+
+    ``mutation_interval`` (seconds) turns on GCS's per-object write rate: a mutation of an object
+    name sooner than that after the previous one forwarded is answered 429.
+    """
+
+    def __init__(
+        self,
+        upstream: str,
+        *,
+        enforce_preconditions: bool = True,
+        mutation_interval: float | None = None,
+    ) -> None:
         parsed = urllib.parse.urlsplit(upstream)
         if parsed.scheme != "http" or not parsed.hostname:
             raise ValueError(f"GcsProxy needs an http://host:port emulator URL, got {upstream!r}")
@@ -406,6 +478,10 @@ class GcsProxy:
         self._exchanges: list[Exchange] = []
         self._object_locks: dict[ObjectKey, threading.Lock] = {}
         self._uploads: dict[str, tuple[ObjectKey | None, list[_Check]]] = {}
+        self.mutation_interval = mutation_interval
+        self._last_mutation: dict[ObjectKey, float] = {}
+        self._policies: dict[str, BucketPolicy] = {}
+        self._holds_placed: set[ObjectKey] = set()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -511,6 +587,16 @@ class GcsProxy:
         hold = Hold()
         self._add(_Rule(_Match(method, kind, path_contains, object_name), 1, "hold", hold=hold))
         return hold
+
+    def present_bucket(self, bucket: str, policy: BucketPolicy) -> None:
+        """Make ``bucket`` look (and, for retention, behave) as configured by ``policy``."""
+        with self._mutex:
+            self._policies[bucket] = policy
+
+    def place_hold(self, bucket: str, name: str) -> None:
+        """Put a temporary hold on an object: it reads as held and cannot be replaced or deleted."""
+        with self._mutex:
+            self._holds_placed.add((bucket, name))
 
     def clear_rules(self) -> None:
         """Forget pending faults; parked requests are released."""
@@ -638,9 +724,16 @@ class GcsProxy:
         with ExitStack() as stack:
             for key in sorted(keys):
                 stack.enter_context(self._lock_of(key))
+            refusal = self._limits_refusal(req)
+            if refusal is not None:
+                return refusal, True
             if self.enforce_preconditions and not all(self._holds(c) for c in req.checks):
                 return _precondition_failed(), True
             response = self._forward(req)
+            if req.mutates and req.key is not None and req.kind != "resumable-init":
+                with self._mutex:
+                    self._last_mutation[req.key] = time.monotonic()
+            response = self._present_policies(req, response)
             if req.kind == "resumable-init" and response.status in (200, 201):
                 location = next((v for k, v in response.headers if k.lower() == "location"), "")
                 upload_id = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(location).query))
@@ -648,6 +741,91 @@ class GcsProxy:
                     with self._mutex:
                         self._uploads[upload_id["upload_id"]] = (req.key, req.checks)
             return response, False
+
+    def _limits_refusal(self, req: _Request) -> _Upstream | None:
+        """GCS's answer to a request beyond its limits or its policies, or None to go on."""
+        if req.kind == "compose" and req.sources > MAX_COMPOSE_SOURCES:
+            return _error(
+                400,
+                f"The number of source components provided ({req.sources}) exceeds the maximum "
+                f"({MAX_COMPOSE_SOURCES})",
+            )
+        if req.metadata is not None and _metadata_bytes(req.metadata) > MAX_CUSTOM_METADATA_BYTES:
+            return _error(
+                400,
+                f"Custom metadata is {_metadata_bytes(req.metadata)} bytes; the limit is "
+                f"{MAX_CUSTOM_METADATA_BYTES} bytes",
+            )
+        if not req.mutates or req.key is None or req.kind == "resumable-init":
+            return None
+        if req.upload_id is not None and not _is_final_chunk(req.headers):
+            return None
+        with self._mutex:
+            policy = self._policies.get(req.key[0])
+            held = req.key in self._holds_placed
+            last = self._last_mutation.get(req.key)
+        retained = policy is not None and bool(policy.retention_seconds)
+        if (held or retained) and self._exists(req.key):
+            if held:
+                return _forbidden(
+                    f"Object '{req.key[0]}/{req.key[1]}' is under active Temporary hold and "
+                    "cannot be deleted, overwritten or archived until hold is removed.",
+                    "forbidden",
+                )
+            return _forbidden(
+                f"Object '{req.key[0]}/{req.key[1]}' is subject to bucket's retention "
+                "policy or object retention and cannot be deleted or overwritten until "
+                "its retention expires.",
+                "retentionPolicyNotMet",
+            )
+        if (
+            self.mutation_interval is not None
+            and last is not None
+            and time.monotonic() - last < self.mutation_interval
+        ):
+            return _rate_limited(req.key)
+        return None
+
+    def _exists(self, key: ObjectKey) -> bool:
+        path = (
+            f"/storage/v1/b/{urllib.parse.quote(key[0], safe='')}"
+            f"/o/{urllib.parse.quote(key[1], safe='')}"
+        )
+        try:
+            status, _, _ = self._call("GET", path, [], b"")
+        except OSError:
+            return False
+        return status == 200
+
+    def _present_policies(self, req: _Request, response: _Upstream) -> _Upstream:
+        """Rewrite bucket and object resources so they carry the policies the test set."""
+        if response.status != 200 or req.method not in ("GET", "POST", "PATCH", "PUT"):
+            return response
+        parts = _segments(req.path)
+        bucket = parts[3] if parts[:3] == ["storage", "v1", "b"] and len(parts) >= 4 else None
+        if req.key is not None:
+            bucket = req.key[0]
+        with self._mutex:
+            policy = self._policies.get(bucket or "")
+            held = req.key in self._holds_placed if req.key is not None else False
+        if policy is None and not held:
+            return response
+        try:
+            resource = json.loads(response.body)
+        except ValueError:
+            return response
+        if not isinstance(resource, dict):
+            return response
+        if req.kind == "bucket" and len(parts) == 4 and policy is not None:
+            _apply_bucket_policy(resource, policy)
+        elif req.key is not None and resource.get("kind") == "storage#object":
+            if policy is not None and policy.object_storage_class:
+                resource["storageClass"] = policy.object_storage_class
+            if held:
+                resource["temporaryHold"] = True
+        else:
+            return response
+        return _Upstream(response.status, response.headers, json.dumps(resource).encode())
 
     def _lock_of(self, key: ObjectKey) -> threading.Lock:
         with self._mutex:
@@ -714,6 +892,25 @@ class GcsProxy:
             return response.status, response.getheaders(), data
         finally:
             conn.close()
+
+
+def _apply_bucket_policy(resource: dict[str, object], policy: BucketPolicy) -> None:
+    effective = "2026-01-01T00:00:00Z"
+    if policy.soft_delete_seconds is not None:
+        resource["softDeletePolicy"] = {
+            "retentionDurationSeconds": str(policy.soft_delete_seconds),
+            "effectiveTime": effective,
+        }
+    if policy.versioning is not None:
+        resource["versioning"] = {"enabled": policy.versioning}
+    if policy.storage_class is not None:
+        resource["storageClass"] = policy.storage_class
+    if policy.retention_seconds is not None:
+        resource["retentionPolicy"] = {
+            "retentionPeriod": str(policy.retention_seconds),
+            "effectiveTime": effective,
+            "isLocked": policy.retention_locked,
+        }
 
 
 def _is_final_chunk(headers: list[tuple[str, str]]) -> bool:

@@ -1,8 +1,10 @@
 import pytest
 
 from protoagg_dagster.core.archive_object import (
-    OFFSETS_METADATA_KEY,
-    archived_offsets,
+    LAST_APPEND_KEY,
+    LEGACY_OFFSETS_KEY,
+    Piece,
+    last_append,
     metadata_after_append,
     object_name,
     temp_object_name,
@@ -32,17 +34,20 @@ def test_bad_templates_name_the_setting(template: str) -> None:
         validate_template(template)
 
 
-def test_metadata_keeps_other_partitions_and_other_keys() -> None:
-    first = metadata_after_append(None, OffsetRange("logs", 0, 0, 10))
-    second = metadata_after_append({**first, "owner": "team"}, OffsetRange("logs", 1, 0, 7))
-    third = metadata_after_append(second, OffsetRange("logs", 0, 10, 25))
-    assert archived_offsets(third) == {"logs/0": 25, "logs/1": 7}
-    assert third["owner"] == "team"
+def test_metadata_is_one_marker_whatever_the_number_of_partitions() -> None:
+    metadata: dict[str, str] = {"owner": "team", LEGACY_OFFSETS_KEY: '{"logs/0": 5}'}
+    for batch_id in range(1, 2001):  # 2,000 batches of 2,000 partitions
+        metadata = metadata_after_append(metadata, Piece(batch_id, "records", 10**12))
+    assert set(metadata) == {"owner", LAST_APPEND_KEY}
+    assert last_append(metadata) == Piece(2000, "records", 10**12)
+    assert sum(len(k) + len(v) for k, v in metadata.items()) < 100
 
 
-def test_corrupt_offsets_metadata_is_an_error() -> None:
+def test_no_marker_and_a_corrupt_marker() -> None:
+    assert last_append(None) is None
+    assert last_append({"owner": "team"}) is None
     with pytest.raises(ConfigError):
-        archived_offsets({OFFSETS_METADATA_KEY: "{not json"})
+        last_append({LAST_APPEND_KEY: "12:stuff:3"})
 
 
 def test_temp_names_differ_per_attempt_and_sit_under_the_reserved_prefix() -> None:

@@ -1,0 +1,261 @@
+"""``protoagg doctor``: check a deployment end to end, one line per check, each with its fix.
+
+Checks Kafka (reachable, topics present), PostgreSQL (reachable, schema, rights), GCS
+(credentials, bucket present and writable by a probe upload and delete, bucket settings that make
+appends expensive or impossible), the object templates, and the Dagster instance's run-queue limit
+of one run per partition. Every check runs even when an earlier one fails.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import psycopg
+import yaml
+from google.api_core import exceptions as gexc
+from kafka.errors import KafkaError
+
+from protoagg_dagster.core.archive_object import TEMPLATE_FIELDS, validate_template
+from protoagg_dagster.core.errors import ProtoaggError
+from protoagg_dagster.core.storage_bill import bill_findings, expected_appends_per_day
+from protoagg_dagster.resources import GCSResource, KafkaResource
+from protoagg_dagster.resources.postgres import _first_line
+from protoagg_dagster.run_tags import PARTITION_TAG
+
+Status = Literal["OK", "WARN", "FAIL"]
+TABLES = ("archive_batches", "archive_positions", "processed_logs")
+PROBE_PREFIX = "_protoagg/doctor/"
+
+
+@dataclass(frozen=True)
+class Finding:
+    status: Status
+    check: str
+    detail: str
+    fix: str = ""
+
+    def line(self) -> str:
+        return f"{self.status:<4} {self.check}: {self.detail}" + (
+            f" — fix: {self.fix}" if self.fix else ""
+        )
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """What doctor checks, from the same settings the Dagster definitions use."""
+
+    kafka: KafkaResource
+    postgres_dsn: str
+    gcs: GCSResource
+    linger_seconds: float
+    dagster_yaml: Path | None
+
+
+def diagnose(deployment: Deployment) -> list[Finding]:
+    checks: list[Callable[[Deployment], Iterator[Finding]]] = [
+        _kafka,
+        _postgres,
+        _templates,
+        _bucket,
+        _run_queue,
+    ]
+    return [finding for check in checks for finding in check(deployment)]
+
+
+def _kafka(d: Deployment) -> Iterator[Finding]:
+    where = d.kafka.bootstrap_servers
+    try:
+        consumer = d.kafka.get_consumer()
+    except ProtoaggError as exc:
+        yield Finding("FAIL", "kafka", str(exc), "check PROTOAGG_KAFKA_BOOTSTRAP and security")
+        return
+    try:
+        present = consumer.topics()
+    except KafkaError as exc:
+        yield Finding("FAIL", "kafka", f"{where} does not answer: {exc}", "check the brokers")
+        return
+    finally:
+        consumer.close()
+    yield Finding("OK", "kafka", f"{where} answers")
+    for topic in d.kafka.topic_list():
+        if topic in present:
+            yield Finding("OK", "kafka topic", f"{topic!r} present")
+        else:
+            yield Finding(
+                "FAIL",
+                "kafka topic",
+                f"{topic!r} does not exist on {where}",
+                "create it, or fix PROTOAGG_TOPICS",
+            )
+
+
+def _postgres(d: Deployment) -> Iterator[Finding]:
+    try:
+        conn = psycopg.connect(d.postgres_dsn, connect_timeout=10, autocommit=True)
+    except psycopg.OperationalError as exc:
+        yield Finding(
+            "FAIL",
+            "postgres",
+            f"cannot connect: {_first_line(exc)}",
+            "check PROTOAGG_POSTGRES_DSN (host, port, user, password, database)",
+        )
+        return
+    with conn:
+        yield Finding("OK", "postgres", "connected")
+        missing = [
+            t for t in TABLES if conn.execute("SELECT to_regclass(%s)", (t,)).fetchone() == (None,)
+        ]
+        can_create, can_temp = conn.execute(
+            "SELECT has_schema_privilege(current_schema(), 'CREATE'), "
+            "has_database_privilege(current_database(), 'TEMP')"
+        ).fetchone() or (False, False)
+        if missing and can_create:
+            yield Finding(
+                "OK", "postgres schema", f"not created yet ({', '.join(missing)}): the first run "
+                "creates it (this user may CREATE)"
+            )  # fmt: skip
+        elif missing:
+            yield Finding(
+                "FAIL",
+                "postgres schema",
+                f"tables {', '.join(missing)} are missing and this user may not create them",
+                "GRANT CREATE ON SCHEMA public TO the protoagg user, or create the schema as its "
+                "owner once",
+            )
+        lacking = [
+            t
+            for t in TABLES
+            if t not in missing
+            and conn.execute(
+                "SELECT has_table_privilege(%s, 'SELECT,INSERT,UPDATE,DELETE')", (t,)
+            ).fetchone()
+            != (True,)
+        ]
+        if lacking or not can_temp:
+            yield Finding(
+                "FAIL",
+                "postgres rights",
+                "missing " + ", ".join(
+                    [f"SELECT/INSERT/UPDATE/DELETE on {t}" for t in lacking]
+                    + ([] if can_temp else ["TEMP on the database"])
+                ),
+                "GRANT them to the protoagg user (dedupe copies ids into a temporary table)",
+            )  # fmt: skip
+        elif not missing:
+            yield Finding("OK", "postgres schema", "tables present, rights sufficient")
+
+
+def _templates(d: Deployment) -> Iterator[Finding]:
+    for setting, template in (
+        ("PROTOAGG_GCS_OBJECT", d.gcs.object_template),
+        ("PROTOAGG_GCS_DEAD_LETTERS", d.gcs.dead_letter_template),
+    ):
+        try:
+            validate_template(template, setting)
+        except ProtoaggError as exc:
+            yield Finding("FAIL", "template", str(exc), f"use only {sorted(TEMPLATE_FIELDS)}")
+        else:
+            yield Finding("OK", "template", f"{setting}={template}")
+
+
+def _bucket(d: Deployment) -> Iterator[Finding]:
+    url = f"gs://{d.gcs.bucket}"
+    try:
+        d.gcs.get_client()
+    except ProtoaggError as exc:
+        yield Finding("FAIL", "gcs credentials", str(exc))
+        return
+    try:
+        settings = d.gcs.bucket_settings()
+    except gexc.Forbidden as exc:
+        yield Finding("FAIL", "gcs bucket", f"no permission on {url}: {exc.message}", _ROLES)
+        return
+    except (ProtoaggError, gexc.GoogleAPIError) as exc:
+        fix = f"create {url} or fix PROTOAGG_GCS_BUCKET" if "does not exist" in str(exc) else ""
+        yield Finding("FAIL", "gcs bucket", str(exc), fix)
+        return
+    yield from _probe(d, url)
+    archive = None
+    if not any(f"{{{field}}}" in d.gcs.object_template for field in TEMPLATE_FIELDS):
+        archive = d.gcs.object_settings(d.gcs.object_template)
+    partitions = _partition_count(d.kafka)
+    findings = bill_findings(
+        settings, archive, expected_appends_per_day(partitions, d.linger_seconds)
+    )
+    for finding in findings:
+        yield Finding(finding.level, "gcs " + finding.setting, finding.detail, finding.fix)
+    if not findings:
+        yield Finding(
+            "OK",
+            "gcs bucket settings",
+            f"no soft delete, no versioning, {settings.storage_class}, no retention policy",
+        )
+
+
+def _probe(d: Deployment, url: str) -> Iterator[Finding]:
+    blob = d.gcs.get_client().bucket(d.gcs.bucket).blob(f"{PROBE_PREFIX}{uuid.uuid4().hex}")
+    try:
+        blob.upload_from_string(b"protoagg doctor probe", if_generation_match=0)
+        # With a generation the delete is retried on 429: GCS allows about one write a second
+        # per object name, and this is the second in a row.
+        blob.delete(if_generation_match=blob.generation)
+    except gexc.Forbidden as exc:
+        yield Finding("FAIL", "gcs write", f"cannot write to {url}: {exc.message}", _ROLES)
+    except gexc.GoogleAPIError as exc:
+        yield Finding("FAIL", "gcs write", f"probe upload/delete in {url} failed: {exc}")
+    else:
+        yield Finding("OK", "gcs write", f"{url} present; probe object uploaded and deleted")
+
+
+_ROLES = (
+    "grant the service account roles/storage.objectUser on the bucket (create, read, compose "
+    "and delete objects), plus storage.buckets.get (e.g. roles/storage.legacyBucketReader) for "
+    "the settings checks"
+)
+
+
+def _partition_count(kafka: KafkaResource) -> int:
+    try:
+        return sum(len(kafka.offset_bounds(topic)) for topic in kafka.topic_list())
+    except ProtoaggError:
+        return 1
+
+
+def _run_queue(d: Deployment) -> Iterator[Finding]:
+    check = "dagster run queue"
+    if d.dagster_yaml is None:
+        yield Finding(
+            "WARN", check, "DAGSTER_HOME is not set: cannot read the instance's dagster.yaml",
+            "set DAGSTER_HOME (or pass --dagster-yaml) to check the run-queue limit",
+        )  # fmt: skip
+        return
+    try:
+        config: Any = yaml.safe_load(d.dagster_yaml.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        yield Finding("FAIL", check, f"cannot read {d.dagster_yaml}: {exc}")
+        return
+    coordinator = config.get("run_coordinator") or {}
+    limits = (coordinator.get("config") or {}).get("tag_concurrency_limits") or []
+    per_partition = [
+        limit
+        for limit in limits
+        if isinstance(limit, dict)
+        and limit.get("key") == PARTITION_TAG
+        and limit.get("limit") == 1
+        and isinstance(limit.get("value"), dict)
+        and limit["value"].get("applyLimitPerUniqueValue") is True
+    ]
+    if coordinator.get("class") == "QueuedRunCoordinator" and per_partition:
+        yield Finding("OK", check, f"one run per {PARTITION_TAG} value ({d.dagster_yaml})")
+    else:
+        yield Finding(
+            "FAIL",
+            check,
+            f"{d.dagster_yaml} has no QueuedRunCoordinator limit of 1 per {PARTITION_TAG} value: "
+            "runs of one partition could append out of order",
+            "copy run_coordinator from deploy/dagster.production.yaml",
+        )

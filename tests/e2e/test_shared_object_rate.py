@@ -1,0 +1,98 @@
+"""Many partitions, one object, GCS's write rate: default settings through ``dagster-daemon``.
+
+The default template ``log.pb`` is written by every partition. The proxy in front of the emulator
+allows one mutation per second per object name (429 beyond it, like GCS). Every run must succeed
+(no failed run, no step retry), the archive must hold each id once, and the throughput is printed
+(``benchmarks/shared_object`` collects it for docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from protoagg_dagster.ledger import read_progress
+from tests.conftest import Services
+from tests.helpers import Stack, check_archive, create_topic, log_value, produce
+from tests.support.dagster_deployment import DagsterDeployment, run_summaries, settled
+from tests.support.gcs_proxy import GcsProxy
+
+PER_PARTITION = 1000  # two runs per partition at the default batch size of 500
+DEADLINE_SECONDS = 600.0
+
+
+def _archived(dsn: str, topic: str, partitions: int) -> bool:
+    try:
+        with psycopg.connect(dsn) as conn:
+            progress = read_progress(conn, topic)
+    except psycopg.errors.UndefinedTable:
+        return False
+    return all(
+        (state := progress.get(p)) is not None
+        and state.next_offset == PER_PARTITION
+        and state.pending is None
+        for p in range(partitions)
+    )
+
+
+@pytest.mark.parametrize("partitions", [1, 8, 32])
+def test_partitions_sharing_one_object_archive_at_gcs_write_rate(
+    stack: Stack, services: Services, postgres_dsn: str, tmp_path: Path, partitions: int
+) -> None:
+    topic = stack.kafka.topic_list()[0]
+    create_topic(stack.kafka, topic, partitions=partitions)
+    for p in range(partitions):
+        produce(stack.kafka, topic, [log_value() for _ in range(PER_PARTITION)], partition=p)
+    proxy = GcsProxy(services.gcs_url, mutation_interval=1.0)
+    url = proxy.start()
+    env = {
+        "PROTOAGG_KAFKA_BOOTSTRAP": services.kafka_bootstrap,
+        "PROTOAGG_TOPICS": topic,
+        "PROTOAGG_POSTGRES_DSN": postgres_dsn,
+        "PROTOAGG_GCS_BUCKET": services.bucket,
+        "PROTOAGG_GCS_OBJECT": stack.gcs.object_template,  # one object for every partition
+        "STORAGE_EMULATOR_HOST": url,
+    }
+    deployment = DagsterDeployment("rate", tmp_path / "rate", env)
+    started = time.monotonic()
+    try:
+        deployment.start()
+        deadline = started + DEADLINE_SECONDS
+        while not _archived(postgres_dsn, topic, partitions):
+            assert deployment.running(), "dagster-daemon exited"
+            assert time.monotonic() < deadline, "not archived in time"
+            time.sleep(0.5)
+        elapsed = time.monotonic() - started
+        while not settled(deployment):
+            assert time.monotonic() < deadline, "runs did not settle"
+            time.sleep(0.5)
+    except BaseException:
+        print(deployment.log_tail())
+        raise
+    finally:
+        deployment.stop()
+        proxy.close()
+    runs = [r for r in run_summaries(deployment) if r.job_name == "archive_kafka_batch"]
+    assert [r for r in runs if r.status != "SUCCESS" or r.step_retries] == []
+    check = check_archive(stack)
+    assert check.ok, check.summary()
+    assert (check.offsets, check.archived) == (partitions * PER_PARTITION,) * 2
+    composes = proxy.count(kind="compose", status=200, object_name=stack.gcs.object_template)
+    result = {
+        "partitions": partitions,
+        "messages": partitions * PER_PARTITION,
+        "runs": len(runs),
+        "composes": composes,
+        "compose_429": proxy.count(kind="compose", status=429),
+        "seconds": round(elapsed, 1),
+        "messages_per_second": round(partitions * PER_PARTITION / elapsed, 1),
+    }
+    print(json.dumps(result))
+    if os.environ.get("PROTOAGG_BENCH_OUT"):
+        with open(os.environ["PROTOAGG_BENCH_OUT"], "a") as out:
+            out.write(json.dumps(result) + "\n")

@@ -1,0 +1,189 @@
+"""``protoagg doctor`` on a good set-up and on each broken one: every FAIL line, with its fix."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from protoagg_dagster.doctor import Deployment, Finding, diagnose
+from protoagg_dagster.resources import GCSResource, KafkaResource, PostgresResource
+from tests.conftest import ROOT, Services
+from tests.helpers import create_topic
+from tests.support.gcs_proxy import BucketPolicy, GcsProxy
+
+LOCAL_YAML = ROOT / "deploy" / "dagster.local.yaml"
+
+
+@pytest.fixture
+def good(services: Services, postgres_dsn: str, unique: str) -> Deployment:
+    kafka = KafkaResource(bootstrap_servers=services.kafka_bootstrap, topics=f"doc-{unique}")
+    create_topic(kafka, f"doc-{unique}", partitions=2)
+    with PostgresResource(dsn=postgres_dsn).get_connection():
+        pass  # creates the schema, as the first run would
+    return Deployment(
+        kafka=kafka,
+        postgres_dsn=postgres_dsn,
+        gcs=GCSResource(
+            bucket=services.bucket,
+            object_template=f"{unique}/log.pb",
+            emulator_host=services.gcs_url,
+        ),
+        linger_seconds=15,
+        dagster_yaml=LOCAL_YAML,
+    )
+
+
+@pytest.fixture
+def proxy(services: Services) -> Iterator[GcsProxy]:
+    proxy = GcsProxy(services.gcs_url, mutation_interval=1.0)
+    with proxy:
+        yield proxy
+
+
+def _by_check(findings: list[Finding]) -> dict[str, Finding]:
+    return {f.check: f for f in findings}
+
+
+def _failures(findings: list[Finding]) -> list[Finding]:
+    return [f for f in findings if f.status == "FAIL"]
+
+
+def test_a_good_setup_is_all_ok(good: Deployment) -> None:
+    findings = diagnose(good)
+    assert [f.line() for f in findings if f.status != "OK"] == []
+    assert {
+        "kafka",
+        "kafka topic",
+        "postgres",
+        "postgres schema",
+        "template",
+        "gcs write",
+        "gcs bucket settings",
+        "dagster run queue",
+    } <= set(_by_check(findings))
+
+
+def test_kafka_unreachable_fails(good: Deployment) -> None:
+    broken = replace(good, kafka=KafkaResource(bootstrap_servers="127.0.0.1:1", topics="x"))
+    [failure] = _failures(diagnose(broken))
+    assert failure.check == "kafka" and "127.0.0.1:1" in failure.detail
+    assert "PROTOAGG_KAFKA_BOOTSTRAP" in failure.fix
+
+
+def test_a_missing_topic_fails_naming_it(good: Deployment, unique: str) -> None:
+    topics = f"{good.kafka.topics},absent-{unique}"
+    broken = replace(good, kafka=good.kafka.model_copy(update={"topics": topics}))
+    [failure] = _failures(diagnose(broken))
+    assert failure.check == "kafka topic" and f"absent-{unique}" in failure.detail
+
+
+def test_postgres_unreachable_fails(good: Deployment) -> None:
+    broken = replace(good, postgres_dsn="postgresql://nobody:x@127.0.0.1:1/none")
+    [failure] = _failures(diagnose(broken))
+    assert failure.check == "postgres" and "PROTOAGG_POSTGRES_DSN" in failure.fix
+
+
+def test_a_user_without_rights_fails(good: Deployment, services: Services, unique: str) -> None:
+    role = f"weak_{unique}"
+    database = good.postgres_dsn.rsplit("/", 1)[1]
+    with psycopg.connect(services.postgres_admin_dsn, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD 'weak'").format(sql.Identifier(role)))
+        admin.execute(
+            sql.SQL("REVOKE TEMPORARY ON DATABASE {} FROM PUBLIC").format(sql.Identifier(database))
+        )
+    dsn = good.postgres_dsn.replace(
+        good.postgres_dsn.split("//", 1)[1].split("@", 1)[0], f"{role}:weak"
+    )
+    try:
+        failures = _failures(diagnose(replace(good, postgres_dsn=dsn)))
+    finally:
+        with psycopg.connect(good.postgres_dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+        with psycopg.connect(services.postgres_admin_dsn, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+    [failure] = failures
+    assert failure.check == "postgres rights"
+    assert "SELECT/INSERT/UPDATE/DELETE on archive_batches" in failure.detail
+    assert "TEMP on the database" in failure.detail
+
+
+def test_a_missing_bucket_fails_naming_the_bucket(good: Deployment, unique: str) -> None:
+    broken = replace(good, gcs=good.gcs.model_copy(update={"bucket": f"absent-{unique}"}))
+    [failure] = _failures(diagnose(broken))
+    assert failure.check == "gcs bucket"
+    assert f"absent-{unique}" in failure.detail and "PROTOAGG_GCS_BUCKET" in failure.fix
+
+
+def test_a_bad_template_fails(good: Deployment) -> None:
+    broken = replace(good, gcs=good.gcs.model_copy(update={"object_template": "{shard}.pb"}))
+    [failure] = _failures(diagnose(broken))
+    assert failure.check == "template" and "PROTOAGG_GCS_OBJECT" in failure.detail
+
+
+def test_soft_delete_warns_with_the_estimate(
+    good: Deployment, services: Services, proxy: GcsProxy
+) -> None:
+    proxy.present_bucket(services.bucket, BucketPolicy(soft_delete_seconds=7 * 86400))
+    via_proxy = replace(good, gcs=good.gcs.model_copy(update={"emulator_host": proxy.url}))
+    findings = diagnose(via_proxy)
+    assert _failures(findings) == []
+    warning = _by_check(findings)["gcs soft delete"]
+    assert warning.status == "WARN"
+    assert "each append keeps the previous copy for 7 days" in warning.detail
+    assert "GiB-days" in warning.detail and "--clear-soft-delete" in warning.fix
+    assert _by_check(findings)["gcs write"].status == "OK"  # the probe passed the rate limit
+
+
+def test_a_retention_policy_fails(good: Deployment, services: Services, proxy: GcsProxy) -> None:
+    proxy.present_bucket(services.bucket, BucketPolicy(retention_seconds=86400))
+    via_proxy = replace(good, gcs=good.gcs.model_copy(update={"emulator_host": proxy.url}))
+    failures = _failures(diagnose(via_proxy))
+    assert [f.check for f in failures] == ["gcs write", "gcs retention policy"]  # probe undeletable
+    assert "every append fails" in failures[1].detail
+
+
+def test_a_missing_run_queue_limit_fails(good: Deployment, tmp_path: Path) -> None:
+    plain = tmp_path / "dagster.yaml"
+    plain.write_text("telemetry:\n  enabled: false\n")
+    [failure] = _failures(diagnose(replace(good, dagster_yaml=plain)))
+    assert failure.check == "dagster run queue" and "protoagg/partition" in failure.detail
+    unset = _by_check(diagnose(replace(good, dagster_yaml=None)))["dagster run queue"]
+    assert unset.status == "WARN" and "DAGSTER_HOME" in unset.detail
+
+
+def test_no_credentials_for_real_gcs_is_one_sentence_naming_both_ways_out(
+    good: Deployment, tmp_path: Path
+) -> None:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("STORAGE_EMULATOR_HOST", "GOOGLE_APPLICATION_CREDENTIALS", "DAGSTER_HOME")
+    }
+    env.update(
+        HOME=str(tmp_path),
+        CLOUDSDK_CONFIG=str(tmp_path / "gcloud"),
+        NO_GCE_CHECK="true",  # do not wait for a metadata server that is not there
+        PROTOAGG_KAFKA_BOOTSTRAP=good.kafka.bootstrap_servers,
+        PROTOAGG_TOPICS=good.kafka.topics,
+        PROTOAGG_POSTGRES_DSN=good.postgres_dsn,
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "protoagg_dagster.cli", "doctor", "--dagster-yaml", LOCAL_YAML],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1
+    assert "Traceback" not in done.stdout + done.stderr
+    [line] = [line for line in done.stdout.splitlines() if line.startswith("FAIL")]
+    assert line.startswith("FAIL gcs credentials: no Google Cloud credentials")
+    assert "STORAGE_EMULATOR_HOST" in line and "Application Default Credentials" in line
