@@ -75,15 +75,22 @@ def topic_of(stack: Stack) -> str:
     return stack.kafka.topic_list()[0]
 
 
+def tick(stack: Stack, instance: dg.DagsterInstance, cursor: str | None) -> dg.SensorResult:
+    """One evaluation of kafka_offsets_sensor on the stack's resources."""
+    with dg.build_sensor_context(
+        instance=instance, cursor=cursor, resources=stack.resources()
+    ) as context:
+        result = kafka_offsets_sensor(context)
+    assert isinstance(result, dg.SensorResult)
+    return result
+
+
 def run_sensor_until_idle(stack: Stack, instance: dg.DagsterInstance, max_ticks: int = 50) -> int:
     """Tick the sensor and execute what it asks for, until it asks for nothing; return runs."""
     cursor = None
     launched = 0
     for _ in range(max_ticks):
-        with dg.build_sensor_context(
-            instance=instance, cursor=cursor, resources=stack.resources()
-        ) as context:
-            result = kafka_offsets_sensor(context)
+        result = tick(stack, instance, cursor)
         cursor = result.cursor
         if not result.run_requests:
             return launched

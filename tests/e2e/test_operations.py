@@ -11,18 +11,8 @@ from protoagg_dagster.core.records import format_rfc3339
 from protoagg_dagster.jobs import archive_kafka_batch
 from protoagg_dagster.maintenance import maintain_archive
 from protoagg_dagster.resources import GCSResource
-from protoagg_dagster.sensors import kafka_offsets_sensor
 from protoagg_dagster.settings_resource import ArchiverSettings
-from tests.helpers import Stack, create_topic, log_value, produce, topic_of
-
-
-def tick(stack: Stack, instance: dg.DagsterInstance, cursor: str | None) -> dg.SensorResult:
-    with dg.build_sensor_context(
-        instance=instance, cursor=cursor, resources=stack.resources()
-    ) as context:
-        result = kafka_offsets_sensor(context)
-    assert isinstance(result, dg.SensorResult)
-    return result
+from tests.helpers import Stack, create_topic, log_value, produce, tick, topic_of
 
 
 def launched(result: dg.SensorResult) -> list[tuple[int, int]]:

@@ -9,9 +9,8 @@ import dagster as dg
 import pytest
 
 from protoagg_dagster.resources import GCSResource
-from protoagg_dagster.sensors import kafka_offsets_sensor
 from tests.conftest import Services
-from tests.helpers import Stack, create_topic, log_value, produce, topic_of
+from tests.helpers import Stack, create_topic, log_value, produce, tick, topic_of
 from tests.support.gcs_proxy import BucketPolicy, GcsProxy
 
 
@@ -25,11 +24,6 @@ def _with_gcs_at(stack: Stack, emulator_host: str) -> Stack:
     return Stack(stack.kafka, stack.postgres, gcs, stack.archiver)
 
 
-def _tick(stack: Stack, instance: dg.DagsterInstance, cursor: str | None) -> dg.SensorResult:
-    context = dg.build_sensor_context(instance=instance, cursor=cursor, resources=stack.resources())
-    return kafka_offsets_sensor(context)
-
-
 def test_first_tick_warns_about_soft_delete_with_the_estimate(
     stack: Stack, services: Services
 ) -> None:
@@ -39,8 +33,8 @@ def test_first_tick_warns_about_soft_delete_with_the_estimate(
     with proxy as url, dg.instance_for_test() as instance:
         proxy.present_bucket(services.bucket, BucketPolicy(soft_delete_seconds=7 * 86400))
         via_proxy = _with_gcs_at(stack, url)
-        first = _tick(via_proxy, instance, None)
-        second = _tick(via_proxy, instance, first.cursor)
+        first = tick(via_proxy, instance, None)
+        second = tick(via_proxy, instance, first.cursor)
     [observation] = first.asset_events
     bill = str(observation.metadata["storage_bill"].value)
     assert "each append keeps the previous copy for 7 days" in bill
@@ -61,7 +55,7 @@ def test_no_credentials_for_real_gcs_is_one_sentence_and_no_runs(
     monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "gcloud"))
     real_gcs = _with_gcs_at(stack, "")
     with dg.instance_for_test() as instance:
-        result = _tick(real_gcs, instance, None)
+        result = tick(real_gcs, instance, None)
     assert result.run_requests == []
     assert result.skip_reason is not None
     reason = str(result.skip_reason.skip_message)
