@@ -46,11 +46,14 @@ def append_batch(
     data: bytes,
     serialize: Callable[[], AbstractContextManager[None]] = nullcontext,
     max_attempts: int = 20,
+    format_name: str | None = None,
 ) -> AppendResult:
     """Append ``data`` (framed records of ``batch``) to ``object_name`` exactly once.
 
     The upload happens first, outside ``serialize`` (a lock held only around read-and-compose).
     Returns ``appended=False`` when the object's metadata shows the batch is already archived.
+    ``format_name`` is recorded in the object's metadata, and an object of another format is
+    refused (ConfigError); None (dead letters) records and checks none.
     """
     temp = bucket.blob(temp_object_name(batch, uuid.uuid4().hex))
     try:
@@ -68,7 +71,7 @@ def append_batch(
         ) from exc
     try:
         with serialize():
-            return _compose_fenced(bucket, object_name, batch, temp, max_attempts)
+            return _compose_fenced(bucket, object_name, batch, temp, max_attempts, format_name)
     finally:
         _delete_quietly(temp)
 
@@ -79,6 +82,7 @@ def _compose_fenced(
     batch: OffsetRange,
     temp: storage.Blob,
     max_attempts: int,
+    format_name: str | None,
 ) -> AppendResult:
     key = partition_key(batch.topic, batch.partition)
     for attempt in range(1, max_attempts + 1):
@@ -92,7 +96,9 @@ def _compose_fenced(
                 f"{batch}: another writer appended a different range; refusing to append"
             )
         target = bucket.blob(object_name)
-        target.metadata = metadata_after_append(current.metadata if current else None, batch)
+        target.metadata = metadata_after_append(
+            current.metadata if current else None, batch, format_name
+        )
         target.content_type = CONTENT_TYPE
         sources = [current, temp] if current is not None else [temp]
         try:

@@ -1,4 +1,4 @@
-"""Asset checks on the archive: framing of the appended bytes, unique ids, no offset gaps.
+"""Asset checks on the archive: framing of the appended bytes, unique records, no offset gaps.
 
 The append op evaluates them for its own batch; the same checks can be executed from the UI,
 where they re-check the latest appended batch of every partition.
@@ -15,8 +15,9 @@ import dagster as dg
 from google.cloud import storage
 
 from protoagg_dagster.assets import ARCHIVE_ASSET
+from protoagg_dagster.core.archive_object import archive_format
 from protoagg_dagster.core.errors import ArchiveFormatError
-from protoagg_dagster.core.framing import iter_records
+from protoagg_dagster.core.formats import ArchiveFormat, FormatOptions
 from protoagg_dagster.ledger import AppendedBatch, latest_appended, offset_gaps
 from protoagg_dagster.resources import GCSResource, PostgresResource
 
@@ -27,10 +28,10 @@ NO_GAPS = "no_offset_gaps"
 
 @dataclass(frozen=True)
 class Written:
-    """What the append op wrote: the framed bytes and the logIds they hold."""
+    """What the append op wrote: the framed bytes and the identities of their records."""
 
     data: bytes
-    log_ids: Sequence[str]
+    identities: Sequence[str]
 
 
 def read_back(bucket: storage.Bucket, batch: AppendedBatch) -> bytes:
@@ -47,9 +48,10 @@ def evaluate_batch(
     bucket: storage.Bucket,
     batch: AppendedBatch,
     gaps: list[tuple[int, int]],
+    archive: ArchiveFormat,
     written: Written | None = None,
 ) -> list[dg.AssetCheckEvaluation]:
-    """The three checks for one appended batch.
+    """The three checks for one appended batch, whose frames are in format ``archive``.
 
     With ``written`` (the op's own batch) the bytes read back are compared with the bytes
     written, which the framing tests pin, instead of decoding every frame again.
@@ -57,14 +59,14 @@ def evaluate_batch(
     where = {"batch": str(batch.batch), "object": batch.object_name}
     stored = read_back(bucket, batch)
     if written is not None:
-        ids = [log_id.lower() for log_id in written.log_ids]
+        ids = list(written.identities)
         framing_ok = stored == written.data
         framing_detail = f"{len(stored)} bytes read back " + (
             "equal the bytes written" if framing_ok else "DIFFER from the bytes written"
         )
     else:
         try:
-            ids = [r.log_id.lower() for r in iter_records(io.BytesIO(stored))]
+            ids = [archive.identity(r) for r in archive.decode(io.BytesIO(stored))]
             framing_ok, framing_detail = True, f"{len(ids)} frames decode"
         except ArchiveFormatError as exc:
             ids, framing_ok, framing_detail = [], False, str(exc)
@@ -96,10 +98,14 @@ def evaluate_batch(
         dg.AssetCheckSpec(
             FRAMING,
             asset=ARCHIVE_ASSET,
-            description="The latest batch's bytes decode as uint32 LE length | ProtoLog frames.",
+            description="The latest batch's bytes decode as uint32 LE length | message frames "
+            "of the object's format (ProtoLog or KafkaRecord).",
         ),
         dg.AssetCheckSpec(
-            UNIQUE_IDS, asset=ARCHIVE_ASSET, description="No logId repeats inside the latest batch."
+            UNIQUE_IDS,
+            asset=ARCHIVE_ASSET,
+            description="No record repeats inside the latest batch (log: its logId; record: its "
+            "topic, partition and offset).",
         ),
         dg.AssetCheckSpec(
             NO_GAPS,
@@ -114,7 +120,11 @@ def archive_checks(gcs: GCSResource, postgres: PostgresResource) -> Iterator[dg.
     with postgres.get_connection() as conn:
         batches = latest_appended(conn)
         gaps = {b.batch_id: offset_gaps(conn, b.batch.topic, b.batch.partition) for b in batches}
-    evaluations = [e for b in batches for e in evaluate_batch(bucket, b, gaps[b.batch_id])]
+    evaluations = [
+        e
+        for b in batches
+        for e in evaluate_batch(bucket, b, gaps[b.batch_id], _format_of(bucket, b.object_name))
+    ]
     for name in (FRAMING, UNIQUE_IDS, NO_GAPS):
         mine = [e for e in evaluations if e.check_name == name]
         yield dg.AssetCheckResult(
@@ -123,3 +133,9 @@ def archive_checks(gcs: GCSResource, postgres: PostgresResource) -> Iterator[dg.
             passed=all(e.passed for e in mine),
             metadata={"batches_checked": len(mine), "failed": sum(not e.passed for e in mine)},
         )
+
+
+def _format_of(bucket: storage.Bucket, object_name: str) -> ArchiveFormat:
+    """The format the object's metadata records; decoding for a check needs no dedupe options."""
+    blob = bucket.get_blob(object_name)
+    return FormatOptions().build(archive_format(blob.metadata if blob is not None else None))

@@ -2,7 +2,8 @@
 
 Connection settings come from their environment variable when it is set (``EnvVar``: resolved at
 run time, never shown in the UI), else from the local-services default in ``core.settings``.
-Batch tuning knobs are plain numbers read when the code location loads.
+Batch tuning knobs and the format settings are plain values read (and checked) when the code
+location loads.
 """
 
 from __future__ import annotations
@@ -37,6 +38,23 @@ def _kafka_security() -> dict[str, Any]:
     return {field: dg.EnvVar(s.env) for field, s in optional.items() if os.environ.get(s.env)}
 
 
+archiver = ArchiverSettings(
+    batch_size=settings.BATCH_SIZE.read_int(),
+    linger_seconds=settings.LINGER_SECONDS.read_float(),
+    max_batch_messages=settings.MAX_BATCH_MESSAGES.read_int(),
+    max_batch_bytes=settings.MAX_BATCH_BYTES.read_int(),
+    max_message_bytes=settings.MAX_MESSAGE_BYTES.read_int(),
+    max_dead_letter_ratio=settings.MAX_DEAD_LETTER_RATIO.read_float(),
+    start_from=_value(settings.START_FROM),
+    format=settings.FORMAT.read(),
+    dedupe_key=settings.DEDUPE_KEY.read(),
+    log_id_field=settings.LOG_ID_FIELD.read(),
+    log_timestamp_field=settings.LOG_TIMESTAMP_FIELD.read(),
+    log_message_field=settings.LOG_MESSAGE_FIELD.read(),
+)
+# A bad topic entry, format or dedupe key fails here, when the code location loads, not in a run.
+archiver.topic_formats(settings.TOPICS.read())
+
 defs = dg.Definitions(
     assets=[archive_asset],
     asset_checks=[archive_checks],
@@ -62,14 +80,6 @@ defs = dg.Definitions(
             create_bucket=settings.GCS_CREATE_BUCKET.read_bool(),
             emulator_host=_value(settings.STORAGE_EMULATOR_HOST),
         ),
-        "archiver": ArchiverSettings(
-            batch_size=settings.BATCH_SIZE.read_int(),
-            linger_seconds=settings.LINGER_SECONDS.read_float(),
-            max_batch_messages=settings.MAX_BATCH_MESSAGES.read_int(),
-            max_batch_bytes=settings.MAX_BATCH_BYTES.read_int(),
-            max_message_bytes=settings.MAX_MESSAGE_BYTES.read_int(),
-            max_dead_letter_ratio=settings.MAX_DEAD_LETTER_RATIO.read_float(),
-            start_from=_value(settings.START_FROM),
-        ),
+        "archiver": archiver,
     },
 )

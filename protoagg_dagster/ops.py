@@ -23,9 +23,9 @@ from protoagg_dagster.checks import Written, evaluate_batch
 from protoagg_dagster.core.archive_object import object_name
 from protoagg_dagster.core.dead_letters import encode_envelopes
 from protoagg_dagster.core.errors import ConfigError
-from protoagg_dagster.core.framing import encode_records
+from protoagg_dagster.core.formats import ArchiveFormat
 from protoagg_dagster.core.planning import OffsetRange
-from protoagg_dagster.core.records import TOMBSTONE, Rejection, parse_messages
+from protoagg_dagster.core.records import TOMBSTONE, Rejection
 from protoagg_dagster.kafka_reader import RangeRead, read_range
 from protoagg_dagster.ledger import (
     AppendedBatch,
@@ -103,12 +103,14 @@ class ArchiveRangeConfig(dg.Config):
 @dataclass(frozen=True)
 class Consumed:
     read: RangeRead
+    format: ArchiveFormat
     seconds: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Claimed:
     read: RangeRead
+    format: ArchiveFormat
     claim: Claim
     dead_letters: tuple[Rejection, ...]
     tombstones: int
@@ -136,12 +138,15 @@ def consume(
     A range the ledger already has archived is not read at all: dedupe will find it done.
     """
     wanted = OffsetRange(config.topic, config.partition, config.start_offset, config.end_offset)
+    archive_format = archiver.topic_formats(kafka.topics).format_for(wanted.topic)
     started = time.perf_counter()
     with postgres.get_connection() as conn:
         archived_to = archived_position(conn, wanted.topic, wanted.partition)
     if archived_to is not None and archived_to >= wanted.end:
         context.log.info(f"consume: {wanted} is already archived (up to {archived_to}); not read")
-        return Consumed(RangeRead(wanted, [], 0, 0), {"consume": time.perf_counter() - started})
+        return Consumed(
+            RangeRead(wanted, [], 0, 0), archive_format, {"consume": time.perf_counter() - started}
+        )
     consumer = kafka.get_consumer()
     try:
         with collector_paused():
@@ -154,12 +159,18 @@ def consume(
         f"in {elapsed:.2f} s"
         + (f"; {read.skipped} offsets already deleted by retention" if read.skipped else "")
         + (
+            f"; {read.batch.size - read.skipped - len(read.messages)} offsets hold no record "
+            "(transaction markers, aborted or compacted records)"
+            if read.batch.size - read.skipped > len(read.messages)
+            else ""
+        )
+        + (
             f"; stopped at the byte limit (asked up to {wanted.end})"
             if read.batch != wanted
             else ""
         )
     )
-    return Consumed(read, {"consume": elapsed})
+    return Consumed(read, archive_format, {"consume": elapsed})
 
 
 @dg.op(retry_policy=TRANSIENT_RETRY)
@@ -171,11 +182,11 @@ def dedupe(
     gcs: GCSResource,
     archiver: ArchiverSettings,
 ) -> Claimed:
-    """Parse, then claim each new logId in PostgreSQL; drop ids archived before or repeated."""
+    """Parse, then claim the range and each new dedupe key in PostgreSQL; drop keys seen before."""
     started = time.perf_counter()
     read = consumed.read
     with collector_paused():
-        records, rejections = parse_messages(read.messages, archiver.max_message_bytes)
+        records, rejections = consumed.format.parse(read.messages, archiver.max_message_bytes)
     first_timestamp = read.messages[0].timestamp_ms if read.messages else 0
     destination = object_name(
         gcs.object_template, read.batch.topic, read.batch.partition, first_timestamp
@@ -200,15 +211,22 @@ def dedupe(
     if dead_letters:
         reasons = Counter(r.reason for r in dead_letters)
         context.log.warning(f"dedupe: dead letters by reason: {dict(reasons)}")
-    return Claimed(read, claim, dead_letters, tombstones, {**consumed.seconds, "dedupe": elapsed})
+    return Claimed(
+        read,
+        consumed.format,
+        claim,
+        dead_letters,
+        tombstones,
+        {**consumed.seconds, "dedupe": elapsed},
+    )
 
 
 @dg.op
 def encode(context: dg.OpExecutionContext, claimed: Claimed) -> Encoded:
-    """Frame the kept records as ``uint32 LE length | ProtoLog``, in offset order."""
+    """Frame the kept records as ``uint32 LE length | message`` of their format, in offset order."""
     started = time.perf_counter()
     with collector_paused():
-        data = encode_records(claimed.claim.kept)
+        data = claimed.format.encode(claimed.claim.kept)
     elapsed = time.perf_counter() - started
     context.log.info(
         f"encode: {len(claimed.claim.kept)} records, {len(data)} bytes in {elapsed:.3f} s"
@@ -235,13 +253,14 @@ def append(
         bucket = gcs.writable_bucket()
         with postgres.get_connection() as conn:
 
-            def append_once(name: str, data: bytes) -> AppendResult:
+            def append_once(name: str, data: bytes, format_name: str | None) -> AppendResult:
                 result = append_batch(
                     bucket,
                     name,
                     claim.batch,
                     data,
                     serialize=lambda: object_lock(conn, gcs.bucket, name),
+                    format_name=format_name,
                 )
                 if not result.appended:
                     context.log.info(
@@ -254,10 +273,11 @@ def append(
                 append_once(
                     dead_letter_object(gcs, claim),
                     encode_envelopes(claimed.dead_letters),
+                    None,
                 )
             # Appended even when empty (every record a duplicate): the compose still moves the
             # object's offsets metadata past the batch, so the object says how far it is whole.
-            archived = append_once(claim.object_name, encoded.data)
+            archived = append_once(claim.object_name, encoded.data, claimed.format.name)
             if archived.appended:
                 finish_batch(
                     conn,
@@ -276,7 +296,10 @@ def append(
                         archived.object_size,
                     ),
                     gaps=gap_before(conn, claim.batch),
-                    written=Written(encoded.data, [r.log_id for r in claim.kept]),
+                    archive=claimed.format,
+                    written=Written(
+                        encoded.data, [claimed.format.identity(r) for r in claim.kept]
+                    ),
                 )
             else:
                 finish_batch(conn, claim.batch_id, archived.generation)
@@ -302,7 +325,8 @@ def append(
             f"were dead letters ({ratio:.0%} > PROTOAGG_MAX_DEAD_LETTER_RATIO "
             f"{archiver.max_dead_letter_ratio:.0%}); they are kept in "
             f"gs://{gcs.bucket}/{dead_letter_object(gcs, claim)}. Is the topic carrying "
-            "protoagg's JSON log messages?",
+            "JSON log messages? Archive it whole with the record format (PROTOAGG_TOPICS "
+            f"{claim.batch.topic}:record).",
             allow_retries=False,
         )
     yield dg.Output(appended)
@@ -333,6 +357,7 @@ def _batch_metadata(
     return {
         "topic": claim.batch.topic,
         "partition": claim.batch.partition,
+        "format": claimed.format.name,
         "start_offset": claim.batch.start,
         "end_offset": claim.batch.end,
         "object": f"gs://{bucket}/{claim.object_name}",

@@ -1,8 +1,9 @@
 """Names and metadata of archive objects: pure functions, so retries always hit the same object.
 
 The destination's custom metadata records, per topic-partition, the offset after the last batch
-appended to it. Compose replaces metadata rather than merging it, so every append re-sends the
-whole map.
+appended to it, and the archive format of its frames (absent on objects written before formats
+existed: those are ``log``). Compose replaces metadata rather than merging it, so every append
+re-sends the whole map.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from protoagg_dagster.core.errors import ConfigError
 from protoagg_dagster.core.planning import OffsetRange
 
 OFFSETS_METADATA_KEY = "protoagg-offsets"
+FORMAT_METADATA_KEY = "protoagg-format"
+LEGACY_FORMAT = "log"
 TEMP_PREFIX = "_protoagg/tmp/"
 TEMPLATE_FIELDS = frozenset({"topic", "partition", "date", "year", "month", "day", "hour"})
 
@@ -77,12 +80,30 @@ def archived_offsets(metadata: Mapping[str, str] | None) -> dict[str, int]:
         ) from exc
 
 
-def metadata_after_append(metadata: Mapping[str, str] | None, batch: OffsetRange) -> dict[str, str]:
-    """The destination's full custom metadata once ``batch`` is appended."""
+def archive_format(metadata: Mapping[str, str] | None) -> str:
+    """The archive format an object's metadata records (``log`` if it predates formats)."""
+    return (metadata or {}).get(FORMAT_METADATA_KEY, LEGACY_FORMAT)
+
+
+def metadata_after_append(
+    metadata: Mapping[str, str] | None, batch: OffsetRange, format_name: str | None = None
+) -> dict[str, str]:
+    """The destination's full custom metadata once ``batch`` is appended.
+
+    ``format_name`` None: the bytes are in no archive format (dead letters); none is recorded.
+    """
     offsets = archived_offsets(metadata)
     offsets[partition_key(batch.topic, batch.partition)] = batch.end
     result = dict(metadata or {})
     result[OFFSETS_METADATA_KEY] = json.dumps(offsets, sort_keys=True, separators=(",", ":"))
+    if format_name is not None:
+        if metadata and archived_offsets(metadata) and archive_format(metadata) != format_name:
+            raise ConfigError(
+                f"the archive object holds {archive_format(metadata)!r} frames, and {batch} is "
+                f"archived as {format_name!r}: one object cannot mix formats; put {{topic}} in "
+                "PROTOAGG_GCS_OBJECT"
+            )
+        result[FORMAT_METADATA_KEY] = format_name
     return result
 
 

@@ -66,6 +66,10 @@ class ArchiveFormat(Protocol):
     @property
     def name(self) -> str: ...
 
+    @property
+    def identity_names_place(self) -> bool:
+        """Whether ``identity`` names a record's place in Kafka (not a key its content gives)."""
+
     def parse(
         self, messages: Sequence[KafkaMessage], max_bytes: int
     ) -> tuple[list[Any], list[Rejection]]:
@@ -93,6 +97,7 @@ class LogFormat:
 
     fields: LogFields = DEFAULT_FIELDS
     name: str = LOG
+    identity_names_place: bool = False
 
     def parse(
         self, messages: Sequence[KafkaMessage], max_bytes: int
@@ -177,6 +182,7 @@ class RecordFormat:
 
     dedupe: DedupeKey = DedupeKey()
     name: str = RECORD
+    identity_names_place: bool = True
 
     def parse(
         self, messages: Sequence[KafkaMessage], max_bytes: int
@@ -363,3 +369,28 @@ def select_topics(rules: Sequence[TopicRule], existing: Iterable[str]) -> list[s
 
 def has_patterns(rules: Sequence[TopicRule]) -> bool:
     return any(r.pattern is not None for r in rules)
+
+
+@dataclass(frozen=True)
+class TopicFormats:
+    """Which format each topic is archived in: the ``PROTOAGG_TOPICS`` entries and options."""
+
+    rules: tuple[TopicRule, ...]
+    default_format: str = LOG
+    options: FormatOptions = FormatOptions()
+
+    @classmethod
+    def parse(
+        cls, topics: str, default_format: str = LOG, options: FormatOptions | None = None
+    ) -> TopicFormats:
+        """Parse and validate everything at once, so a bad setting fails at load time."""
+        rules = parse_topics(topics, default_format)
+        formats = cls(rules, default_format, options or FormatOptions())
+        for name in {r.format for r in formats.rules} | {default_format}:
+            formats.options.build(name)
+        return formats
+
+    def format_for(self, topic: str) -> ArchiveFormat:
+        """The format of ``topic``; a topic no entry names (launched by hand) takes the default."""
+        rule = rule_for(self.rules, topic)
+        return self.options.build(rule.format if rule is not None else self.default_format)

@@ -49,6 +49,10 @@ class ArchivedRecord(NamedTuple):
     nanos: int
     message: str
 
+    @property
+    def dedupe_key(self) -> str:
+        return self.log_id
+
 
 def iter_frames(stream: BinaryIO, max_frame_bytes: int = MAX_FRAME_BYTES) -> Iterator[bytes]:
     """Yield each frame's payload; raise ArchiveFormatError on a truncated or absurd frame."""
