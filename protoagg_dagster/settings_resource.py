@@ -60,18 +60,14 @@ class ArchiverSettings(dg.ConfigurableResource):  # type: ignore[type-arg]
         description="log format: JSON field of the message; '*' keeps the whole value.",
     )
 
+    def format_options(self) -> FormatOptions:
+        return FormatOptions(
+            self.dedupe_key, self.log_id_field, self.log_timestamp_field, self.log_message_field
+        )
+
     def topic_formats(self, topics: str) -> TopicFormats:
         """The format of each topic of ``topics`` (a PROTOAGG_TOPICS value)."""
-        return TopicFormats.parse(
-            topics,
-            self.format,
-            FormatOptions(
-                self.dedupe_key,
-                self.log_id_field,
-                self.log_timestamp_field,
-                self.log_message_field,
-            ),
-        )
+        return TopicFormats.parse(topics, self.format, self.format_options())
 
     def limits(self) -> BatchLimits:
         return BatchLimits(
