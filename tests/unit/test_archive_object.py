@@ -2,6 +2,7 @@ import pytest
 
 from protoagg_dagster.core.archive_object import (
     OFFSETS_METADATA_KEY,
+    archive_format,
     archived_offsets,
     metadata_after_append,
     object_name,
@@ -50,3 +51,18 @@ def test_temp_names_differ_per_attempt_and_sit_under_the_reserved_prefix() -> No
     a, b = temp_object_name(batch, "a"), temp_object_name(batch, "b")
     assert a != b
     assert a.startswith("_protoagg/tmp/logs/0/5-9-")
+
+
+def test_metadata_records_the_format_and_refuses_a_second_one() -> None:
+    first = metadata_after_append(None, OffsetRange("a", 0, 0, 10), "record")
+    assert archive_format(first) == "record"
+    assert archive_format(metadata_after_append(first, OffsetRange("b", 0, 0, 3), "record")) == (
+        "record"
+    )
+    with pytest.raises(ConfigError, match=r"cannot mix formats.*\{topic\}"):
+        metadata_after_append(first, OffsetRange("logs", 0, 0, 5), "log")
+    # Objects written before formats were recorded hold log frames.
+    legacy = metadata_after_append(None, OffsetRange("logs", 0, 0, 5))
+    assert archive_format(legacy) == "log"
+    with pytest.raises(ConfigError, match="cannot mix formats"):
+        metadata_after_append(legacy, OffsetRange("x", 0, 0, 5), "record")
