@@ -10,14 +10,15 @@ import io
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import dagster as dg
 from google.cloud import storage
 
-from protoagg_dagster.assets import ARCHIVE_ASSET
+from protoagg_dagster.assets import ARCHIVE_ASSET, topic_asset_key
 from protoagg_dagster.core.archive_object import archive_format
 from protoagg_dagster.core.errors import ArchiveFormatError
-from protoagg_dagster.core.formats import ArchiveFormat, FormatOptions
+from protoagg_dagster.core.formats import ArchiveFormat, FormatOptions, TopicRule, rule_for
 from protoagg_dagster.ledger import AppendedBatch, latest_appended, offset_gaps
 from protoagg_dagster.resources import GCSResource, PostgresResource
 
@@ -50,8 +51,11 @@ def evaluate_batch(
     gaps: list[tuple[int, int]],
     archive: ArchiveFormat,
     written: Written | None = None,
+    asset_keys: Sequence[dg.AssetKey] = (ARCHIVE_ASSET,),
 ) -> list[dg.AssetCheckEvaluation]:
-    """The three checks for one appended batch, whose frames are in format ``archive``.
+    """The three checks for one appended batch (frames in format ``archive``), per asset key.
+
+    ``asset_keys``: the whole archive, and the asset of the batch's topic entry.
 
     With ``written`` (the op's own batch) the bytes read back are compared with the bytes
     written, which the framing tests pin, instead of decoding every frame again.
@@ -71,68 +75,85 @@ def evaluate_batch(
         except ArchiveFormatError as exc:
             ids, framing_ok, framing_detail = [], False, str(exc)
     repeated = [key for key, n in Counter(ids).items() if n > 1]
+    verdicts: tuple[tuple[str, bool, dict[str, Any]], ...] = (
+        (FRAMING, framing_ok, {**where, "detail": framing_detail}),
+        (
+            UNIQUE_IDS,
+            not repeated,
+            {**where, "repeated_ids": len(repeated), "examples": ", ".join(repeated[:5])},
+        ),
+        (
+            NO_GAPS,
+            not gaps,
+            {**where, "gaps": ", ".join(f"{a}..{b}" for a, b in gaps[:10]) or "none"},
+        ),
+    )
     return [
-        dg.AssetCheckEvaluation(
-            asset_key=ARCHIVE_ASSET,
-            check_name=FRAMING,
-            passed=framing_ok,
-            metadata={**where, "detail": framing_detail},
-        ),
-        dg.AssetCheckEvaluation(
-            asset_key=ARCHIVE_ASSET,
-            check_name=UNIQUE_IDS,
-            passed=not repeated,
-            metadata={**where, "repeated_ids": len(repeated), "examples": ", ".join(repeated[:5])},
-        ),
-        dg.AssetCheckEvaluation(
-            asset_key=ARCHIVE_ASSET,
-            check_name=NO_GAPS,
-            passed=not gaps,
-            metadata={**where, "gaps": ", ".join(f"{a}..{b}" for a, b in gaps[:10]) or "none"},
-        ),
+        dg.AssetCheckEvaluation(asset_key=key, check_name=name, passed=passed, metadata=metadata)
+        for key in asset_keys
+        for name, passed, metadata in verdicts
     ]
 
 
-@dg.multi_asset_check(
-    specs=[
+def build_archive_checks(rules: Sequence[TopicRule]) -> dg.AssetChecksDefinition:
+    """The three checks on the whole archive and on each topic entry's asset.
+
+    Run from the UI, they re-check the latest appended batch of every partition.
+    """
+    keys = [ARCHIVE_ASSET, *(topic_asset_key(rule) for rule in rules)]
+
+    @dg.multi_asset_check(specs=[spec for key in keys for spec in _check_specs(key)])
+    def archive_checks(
+        gcs: GCSResource, postgres: PostgresResource
+    ) -> Iterator[dg.AssetCheckResult]:
+        bucket = gcs.get_bucket()
+        with postgres.get_connection() as conn:
+            batches = latest_appended(conn)
+            gaps = {
+                b.batch_id: offset_gaps(conn, b.batch.topic, b.batch.partition) for b in batches
+            }
+        evaluations = []
+        for b in batches:
+            rule = rule_for(rules, b.batch.topic)
+            own = [ARCHIVE_ASSET] + ([topic_asset_key(rule)] if rule is not None else [])
+            archive = _format_of(bucket, b.object_name)
+            evaluations += evaluate_batch(bucket, b, gaps[b.batch_id], archive, asset_keys=own)
+        for key in keys:
+            for name in (FRAMING, UNIQUE_IDS, NO_GAPS):
+                mine = [e for e in evaluations if e.check_name == name and e.asset_key == key]
+                yield dg.AssetCheckResult(
+                    check_name=name,
+                    asset_key=key,
+                    passed=all(e.passed for e in mine),
+                    metadata={
+                        "batches_checked": len(mine),
+                        "failed": sum(not e.passed for e in mine),
+                    },
+                )
+
+    return archive_checks
+
+
+def _check_specs(key: dg.AssetKey) -> list[dg.AssetCheckSpec]:
+    return [
         dg.AssetCheckSpec(
             FRAMING,
-            asset=ARCHIVE_ASSET,
+            asset=key,
             description="The latest batch's bytes decode as uint32 LE length | message frames "
             "of the object's format (ProtoLog or KafkaRecord).",
         ),
         dg.AssetCheckSpec(
             UNIQUE_IDS,
-            asset=ARCHIVE_ASSET,
+            asset=key,
             description="No record repeats inside the latest batch (log: its logId; record: its "
             "topic, partition and offset).",
         ),
         dg.AssetCheckSpec(
             NO_GAPS,
-            asset=ARCHIVE_ASSET,
+            asset=key,
             description="Each partition's batches are contiguous: no offsets skipped between them.",
         ),
-    ],
-)
-def archive_checks(gcs: GCSResource, postgres: PostgresResource) -> Iterator[dg.AssetCheckResult]:
-    """Re-check the latest appended batch of every partition."""
-    bucket = gcs.get_bucket()
-    with postgres.get_connection() as conn:
-        batches = latest_appended(conn)
-        gaps = {b.batch_id: offset_gaps(conn, b.batch.topic, b.batch.partition) for b in batches}
-    evaluations = [
-        e
-        for b in batches
-        for e in evaluate_batch(bucket, b, gaps[b.batch_id], _format_of(bucket, b.object_name))
     ]
-    for name in (FRAMING, UNIQUE_IDS, NO_GAPS):
-        mine = [e for e in evaluations if e.check_name == name]
-        yield dg.AssetCheckResult(
-            check_name=name,
-            asset_key=ARCHIVE_ASSET,
-            passed=all(e.passed for e in mine),
-            metadata={"batches_checked": len(mine), "failed": sum(not e.passed for e in mine)},
-        )
 
 
 def _format_of(bucket: storage.Bucket, object_name: str) -> ArchiveFormat:

@@ -13,8 +13,8 @@ from typing import Any
 
 import dagster as dg
 
-from protoagg_dagster.assets import archive_asset
-from protoagg_dagster.checks import archive_checks
+from protoagg_dagster.assets import archive_asset, topic_asset_specs
+from protoagg_dagster.checks import build_archive_checks
 from protoagg_dagster.core import settings
 from protoagg_dagster.jobs import archive_kafka_batch
 from protoagg_dagster.maintenance import archive_maintenance, maintain_archive
@@ -53,11 +53,11 @@ archiver = ArchiverSettings(
     log_message_field=settings.LOG_MESSAGE_FIELD.read(),
 )
 # A bad topic entry, format or dedupe key fails here, when the code location loads, not in a run.
-archiver.topic_formats(settings.TOPICS.read())
+topic_rules = archiver.topic_formats(settings.TOPICS.read()).rules
 
 defs = dg.Definitions(
-    assets=[archive_asset],
-    asset_checks=[archive_checks],
+    assets=[archive_asset, *topic_asset_specs(topic_rules)],
+    asset_checks=[build_archive_checks(topic_rules)],
     jobs=[archive_kafka_batch, maintain_archive],
     schedules=[archive_maintenance],
     sensors=[kafka_offsets_sensor],

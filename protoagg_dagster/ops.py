@@ -18,12 +18,12 @@ import dagster as dg
 from pydantic import Field
 
 from protoagg_dagster.archive_store import AppendResult, append_batch
-from protoagg_dagster.assets import ARCHIVE_ASSET
+from protoagg_dagster.assets import ARCHIVE_ASSET, topic_asset_key
 from protoagg_dagster.checks import Written, evaluate_batch
 from protoagg_dagster.core.archive_object import object_name
 from protoagg_dagster.core.dead_letters import encode_envelopes
 from protoagg_dagster.core.errors import ConfigError
-from protoagg_dagster.core.formats import ArchiveFormat
+from protoagg_dagster.core.formats import ArchiveFormat, rule_for
 from protoagg_dagster.core.planning import OffsetRange
 from protoagg_dagster.core.records import TOMBSTONE, Rejection
 from protoagg_dagster.kafka_reader import RangeRead, read_range
@@ -105,6 +105,8 @@ class Consumed:
     read: RangeRead
     format: ArchiveFormat
     seconds: dict[str, float] = field(default_factory=dict)
+    # The whole archive's asset and the asset of the topic's PROTOAGG_TOPICS entry.
+    assets: tuple[dg.AssetKey, ...] = (ARCHIVE_ASSET,)
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,7 @@ class Claimed:
     dead_letters: tuple[Rejection, ...]
     tombstones: int
     seconds: dict[str, float]
+    assets: tuple[dg.AssetKey, ...] = (ARCHIVE_ASSET,)
 
 
 @dataclass(frozen=True)
@@ -138,14 +141,20 @@ def consume(
     A range the ledger already has archived is not read at all: dedupe will find it done.
     """
     wanted = OffsetRange(config.topic, config.partition, config.start_offset, config.end_offset)
-    archive_format = archiver.topic_formats(kafka.topics).format_for(wanted.topic)
+    formats = archiver.topic_formats(kafka.topics)
+    archive_format = formats.format_for(wanted.topic)
+    rule = rule_for(formats.rules, wanted.topic)
+    assets = (ARCHIVE_ASSET,) + ((topic_asset_key(rule),) if rule is not None else ())
     started = time.perf_counter()
     with postgres.get_connection() as conn:
         archived_to = archived_position(conn, wanted.topic, wanted.partition)
     if archived_to is not None and archived_to >= wanted.end:
         context.log.info(f"consume: {wanted} is already archived (up to {archived_to}); not read")
         return Consumed(
-            RangeRead(wanted, [], 0, 0), archive_format, {"consume": time.perf_counter() - started}
+            RangeRead(wanted, [], 0, 0),
+            archive_format,
+            {"consume": time.perf_counter() - started},
+            assets,
         )
     consumer = kafka.get_consumer()
     try:
@@ -170,7 +179,7 @@ def consume(
             else ""
         )
     )
-    return Consumed(read, archive_format, {"consume": elapsed})
+    return Consumed(read, archive_format, {"consume": elapsed}, assets)
 
 
 @dg.op(retry_policy=TRANSIENT_RETRY)
@@ -218,6 +227,7 @@ def dedupe(
         dead_letters,
         tombstones,
         {**consumed.seconds, "dedupe": elapsed},
+        consumed.assets,
     )
 
 
@@ -300,6 +310,7 @@ def append(
                     written=Written(
                         encoded.data, [claimed.format.identity(r) for r in claim.kept]
                     ),
+                    asset_keys=claimed.assets,
                 )
             else:
                 finish_batch(conn, claim.batch_id, archived.generation)
@@ -309,11 +320,11 @@ def append(
         f"append: {appended} records, {len(claimed.dead_letters)} dead letters to "
         f"gs://{gcs.bucket}/{claim.object_name} in {seconds['append']:.2f} s"
     )
-    yield dg.AssetMaterialization(
-        asset_key=ARCHIVE_ASSET,
-        description=str(claim.batch),
-        metadata=_batch_metadata(gcs.bucket, encoded, archived, appended, seconds),
-    )
+    metadata = _batch_metadata(gcs.bucket, encoded, archived, appended, seconds)
+    for asset_key in claimed.assets:
+        yield dg.AssetMaterialization(
+            asset_key=asset_key, description=str(claim.batch), metadata=metadata
+        )
     yield from checks
     read_count = len(claimed.read.messages)
     ratio = len(claimed.dead_letters) / read_count if read_count else 0.0

@@ -71,10 +71,27 @@ class KafkaResource(dg.ConfigurableResource):  # type: ignore[type-arg]
         It reads committed records only, and its end offsets are the last stable offsets: an open
         transaction holds its partition back, an aborted one is never archived.
         """
+        return self._consumer("read_committed")
+
+    def high_watermarks(self, topic: str, partitions: list[int]) -> dict[int, int]:
+        """The offset after the last record written, committed or not, of each partition.
+
+        Above the last stable offset by what open transactions hold.
+        """
+        consumer = self._consumer("read_uncommitted")
+        try:
+            tps = [TopicPartition(topic, p) for p in partitions]
+            return {tp.partition: end for tp, end in consumer.end_offsets(tps).items()}
+        except KafkaError as exc:
+            raise BackendError(f"Kafka high watermarks of {topic!r} failed: {exc}") from exc
+        finally:
+            consumer.close()
+
+    def _consumer(self, isolation_level: str) -> KafkaConsumer:
         return self._connect(
             KafkaConsumer,
             group_id=None,
-            isolation_level="read_committed",
+            isolation_level=isolation_level,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             fetch_max_bytes=self.fetch_max_bytes,

@@ -19,6 +19,8 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 
 from protoagg_dagster.archive_reader import cat_archive, verify_archive
+from protoagg_dagster.assets import ARCHIVE_ASSET, topic_asset_key
+from protoagg_dagster.core.formats import parse_topics
 from protoagg_dagster.core.kafka_record import ArchivedKafkaRecord
 from protoagg_dagster.ledger import read_progress
 from protoagg_dagster.sensors import kafka_offsets_sensor
@@ -168,10 +170,9 @@ def test_log_append_time_topic_keeps_the_broker_timestamp(stack: Stack, unique: 
     assert check_archive(stack).ok
 
 
-def tick(stack: Stack, instance: dg.DagsterInstance, cursor: str | None) -> tuple[int, str | None]:
+def tick(stack: Stack, instance: dg.DagsterInstance, cursor: str | None) -> dg.SensorResult:
     context = dg.build_sensor_context(instance=instance, cursor=cursor, resources=stack.resources())
-    result = kafka_offsets_sensor(context)
-    return len(result.run_requests), result.cursor
+    return kafka_offsets_sensor(context)
 
 
 @pytest.mark.parametrize("archive_format", ["record", "log"])
@@ -215,8 +216,18 @@ def test_transactions_only_committed_records_and_open_ones_once_committed(
         # The open transaction holds partition 0 back, tick after tick; partition 1 is done.
         cursor = None
         for _ in range(3):
-            launched, cursor = tick(stack, instance, cursor)
-            assert launched == 0
+            result = tick(stack, instance, cursor)
+            assert not result.run_requests
+            cursor = result.cursor
+        # ...and the lag says so, for the whole archive and for the topic's own asset.
+        observations = {o.asset_key: o.metadata for o in result.asset_events}
+        assert set(observations) == {
+            ARCHIVE_ASSET,
+            topic_asset_key(parse_topics(stack.kafka.topics)[0]),
+        }
+        for metadata in observations.values():
+            assert metadata[f"open_transaction_messages[{topic}/0]"].value == 5
+            assert metadata["lag_messages"].value == 0
         assert sorted(archived_values(), key=values.index) == (
             values[0:5] + values[10:15] + values[20:25]
         )
