@@ -40,7 +40,7 @@ def topic_asset_specs(rules: Sequence[TopicRule]) -> list[dg.AssetSpec]:
             topic_asset_key(rule),
             description=f"The archive of PROTOAGG_TOPICS entry {rule} (format {rule.format}): "
             "its batches, checks and lag.",
-            group_name="protoagg_topics",
+            group_name="protoagg",
         )
         for rule in rules
     ]
