@@ -8,11 +8,11 @@ JSON values, 5% repeated logIds) and, with ``--admin-dsn``, a fresh database:
 
 (a) **ceiling**: kafka-python reads and discards the N messages (``run_once.raw_consume``);
 (b) **per step**, on the same N, each with the package's own functions:
-    consume (``read_range``, building the ``KafkaMessage`` list), parse (``parse_messages``) and
-    encode (``encode_records``) (pure CPU; rates also per CPU-second of the thread, i.e. per
-    core), then per batch of ``--batch`` messages: dedupe (``claim_batch``), append
-    (``append_batch`` with the object lock, to the emulator), finish (``finish_batch``) and the
-    op's read-back checks (``evaluate_batch``);
+    consume (``read_range``, building the ``KafkaMessage`` list), parse and encode of the ``log``
+    format and, on the same messages, of the ``record`` format (pure CPU; rates also per
+    CPU-second of the thread, i.e. per core), then per batch of ``--batch`` messages: dedupe
+    (``claim_batch``), append (``append_batch`` with the object lock, to the emulator), finish
+    (``finish_batch``) and the op's read-back checks (``evaluate_batch``);
 plus the **hand-off** a deployed run adds between ops: Dagster's default IO manager
 (``fs_io_manager``; ``execute_in_process`` swaps in an in-memory one) pickles each op's output to
 disk and the next op unpickles it; measured on the first batch's real outputs;
@@ -61,9 +61,9 @@ from benchmarks.run_once import (  # noqa: E402
 from protoagg_dagster.archive_store import append_batch  # noqa: E402
 from protoagg_dagster.checks import Written, evaluate_batch  # noqa: E402
 from protoagg_dagster.core.archive_object import Piece  # noqa: E402
-from protoagg_dagster.core.framing import encode_records  # noqa: E402
+from protoagg_dagster.core.formats import ArchiveFormat, LogFormat, RecordFormat  # noqa: E402
 from protoagg_dagster.core.planning import OffsetRange  # noqa: E402
-from protoagg_dagster.core.records import KafkaMessage, LogRecord, parse_messages  # noqa: E402
+from protoagg_dagster.core.records import KafkaMessage, LogRecord  # noqa: E402
 from protoagg_dagster.kafka_reader import RangeRead, read_range  # noqa: E402
 from protoagg_dagster.ledger import (  # noqa: E402
     AppendedBatch,
@@ -159,19 +159,20 @@ def measure_consume(
 
 
 def measure_cpu_steps(
-    messages: list[KafkaMessage], repeats: int
-) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], list[LogRecord]]:
+    messages: list[KafkaMessage], repeats: int, archive: ArchiveFormat
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], list[Any]]:
+    """Parse and encode of ``archive`` (the log format, or the record format) on ``messages``."""
     n = len(messages)
     parse_w, parse_c, enc_w, enc_c, both_w, both_c = [], [], [], [], [], []
-    records: list[LogRecord] = []
+    records: list[Any] = []
     for _ in range(repeats):
         records = []
         gc.collect()
         with collector_paused():
             with Timed() as p:
-                records, rejections = parse_messages(messages, MAX_MESSAGE_BYTES)
+                records, rejections = archive.parse(messages, MAX_MESSAGE_BYTES)
             with Timed() as e:
-                data = encode_records(records)
+                data = archive.encode(records)
         if rejections or len(records) != n or not data:
             raise RuntimeError(f"parse: {len(records)} records, {len(rejections)} rejections")
         del data
@@ -197,7 +198,13 @@ BATCH_STEPS = ("dedupe", "append", "finish", "checks")
 
 
 def measure_batches(
-    dsn: str, gcs: GCSResource, topic: str, records: list[LogRecord], batch: int, distinct: int
+    dsn: str,
+    gcs: GCSResource,
+    topic: str,
+    records: list[LogRecord],
+    batch: int,
+    distinct: int,
+    archive: ArchiveFormat,
 ) -> tuple[dict[str, Any], tuple[Claim, bytes]]:
     """Claim, append, finish and check ``records`` in consecutive batches, as a run does.
 
@@ -226,13 +233,19 @@ def measure_batches(
             with collector_paused():
                 with Timed() as t_claim:
                     claim = claim_batch(conn, rng, chunk, name, None)
-                data = encode_records(claim.kept)
+                data = archive.encode(claim.kept)
             if claim.batch_id is None:
                 raise RuntimeError(f"nothing claimed in {rng}")
             with Timed() as t_append:
                 piece = Piece(claim.batch_id, "records", len(data))
                 result = append_batch(
-                    bucket, name, claim.batch, piece, data, AppendLedger(conn, lock)
+                    bucket,
+                    name,
+                    claim.batch,
+                    piece,
+                    data,
+                    AppendLedger(conn, lock),
+                    format_name=archive.name,
                 )
             with Timed() as t_finish:
                 finish_batch(conn, claim.batch_id, result.generation, len(data), result.object_size)
@@ -241,7 +254,8 @@ def measure_batches(
                     bucket,
                     AppendedBatch(claim.batch_id, claim.batch, name, len(data), result.object_size),
                     gaps=gap_before(conn, claim.batch),
-                    written=Written(data, [r.log_id for r in claim.kept]),
+                    archive=archive,
+                    written=Written(data, [archive.identity(r) for r in claim.kept]),
                 )
             if not all(c.passed for c in checks):
                 raise RuntimeError(f"a check failed for {rng}: {checks}")
@@ -308,8 +322,8 @@ def measure_handoff(
         0,
     )
     seconds = {"consume": 1.0, "dedupe": 1.0, "encode": 1.0}
-    consumed = Consumed(read, seconds)
-    claimed = Claimed(read, claim, (), 0, seconds)
+    consumed = Consumed(read, LogFormat(), seconds)
+    claimed = Claimed(read, LogFormat(), claim, (), 0, seconds)
     outputs = {
         "consume": consumed,
         "dedupe": claimed,
@@ -461,15 +475,19 @@ def print_report(report: dict[str, Any]) -> None:
     line(f"(a) ceiling: raw kafka-python x{reps}", report["ceiling"])
     line(f"consume: read_range x{reps}", report["consume"])
     cpu_reps = report["parse"]["repeats"]
-    line(f"parse: parse_messages x{cpu_reps}", report["parse"], "  (thread CPU)")
+    line(f"parse: log format x{cpu_reps}", report["parse"], "  (thread CPU)")
     enc = report["encode"]
     verdict = "meets" if (enc["msgs_per_cpu_s"] or 0) >= ENCODE_TARGET_PER_CORE else "BELOW"
     line(
-        f"encode: encode_records x{cpu_reps}",
+        f"encode: log format x{cpu_reps}",
         enc,
         f"  ({verdict} {ENCODE_TARGET_PER_CORE // 1000}k/core target)",
     )
     line("parse + encode", report["parse_encode"], "  (thread CPU)")
+    rec = report["record_format"]
+    line("parse: record format", rec["parse"], "  (thread CPU)")
+    line("encode: record format", rec["encode"], "  (thread CPU)")
+    line("parse + encode: record format", rec["parse_encode"], "  (thread CPU)")
     b = report["batches"]
     print()
     print(
@@ -571,10 +589,11 @@ def main() -> int:
         avg_bytes = sum(map(len, values)) / n
         del values
         ceiling, consume, messages = measure_consume(kafka, topic, n, repeats)
-        parse, encode, both, records = measure_cpu_steps(messages, repeats)
+        parse, encode, both, records = measure_cpu_steps(messages, repeats, LogFormat())
+        record_steps = measure_cpu_steps(messages, repeats, RecordFormat())[:3]
         first_messages = messages[: min(batch, n)]
         del messages
-        batches, first = measure_batches(dsn, gcs, topic, records, batch, distinct)
+        batches, first = measure_batches(dsn, gcs, topic, records, batch, distinct, LogFormat())
         del records
         gc.collect()
         handoff = measure_handoff(topic, first_messages, first, min(repeats, 2))
@@ -597,6 +616,7 @@ def main() -> int:
         "parse": parse,
         "encode": encode,
         "parse_encode": both,
+        "record_format": dict(zip(("parse", "encode", "parse_encode"), record_steps, strict=True)),
         "encode_target_per_core": ENCODE_TARGET_PER_CORE,
         "encode_meets_target": (encode["msgs_per_cpu_s"] or 0) >= ENCODE_TARGET_PER_CORE,
         "batches": batches,

@@ -11,10 +11,16 @@ from typing import BinaryIO, TextIO
 from google.api_core import exceptions as gexc
 
 from protoagg_dagster.core import settings
+from protoagg_dagster.core.archive_object import LEGACY_FORMAT, archive_format
 from protoagg_dagster.core.dead_letters import iter_dead_letters
 from protoagg_dagster.core.errors import ArchiveFormatError, BackendError, ConfigError
-from protoagg_dagster.core.framing import iter_records
-from protoagg_dagster.core.records import format_rfc3339
+from protoagg_dagster.core.formats import (
+    ArchiveFormat,
+    FormatOptions,
+    ShowBytes,
+    always_base64,
+    text_or_base64,
+)
 from protoagg_dagster.ledger import archived_partitions
 from protoagg_dagster.resources.gcs import GCSResource
 from protoagg_dagster.resources.kafka import KafkaResource
@@ -24,8 +30,14 @@ from protoagg_dagster.verification import KafkaCheck, check_against_kafka
 
 def open_archive(url: str) -> BinaryIO:
     """A binary stream of ``gs://BUCKET/OBJECT`` (chunked, bounded memory) or of a local file."""
+    stream, _ = open_archive_with_format(url)
+    return stream
+
+
+def open_archive_with_format(url: str, given: str | None = None) -> tuple[BinaryIO, ArchiveFormat]:
+    """The stream and its format: ``given``, else the object's metadata (a local file: log)."""
     if not url.startswith("gs://"):
-        return Path(url).open("rb")
+        return Path(url).open("rb"), FormatOptions().build(given or LEGACY_FORMAT)
     bucket_name, _, object_name = url[len("gs://") :].partition("/")
     if not bucket_name or not object_name:
         raise ConfigError(f"{url!r} is not of the form gs://BUCKET/OBJECT")
@@ -36,27 +48,27 @@ def open_archive(url: str) -> BinaryIO:
     except gexc.NotFound:
         raise BackendError(f"{url} does not exist") from None
     stream: BinaryIO = blob.open("rb", chunk_size=8 * 1024 * 1024)
-    return stream
+    return stream, FormatOptions().build(given or archive_format(blob.metadata))
 
 
-def cat_archive(url: str, out: TextIO) -> int:
-    """Write each record as a JSON line (logId, timestamp, message); return how many."""
+def cat_archive(
+    url: str, out: TextIO, format_name: str | None = None, show_bytes: ShowBytes = text_or_base64
+) -> int:
+    """Write each record as a JSON line; return how many.
+
+    Log: logId, timestamp, message. Record: topic, partition, offset, timestamp, timestamp_type,
+    key, value, headers, bytes shown by ``show_bytes`` (text when UTF-8, else ``{"base64": ..}``).
+    """
     count = 0
-    with open_archive(url) as stream:
-        for record in iter_records(stream):
-            out.write(
-                json.dumps(
-                    {
-                        "logId": record.log_id,
-                        "timestamp": format_rfc3339(record.seconds, record.nanos),
-                        "message": record.message,
-                    },
-                    ensure_ascii=False,
-                )
-                + "\n"
-            )
+    stream, archive = open_archive_with_format(url, format_name)
+    with stream:
+        for record in archive.decode(stream):
+            out.write(json.dumps(archive.as_json(record, show_bytes), ensure_ascii=False) + "\n")
             count += 1
     return count
+
+
+BYTES_STYLES: dict[str, ShowBytes] = {"text": text_or_base64, "base64": always_base64}
 
 
 def list_dead_letters(url: str, out: TextIO, with_values: bool) -> int:
@@ -86,36 +98,50 @@ class VerifyReport:
     records: int = 0
     bytes_read: int = 0
     duplicates: Counter[str] = field(default_factory=Counter)
+    out_of_order: list[str] = field(default_factory=list)
     error: str | None = None
 
     @property
     def ok(self) -> bool:
-        return self.error is None and not self.duplicates
+        return self.error is None and not self.duplicates and not self.out_of_order
 
     def summary(self) -> str:
         lines = [f"{self.url}: {self.records} records"]
         if self.duplicates:
             shown = ", ".join(f"{k} x{v + 1}" for k, v in self.duplicates.most_common(10))
-            lines.append(f"DUPLICATE logIds: {len(self.duplicates)} ({shown})")
+            lines.append(f"DUPLICATE records: {len(self.duplicates)} ({shown})")
+        if self.out_of_order:
+            shown = ", ".join(self.out_of_order[:10])
+            lines.append(f"OUT OF OFFSET ORDER: {len(self.out_of_order)} ({shown})")
         if self.error:
             lines.append(f"FORMAT ERROR: {self.error}")
         lines.append("OK" if self.ok else "FAILED")
         return "\n".join(lines)
 
 
-def verify_archive(url: str) -> VerifyReport:
-    """Check framing end to end and report logIds that appear more than once."""
+def verify_archive(url: str, format_name: str | None = None) -> VerifyReport:
+    """Check framing end to end; report records that appear more than once.
+
+    Where records carry their offsets (record format), also offsets out of order per partition.
+    """
     report = VerifyReport(url)
     seen: set[str] = set()
-    with open_archive(url) as stream:
+    last_offset: dict[tuple[str, int], int] = {}
+    stream, archive = open_archive_with_format(url, format_name)
+    with stream:
         try:
-            for record in iter_records(stream):
+            for record in archive.decode(stream):
                 report.records += 1
-                key = record.log_id.lower()
+                key = archive.identity(record)
                 if key in seen:
                     report.duplicates[key] += 1
                 else:
                     seen.add(key)
+                if archive.identity_names_place:
+                    where = (record.topic, record.partition)
+                    if record.offset <= last_offset.get(where, -1):
+                        report.out_of_order.append(key)
+                    last_offset[where] = max(record.offset, last_offset.get(where, -1))
         except ArchiveFormatError as exc:
             report.error = str(exc)
     return report
@@ -136,6 +162,12 @@ def check_url_against_kafka(url: str) -> KafkaCheck:
     kafka = KafkaResource(bootstrap_servers=settings.KAFKA_BOOTSTRAP.read())
     with PostgresResource(dsn=settings.POSTGRES_DSN.read()).get_connection() as conn:
         partitions = archived_partitions(conn, [name])
+    options = FormatOptions(
+        settings.DEDUPE_KEY.read(),
+        settings.LOG_ID_FIELD.read(),
+        settings.LOG_TIMESTAMP_FIELD.read(),
+        settings.LOG_MESSAGE_FIELD.read(),
+    )
     consumer = kafka.get_consumer()
     try:
         return check_against_kafka(
@@ -145,6 +177,7 @@ def check_url_against_kafka(url: str) -> KafkaCheck:
             consumer,
             settings.MAX_MESSAGE_BYTES.read_int(),
             partitions,
+            options,
         )
     finally:
         consumer.close()

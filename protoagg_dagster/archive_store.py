@@ -65,11 +65,14 @@ def append_batch(
     ledger: PieceLedger,
     max_attempts: int = 20,
     sleep: Callable[[float], None] = time.sleep,
+    format_name: str | None = None,
 ) -> AppendResult:
     """Append ``data`` (``piece`` of ``batch``) to ``object_name`` exactly once.
 
     The upload happens first, outside the object's lock (held only around read-and-compose).
     Returns ``appended=False`` when the ledger or the object's marker shows it already there.
+    ``format_name`` is recorded in the object's metadata, and an object of another format is
+    refused (ConfigError); None (dead letters) records and checks none.
     """
     temp = bucket.blob(temp_object_name(batch, uuid.uuid4().hex))
     try:
@@ -87,7 +90,9 @@ def append_batch(
         ) from exc
     try:
         with ledger.locked(object_name):
-            return _compose_fenced(bucket, object_name, piece, temp, ledger, max_attempts, sleep)
+            return _compose_fenced(
+                bucket, object_name, piece, temp, ledger, max_attempts, sleep, format_name
+            )
     finally:
         _delete_quietly(temp)
 
@@ -100,6 +105,7 @@ def _compose_fenced(
     ledger: PieceLedger,
     max_attempts: int,
     sleep: Callable[[float], None],
+    format_name: str | None,
 ) -> AppendResult:
     for attempt in range(1, max_attempts + 1):
         current = bucket.get_blob(object_name)
@@ -123,7 +129,9 @@ def _compose_fenced(
         if current is not None:
             sleep(_pause_before_compose(current.updated))
         target = bucket.blob(object_name)
-        target.metadata = metadata_after_append(current.metadata if current else None, piece)
+        target.metadata = metadata_after_append(
+            current.metadata if current else None, piece, format_name
+        )
         target.content_type = CONTENT_TYPE
         sources = [current, temp] if current is not None else [temp]
         try:

@@ -1,4 +1,4 @@
-"""Asset checks on the archive: framing of the appended bytes, unique ids, no offset gaps.
+"""Asset checks on the archive: framing of the appended bytes, unique records, no offset gaps.
 
 The append op evaluates them for its own batch; the same checks can be executed from the UI,
 where they re-check the latest appended batch of every partition.
@@ -10,13 +10,15 @@ import io
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import dagster as dg
 from google.cloud import storage
 
-from protoagg_dagster.assets import ARCHIVE_ASSET
+from protoagg_dagster.assets import ARCHIVE_ASSET, topic_asset_key
+from protoagg_dagster.core.archive_object import archive_format
 from protoagg_dagster.core.errors import ArchiveFormatError
-from protoagg_dagster.core.framing import iter_records
+from protoagg_dagster.core.formats import ArchiveFormat, FormatOptions, TopicRule, rule_for
 from protoagg_dagster.ledger import AppendedBatch, latest_appended, offset_gaps
 from protoagg_dagster.resources import GCSResource, PostgresResource
 
@@ -27,10 +29,10 @@ NO_GAPS = "no_offset_gaps"
 
 @dataclass(frozen=True)
 class Written:
-    """What the append op wrote: the framed bytes and the logIds they hold."""
+    """What the append op wrote: the framed bytes and the identities of their records."""
 
     data: bytes
-    log_ids: Sequence[str]
+    identities: Sequence[str]
 
 
 def read_back(bucket: storage.Bucket, batch: AppendedBatch) -> bytes:
@@ -47,9 +49,13 @@ def evaluate_batch(
     bucket: storage.Bucket,
     batch: AppendedBatch,
     gaps: list[tuple[int, int]],
+    archive: ArchiveFormat,
     written: Written | None = None,
+    asset_keys: Sequence[dg.AssetKey] = (ARCHIVE_ASSET,),
 ) -> list[dg.AssetCheckEvaluation]:
-    """The three checks for one appended batch.
+    """The three checks for one appended batch (frames in format ``archive``), per asset key.
+
+    ``asset_keys``: the whole archive, and the asset of the batch's topic entry.
 
     With ``written`` (the op's own batch) the bytes read back are compared with the bytes
     written, which the framing tests pin, instead of decoding every frame again.
@@ -57,69 +63,100 @@ def evaluate_batch(
     where = {"batch": str(batch.batch), "object": batch.object_name}
     stored = read_back(bucket, batch)
     if written is not None:
-        ids = [log_id.lower() for log_id in written.log_ids]
+        ids = list(written.identities)
         framing_ok = stored == written.data
         framing_detail = f"{len(stored)} bytes read back " + (
             "equal the bytes written" if framing_ok else "DIFFER from the bytes written"
         )
     else:
         try:
-            ids = [r.log_id.lower() for r in iter_records(io.BytesIO(stored))]
+            ids = [archive.identity(r) for r in archive.decode(io.BytesIO(stored))]
             framing_ok, framing_detail = True, f"{len(ids)} frames decode"
         except ArchiveFormatError as exc:
             ids, framing_ok, framing_detail = [], False, str(exc)
     repeated = [key for key, n in Counter(ids).items() if n > 1]
+    verdicts: tuple[tuple[str, bool, dict[str, Any]], ...] = (
+        (FRAMING, framing_ok, {**where, "detail": framing_detail}),
+        (
+            UNIQUE_IDS,
+            not repeated,
+            {**where, "repeated_ids": len(repeated), "examples": ", ".join(repeated[:5])},
+        ),
+        (
+            NO_GAPS,
+            not gaps,
+            {**where, "gaps": ", ".join(f"{a}..{b}" for a, b in gaps[:10]) or "none"},
+        ),
+    )
     return [
-        dg.AssetCheckEvaluation(
-            asset_key=ARCHIVE_ASSET,
-            check_name=FRAMING,
-            passed=framing_ok,
-            metadata={**where, "detail": framing_detail},
+        dg.AssetCheckEvaluation(asset_key=key, check_name=name, passed=passed, metadata=metadata)
+        for key in asset_keys
+        for name, passed, metadata in verdicts
+    ]
+
+
+def build_archive_checks(rules: Sequence[TopicRule]) -> dg.AssetChecksDefinition:
+    """The three checks on the whole archive and on each topic entry's asset.
+
+    Run from the UI, they re-check the latest appended batch of every partition.
+    """
+    keys = [ARCHIVE_ASSET, *(topic_asset_key(rule) for rule in rules)]
+
+    @dg.multi_asset_check(specs=[spec for key in keys for spec in _check_specs(key)])
+    def archive_checks(
+        gcs: GCSResource, postgres: PostgresResource
+    ) -> Iterator[dg.AssetCheckResult]:
+        bucket = gcs.get_bucket()
+        with postgres.get_connection() as conn:
+            batches = latest_appended(conn)
+            gaps = {
+                b.batch_id: offset_gaps(conn, b.batch.topic, b.batch.partition) for b in batches
+            }
+        evaluations = []
+        for b in batches:
+            rule = rule_for(rules, b.batch.topic)
+            own = [ARCHIVE_ASSET] + ([topic_asset_key(rule)] if rule is not None else [])
+            archive = _format_of(bucket, b.object_name)
+            evaluations += evaluate_batch(bucket, b, gaps[b.batch_id], archive, asset_keys=own)
+        for key in keys:
+            for name in (FRAMING, UNIQUE_IDS, NO_GAPS):
+                mine = [e for e in evaluations if e.check_name == name and e.asset_key == key]
+                yield dg.AssetCheckResult(
+                    check_name=name,
+                    asset_key=key,
+                    passed=all(e.passed for e in mine),
+                    metadata={
+                        "batches_checked": len(mine),
+                        "failed": sum(not e.passed for e in mine),
+                    },
+                )
+
+    return archive_checks
+
+
+def _check_specs(key: dg.AssetKey) -> list[dg.AssetCheckSpec]:
+    return [
+        dg.AssetCheckSpec(
+            FRAMING,
+            asset=key,
+            description="The latest batch's bytes decode as uint32 LE length | message frames "
+            "of the object's format (ProtoLog or KafkaRecord).",
         ),
-        dg.AssetCheckEvaluation(
-            asset_key=ARCHIVE_ASSET,
-            check_name=UNIQUE_IDS,
-            passed=not repeated,
-            metadata={**where, "repeated_ids": len(repeated), "examples": ", ".join(repeated[:5])},
+        dg.AssetCheckSpec(
+            UNIQUE_IDS,
+            asset=key,
+            description="No record repeats inside the latest batch (log: its logId; record: its "
+            "topic, partition and offset).",
         ),
-        dg.AssetCheckEvaluation(
-            asset_key=ARCHIVE_ASSET,
-            check_name=NO_GAPS,
-            passed=not gaps,
-            metadata={**where, "gaps": ", ".join(f"{a}..{b}" for a, b in gaps[:10]) or "none"},
+        dg.AssetCheckSpec(
+            NO_GAPS,
+            asset=key,
+            description="Each partition's batches are contiguous: no offsets skipped between them.",
         ),
     ]
 
 
-@dg.multi_asset_check(
-    specs=[
-        dg.AssetCheckSpec(
-            FRAMING,
-            asset=ARCHIVE_ASSET,
-            description="The latest batch's bytes decode as uint32 LE length | ProtoLog frames.",
-        ),
-        dg.AssetCheckSpec(
-            UNIQUE_IDS, asset=ARCHIVE_ASSET, description="No logId repeats inside the latest batch."
-        ),
-        dg.AssetCheckSpec(
-            NO_GAPS,
-            asset=ARCHIVE_ASSET,
-            description="Each partition's batches are contiguous: no offsets skipped between them.",
-        ),
-    ],
-)
-def archive_checks(gcs: GCSResource, postgres: PostgresResource) -> Iterator[dg.AssetCheckResult]:
-    """Re-check the latest appended batch of every partition."""
-    bucket = gcs.get_bucket()
-    with postgres.get_connection() as conn:
-        batches = latest_appended(conn)
-        gaps = {b.batch_id: offset_gaps(conn, b.batch.topic, b.batch.partition) for b in batches}
-    evaluations = [e for b in batches for e in evaluate_batch(bucket, b, gaps[b.batch_id])]
-    for name in (FRAMING, UNIQUE_IDS, NO_GAPS):
-        mine = [e for e in evaluations if e.check_name == name]
-        yield dg.AssetCheckResult(
-            check_name=name,
-            asset_key=ARCHIVE_ASSET,
-            passed=all(e.passed for e in mine),
-            metadata={"batches_checked": len(mine), "failed": sum(not e.passed for e in mine)},
-        )
+def _format_of(bucket: storage.Bucket, object_name: str) -> ArchiveFormat:
+    """The format the object's metadata records; decoding for a check needs no dedupe options."""
+    blob = bucket.get_blob(object_name)
+    return FormatOptions().build(archive_format(blob.metadata if blob is not None else None))

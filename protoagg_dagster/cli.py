@@ -95,6 +95,13 @@ def _parser() -> argparse.ArgumentParser:
 
     cat = commands.add_parser("cat", help="print an archive as JSON lines")
     cat.add_argument("url", help="gs://BUCKET/OBJECT or a local file path")
+    _format_argument(cat)
+    cat.add_argument(
+        "--base64",
+        action="store_true",
+        help='record format: print every key, value and header value as {"base64": ...} '
+        "(default: text when valid UTF-8)",
+    )
     cat.set_defaults(handler=_cat)
 
     dead = commands.add_parser("dead-letters", help="list the messages set aside, with reasons")
@@ -102,8 +109,11 @@ def _parser() -> argparse.ArgumentParser:
     dead.add_argument("--values", action="store_true", help="print each original value too")
     dead.set_defaults(handler=_dead_letters)
 
-    verify = commands.add_parser("verify", help="check an archive's framing and duplicate ids")
+    verify = commands.add_parser(
+        "verify", help="check an archive's framing, duplicate records and offset order"
+    )
     verify.add_argument("url", help="gs://BUCKET/OBJECT or a local file path")
+    _format_argument(verify)
     verify.add_argument(
         "--against-kafka",
         action="store_true",
@@ -123,6 +133,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     doctor.set_defaults(handler=_doctor)
     return parser
+
+
+def _format_argument(parser: argparse.ArgumentParser) -> None:
+    from protoagg_dagster.core.formats import FORMATS
+
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        default=None,
+        help="archive format (default: the object's metadata; a local file: log)",
+    )
 
 
 def _services(args: argparse.Namespace) -> int:
@@ -172,9 +193,11 @@ def _backfill(args: argparse.Namespace) -> int:
 
 
 def _cat(args: argparse.Namespace) -> int:
-    from protoagg_dagster.archive_reader import cat_archive
+    from protoagg_dagster.archive_reader import BYTES_STYLES, cat_archive
 
-    cat_archive(args.url, sys.stdout)
+    cat_archive(
+        args.url, sys.stdout, args.format, BYTES_STYLES["base64" if args.base64 else "text"]
+    )
     return 0
 
 
@@ -188,7 +211,7 @@ def _dead_letters(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from protoagg_dagster.archive_reader import verify_archive
 
-    report = verify_archive(args.url)
+    report = verify_archive(args.url, args.format)
     print(report.summary())
     if not args.against_kafka:
         return 0 if report.ok else 1

@@ -1,13 +1,18 @@
 """The dedupe window: ``processed_logs``, partitioned by claim day, pruned by dropping partitions.
 
-A logId is claimed in the *current* day's partition with ``INSERT ... ON CONFLICT DO NOTHING``
-(concurrent claimers of one id agree on one winner) after checking that no older partition of
+A row holds one 128-bit dedupe key in the ``log_id uuid`` column: a logId of the ``log`` format is
+its own key, any other key (``record`` format) is a 128-bit digest, so every kind costs the same
+and rows written before the digests existed stay valid. Records without a key are never claimed
+here (the ledger's offsets dedupe them).
+
+A key is claimed in the *current* day's partition with ``INSERT ... ON CONFLICT DO NOTHING``
+(concurrent claimers of one key agree on one winner) after checking that no older partition of
 the window holds it. Older partitions never receive rows, so that check cannot race. Moving to a
 new day takes the control row ``FOR UPDATE`` while each claim holds it ``FOR SHARE``: the switch
 waits for claims in flight, claims never wait for each other. Pruning drops whole partitions, so
 the per-batch cost stays flat however long the archive has run.
 
-Trade-off: a message redelivered after its id left the window is archived again.
+Trade-off: a message redelivered after its key left the window is archived again.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import psycopg
 from psycopg import sql
 
 from protoagg_dagster.core.errors import ConfigError
-from protoagg_dagster.core.records import LogRecord
+from protoagg_dagster.core.formats import Claimable
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS processed_logs (
@@ -78,11 +83,12 @@ def _create_partition(conn: psycopg.Connection, day: int) -> bool:
     return True
 
 
-def claim_ids(conn: psycopg.Connection, batch_id: int, records: Sequence[LogRecord]) -> set[int]:
-    """Claim each record's logId for ``batch_id`` (inside the caller's transaction).
+def claim_ids(conn: psycopg.Connection, batch_id: int, records: Sequence[Claimable]) -> set[int]:
+    """Claim each record's dedupe key for ``batch_id`` (inside the caller's transaction).
 
-    Returns the offsets whose claim won: for each logId new to the window, its first occurrence
-    (repeats inside ``records`` lose to the lowest offset in the same statement).
+    Returns the offsets whose claim won: for each key new to the window, its first occurrence
+    (repeats inside ``records`` lose to the lowest offset in the same statement). Records without
+    a key are skipped: the caller keeps them.
     """
     if not records:
         return set()
@@ -103,8 +109,8 @@ def claim_ids(conn: psycopg.Connection, batch_id: int, records: Sequence[LogReco
     return {offset for (offset,) in rows}
 
 
-def own_claims(conn: psycopg.Connection, batch_id: int, records: Sequence[LogRecord]) -> set[int]:
-    """Offsets of ``records`` whose logId ``batch_id`` claimed.
+def own_claims(conn: psycopg.Connection, batch_id: int, records: Sequence[Claimable]) -> set[int]:
+    """Offsets of ``records`` whose key ``batch_id`` claimed (records without a key are skipped).
 
     Looked up by logId: an index on batch_id would cost every claim an extra index insert.
     """
@@ -120,13 +126,13 @@ def own_claims(conn: psycopg.Connection, batch_id: int, records: Sequence[LogRec
     return {offset for (offset,) in rows}
 
 
-def _load_candidates(conn: psycopg.Connection, records: Sequence[LogRecord]) -> None:
-    """``COPY`` (logId, offset) pairs into a temp table emptied at commit."""
+def _load_candidates(conn: psycopg.Connection, records: Sequence[Claimable]) -> None:
+    """``COPY`` (key, offset) of the records that have a key into a temp table emptied at commit."""
     conn.execute(
         "CREATE TEMP TABLE IF NOT EXISTS claim_candidates (log_id uuid, kafka_offset bigint) "
         "ON COMMIT DELETE ROWS"
     )
-    payload = "".join(f"{r.log_id}\t{r.offset}\n" for r in records)
+    payload = "".join(f"{r.dedupe_key}\t{r.offset}\n" for r in records if r.dedupe_key is not None)
     with conn.cursor().copy("COPY claim_candidates (log_id, kafka_offset) FROM STDIN") as copy:
         copy.write(payload)
 

@@ -2,7 +2,8 @@
 
 Connection settings come from their environment variable when it is set (``EnvVar``: resolved at
 run time, never shown in the UI), else from the local-services default in ``core.settings``.
-Batch tuning knobs are plain numbers read when the code location loads.
+Batch tuning knobs and the format settings are plain values read (and checked) when the code
+location loads.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from typing import Any
 
 import dagster as dg
 
-from protoagg_dagster.assets import archive_asset
-from protoagg_dagster.checks import archive_checks
+from protoagg_dagster.assets import archive_asset, topic_asset_specs
+from protoagg_dagster.checks import build_archive_checks
 from protoagg_dagster.core import settings
 from protoagg_dagster.jobs import archive_kafka_batch
 from protoagg_dagster.maintenance import archive_maintenance, maintain_archive
@@ -38,10 +39,26 @@ def _kafka_security() -> dict[str, Any]:
 
 
 postgres = PostgresResource(dsn=_value(settings.POSTGRES_DSN))
+archiver = ArchiverSettings(
+    batch_size=settings.BATCH_SIZE.read_int(),
+    linger_seconds=settings.LINGER_SECONDS.read_float(),
+    max_batch_messages=settings.MAX_BATCH_MESSAGES.read_int(),
+    max_batch_bytes=settings.MAX_BATCH_BYTES.read_int(),
+    max_message_bytes=settings.MAX_MESSAGE_BYTES.read_int(),
+    max_dead_letter_ratio=settings.MAX_DEAD_LETTER_RATIO.read_float(),
+    start_from=_value(settings.START_FROM),
+    format=settings.FORMAT.read(),
+    dedupe_key=settings.DEDUPE_KEY.read(),
+    log_id_field=settings.LOG_ID_FIELD.read(),
+    log_timestamp_field=settings.LOG_TIMESTAMP_FIELD.read(),
+    log_message_field=settings.LOG_MESSAGE_FIELD.read(),
+)
+# A bad topic entry, format or dedupe key fails here, when the code location loads, not in a run.
+topic_rules = archiver.topic_formats(settings.TOPICS.read()).rules
 
 defs = dg.Definitions(
-    assets=[archive_asset],
-    asset_checks=[archive_checks],
+    assets=[archive_asset, *topic_asset_specs(topic_rules)],
+    asset_checks=[build_archive_checks(topic_rules)],
     jobs=[archive_kafka_batch, maintain_archive],
     schedules=[archive_maintenance],
     sensors=[kafka_offsets_sensor],
@@ -65,14 +82,6 @@ defs = dg.Definitions(
             create_bucket=settings.GCS_CREATE_BUCKET.read_bool(),
             emulator_host=_value(settings.STORAGE_EMULATOR_HOST),
         ),
-        "archiver": ArchiverSettings(
-            batch_size=settings.BATCH_SIZE.read_int(),
-            linger_seconds=settings.LINGER_SECONDS.read_float(),
-            max_batch_messages=settings.MAX_BATCH_MESSAGES.read_int(),
-            max_batch_bytes=settings.MAX_BATCH_BYTES.read_int(),
-            max_message_bytes=settings.MAX_MESSAGE_BYTES.read_int(),
-            max_dead_letter_ratio=settings.MAX_DEAD_LETTER_RATIO.read_float(),
-            start_from=_value(settings.START_FROM),
-        ),
+        "archiver": archiver,
     },
 )

@@ -38,8 +38,10 @@ def read_range(
 ) -> RangeRead:
     """Read offsets ``[wanted.start, wanted.end)``, stopping early once ``max_bytes`` is reached.
 
-    Offsets with no message (compaction, transaction markers, retention) are passed over: the
-    loop ends on the consumer's position, not on a message count.
+    Offsets with no message (compaction, transaction markers, aborted records of a
+    read_committed consumer, retention) are passed over: the loop ends on the consumer's
+    position, which moves past them, not on a message count; the range is complete even when its
+    last offsets hold nothing.
     """
     tp = TopicPartition(wanted.topic, wanted.partition)
     consumer.assign([tp])
@@ -70,6 +72,7 @@ def read_range(
                     record.key,
                     value,
                     tuple(record.headers) if record.headers else (),
+                    record.timestamp_type,
                 )
             )
             value_bytes += len(value) if value is not None else 0

@@ -2,8 +2,8 @@
 
 Tables:
 
-- ``processed_logs``: one row per archived logId and the batch that claimed it, partitioned by
-  day (see ``dedupe_window``).
+- ``processed_logs``: one row per archived dedupe key (a logId, or a 128-bit digest of another
+  key) and the batch that claimed it, partitioned by day (see ``dedupe_window``).
 - ``archive_batches``: one row per claimed offset range; ``state`` is ``claimed`` until the append
   to GCS is confirmed, then ``appended``. At most one ``claimed`` row per partition.
 - ``archive_positions``: per partition, the first offset not yet archived.
@@ -17,13 +17,14 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import psycopg
 
 from protoagg_dagster.core.archive_object import Piece
 from protoagg_dagster.core.errors import BackendError
+from protoagg_dagster.core.formats import Claimable
 from protoagg_dagster.core.planning import OffsetRange
-from protoagg_dagster.core.records import LogRecord
 from protoagg_dagster.dedupe_window import claim_ids, ensure_window, epoch_day, own_claims
 
 # Any constant works; it only has to be the same for every protoagg process.
@@ -71,7 +72,7 @@ class Claim:
     batch_id: int | None
     batch: OffsetRange
     object_name: str
-    kept: tuple[LogRecord, ...]
+    kept: tuple[Any, ...]
     duplicates: int
     adopted: bool
 
@@ -133,16 +134,17 @@ def begin_partition(conn: psycopg.Connection, topic: str, partition: int, start:
 def claim_batch(
     conn: psycopg.Connection,
     batch: OffsetRange,
-    records: Sequence[LogRecord],
+    records: Sequence[Claimable],
     object_name: str,
     run_id: str | None,
 ) -> Claim:
-    """Claim the new logIds of ``records`` (offsets of ``batch``) in one short transaction.
+    """Claim the new dedupe keys of ``records`` (offsets of ``batch``) in one short transaction.
 
-    Returns the records to append, in offset order: the first occurrence of each logId that no
-    other batch has claimed. If the partition has a claimed batch starting at ``batch.start``, that
-    batch is adopted instead and its own claims are returned. Offsets already archived are
-    trimmed; a batch that starts beyond the archived position is refused (it would leave a gap).
+    Returns the records to append, in offset order: each record without a dedupe key, and the
+    first occurrence of each key that no other batch has claimed. If the partition has a claimed
+    batch starting at ``batch.start``, that batch is adopted instead and its own claims are
+    returned. Offsets already archived are trimmed; a batch that starts beyond the archived
+    position is refused (it would leave a gap).
     """
     with conn.transaction():
         begin_partition(conn, batch.topic, batch.partition, batch.start)
@@ -179,14 +181,14 @@ def claim_batch(
             "UPDATE archive_batches SET claimed = %s WHERE batch_id = %s",
             (len(claimed_offsets), batch_id),
         )
-    kept = tuple(r for r in candidates if r.offset in claimed_offsets)
+    kept = tuple(r for r in candidates if r.dedupe_key is None or r.offset in claimed_offsets)
     return Claim(batch_id, effective, object_name, kept, len(candidates) - len(kept), adopted=False)
 
 
 def _adopt(
     conn: psycopg.Connection,
     batch: OffsetRange,
-    records: Sequence[LogRecord],
+    records: Sequence[Claimable],
     pending: tuple[int, int, int, str],
 ) -> Claim:
     batch_id, start, end, object_name = pending
@@ -198,7 +200,7 @@ def _adopt(
     adopted = OffsetRange(batch.topic, batch.partition, start, end)
     in_range = [r for r in records if r.offset < end]
     own = own_claims(conn, batch_id, in_range)
-    kept = tuple(r for r in in_range if r.offset in own)
+    kept = tuple(r for r in in_range if r.dedupe_key is None or r.offset in own)
     return Claim(batch_id, adopted, object_name, kept, len(in_range) - len(kept), adopted=True)
 
 

@@ -18,14 +18,14 @@ import dagster as dg
 from pydantic import Field
 
 from protoagg_dagster.archive_store import AppendResult, append_batch
-from protoagg_dagster.assets import ARCHIVE_ASSET
+from protoagg_dagster.assets import ARCHIVE_ASSET, topic_asset_key
 from protoagg_dagster.checks import Written, evaluate_batch
 from protoagg_dagster.core.archive_object import Piece, PieceRole, object_name
 from protoagg_dagster.core.dead_letters import encode_envelopes
 from protoagg_dagster.core.errors import ConfigError
-from protoagg_dagster.core.framing import encode_records
+from protoagg_dagster.core.formats import ArchiveFormat, rule_for
 from protoagg_dagster.core.planning import OffsetRange
-from protoagg_dagster.core.records import TOMBSTONE, Rejection, parse_messages
+from protoagg_dagster.core.records import TOMBSTONE, Rejection
 from protoagg_dagster.kafka_reader import RangeRead, read_range
 from protoagg_dagster.ledger import (
     AppendedBatch,
@@ -103,16 +103,21 @@ class ArchiveRangeConfig(dg.Config):
 @dataclass(frozen=True)
 class Consumed:
     read: RangeRead
+    format: ArchiveFormat
     seconds: dict[str, float] = field(default_factory=dict)
+    # The whole archive's asset and the asset of the topic's PROTOAGG_TOPICS entry.
+    assets: tuple[dg.AssetKey, ...] = (ARCHIVE_ASSET,)
 
 
 @dataclass(frozen=True)
 class Claimed:
     read: RangeRead
+    format: ArchiveFormat
     claim: Claim
     dead_letters: tuple[Rejection, ...]
     tombstones: int
     seconds: dict[str, float]
+    assets: tuple[dg.AssetKey, ...] = (ARCHIVE_ASSET,)
 
 
 @dataclass(frozen=True)
@@ -136,12 +141,21 @@ def consume(
     A range the ledger already has archived is not read at all: dedupe will find it done.
     """
     wanted = OffsetRange(config.topic, config.partition, config.start_offset, config.end_offset)
+    formats = archiver.topic_formats(kafka.topics)
+    archive_format = formats.format_for(wanted.topic)
+    rule = rule_for(formats.rules, wanted.topic)
+    assets = (ARCHIVE_ASSET,) + ((topic_asset_key(rule),) if rule is not None else ())
     started = time.perf_counter()
     with postgres.get_connection() as conn:
         archived_to = archived_position(conn, wanted.topic, wanted.partition)
     if archived_to is not None and archived_to >= wanted.end:
         context.log.info(f"consume: {wanted} is already archived (up to {archived_to}); not read")
-        return Consumed(RangeRead(wanted, [], 0, 0), {"consume": time.perf_counter() - started})
+        return Consumed(
+            RangeRead(wanted, [], 0, 0),
+            archive_format,
+            {"consume": time.perf_counter() - started},
+            assets,
+        )
     consumer = kafka.get_consumer()
     try:
         with collector_paused():
@@ -154,12 +168,18 @@ def consume(
         f"in {elapsed:.2f} s"
         + (f"; {read.skipped} offsets already deleted by retention" if read.skipped else "")
         + (
+            f"; {read.batch.size - read.skipped - len(read.messages)} offsets hold no record "
+            "(transaction markers, aborted or compacted records)"
+            if read.batch.size - read.skipped > len(read.messages)
+            else ""
+        )
+        + (
             f"; stopped at the byte limit (asked up to {wanted.end})"
             if read.batch != wanted
             else ""
         )
     )
-    return Consumed(read, {"consume": elapsed})
+    return Consumed(read, archive_format, {"consume": elapsed}, assets)
 
 
 @dg.op(retry_policy=TRANSIENT_RETRY)
@@ -172,12 +192,12 @@ def dedupe(
     archiver: ArchiverSettings,
     lease: PartitionLease,
 ) -> Claimed:
-    """Parse, then claim each new logId in PostgreSQL; drop ids archived before or repeated."""
+    """Parse, then claim the range and each new dedupe key in PostgreSQL; drop keys seen before."""
     lease.confirm()
     started = time.perf_counter()
     read = consumed.read
     with collector_paused():
-        records, rejections = parse_messages(read.messages, archiver.max_message_bytes)
+        records, rejections = consumed.format.parse(read.messages, archiver.max_message_bytes)
     first_timestamp = read.messages[0].timestamp_ms if read.messages else 0
     destination = object_name(
         gcs.object_template, read.batch.topic, read.batch.partition, first_timestamp
@@ -202,15 +222,23 @@ def dedupe(
     if dead_letters:
         reasons = Counter(r.reason for r in dead_letters)
         context.log.warning(f"dedupe: dead letters by reason: {dict(reasons)}")
-    return Claimed(read, claim, dead_letters, tombstones, {**consumed.seconds, "dedupe": elapsed})
+    return Claimed(
+        read,
+        consumed.format,
+        claim,
+        dead_letters,
+        tombstones,
+        {**consumed.seconds, "dedupe": elapsed},
+        consumed.assets,
+    )
 
 
 @dg.op
 def encode(context: dg.OpExecutionContext, claimed: Claimed) -> Encoded:
-    """Frame the kept records as ``uint32 LE length | ProtoLog``, in offset order."""
+    """Frame the kept records as ``uint32 LE length | message`` of their format, in offset order."""
     started = time.perf_counter()
     with collector_paused():
-        data = encode_records(claimed.claim.kept)
+        data = claimed.format.encode(claimed.claim.kept)
     elapsed = time.perf_counter() - started
     context.log.info(
         f"encode: {len(claimed.claim.kept)} records, {len(data)} bytes in {elapsed:.3f} s"
@@ -240,10 +268,14 @@ def append(
         with postgres.get_connection() as conn:
             ledger = AppendLedger(conn, gcs.bucket)
 
-            def append_once(name: str, role: PieceRole, data: bytes) -> AppendResult:
+            def append_once(
+                name: str, role: PieceRole, data: bytes, format_name: str | None
+            ) -> AppendResult:
                 assert claim.batch_id is not None
                 piece = Piece(claim.batch_id, role, len(data))
-                result = append_batch(bucket, name, claim.batch, piece, data, ledger)
+                result = append_batch(
+                    bucket, name, claim.batch, piece, data, ledger, format_name=format_name
+                )
                 if not result.appended:
                     context.log.info(
                         f"append: gs://{gcs.bucket}/{name} already holds {claim.batch}"
@@ -256,10 +288,11 @@ def append(
                     dead_letter_object(gcs, claim),
                     "dead_letters",
                     encode_envelopes(claimed.dead_letters),
+                    None,
                 )
             # Appended even when empty (every record a duplicate), so the ledger records the
             # batch against its object like any other.
-            archived = append_once(claim.object_name, "records", encoded.data)
+            archived = append_once(claim.object_name, "records", encoded.data, claimed.format.name)
             # append_batch recorded the piece inside the object's lock; finishing again is a
             # no-op that keeps "the claim is confirmed" one visible step of the op.
             if archived.appended:
@@ -280,7 +313,9 @@ def append(
                         archived.object_size,
                     ),
                     gaps=gap_before(conn, claim.batch),
-                    written=Written(encoded.data, [r.log_id for r in claim.kept]),
+                    archive=claimed.format,
+                    written=Written(encoded.data, [claimed.format.identity(r) for r in claim.kept]),
+                    asset_keys=claimed.assets,
                 )
             else:
                 finish_batch(conn, claim.batch_id, archived.generation)
@@ -290,11 +325,11 @@ def append(
         f"append: {appended} records, {len(claimed.dead_letters)} dead letters to "
         f"gs://{gcs.bucket}/{claim.object_name} in {seconds['append']:.2f} s"
     )
-    yield dg.AssetMaterialization(
-        asset_key=ARCHIVE_ASSET,
-        description=str(claim.batch),
-        metadata=_batch_metadata(gcs.bucket, encoded, archived, appended, seconds),
-    )
+    metadata = _batch_metadata(gcs.bucket, encoded, archived, appended, seconds)
+    for asset_key in claimed.assets:
+        yield dg.AssetMaterialization(
+            asset_key=asset_key, description=str(claim.batch), metadata=metadata
+        )
     yield from checks
     read_count = len(claimed.read.messages)
     ratio = len(claimed.dead_letters) / read_count if read_count else 0.0
@@ -306,7 +341,8 @@ def append(
             f"were dead letters ({ratio:.0%} > PROTOAGG_MAX_DEAD_LETTER_RATIO "
             f"{archiver.max_dead_letter_ratio:.0%}); they are kept in "
             f"gs://{gcs.bucket}/{dead_letter_object(gcs, claim)}. Is the topic carrying "
-            "protoagg's JSON log messages?",
+            "JSON log messages? Archive it whole with the record format (PROTOAGG_TOPICS "
+            f"{claim.batch.topic}:record).",
             allow_retries=False,
         )
     yield dg.Output(appended)
@@ -337,6 +373,7 @@ def _batch_metadata(
     return {
         "topic": claim.batch.topic,
         "partition": claim.batch.partition,
+        "format": claimed.format.name,
         "start_offset": claim.batch.start,
         "end_offset": claim.batch.end,
         "object": f"gs://{bucket}/{claim.object_name}",

@@ -1,9 +1,11 @@
 """The sensor that watches Kafka partitions and launches one run per bounded offset range.
 
-Each tick also records the consumer lag of every partition (messages and seconds behind) as an
-observation of the archive asset, and fails STARTED runs whose worker is gone (their partition's
-lease stays free; see ``protoagg_dagster.leases``), so that a deployment killed with its runs
-resumes every partition by itself.
+Each tick lists the topics anew (a pattern entry picks up topics created since) and records the
+lag of every partition (messages and seconds behind the last stable offset, and the messages open
+transactions hold back) as an observation of the archive asset and of each topic entry's asset.
+It also fails STARTED runs whose worker is gone (their lease stays free; see
+``protoagg_dagster.leases``), so that a deployment killed with its runs resumes every partition
+by itself.
 """
 
 import datetime
@@ -18,8 +20,9 @@ from dagster._core.events import JobFailureData, RunFailureReason
 from kafka import KafkaConsumer, TopicPartition
 
 from protoagg_dagster import leases
-from protoagg_dagster.assets import ARCHIVE_ASSET
+from protoagg_dagster.assets import ARCHIVE_ASSET, topic_asset_key
 from protoagg_dagster.core.errors import ConfigError, MissingCredentials
+from protoagg_dagster.core.formats import TopicRule, rule_for
 from protoagg_dagster.core.liveness import StartedRun, judge
 from protoagg_dagster.core.planning import OffsetRange, PartitionView, plan_batch
 from protoagg_dagster.core.storage_bill import bill_findings, expected_appends_per_day
@@ -99,6 +102,7 @@ def kafka_offsets_sensor(
 ) -> dg.SensorResult:
     cursor = SensorCursor.loads(context.cursor)
     limits = archiver.limits()
+    rules = archiver.topic_formats(kafka.topics).rules
     now = time.time()
     unfinished = context.instance.get_run_records(
         filters=dg.RunsFilter(job_name=archive_kafka_batch.name, statuses=NOT_FINISHED)
@@ -125,9 +129,13 @@ def kafka_offsets_sensor(
         cursor.bill_checked = True
     requests: list[dg.RunRequest] = []
     behind: dict[TopicPartition, tuple[int, int]] = {}  # next offset, messages behind
+    held: dict[TopicPartition, int] = {}  # messages of open transactions, past the stable end
     consumer = kafka.get_consumer()
     try:
         for topic, known in progress.items():
+            marks = kafka.high_watermarks(topic, sorted(bounds[topic]))
+            for partition, end in marks.items():
+                held[TopicPartition(topic, partition)] = max(end - bounds[topic][partition][1], 0)
             starts = _next_offsets(
                 consumer, topic, bounds[topic], known, cursor, archiver.start_choice()
             )
@@ -160,7 +168,7 @@ def kafka_offsets_sensor(
     return dg.SensorResult(
         run_requests=requests,
         cursor=cursor.dumps(),
-        asset_events=[_lag_observation(behind, oldest, now, bill)],
+        asset_events=_lag_observations(rules, behind, oldest, held, now, bill),
     )
 
 
@@ -243,24 +251,59 @@ def _run_request(instance: dg.DagsterInstance, batch: OffsetRange) -> dg.RunRequ
     )
 
 
-def _lag_observation(
+def _lag_observations(
+    rules: tuple[TopicRule, ...],
     behind: dict[TopicPartition, tuple[int, int]],
     oldest: dict[TopicPartition, int],
+    held: dict[TopicPartition, int],
+    now: float,
+    bill: dict[str, dg.MetadataValue],
+) -> list[dg.AssetObservation]:
+    """One observation for the whole archive (with the bill, if any), one per topic entry."""
+    mine: dict[dg.AssetKey, list[TopicPartition]] = {ARCHIVE_ASSET: sorted(behind)}
+    for tp in sorted(behind):
+        rule = rule_for(rules, tp.topic)
+        if rule is not None:
+            mine.setdefault(topic_asset_key(rule), []).append(tp)
+    return [
+        _lag_observation(
+            key,
+            {tp: behind[tp] for tp in tps},
+            oldest,
+            held,
+            now,
+            bill if key == ARCHIVE_ASSET else {},
+        )
+        for key, tps in mine.items()
+    ]
+
+
+def _lag_observation(
+    asset_key: dg.AssetKey,
+    behind: dict[TopicPartition, tuple[int, int]],
+    oldest: dict[TopicPartition, int],
+    held: dict[TopicPartition, int],
     now: float,
     extra: dict[str, dg.MetadataValue],
 ) -> dg.AssetObservation:
-    seconds = {tp: max(now - ts / 1000, 0.0) for tp, ts in oldest.items()}
+    seconds = {tp: max(now - ts / 1000, 0.0) for tp, ts in oldest.items() if tp in behind}
     metadata: dict[str, dg.MetadataValue] = {
         "lag_messages": dg.IntMetadataValue(sum(lag for _, lag in behind.values())),
         "lag_seconds_max": dg.FloatMetadataValue(round(max(seconds.values(), default=0.0), 1)),
+        # Not yet archivable: an open transaction holds its partition at the last stable offset.
+        "open_transaction_messages": dg.IntMetadataValue(sum(held.get(tp, 0) for tp in behind)),
     }
     for tp, (_, lag) in sorted(behind.items()):
         metadata[f"lag_messages[{tp.topic}/{tp.partition}]"] = dg.IntMetadataValue(lag)
         metadata[f"lag_seconds[{tp.topic}/{tp.partition}]"] = dg.FloatMetadataValue(
             round(seconds.get(tp, 0.0), 1)
         )
+        if held.get(tp):
+            metadata[f"open_transaction_messages[{tp.topic}/{tp.partition}]"] = dg.IntMetadataValue(
+                held[tp]
+            )
     metadata.update(extra)
-    return dg.AssetObservation(asset_key=ARCHIVE_ASSET, metadata=metadata)
+    return dg.AssetObservation(asset_key=asset_key, metadata=metadata)
 
 
 def _remember(clocks: dict[str, float], key: str, since: float | None) -> None:

@@ -1,4 +1,4 @@
-"""Batching and start-up settings of the archiver: a resource the sensor and ops share."""
+"""Batching, start-up and format settings of the archiver: a resource the sensor and ops share."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import dagster as dg
 from pydantic import Field
 
 from protoagg_dagster.core.errors import ConfigError
+from protoagg_dagster.core.formats import FORMATS, LOG, FormatOptions, TopicFormats
 from protoagg_dagster.core.planning import BatchLimits
 from protoagg_dagster.core.records import RecordRejected, parse_rfc3339
 
@@ -37,6 +38,36 @@ class ArchiverSettings(dg.ConfigurableResource):  # type: ignore[type-arg]
         description="Where a partition with no archive yet starts: earliest, latest, or an "
         "RFC 3339 time (the first message at or after it).",
     )
+
+    format: str = Field(
+        default=LOG,
+        description=f"Archive format of topics whose PROTOAGG_TOPICS entry names none: "
+        f"{' or '.join(FORMATS)}.",
+    )
+    dedupe_key: str = Field(
+        default="none",
+        description="record format: content dedupe besides the offset: none, key, header:NAME "
+        "or json:FIELD (records without such a key are archived).",
+    )
+    log_id_field: str = Field(default="logId", description="log format: JSON field of the id.")
+    log_timestamp_field: str = Field(
+        default="timestamp",
+        description="log format: JSON field of the RFC 3339 timestamp; 'kafka' takes the "
+        "record's Kafka timestamp.",
+    )
+    log_message_field: str = Field(
+        default="message",
+        description="log format: JSON field of the message; '*' keeps the whole value.",
+    )
+
+    def format_options(self) -> FormatOptions:
+        return FormatOptions(
+            self.dedupe_key, self.log_id_field, self.log_timestamp_field, self.log_message_field
+        )
+
+    def topic_formats(self, topics: str) -> TopicFormats:
+        """The format of each topic of ``topics`` (a PROTOAGG_TOPICS value)."""
+        return TopicFormats.parse(topics, self.format, self.format_options())
 
     def limits(self) -> BatchLimits:
         return BatchLimits(

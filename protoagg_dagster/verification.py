@@ -1,10 +1,12 @@
-"""The invariant checker: does the archive hold each logId of the topic exactly once?
+"""The invariant checker: does the archive hold each record of the topic exactly once?
 
 For every partition the ledger records as appended to an archive object, the offsets
-``[first retained, archived position)`` are read back from Kafka and each message must be
-accounted for: archived once (its first occurrence), a duplicate of an id archived before, a dead
-letter, or a tombstone. Ids archived twice, ids missing from the archive, partitions out of offset
-order and dead letters that are missing are reported.
+``[0, archived position)`` are read back from Kafka (committed records only) and each offset must be
+accounted for: archived once and equal to what Kafka holds (in the object's format), a duplicate
+(a dedupe key archived before), a dead letter, a tombstone (log format), deleted by retention, or
+holding no record (a transaction marker, an aborted or a compacted record). Records archived
+twice, records missing from the archive, records that differ from Kafka's, partitions out of
+offset order and dead letters that are missing are reported.
 """
 
 from __future__ import annotations
@@ -13,16 +15,17 @@ import io
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from google.cloud import storage
 from kafka import KafkaConsumer
 
-from protoagg_dagster.core.archive_object import object_name
+from protoagg_dagster.core.archive_object import archive_format, object_name
 from protoagg_dagster.core.dead_letters import iter_dead_letters
 from protoagg_dagster.core.errors import ArchiveFormatError, BackendError
-from protoagg_dagster.core.framing import iter_records
+from protoagg_dagster.core.formats import ArchiveFormat, FormatOptions
 from protoagg_dagster.core.planning import OffsetRange
-from protoagg_dagster.core.records import TOMBSTONE, RecordRejected, parse_log_value
+from protoagg_dagster.core.records import TOMBSTONE
 from protoagg_dagster.kafka_reader import read_range
 
 
@@ -35,8 +38,11 @@ class KafkaCheck:
     duplicates: int = 0
     dead_letters: int = 0
     tombstones: int = 0
+    without_record: int = 0
+    deleted: int = 0
     doubled: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
+    different: list[str] = field(default_factory=list)
     missing_dead_letters: list[str] = field(default_factory=list)
     out_of_order: list[str] = field(default_factory=list)
     format_error: str | None = None
@@ -46,6 +52,7 @@ class KafkaCheck:
         return not (
             self.doubled
             or self.missing
+            or self.different
             or self.missing_dead_letters
             or self.out_of_order
             or self.format_error
@@ -54,11 +61,14 @@ class KafkaCheck:
     def summary(self) -> str:
         lines = [
             f"{self.offsets} offsets = {self.archived} archived + {self.duplicates} duplicates + "
-            f"{self.dead_letters} dead letters + {self.tombstones} tombstones"
+            f"{self.dead_letters} dead letters + {self.tombstones} tombstones + "
+            f"{self.without_record} holding no record (transaction markers, aborted or compacted "
+            f"records) + {self.deleted} deleted by retention"
         ]
         for label, items in (
             ("archived more than once", self.doubled),
             ("missing from the archive", self.missing),
+            ("different from Kafka's", self.different),
             ("missing from the dead letters", self.missing_dead_letters),
             ("out of offset order", self.out_of_order),
         ):
@@ -77,26 +87,26 @@ def check_against_kafka(
     consumer: KafkaConsumer,
     max_message_bytes: int,
     partitions: Mapping[str, int],
+    options: FormatOptions | None = None,
 ) -> KafkaCheck:
     """Compare one archive object with the topic partitions appended to it.
 
     ``partitions`` maps ``topic/partition`` to the offset after its last appended batch
-    (``ledger.archived_partitions``).
+    (``ledger.archived_partitions``). The object's metadata says its format; ``options`` (dedupe
+    key, log fields) must be the ones it was archived with.
     """
     report = KafkaCheck()
     blob = bucket.get_blob(archive_object)
     if blob is None:
         raise BackendError(f"gs://{bucket.name}/{archive_object} does not exist")
-    position_in_archive: dict[str, int] = {}
-    counts: Counter[str] = Counter()
+    archive = (options or FormatOptions()).build(archive_format(blob.metadata))
+    archived = _Archived()
     try:
-        for record in iter_records(io.BytesIO(blob.download_as_bytes())):
-            key = record.log_id.lower()
-            counts[key] += 1
-            position_in_archive.setdefault(key, record.number)
+        for number, record in enumerate(archive.decode(io.BytesIO(blob.download_as_bytes()))):
+            archived.add(archive, number, record)
     except ArchiveFormatError as exc:
         report.format_error = str(exc)
-    report.doubled = sorted(key for key, n in counts.items() if n > 1)
+    report.doubled = sorted(key for key, n in archived.counts.items() if n > 1)
     for key, end in sorted(partitions.items()):
         topic, _, partition = key.rpartition("/")
         _check_partition(
@@ -104,7 +114,8 @@ def check_against_kafka(
             bucket,
             consumer,
             OffsetRange(topic, int(partition), 0, end),
-            position_in_archive,
+            archive,
+            archived,
             dead_letter_template,
             max_message_bytes,
             strict_order=len(partitions) == 1,
@@ -112,23 +123,46 @@ def check_against_kafka(
     return report
 
 
+@dataclass
+class _Archived:
+    """What the archive holds, by record identity, and the dedupe keys it holds."""
+
+    position: dict[str, int] = field(default_factory=dict)
+    content: dict[str, tuple[object, ...]] = field(default_factory=dict)
+    counts: Counter[str] = field(default_factory=Counter)
+    keys: set[str] = field(default_factory=set)
+
+    def add(self, archive: ArchiveFormat, number: int, record: Any) -> None:
+        identity = archive.identity(record)
+        self.counts[identity] += 1
+        if identity not in self.position:
+            self.position[identity] = number
+            self.content[identity] = archive.content(record)
+        if record.dedupe_key is not None:
+            self.keys.add(record.dedupe_key.lower())
+
+
 def _check_partition(
     report: KafkaCheck,
     bucket: storage.Bucket,
     consumer: KafkaConsumer,
     wanted: OffsetRange,
-    position_in_archive: dict[str, int],
+    archive: ArchiveFormat,
+    archived: _Archived,
     dead_letter_template: str,
     max_message_bytes: int,
     strict_order: bool,
 ) -> None:
-    """Account for each message of one partition.
+    """Account for each offset of one partition.
 
-    With ``strict_order`` (the object holds only this partition) an id archived before an id of
-    an earlier offset is out of order; in a shared object it may be an earlier message of another
+    With ``strict_order`` (the object holds only this partition) a record archived before one of
+    an earlier offset is out of order; in a shared object it may be an earlier record of another
     partition, so it counts as a duplicate.
     """
     read = read_range(consumer, wanted, max_bytes=2**62)
+    report.offsets += wanted.size
+    report.deleted += read.skipped
+    report.without_record += wanted.size - read.skipped - len(read.messages)
     letters_name = object_name(
         dead_letter_template, wanted.topic, wanted.partition, 0, "PROTOAGG_GCS_DEAD_LETTERS"
     )
@@ -138,36 +172,42 @@ def _check_partition(
         if letters_blob is not None
         else set()
     )
+    records, rejections = archive.parse(read.messages, max_message_bytes)
+    for rejection in rejections:
+        where = f"{wanted.topic}[{wanted.partition}]@{rejection.message.offset}"
+        if rejection.reason == TOMBSTONE:
+            report.tombstones += 1
+        elif rejection.message.offset in lettered:
+            report.dead_letters += 1
+        else:
+            report.missing_dead_letters.append(where)
     seen: set[str] = set()
     last_position = -1
-    for message in read.messages:
-        report.offsets += 1
-        try:
-            record = parse_log_value(message.offset, message.value, max_message_bytes)
-        except RecordRejected as exc:
-            if exc.reason == TOMBSTONE:
-                report.tombstones += 1
-            elif message.offset in lettered:
-                report.dead_letters += 1
-            else:
-                report.missing_dead_letters.append(
-                    f"{wanted.topic}[{wanted.partition}]@{message.offset}"
-                )
-            continue
-        key = record.log_id.lower()
-        position = position_in_archive.get(key)
-        if position is None:
-            report.missing.append(f"{key} ({wanted.topic}[{wanted.partition}]@{message.offset})")
-        elif key in seen:
+    for record in records:
+        identity = archive.identity(record)
+        key = record.dedupe_key.lower() if record.dedupe_key is not None else None
+        where = f"{identity} ({wanted.topic}[{wanted.partition}]@{record.offset})"
+        position = archived.position.get(identity)
+        if key is not None and key in seen:
             report.duplicates += 1
+        elif position is None:
+            if key is not None and key in archived.keys:
+                # Its key was archived from another partition or an earlier offset range.
+                report.duplicates += 1
+            else:
+                report.missing.append(where)
         elif position < last_position:
             if strict_order:
-                report.out_of_order.append(
-                    f"{key} ({wanted.topic}[{wanted.partition}]@{message.offset})"
-                )
+                report.out_of_order.append(where)
             else:
                 report.duplicates += 1
         else:
-            seen.add(key)
             last_position = position
             report.archived += 1
+            # A logId archived from another partition of a shared object may carry other
+            # content; an identity that names a place can only be this record.
+            comparable = strict_order or archive.identity_names_place
+            if comparable and archived.content[identity] != archive.content(record):
+                report.different.append(where)
+        if key is not None:
+            seen.add(key)

@@ -8,11 +8,13 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import dagster as dg
 from kafka.admin import NewTopic
 
+from protoagg_dagster.core.archive_object import archive_format
 from protoagg_dagster.core.framing import ArchivedRecord, iter_records
 from protoagg_dagster.jobs import archive_kafka_batch
 from protoagg_dagster.ledger import archived_partitions
@@ -85,6 +87,25 @@ def tick(stack: Stack, instance: dg.DagsterInstance, cursor: str | None) -> dg.S
     return result
 
 
+def with_topics(stack: Stack, topics: str, **archiver: Any) -> Stack:
+    """The stack archiving ``topics`` (a PROTOAGG_TOPICS value), with archiver settings changed."""
+    return replace(
+        stack,
+        kafka=KafkaResource(bootstrap_servers=stack.kafka.bootstrap_servers, topics=topics),
+        # A fresh resource: Dagster rebuilds resources from their constructor arguments, which
+        # pydantic's model_copy does not update.
+        archiver=ArchiverSettings(**{**stack.archiver.model_dump(), **archiver}),
+    )
+
+
+def archived_records(stack: Stack) -> list[Any]:
+    """The stack's archive object decoded in the format its metadata records."""
+    blob = stack.gcs.get_bucket().get_blob(stack.gcs.object_template)
+    assert blob is not None, f"no archive object {stack.gcs.object_template}"
+    archive = stack.archiver.format_options().build(archive_format(blob.metadata))
+    return list(archive.decode(io.BytesIO(blob.download_as_bytes())))
+
+
 def run_sensor_until_idle(stack: Stack, instance: dg.DagsterInstance, max_ticks: int = 50) -> int:
     """Tick the sensor and execute what it asks for, until it asks for nothing; return runs."""
     cursor = None
@@ -148,6 +169,7 @@ def check_archive(stack: Stack) -> KafkaCheck:
             consumer,
             stack.archiver.max_message_bytes,
             partitions,
+            stack.archiver.format_options(),
         )
     finally:
         consumer.close()

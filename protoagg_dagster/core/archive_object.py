@@ -6,6 +6,8 @@ metadata stays a few dozen bytes however many partitions write to the object (GC
 The marker closes the one gap the ledger cannot: a compose that landed but whose ledger record
 was not committed (a crash, or a lost response); whoever next holds the object's lock reads it
 and records that piece before composing anything else.
+It also records the archive format of the object's frames (absent on objects written before
+formats existed: those are ``log``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from protoagg_dagster.core.planning import OffsetRange
 
 LAST_APPEND_KEY = "protoagg-last-append"
 LEGACY_OFFSETS_KEY = "protoagg-offsets"
+FORMAT_METADATA_KEY = "protoagg-format"
+LEGACY_FORMAT = "log"
 TEMP_PREFIX = "_protoagg/tmp/"
 TEMPLATE_FIELDS = frozenset({"topic", "partition", "date", "year", "month", "day", "hour"})
 
@@ -90,14 +94,34 @@ def last_append(metadata: Mapping[str, str] | None) -> Piece | None:
     return Piece(int(batch_id), "records" if role == "records" else "dead_letters", int(size))
 
 
-def metadata_after_append(metadata: Mapping[str, str] | None, piece: Piece) -> dict[str, str]:
+def archive_format(metadata: Mapping[str, str] | None) -> str:
+    """The archive format an object's metadata records (``log`` if it predates formats)."""
+    return (metadata or {}).get(FORMAT_METADATA_KEY, LEGACY_FORMAT)
+
+
+def metadata_after_append(
+    metadata: Mapping[str, str] | None, piece: Piece, format_name: str | None = None
+) -> dict[str, str]:
     """The destination's full custom metadata once ``piece`` is appended.
 
     Compose replaces metadata, so the user's own keys are re-sent; the per-partition offsets map
-    of earlier versions is dropped (the ledger holds offsets now).
+    of earlier versions is dropped (the ledger holds offsets now). ``format_name`` None: the
+    bytes are in no archive format (dead letters); none is recorded or checked.
     """
+    known = metadata or {}
+    holds_frames = any(
+        k in known for k in (FORMAT_METADATA_KEY, LAST_APPEND_KEY, LEGACY_OFFSETS_KEY)
+    )
+    if format_name is not None and holds_frames and archive_format(metadata) != format_name:
+        raise ConfigError(
+            f"the archive object holds {archive_format(metadata)!r} frames, and batch "
+            f"{piece.batch_id} is archived as {format_name!r}: one object cannot mix formats; "
+            "put {topic} in PROTOAGG_GCS_OBJECT"
+        )
     result = {k: v for k, v in (metadata or {}).items() if k != LEGACY_OFFSETS_KEY}
     result[LAST_APPEND_KEY] = piece.marker()
+    if format_name is not None:
+        result[FORMAT_METADATA_KEY] = format_name
     return result
 
 

@@ -46,6 +46,7 @@ def encode_envelopes(rejections: Iterable[Rejection]) -> bytes:
                     "partition": message.partition,
                     "offset": message.offset,
                     "timestamp_ms": message.timestamp_ms,
+                    "timestamp_type": message.timestamp_type,
                     "key_b64": _b64(message.key),
                     "headers": [[name, _b64(value)] for name, value in message.headers],
                     "value_b64": _b64(message.value),
@@ -73,6 +74,8 @@ def iter_dead_letters(lines: Iterable[bytes]) -> Iterator[DeadLetter]:
                 key=_unb64(raw["key_b64"]),
                 value=_unb64(raw["value_b64"]),
                 headers=tuple((name, _unb64(value)) for name, value in raw["headers"]),
+                # Envelopes written before the type was kept: create time, Kafka's default.
+                timestamp_type=int(raw.get("timestamp_type", 0)),
             )
             yield DeadLetter(message, str(raw["reason"]), str(raw["detail"]))
         except (ValueError, KeyError, TypeError) as exc:

@@ -1,8 +1,8 @@
-"""The archive's wire format: ``uint32 little-endian length | ProtoLog bytes``, repeated.
+"""The archive's framing, ``uint32 little-endian length | message bytes``, and the ``log`` format.
 
-This is the reference tool's format, so its archives and ours are interchangeable. Encoding uses
-the protobuf runtime's C (upb) backend; reading never trusts a length prefix further than the
-bytes actually present.
+The ``log`` format's message is ``ProtoLog``, the reference tool's format, so its archives and ours
+are interchangeable. Encoding uses the protobuf runtime's C (upb) backend; reading never trusts a
+length prefix further than the bytes actually present.
 """
 
 from __future__ import annotations
@@ -49,10 +49,14 @@ class ArchivedRecord(NamedTuple):
     nanos: int
     message: str
 
+    @property
+    def dedupe_key(self) -> str:
+        return self.log_id
+
 
 def iter_frames(stream: BinaryIO, max_frame_bytes: int = MAX_FRAME_BYTES) -> Iterator[bytes]:
     """Yield each frame's payload; raise ArchiveFormatError on a truncated or absurd frame."""
-    for _, _, payload in _iter_located_frames(stream, max_frame_bytes):
+    for _, _, payload in iter_located_frames(stream, max_frame_bytes):
         yield payload
 
 
@@ -64,7 +68,7 @@ def iter_records(
     Memory stays bounded by one read chunk plus one frame, whatever the archive's size.
     """
     message = ProtoLog()
-    for index, offset, payload in _iter_located_frames(stream, max_frame_bytes):
+    for index, offset, payload in iter_located_frames(stream, max_frame_bytes):
         try:
             message.ParseFromString(payload)
         except Exception as exc:  # upb raises a bare DecodeError subclass of Exception
@@ -82,10 +86,10 @@ def iter_records(
         )
 
 
-def _iter_located_frames(
-    stream: BinaryIO, max_frame_bytes: int
+def iter_located_frames(
+    stream: BinaryIO, max_frame_bytes: int = MAX_FRAME_BYTES
 ) -> Iterator[tuple[int, int, bytes]]:
-    """Yield (record index, byte offset, payload) of each frame."""
+    """Yield (record index, byte offset, payload) of each frame, whatever message it holds."""
     buffer, pos, base, index = b"", 0, 0, 0
     while True:
         if len(buffer) - pos < LENGTH.size:

@@ -1,14 +1,16 @@
-"""Kafka messages and the log records parsed from them.
+"""Kafka messages and the log records parsed from them (the ``log`` archive format's input).
 
-Input values are JSON objects ``{"logId": uuid, "timestamp": RFC 3339, "message": text}``. Parsing
-either gives a ``LogRecord`` or raises ``RecordRejected`` with a short machine-readable reason, so a
-bad message can be set aside without stopping the batch.
+Input values are JSON objects ``{"logId": uuid, "timestamp": RFC 3339, "message": text}`` (the
+field names are configurable, ``LogFields``). Parsing either gives a ``LogRecord`` or raises
+``RecordRejected`` with a short machine-readable reason, so a bad message can be set aside without
+stopping the batch.
 """
 
 from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -44,6 +46,8 @@ class KafkaMessage(NamedTuple):
     key: bytes | None
     value: bytes | None
     headers: tuple[tuple[str, bytes | None], ...] = ()
+    # kafka-python's code: 0 create time, 1 log-append time (-1: none, pre-0.10 messages).
+    timestamp_type: int = 0
 
 
 class LogRecord(NamedTuple):
@@ -58,6 +62,29 @@ class LogRecord(NamedTuple):
     seconds: int
     nanos: int
     message: str
+
+    @property
+    def dedupe_key(self) -> str:
+        """A logId is its own 128-bit dedupe key, so the dedupe window stores it unchanged."""
+        return self.log_id
+
+
+@dataclass(frozen=True, slots=True)
+class LogFields:
+    """Which JSON fields of a value hold the log's id, timestamp and message.
+
+    ``timestamp == KAFKA_TIMESTAMP`` takes the record's Kafka timestamp; ``message ==
+    WHOLE_VALUE`` keeps the whole value as the message text.
+    """
+
+    log_id: str = "logId"
+    timestamp: str = "timestamp"
+    message: str = "message"
+
+
+KAFKA_TIMESTAMP = "kafka"
+WHOLE_VALUE = "*"
+DEFAULT_FIELDS = LogFields()
 
 
 class RecordRejected(ValueError):
@@ -163,10 +190,17 @@ def _civil_from_days(days: int) -> tuple[int, int, int]:
     return year_of_era + era * 400 + (month <= 2), month, day
 
 
-def parse_log_value(offset: int, value: bytes | None, max_bytes: int) -> LogRecord:
+def parse_log_value(
+    offset: int,
+    value: bytes | None,
+    max_bytes: int,
+    fields: LogFields = DEFAULT_FIELDS,
+    timestamp_ms: int = 0,
+) -> LogRecord:
     """Parse one Kafka message value into a ``LogRecord`` or raise ``RecordRejected``.
 
     Unknown extra fields are ignored: the archive keeps the three ``ProtoLog`` fields only.
+    ``timestamp_ms`` (the record's Kafka timestamp) is used when ``fields.timestamp`` says so.
     """
     if value is None:
         raise RecordRejected(TOMBSTONE, "null value")
@@ -179,18 +213,28 @@ def parse_log_value(offset: int, value: bytes | None, max_bytes: int) -> LogReco
         raise RecordRejected(reason, str(exc)) from None
     if not isinstance(obj, dict):
         raise RecordRejected("not_object", f"JSON {type(obj).__name__}, expected an object")
-    log_id = obj.get("logId")
+    log_id = obj.get(fields.log_id)
     if not isinstance(log_id, str) or not log_id:
-        raise RecordRejected("missing_log_id", "logId is missing, empty or not a string")
+        raise RecordRejected("missing_log_id", f"{fields.log_id} is missing, empty or not a string")
     if _UUID.match(log_id) is None:
-        raise RecordRejected("bad_log_id", f"logId is not a UUID: {log_id[:64]!r}")
-    timestamp = obj.get("timestamp")
-    if not isinstance(timestamp, str):
-        raise RecordRejected("bad_timestamp", "timestamp is missing or not a string")
-    seconds, nanos = parse_rfc3339(timestamp)
-    message = obj.get("message", "")
-    if not isinstance(message, str):
-        raise RecordRejected("bad_message", f"message is a {type(message).__name__}, not text")
+        raise RecordRejected("bad_log_id", f"{fields.log_id} is not a UUID: {log_id[:64]!r}")
+    if fields.timestamp == KAFKA_TIMESTAMP:
+        seconds, millis = divmod(timestamp_ms, 1000)
+        nanos = millis * 1_000_000
+    else:
+        timestamp = obj.get(fields.timestamp)
+        if not isinstance(timestamp, str):
+            raise RecordRejected("bad_timestamp", f"{fields.timestamp} is missing or not a string")
+        seconds, nanos = parse_rfc3339(timestamp)
+    if fields.message == WHOLE_VALUE:
+        # orjson accepted the bytes, so they are valid UTF-8.
+        message = value.decode()
+    else:
+        message = obj.get(fields.message, "")
+        if not isinstance(message, str):
+            raise RecordRejected(
+                "bad_message", f"{fields.message} is a {type(message).__name__}, not text"
+            )
     return LogRecord(offset, log_id, seconds, nanos, message)
 
 
@@ -204,14 +248,18 @@ class Rejection:
 
 
 def parse_messages(
-    messages: list[KafkaMessage], max_bytes: int
+    messages: Sequence[KafkaMessage], max_bytes: int, fields: LogFields = DEFAULT_FIELDS
 ) -> tuple[list[LogRecord], list[Rejection]]:
     """Parse a batch; bad messages are returned as rejections instead of stopping the batch."""
     records: list[LogRecord] = []
     rejections: list[Rejection] = []
     for message in messages:
         try:
-            records.append(parse_log_value(message.offset, message.value, max_bytes))
+            records.append(
+                parse_log_value(
+                    message.offset, message.value, max_bytes, fields, message.timestamp_ms
+                )
+            )
         except RecordRejected as exc:
             rejections.append(Rejection(message, exc.reason, exc.detail))
     return records, rejections

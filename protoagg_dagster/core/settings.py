@@ -58,7 +58,28 @@ KAFKA_SASL_MECHANISM = Setting(
 KAFKA_SASL_USERNAME = Setting("PROTOAGG_KAFKA_SASL_USERNAME", "", "SASL user name")
 KAFKA_SASL_PASSWORD = Setting("PROTOAGG_KAFKA_SASL_PASSWORD", "", "SASL password (a secret)")
 KAFKA_SSL_CAFILE = Setting("PROTOAGG_KAFKA_SSL_CAFILE", "", "CA bundle file for SSL")
-TOPICS = Setting("PROTOAGG_TOPICS", "logs", "Kafka topics to archive, comma separated")
+TOPICS = Setting(
+    "PROTOAGG_TOPICS",
+    "logs",
+    "topics to archive, comma separated: NAME, NAME:FORMAT, /REGEX/ or /REGEX/:FORMAT",
+)
+FORMAT = Setting("PROTOAGG_FORMAT", "log", "archive format of topics that name none: log|record")
+DEDUPE_KEY = Setting(
+    "PROTOAGG_DEDUPE_KEY",
+    "none",
+    "record format: content dedupe key besides the offset: none|key|header:NAME|json:FIELD",
+)
+LOG_ID_FIELD = Setting("PROTOAGG_LOG_ID_FIELD", "logId", "log format: JSON field of the log id")
+LOG_TIMESTAMP_FIELD = Setting(
+    "PROTOAGG_LOG_TIMESTAMP_FIELD",
+    "timestamp",
+    "log format: JSON field of the RFC 3339 timestamp; kafka: the record's Kafka timestamp",
+)
+LOG_MESSAGE_FIELD = Setting(
+    "PROTOAGG_LOG_MESSAGE_FIELD",
+    "message",
+    "log format: JSON field of the message text; *: the whole value",
+)
 POSTGRES_DSN = Setting(
     "PROTOAGG_POSTGRES_DSN",
     "postgresql://protoagg:protoagg@127.0.0.1:5432/protoagg",
@@ -111,6 +132,11 @@ ALL_SETTINGS: tuple[Setting, ...] = (
     KAFKA_SASL_PASSWORD,
     KAFKA_SSL_CAFILE,
     TOPICS,
+    FORMAT,
+    DEDUPE_KEY,
+    LOG_ID_FIELD,
+    LOG_TIMESTAMP_FIELD,
+    LOG_MESSAGE_FIELD,
     POSTGRES_DSN,
     GCS_BUCKET,
     GCS_OBJECT,

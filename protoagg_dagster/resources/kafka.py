@@ -10,6 +10,7 @@ from kafka.errors import KafkaError
 from pydantic import Field
 
 from protoagg_dagster.core.errors import BackendError, ConfigError
+from protoagg_dagster.core.formats import has_patterns, parse_topics, select_topics
 from protoagg_dagster.core.settings import split_list
 
 
@@ -17,7 +18,11 @@ class KafkaResource(dg.ConfigurableResource):  # type: ignore[type-arg]
     """Connection settings for the Kafka cluster whose topics are archived."""
 
     bootstrap_servers: str = Field(description="Comma-separated host:port list of brokers.")
-    topics: str = Field(default="logs", description="Comma-separated topics to archive.")
+    topics: str = Field(
+        default="logs",
+        description="Comma-separated topics to archive: NAME, NAME:FORMAT, /REGEX/ or "
+        "/REGEX/:FORMAT (a pattern also matches topics created later, never internal ones).",
+    )
     security_protocol: str = Field(
         default="PLAINTEXT", description="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL."
     )
@@ -31,10 +36,18 @@ class KafkaResource(dg.ConfigurableResource):  # type: ignore[type-arg]
     )
 
     def topic_list(self) -> list[str]:
-        topics = split_list(self.topics)
-        if not topics:
-            raise ConfigError("PROTOAGG_TOPICS names no topic")
-        return topics
+        """The topics to archive now: the named ones, and those the patterns match today."""
+        rules = parse_topics(self.topics)
+        if not has_patterns(rules):
+            return select_topics(rules, [])
+        consumer = self.get_consumer()
+        try:
+            existing = consumer.topics()
+        except KafkaError as exc:
+            raise BackendError(f"listing Kafka topics failed: {exc}") from exc
+        finally:
+            consumer.close()
+        return select_topics(rules, existing)
 
     def _common(self) -> dict[str, Any]:
         config: dict[str, Any] = {
@@ -53,10 +66,32 @@ class KafkaResource(dg.ConfigurableResource):  # type: ignore[type-arg]
         return config
 
     def get_consumer(self) -> KafkaConsumer:
-        """A group-less consumer: offsets are chosen by assign + seek, never committed."""
+        """A group-less consumer: offsets are chosen by assign + seek, never committed.
+
+        It reads committed records only, and its end offsets are the last stable offsets: an open
+        transaction holds its partition back, an aborted one is never archived.
+        """
+        return self._consumer("read_committed")
+
+    def high_watermarks(self, topic: str, partitions: list[int]) -> dict[int, int]:
+        """The offset after the last record written, committed or not, of each partition.
+
+        Above the last stable offset by what open transactions hold.
+        """
+        consumer = self._consumer("read_uncommitted")
+        try:
+            tps = [TopicPartition(topic, p) for p in partitions]
+            return {tp.partition: end for tp, end in consumer.end_offsets(tps).items()}
+        except KafkaError as exc:
+            raise BackendError(f"Kafka high watermarks of {topic!r} failed: {exc}") from exc
+        finally:
+            consumer.close()
+
+    def _consumer(self, isolation_level: str) -> KafkaConsumer:
         return self._connect(
             KafkaConsumer,
             group_id=None,
+            isolation_level=isolation_level,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             fetch_max_bytes=self.fetch_max_bytes,
@@ -73,7 +108,10 @@ class KafkaResource(dg.ConfigurableResource):  # type: ignore[type-arg]
         return self._connect(KafkaAdminClient)
 
     def offset_bounds(self, topic: str) -> dict[int, tuple[int, int]]:
-        """Each partition's first retained offset and end offset (the next to be written)."""
+        """Each partition's first retained offset and last stable offset.
+
+        The last stable offset ends what is committed: it stays below an open transaction.
+        """
         consumer = self.get_consumer()
         try:
             partitions = consumer.partitions_for_topic(topic)

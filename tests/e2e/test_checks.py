@@ -5,6 +5,7 @@ from __future__ import annotations
 import dagster as dg
 
 from protoagg_dagster.checks import FRAMING, NO_GAPS, UNIQUE_IDS, evaluate_batch
+from protoagg_dagster.core.formats import LogFormat
 from protoagg_dagster.jobs import archive_kafka_batch
 from protoagg_dagster.ledger import latest_appended
 from protoagg_dagster.run_tags import range_run_config
@@ -40,5 +41,5 @@ def test_each_batch_reports_passing_checks_and_a_corruption_is_caught(stack: Sta
     bucket.blob(stack.gcs.object_template).upload_from_string(bytes(data))
     with stack.postgres.get_connection() as conn:
         [latest] = latest_appended(conn)
-    verdicts = {e.check_name: e.passed for e in evaluate_batch(bucket, latest, [])}
+    verdicts = {e.check_name: e.passed for e in evaluate_batch(bucket, latest, [], LogFormat())}
     assert verdicts[FRAMING] is False

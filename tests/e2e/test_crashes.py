@@ -19,6 +19,7 @@ from tests.e2e.run_range import CRASH_POINTS
 from tests.helpers import (
     Stack,
     archive,
+    archived_records,
     check_archive,
     create_topic,
     log_value,
@@ -26,6 +27,7 @@ from tests.helpers import (
     run_in_subprocess,
     run_sensor_until_idle,
     topic_of,
+    with_topics,
 )
 
 
@@ -62,3 +64,30 @@ def test_crash_at_each_step_then_recovery_archives_exactly_once(
     check = check_archive(stack)
     assert check.ok, check.summary()
     assert (check.offsets, check.archived, check.duplicates) == (len(values), len(distinct), 10)
+
+
+@pytest.mark.parametrize("crash_at", ["after_claim", "after_compose", "before_commit"])
+def test_record_format_crash_then_recovery_archives_every_offset_once(
+    stack: Stack, crash_at: str
+) -> None:
+    topic = topic_of(stack)
+    stack = with_topics(stack, f"{topic}:record")
+    create_topic(stack.kafka, topic)
+    # Same values again and again: the record format archives each offset, whatever it holds.
+    values = [b"\xff\x00same"] * 50 + [b""] * 30
+    produce(stack.kafka, topic, values)
+
+    crashed = run_in_subprocess(stack, topic, 0, 0, 70, crash_at=crash_at)
+    assert crashed.wait(timeout=180) == -signal.SIGKILL
+    with dg.instance_for_test() as instance:
+        run_sensor_until_idle(stack, instance)
+
+    records = archived_records(stack)
+    assert [(r.offset, r.value) for r in records] == list(enumerate(values))
+    with stack.postgres.get_connection() as conn:
+        progress = read_progress(conn, topic)[0]
+    assert progress.pending is None
+    assert progress.next_offset == len(values)
+    check = check_archive(stack)
+    assert check.ok, check.summary()
+    assert (check.offsets, check.archived, check.duplicates) == (len(values), len(values), 0)

@@ -8,6 +8,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from protoagg_dagster.assets import ARCHIVE_ASSET
 from protoagg_dagster.resources import GCSResource
 from tests.conftest import Services
 from tests.helpers import Stack, create_topic, log_value, produce, tick, topic_of
@@ -35,12 +36,12 @@ def test_first_tick_warns_about_soft_delete_with_the_estimate(
         via_proxy = _with_gcs_at(stack, url)
         first = tick(via_proxy, instance, None)
         second = tick(via_proxy, instance, first.cursor)
-    [observation] = first.asset_events
+    [observation] = [e for e in first.asset_events if e.asset_key == ARCHIVE_ASSET]
     bill = str(observation.metadata["storage_bill"].value)
     assert "each append keeps the previous copy for 7 days" in bill
     assert "GiB-days" in bill and "--clear-soft-delete" in bill
     assert first.run_requests  # the warning does not stop archiving
-    [later] = second.asset_events
+    [later] = [e for e in second.asset_events if e.asset_key == ARCHIVE_ASSET]
     assert "storage_bill" not in later.metadata  # first tick only
 
 

@@ -4,6 +4,7 @@ from protoagg_dagster.core.archive_object import (
     LAST_APPEND_KEY,
     LEGACY_OFFSETS_KEY,
     Piece,
+    archive_format,
     last_append,
     metadata_after_append,
     object_name,
@@ -55,3 +56,22 @@ def test_temp_names_differ_per_attempt_and_sit_under_the_reserved_prefix() -> No
     a, b = temp_object_name(batch, "a"), temp_object_name(batch, "b")
     assert a != b
     assert a.startswith("_protoagg/tmp/logs/0/5-9-")
+
+
+def test_metadata_records_the_format_and_refuses_a_second_one() -> None:
+    first = metadata_after_append(None, Piece(1, "records", 10), "record")
+    assert archive_format(first) == "record"
+    assert archive_format(metadata_after_append(first, Piece(2, "records", 3), "record")) == (
+        "record"
+    )
+    with pytest.raises(ConfigError, match=r"cannot mix formats.*\{topic\}"):
+        metadata_after_append(first, Piece(3, "records", 5), "log")
+    # Dead letters are in no archive format: they neither record nor check one.
+    dead = metadata_after_append(first, Piece(4, "dead_letters", 5))
+    assert archive_format(dead) == "record"
+    # Objects written before formats were recorded hold log frames.
+    legacy = {LEGACY_OFFSETS_KEY: '{"logs/0":5}'}
+    assert archive_format(legacy) == "log"
+    with pytest.raises(ConfigError, match="cannot mix formats"):
+        metadata_after_append(legacy, Piece(5, "records", 5), "record")
+    assert archive_format(metadata_after_append(legacy, Piece(5, "records", 5), "log")) == "log"

@@ -53,3 +53,24 @@ def test_start_from_must_be_a_known_word_or_a_time() -> None:
     assert ArchiverSettings(start_from="1970-01-01T00:00:01.5Z").start_choice() == 1500
     with pytest.raises(ConfigError, match="PROTOAGG_START_FROM"):
         ArchiverSettings(start_from="yesterday").start_choice()
+
+
+def test_each_topic_entry_is_its_own_asset_with_its_checks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(settings.TOPICS.env, "logs,orders.v1:record,/audit-.*/:record")
+    defs = load_definitions()
+    dg.Definitions.validate_loadable(defs)
+    graph = defs.resolve_asset_graph()
+    keys = {key.to_user_string() for key in graph.get_all_asset_keys()}
+    assert {"kafka_archive", "kafka_archive_logs"} <= keys
+    assert any(k.startswith("kafka_archive_orders_v1_") for k in keys)
+    assert any(k.startswith("kafka_archive_re_audit___") for k in keys)
+    checked = {key.asset_key.to_user_string() for key in graph.asset_check_keys}
+    assert checked == keys
+
+
+def test_an_invalid_topic_entry_fails_at_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(settings.TOPICS.env, "logs,/(unclosed/:record")
+    with pytest.raises(ConfigError, match="not a valid regular expression"):
+        load_definitions()
