@@ -6,7 +6,9 @@ from dataclasses import replace
 
 import dagster as dg
 
+from protoagg_dagster.assets import ARCHIVE_ASSET, topic_asset_key
 from protoagg_dagster.core.archive_object import TEMP_PREFIX
+from protoagg_dagster.core.formats import TopicRule
 from protoagg_dagster.core.records import format_rfc3339
 from protoagg_dagster.jobs import archive_kafka_batch
 from protoagg_dagster.maintenance import maintain_archive
@@ -67,8 +69,14 @@ def test_each_tick_observes_the_lag_of_every_partition(stack: Stack) -> None:
     with dg.instance_for_test() as instance:
         result = tick(waiting, instance, None)
     assert launched(result) == []
-    [observation] = result.asset_events
-    metadata = observation.metadata
+    whole, own = result.asset_events
+    # The whole archive's asset, and the asset of the topic's own PROTOAGG_TOPICS entry.
+    assert (whole.asset_key, own.asset_key) == (
+        ARCHIVE_ASSET,
+        topic_asset_key(TopicRule("log", name=topic)),
+    )
+    assert own.metadata[f"lag_messages[{topic}/1]"].value == 7
+    metadata = whole.metadata
     assert metadata["lag_messages"].value == 7
     assert metadata[f"lag_messages[{topic}/0]"].value == 0
     assert metadata[f"lag_messages[{topic}/1]"].value == 7

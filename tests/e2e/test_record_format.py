@@ -23,13 +23,13 @@ from protoagg_dagster.assets import ARCHIVE_ASSET, topic_asset_key
 from protoagg_dagster.core.formats import parse_topics
 from protoagg_dagster.core.kafka_record import ArchivedKafkaRecord
 from protoagg_dagster.ledger import read_progress
-from protoagg_dagster.sensors import kafka_offsets_sensor
 from tests.helpers import (
     Stack,
     archived_records,
     check_archive,
     log_value,
     run_sensor_until_idle,
+    tick,
     with_topics,
 )
 
@@ -168,11 +168,6 @@ def test_log_append_time_topic_keeps_the_broker_timestamp(stack: Stack, unique: 
     assert {r.timestamp_type for r in records} == {1}
     assert all(r.timestamp_ms > 1_000_000_000_000 for r in records)
     assert check_archive(stack).ok
-
-
-def tick(stack: Stack, instance: dg.DagsterInstance, cursor: str | None) -> dg.SensorResult:
-    context = dg.build_sensor_context(instance=instance, cursor=cursor, resources=stack.resources())
-    return kafka_offsets_sensor(context)
 
 
 @pytest.mark.parametrize("archive_format", ["record", "log"])
