@@ -17,6 +17,7 @@ import orjson
 import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
+from kafka.structs import OffsetAndMetadata
 
 from protoagg_dagster.archive_reader import cat_archive, verify_archive
 from protoagg_dagster.assets import ARCHIVE_ASSET, topic_asset_key
@@ -328,3 +329,29 @@ def test_a_pattern_archives_topics_created_after_start(stack: Stack, unique: str
         (f"pat-{unique}-b", b"later"),
     ]
     assert check_archive(stack).ok
+
+
+def test_a_catch_all_pattern_leaves_internal_topics_alone(stack: Stack, unique: str) -> None:
+    topic = f"visible-{unique}"
+    create(stack, topic)
+    # A committed group offset makes sure the broker has its internal __consumer_offsets topic.
+    group = KafkaConsumer(
+        bootstrap_servers=stack.kafka.bootstrap_servers,
+        group_id=f"g-{unique}",
+        enable_auto_commit=False,
+    )
+    try:
+        group.assign([TopicPartition(topic, 0)])
+        group.commit({TopicPartition(topic, 0): OffsetAndMetadata(0, "", -1)})
+    finally:
+        group.close()
+    admin = stack.kafka.get_admin()
+    try:
+        assert "__consumer_offsets" in admin.list_topics()
+    finally:
+        admin.close()
+    listed = with_topics(stack, "/.*/:record").kafka.topic_list()
+    assert topic in listed
+    assert [t for t in listed if t.startswith("_")] == []
+    named = with_topics(stack, "__consumer_offsets:record").kafka.topic_list()
+    assert named == ["__consumer_offsets"]
