@@ -87,11 +87,29 @@ class PartitionProgress:
     pending: OffsetRange | None
 
 
+# True when the newest objects of SCHEMA exist (extend it with whatever SCHEMA gains).
+_SCHEMA_READY = """
+SELECT to_regclass('archive_positions') IS NOT NULL
+   AND to_regclass('archive_batches_object') IS NOT NULL
+   AND EXISTS (
+       SELECT 1 FROM pg_attribute
+       WHERE attrelid = to_regclass('archive_batches')
+         AND attname = 'dead_letters_appended' AND NOT attisdropped)
+"""
+
+
 def ensure_schema(conn: psycopg.Connection) -> None:
-    """Create the tables once; concurrent callers serialise on an advisory lock."""
+    """Create the tables once; concurrent callers serialise on an advisory lock.
+
+    The DDL runs only when something is missing: ``ALTER TABLE`` and ``CREATE INDEX`` lock
+    ``archive_batches`` even when there is nothing to do, and appenders updating it inside their
+    object lock then deadlocked with a run that was merely connecting.
+    """
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK_ID,))
-        conn.execute(SCHEMA)
+        ready = conn.execute(_SCHEMA_READY).fetchone()
+        if ready is None or not ready[0]:
+            conn.execute(SCHEMA)
         ensure_window(conn, epoch_day())
 
 
