@@ -12,12 +12,13 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import dagster as dg
+import psycopg
 from kafka.admin import NewTopic
 
 from protoagg_dagster.core.archive_object import archive_format
 from protoagg_dagster.core.framing import ArchivedRecord, iter_records
 from protoagg_dagster.jobs import archive_kafka_batch
-from protoagg_dagster.ledger import archived_partitions
+from protoagg_dagster.ledger import archived_partitions, read_progress
 from protoagg_dagster.resources import GCSResource, KafkaResource, PartitionLease, PostgresResource
 from protoagg_dagster.sensors import kafka_offsets_sensor
 from protoagg_dagster.settings_resource import ArchiverSettings
@@ -104,6 +105,22 @@ def archived_records(stack: Stack) -> list[Any]:
     assert blob is not None, f"no archive object {stack.gcs.object_template}"
     archive = stack.archiver.format_options().build(archive_format(blob.metadata))
     return list(archive.decode(io.BytesIO(blob.download_as_bytes())))
+
+
+def archived_to_end(dsn: str, topic: str, partitions: int, end: int) -> bool:
+    """Whether partitions ``0..partitions-1`` of ``topic`` are archived up to ``end`` with no
+    claim pending, by the ledger (False before any run created the schema)."""
+    try:
+        with psycopg.connect(dsn) as conn:
+            progress = read_progress(conn, topic)
+    except psycopg.errors.UndefinedTable:
+        return False
+    return all(
+        (state := progress.get(p)) is not None
+        and state.next_offset == end
+        and state.pending is None
+        for p in range(partitions)
+    )
 
 
 def run_sensor_until_idle(stack: Stack, instance: dg.DagsterInstance, max_ticks: int = 50) -> int:

@@ -26,11 +26,18 @@ import psycopg
 from dagster._core.events import DagsterEventType
 
 from protoagg_dagster.jobs import archive_kafka_batch
-from protoagg_dagster.ledger import read_progress
 from protoagg_dagster.resources import KafkaResource
 from protoagg_dagster.run_tags import run_partition
 from tests.conftest import ROOT, Services
-from tests.helpers import Stack, archive, check_archive, create_topic, log_value, produce
+from tests.helpers import (
+    Stack,
+    archive,
+    archived_to_end,
+    check_archive,
+    create_topic,
+    log_value,
+    produce,
+)
 from tests.support.dagster_deployment import DagsterDeployment, settled
 from tests.support.dagster_web import free_port, wait_until
 
@@ -76,20 +83,6 @@ def deployment_env(
         "PROTOAGG_MAX_BATCH_MESSAGES": str(max_batch),
         "PROTOAGG_TEST_DELAYS": delays,
     }
-
-
-def archived_to_end(dsn: str, topic: str, partitions: int, end: int) -> bool:
-    try:
-        with psycopg.connect(dsn) as conn:
-            progress = read_progress(conn, topic)
-    except psycopg.errors.UndefinedTable:
-        return False
-    return all(
-        (state := progress.get(p)) is not None
-        and state.next_offset == end
-        and state.pending is None
-        for p in range(partitions)
-    )
 
 
 def assert_exactly_once(stack: Stack, expected: dict[str, list[str]]) -> None:

@@ -13,31 +13,15 @@ import os
 import time
 from pathlib import Path
 
-import psycopg
 import pytest
 
-from protoagg_dagster.ledger import read_progress
 from tests.conftest import Services
-from tests.helpers import Stack, check_archive, create_topic, log_value, produce
+from tests.helpers import Stack, archived_to_end, check_archive, create_topic, log_value, produce
 from tests.support.dagster_deployment import DagsterDeployment, run_summaries, settled
 from tests.support.gcs_proxy import GcsProxy
 
 PER_PARTITION = 1000  # two runs per partition at the default batch size of 500
 DEADLINE_SECONDS = 600.0
-
-
-def _archived(dsn: str, topic: str, partitions: int) -> bool:
-    try:
-        with psycopg.connect(dsn) as conn:
-            progress = read_progress(conn, topic)
-    except psycopg.errors.UndefinedTable:
-        return False
-    return all(
-        (state := progress.get(p)) is not None
-        and state.next_offset == PER_PARTITION
-        and state.pending is None
-        for p in range(partitions)
-    )
 
 
 @pytest.mark.parametrize("partitions", [1, 8, 32])
@@ -63,7 +47,7 @@ def test_partitions_sharing_one_object_archive_at_gcs_write_rate(
     try:
         deployment.start()
         deadline = started + DEADLINE_SECONDS
-        while not _archived(postgres_dsn, topic, partitions):
+        while not archived_to_end(postgres_dsn, topic, partitions, PER_PARTITION):
             assert deployment.running(), "dagster-daemon exited"
             assert time.monotonic() < deadline, "not archived in time"
             time.sleep(0.5)

@@ -26,12 +26,12 @@ from pathlib import Path
 import psycopg
 
 from protoagg_dagster.jobs import archive_kafka_batch
-from protoagg_dagster.ledger import read_progress
 from protoagg_dagster.resources import GCSResource
 from tests.conftest import Services
 from tests.helpers import (
     Stack,
     archive,
+    archived_to_end,
     check_archive,
     create_topic,
     log_value,
@@ -82,20 +82,6 @@ def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {deadline_s:.0f} s waiting until {what}")
         time.sleep(0.5)
-
-
-def archived_to_end(dsn: str, topic: str) -> bool:
-    try:
-        with psycopg.connect(dsn) as conn:
-            progress = read_progress(conn, topic)
-    except psycopg.errors.UndefinedTable:
-        return False  # no run has created the schema yet
-    return all(
-        (state := progress.get(p)) is not None
-        and state.next_offset == PER_PARTITION
-        and state.pending is None
-        for p in (0, 1)
-    )
 
 
 def cross_partition_pairs(
@@ -178,7 +164,7 @@ def test_two_deployments_and_a_backfill_archive_every_id_once(
         backfills = [run_in_subprocess(through_proxy, topic, *bounds) for bounds in BACKFILLS]
         wait_until(
             "both partitions are archived to their end offsets with nothing pending",
-            lambda: archived_to_end(postgres_dsn, topic),
+            lambda: archived_to_end(postgres_dsn, topic, 2, PER_PARTITION),
             DONE_DEADLINE,
             daemons_alive,
         )
