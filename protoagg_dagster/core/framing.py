@@ -11,6 +11,8 @@ import struct
 from collections.abc import Iterable, Iterator
 from typing import BinaryIO, NamedTuple
 
+from google.protobuf.message import Message
+
 from protoagg_dagster.core.errors import ArchiveFormatError
 from protoagg_dagster.core.records import LogRecord
 from protoagg_dagster.pb.log_pb2 import ProtoLog
@@ -68,14 +70,7 @@ def iter_records(
     Memory stays bounded by one read chunk plus one frame, whatever the archive's size.
     """
     message = ProtoLog()
-    for index, offset, payload in iter_located_frames(stream, max_frame_bytes):
-        try:
-            message.ParseFromString(payload)
-        except Exception as exc:  # upb raises a bare DecodeError subclass of Exception
-            raise ArchiveFormatError(
-                f"record {index} at byte {offset}: {len(payload)}-byte frame is not a ProtoLog "
-                f"({exc})"
-            ) from exc
+    for index, offset in iter_parsed_frames(stream, message, max_frame_bytes):
         yield ArchivedRecord(
             index,
             offset,
@@ -84,6 +79,25 @@ def iter_records(
             message.timestamp.nanos,
             message.message,
         )
+
+
+def iter_parsed_frames(
+    stream: BinaryIO, message: Message, max_frame_bytes: int = MAX_FRAME_BYTES
+) -> Iterator[tuple[int, int]]:
+    """Parse each frame into ``message`` (reused) and yield (record index, byte offset).
+
+    A frame that does not parse as ``message``'s type is an ArchiveFormatError naming it.
+    """
+    kind = message.DESCRIPTOR.name
+    for index, offset, payload in iter_located_frames(stream, max_frame_bytes):
+        try:
+            message.ParseFromString(payload)
+        except Exception as exc:  # upb raises a bare DecodeError subclass of Exception
+            raise ArchiveFormatError(
+                f"record {index} at byte {offset}: {len(payload)}-byte frame is not a {kind} "
+                f"({exc})"
+            ) from exc
+        yield index, offset
 
 
 def iter_located_frames(

@@ -10,8 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from typing import BinaryIO, NamedTuple
 
-from protoagg_dagster.core.errors import ArchiveFormatError
-from protoagg_dagster.core.framing import LENGTH, MAX_FRAME_BYTES, iter_located_frames
+from protoagg_dagster.core.framing import LENGTH, MAX_FRAME_BYTES, iter_parsed_frames
 from protoagg_dagster.pb.record_pb2 import Header, KafkaRecord
 
 # kafka-python's timestamp_type (0 create, 1 log append) to the proto enum; anything else is
@@ -71,14 +70,7 @@ def iter_kafka_records(
 ) -> Iterator[ArchivedKafkaRecord]:
     """Decode a record-format archive in archive order; name the frame that does not decode."""
     message = KafkaRecord()
-    for index, byte_offset, payload in iter_located_frames(stream, max_frame_bytes):
-        try:
-            message.ParseFromString(payload)
-        except Exception as exc:  # upb raises a bare DecodeError subclass of Exception
-            raise ArchiveFormatError(
-                f"record {index} at byte {byte_offset}: {len(payload)}-byte frame is not a "
-                f"KafkaRecord ({exc})"
-            ) from exc
+    for _ in iter_parsed_frames(stream, message, max_frame_bytes):
         stamp = message.timestamp
         record = ArchivedKafkaRecord(
             message.topic,
