@@ -77,7 +77,7 @@ from benchmarks.run_once import (  # noqa: E402
     make_values,
     raw_consume,
 )
-from protoagg_dagster.core.archive_object import last_append  # noqa: E402
+from protoagg_dagster.core.archive_object import last_compose  # noqa: E402
 from protoagg_dagster.jobs import archive_kafka_batch  # noqa: E402
 from protoagg_dagster.ledger import read_progress  # noqa: E402
 from protoagg_dagster.resources import GCSResource, KafkaResource  # noqa: E402
@@ -297,7 +297,7 @@ def objects_say_archived(
             ok = False
             continue
         sizes[name] = int(blob.size or 0)
-        ok = ok and last_append(blob.metadata) is not None
+        ok = ok and bool(last_compose(blob.metadata))
     return {"ok": ok, "object_bytes": sum(sizes.values()), "objects": len(sizes)}
 
 

@@ -1,13 +1,16 @@
-"""Appending a batch to an archive object in GCS: upload, fenced and paced compose, delete.
+"""Appending a batch to an archive object in GCS: upload, queued and paced compose, delete.
 
-The destination's generation fences the compose (``if_generation_match``). Which pieces an
-object holds is the ledger's to say (``AppendLedger``), with the object's one-piece marker
-covering a compose whose record was lost, so a writer that lost a race, or a retry after a crash,
-finds out whether its piece is already there whatever the number of partitions.
+GCS allows about one mutation per second per object name (429 beyond it), so writers of one
+object share composes: each uploads its piece, queues it in the ledger and waits for the object's
+lock; the holder composes every queued piece it can (up to 31 and the destination) in one compose,
+a full second after the destination's last update, and records them all. A writer whose piece
+another holder composed finds it done when its turn comes. Throughput per object is then about
+31 pieces a second instead of one.
 
-GCS allows about one mutation per second per object name (429 beyond it): the lock holder waits
-until a second has passed since the destination's last update before composing, and the client
-retries a 429 with backoff (compose carries a generation, so its retry is safe).
+The destination's generation fences the compose (``if_generation_match``). Which pieces an object
+holds is the ledger's to say, with the object's marker (the last compose's pieces) covering a
+compose whose records were lost, so a writer that lost a race, or a retry after a crash, finds out
+whether its piece is already there whatever the number of partitions.
 """
 
 from __future__ import annotations
@@ -25,13 +28,17 @@ from google.api_core import exceptions as gexc
 from google.cloud import storage
 
 from protoagg_dagster.core.archive_object import (
+    MAX_PIECES_PER_COMPOSE,
     TEMP_PREFIX,
+    Landed,
     Piece,
-    last_append,
-    metadata_after_append,
+    Queued,
+    last_compose,
+    metadata_after_compose,
+    piece_ends,
     temp_object_name,
 )
-from protoagg_dagster.core.errors import ConfigError, FencedAppendError
+from protoagg_dagster.core.errors import BackendError, ConfigError, FencedAppendError
 from protoagg_dagster.core.planning import OffsetRange
 
 CONTENT_TYPE = "application/x-protobuf"
@@ -39,17 +46,41 @@ MUTATION_INTERVAL_SECONDS = 1.0  # GCS: about one write per second per object na
 
 
 class PieceLedger(Protocol):
-    """The object lock and the record of appended pieces (``ledger.AppendLedger``)."""
+    """The object lock, the queue of uploaded pieces and the record of appended ones.
+
+    ``ledger.AppendLedger`` is the PostgreSQL one. ``enqueue`` and ``dequeue`` take effect at
+    once; the rest happen inside ``locked``.
+    """
+
+    def enqueue(self, object_name: str, queued: Queued) -> None: ...
+
+    def dequeue(self, queued: Queued) -> None: ...
 
     def locked(self, object_name: str) -> contextlib.AbstractContextManager[None]: ...
 
+    def waiting(self, object_name: str, format_name: str | None, limit: int) -> list[Queued]:
+        """Queued pieces of the object not yet composed, oldest first."""
+        ...
+
+    def landed(self, queued: Queued) -> Landed | None:
+        """Where the piece of this upload landed, if a compose (anyone's) recorded it."""
+        ...
+
     def is_appended(self, piece: Piece) -> bool: ...
 
-    def record(self, piece: Piece, generation: int | None, object_size: int | None) -> None: ...
+    def record(self, piece: Piece, landed: Landed) -> None:
+        """The piece is on the object; every queued upload of it is marked landed."""
+        ...
 
 
 @dataclass(frozen=True)
 class AppendResult:
+    """``appended``: this call's bytes are the ones on the object (False: an earlier attempt's).
+
+    ``object_size``: the object's size up to the end of this piece (later pieces of the same
+    compose follow it).
+    """
+
     appended: bool
     generation: int | None
     object_size: int | None
@@ -70,9 +101,10 @@ def append_batch(
     """Append ``data`` (``piece`` of ``batch``) to ``object_name`` exactly once.
 
     The upload happens first, outside the object's lock (held only around read-and-compose).
-    Returns ``appended=False`` when the ledger or the object's marker shows it already there.
-    ``format_name`` is recorded in the object's metadata, and an object of another format is
-    refused (ConfigError); None (dead letters) records and checks none.
+    Returns ``appended=False`` when the ledger or the object's marker shows the piece there
+    already (an earlier attempt appended it). ``format_name`` is recorded in the object's
+    metadata, and an object of another format is refused (ConfigError); None (dead letters)
+    records and checks none.
     """
     temp = bucket.blob(temp_object_name(batch, uuid.uuid4().hex))
     try:
@@ -88,70 +120,117 @@ def append_batch(
             f"cannot write to gs://{bucket.name} with these credentials (needs "
             f"roles/storage.objectUser): {exc.message}"
         ) from exc
+    own = Queued(piece, temp.name, format_name)
+    ledger.enqueue(object_name, own)
     try:
-        with ledger.locked(object_name):
-            return _compose_fenced(
-                bucket, object_name, piece, temp, ledger, max_attempts, sleep, format_name
-            )
+        for attempt in range(1, max_attempts + 1):
+            with ledger.locked(object_name):
+                outcome = _compose_queued(bucket, object_name, own, ledger, sleep)
+            if isinstance(outcome, AppendResult):
+                return AppendResult(
+                    outcome.appended, outcome.generation, outcome.object_size, attempt
+                )
+            # Another writer (another partition, or a twin of this run) appended first.
+            sleep(min(2.0, 0.05 * 2**attempt) * random.random())
+        raise FencedAppendError(
+            f"gs://{bucket.name}/{object_name}: lost the compose race {max_attempts} times in a "
+            "row; too many writers share this object (use {partition} in PROTOAGG_GCS_OBJECT)"
+        )
     finally:
+        ledger.dequeue(own)
         _delete_quietly(temp)
 
 
-def _compose_fenced(
+def _compose_queued(
     bucket: storage.Bucket,
     object_name: str,
-    piece: Piece,
-    temp: storage.Blob,
+    own: Queued,
     ledger: PieceLedger,
-    max_attempts: int,
     sleep: Callable[[float], None],
-    format_name: str | None,
-) -> AppendResult:
-    for attempt in range(1, max_attempts + 1):
-        current = bucket.get_blob(object_name)
-        if current is not None:
-            previous = last_append(current.metadata)
-            if previous is not None and not ledger.is_appended(previous):
-                # Composed by a writer that died (or lost the response) before recording it.
-                ledger.record(previous, current.generation, current.size)
-        if ledger.is_appended(piece):
-            return AppendResult(
-                False,
-                current.generation if current else None,
-                current.size if current else None,
-                attempt,
-            )
-        if current is not None and (current.temporary_hold or current.event_based_hold):
-            raise ConfigError(
-                f"gs://{bucket.name}/{object_name} is under a hold, so appending to it (compose "
-                "replaces the object) is refused: release the hold or change PROTOAGG_GCS_OBJECT"
-            )
-        if current is not None:
-            sleep(_pause_before_compose(current.updated))
-        target = bucket.blob(object_name)
-        target.metadata = metadata_after_append(
-            current.metadata if current else None, piece, format_name
+) -> AppendResult | None:
+    """Holding the object's lock: find ``own`` done, or compose it with other queued pieces.
+
+    None: the compose lost the generation race (or a queued upload had vanished); try again.
+    """
+    current = bucket.get_blob(object_name)
+    if current is not None:
+        _record_last_compose(current, ledger)
+    landed = ledger.landed(own)
+    if landed is not None:
+        return AppendResult(True, landed.generation, landed.end, 0)
+    if ledger.is_appended(own.piece):
+        return AppendResult(
+            False, current.generation if current else None, current.size if current else None, 0
         )
-        target.content_type = CONTENT_TYPE
-        sources = [current, temp] if current is not None else [temp]
-        try:
-            target.compose(sources, if_generation_match=current.generation if current else 0)
-        except gexc.Forbidden as exc:
-            raise ConfigError(
-                f"GCS refused to append to gs://{bucket.name}/{object_name}: {exc.message} "
-                "(a retention policy or hold forbids replacing the object; archive into a bucket "
-                "without one, see `protoagg doctor`)"
-            ) from exc
-        except gexc.PreconditionFailed:
-            # Another writer (another partition, or a twin of this run) appended first.
-            sleep(min(2.0, 0.05 * 2**attempt) * random.random())
-            continue
-        ledger.record(piece, target.generation, target.size)
-        return AppendResult(True, target.generation, target.size, attempt)
-    raise FencedAppendError(
-        f"gs://{bucket.name}/{object_name}: lost the compose race {max_attempts} times in a row; "
-        "too many writers share this object (use {partition} in PROTOAGG_GCS_OBJECT)"
+    if current is not None and (current.temporary_hold or current.event_based_hold):
+        raise ConfigError(
+            f"gs://{bucket.name}/{object_name} is under a hold, so appending to it (compose "
+            "replaces the object) is refused: release the hold or change PROTOAGG_GCS_OBJECT"
+        )
+    if current is not None:
+        sleep(_pause_before_compose(current.updated))
+    # Queued after the pause, so pieces uploaded meanwhile ride along.
+    group = _group_with(own, ledger, object_name)
+    target = bucket.blob(object_name)
+    target.metadata = metadata_after_compose(
+        current.metadata if current else None, [q.piece for q in group], own.format_name
     )
+    target.content_type = CONTENT_TYPE
+    sources = ([current] if current is not None else []) + [bucket.blob(q.temp_name) for q in group]
+    try:
+        target.compose(sources, if_generation_match=current.generation if current else 0)
+    except gexc.Forbidden as exc:
+        raise ConfigError(
+            f"GCS refused to append to gs://{bucket.name}/{object_name}: {exc.message} "
+            "(a retention policy or hold forbids replacing the object; archive into a bucket "
+            "without one, see `protoagg doctor`)"
+        ) from exc
+    except gexc.PreconditionFailed:
+        return None
+    except gexc.NotFound:
+        if bucket.get_blob(own.temp_name) is None:
+            raise BackendError(
+                f"the upload {own.temp_name} of {own.piece} vanished before its compose"
+            ) from None
+        # Another writer's upload is gone (its run gave up, or the cleanup removed it): leave it
+        # out; its batch is still claimed, and its next attempt uploads it again.
+        for queued in group[1:]:
+            if bucket.get_blob(queued.temp_name) is None:
+                ledger.dequeue(queued)
+        return None
+    assert target.size is not None
+    for queued, end in zip(group, piece_ends(target.size, [q.piece for q in group]), strict=True):
+        ledger.record(queued.piece, Landed(target.generation, end))
+    landed = ledger.landed(own)
+    assert landed is not None
+    return AppendResult(True, landed.generation, landed.end, 0)
+
+
+def _record_last_compose(current: storage.Blob, ledger: PieceLedger) -> None:
+    """Record the pieces of a compose that landed but whose writer died before recording them."""
+    pieces = last_compose(current.metadata)
+    if not pieces or current.size is None:
+        return
+    for piece, end in zip(pieces, piece_ends(current.size, pieces), strict=True):
+        if not ledger.is_appended(piece):
+            ledger.record(piece, Landed(current.generation, end))
+
+
+def _group_with(own: Queued, ledger: PieceLedger, object_name: str) -> list[Queued]:
+    """``own`` and the oldest other queued pieces not yet appended, one upload per piece."""
+    group, pieces = [own], {own.piece.key}
+    for queued in ledger.waiting(object_name, own.format_name, 4 * MAX_PIECES_PER_COMPOSE):
+        if len(group) == MAX_PIECES_PER_COMPOSE:
+            break
+        if queued.piece.key in pieces:
+            continue
+        if ledger.is_appended(queued.piece):
+            # A stale upload of a piece appended since (its writer died before dequeuing).
+            ledger.dequeue(queued)
+            continue
+        group.append(queued)
+        pieces.add(queued.piece.key)
+    return group
 
 
 def _pause_before_compose(updated: datetime.datetime | None) -> float:

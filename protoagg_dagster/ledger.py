@@ -7,6 +7,8 @@ Tables:
 - ``archive_batches``: one row per claimed offset range; ``state`` is ``claimed`` until the append
   to GCS is confirmed, then ``appended``. At most one ``claimed`` row per partition.
 - ``archive_positions``: per partition, the first offset not yet archived.
+- ``append_queue``: uploaded pieces waiting for a compose of their object (``archive_store``),
+  one row per upload, removed by its writer once it knows where the piece landed.
 
 A claimed batch whose run died is *adopted* by the next run of that partition: its claims are its
 own, so the same records are appended (or found already appended, via the object's metadata).
@@ -21,7 +23,7 @@ from typing import Any
 
 import psycopg
 
-from protoagg_dagster.core.archive_object import Piece
+from protoagg_dagster.core.archive_object import Landed, Piece, Queued, role_of
 from protoagg_dagster.core.errors import BackendError
 from protoagg_dagster.core.formats import Claimable
 from protoagg_dagster.core.planning import OffsetRange
@@ -56,6 +58,23 @@ ALTER TABLE archive_batches
     ADD COLUMN IF NOT EXISTS dead_letters_appended boolean NOT NULL DEFAULT false;
 CREATE INDEX IF NOT EXISTS archive_batches_object
     ON archive_batches (object_name, topic, partition) WHERE state = 'appended';
+CREATE TABLE IF NOT EXISTS append_queue (
+    temp_name   text PRIMARY KEY,
+    queued      bigserial,
+    bucket      text NOT NULL,
+    object_name text NOT NULL,
+    batch_id    bigint NOT NULL,
+    role        text NOT NULL,
+    size        bigint NOT NULL,
+    format      text,
+    generation  bigint,
+    piece_end   bigint,
+    landed      boolean NOT NULL DEFAULT false,
+    queued_at   timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS append_queue_waiting
+    ON append_queue (bucket, object_name, queued) WHERE NOT landed;
+CREATE INDEX IF NOT EXISTS append_queue_piece ON append_queue (batch_id, role);
 CREATE TABLE IF NOT EXISTS archive_positions (
     topic       text NOT NULL,
     partition   integer NOT NULL,
@@ -91,6 +110,7 @@ class PartitionProgress:
 _SCHEMA_READY = """
 SELECT to_regclass('archive_positions') IS NOT NULL
    AND to_regclass('archive_batches_object') IS NOT NULL
+   AND to_regclass('append_queue_piece') IS NOT NULL
    AND EXISTS (
        SELECT 1 FROM pg_attribute
        WHERE attrelid = to_regclass('archive_batches')
@@ -278,19 +298,56 @@ def object_lock(conn: psycopg.Connection, bucket: str, object_name: str) -> Iter
 
 
 class AppendLedger:
-    """What ``append_batch`` asks the ledger: the object's lock, and which pieces are appended.
+    """``archive_store.PieceLedger`` in PostgreSQL: object lock, upload queue, appended pieces.
 
-    A piece is recorded inside the object's lock, in the lock's transaction, right after its
-    compose: so every piece composed onto an object is recorded, except at most the last one,
-    which the object's marker names and the next lock holder records.
+    Pieces are recorded inside the object's lock, in the lock's transaction, right after their
+    compose: so every piece composed onto an object is recorded, except at most those of the
+    last compose, which the object's marker names and the next lock holder records.
     """
 
     def __init__(self, conn: psycopg.Connection, bucket: str) -> None:
         self.conn = conn
         self.bucket = bucket
 
+    def enqueue(self, object_name: str, queued: Queued) -> None:
+        self.conn.execute(
+            "INSERT INTO append_queue (temp_name, bucket, object_name, batch_id, role, size, "
+            "format) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+            (
+                queued.temp_name,
+                self.bucket,
+                object_name,
+                queued.piece.batch_id,
+                queued.piece.role,
+                queued.piece.size,
+                queued.format_name,
+            ),
+        )
+
+    def dequeue(self, queued: Queued) -> None:
+        self.conn.execute("DELETE FROM append_queue WHERE temp_name = %s", (queued.temp_name,))
+
     def locked(self, object_name: str) -> AbstractContextManager[None]:
         return object_lock(self.conn, self.bucket, object_name)
+
+    def waiting(self, object_name: str, format_name: str | None, limit: int) -> list[Queued]:
+        rows = self.conn.execute(
+            "SELECT batch_id, role, size, temp_name FROM append_queue WHERE bucket = %s "
+            "AND object_name = %s AND NOT landed AND format IS NOT DISTINCT FROM %s "
+            "ORDER BY queued LIMIT %s",
+            (self.bucket, object_name, format_name, limit),
+        ).fetchall()
+        return [
+            Queued(Piece(batch_id, role_of(role), size), temp, format_name)
+            for batch_id, role, size, temp in rows
+        ]
+
+    def landed(self, queued: Queued) -> Landed | None:
+        row = self.conn.execute(
+            "SELECT generation, piece_end FROM append_queue WHERE temp_name = %s AND landed",
+            (queued.temp_name,),
+        ).fetchone()
+        return None if row is None else Landed(row[0], row[1])
 
     def is_appended(self, piece: Piece) -> bool:
         column = "dead_letters_appended" if piece.role == "dead_letters" else "state = 'appended'"
@@ -299,14 +356,19 @@ class AppendLedger:
         ).fetchone()
         return bool(row and row[0])
 
-    def record(self, piece: Piece, generation: int | None, object_size: int | None) -> None:
+    def record(self, piece: Piece, landed: Landed) -> None:
         if piece.role == "dead_letters":
             self.conn.execute(
                 "UPDATE archive_batches SET dead_letters_appended = true WHERE batch_id = %s",
                 (piece.batch_id,),
             )
         else:
-            finish_batch(self.conn, piece.batch_id, generation, piece.size, object_size)
+            finish_batch(self.conn, piece.batch_id, landed.generation, piece.size, landed.end)
+        self.conn.execute(
+            "UPDATE append_queue SET landed = true, generation = %s, piece_end = %s "
+            "WHERE batch_id = %s AND role = %s AND NOT landed",
+            (landed.generation, landed.end, piece.batch_id, piece.role),
+        )
 
 
 def archived_partitions(conn: psycopg.Connection, object_names: Sequence[str]) -> dict[str, int]:
@@ -371,6 +433,14 @@ def stale_claims(conn: psycopg.Connection, claimed_before: float) -> list[Offset
         (claimed_before,),
     ).fetchall()
     return [OffsetRange(*row) for row in rows]
+
+
+def forget_queued_uploads(conn: psycopg.Connection, queued_before: float) -> int:
+    """Drop queue entries of uploads older than the given epoch time (their writers died)."""
+    cursor = conn.execute(
+        "DELETE FROM append_queue WHERE queued_at < to_timestamp(%s)", (queued_before,)
+    )
+    return cursor.rowcount
 
 
 def archived_position(conn: psycopg.Connection, topic: str, partition: int) -> int | None:

@@ -10,7 +10,7 @@ from pydantic import Field
 
 from protoagg_dagster.archive_store import remove_orphaned_temp_objects
 from protoagg_dagster.dedupe_window import advance_window, epoch_day
-from protoagg_dagster.ledger import stale_claims
+from protoagg_dagster.ledger import forget_queued_uploads, stale_claims
 from protoagg_dagster.resources import GCSResource, PostgresResource
 
 
@@ -59,7 +59,9 @@ def remove_orphans(
         context.log.info(f"removed orphaned temporary object gs://{gcs.bucket}/{name}")
     context.log.info(f"cleanup: {len(removed)} orphaned temporary objects removed")
     with postgres.get_connection() as conn:
+        forgotten = forget_queued_uploads(conn, time.time() - config.temp_older_than_seconds)
         stuck = stale_claims(conn, time.time() - config.stale_claim_seconds)
+    context.log.info(f"cleanup: {forgotten} queue entries of dead runs' uploads forgotten")
     for batch in stuck:
         # The sensor relaunches a claimed range before anything else; one stuck for long means
         # its runs keep failing, which needs a person.

@@ -1,11 +1,11 @@
 """Names and metadata of archive objects: pure functions, so retries always hit the same object.
 
-The destination's custom metadata holds one fixed-size marker, the last piece composed onto it
-(``batch id:role:bytes``). What each batch covers lives in the PostgreSQL ledger, so the
-metadata stays a few dozen bytes however many partitions write to the object (GCS allows 8 KiB).
-The marker closes the one gap the ledger cannot: a compose that landed but whose ledger record
-was not committed (a crash, or a lost response); whoever next holds the object's lock reads it
-and records that piece before composing anything else.
+The destination's custom metadata holds one marker: the pieces the last compose appended
+(``batch id:role:bytes``, comma-separated, at most ``MAX_PIECES_PER_COMPOSE``). What each batch
+covers lives in the PostgreSQL ledger, so the metadata stays under 2 KiB however many partitions
+write to the object (GCS allows 8 KiB). The marker closes the one gap the ledger cannot: a
+compose that landed but whose ledger records were not committed (a crash, or a lost response);
+whoever next holds the object's lock reads it and records those pieces before composing again.
 It also records the archive format of the object's frames (absent on objects written before
 formats existed: those are ``log``).
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import string
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -26,6 +26,8 @@ LEGACY_OFFSETS_KEY = "protoagg-offsets"
 FORMAT_METADATA_KEY = "protoagg-format"
 LEGACY_FORMAT = "log"
 TEMP_PREFIX = "_protoagg/tmp/"
+# GCS composes at most 32 sources: the destination itself and this many pieces.
+MAX_PIECES_PER_COMPOSE = 31
 TEMPLATE_FIELDS = frozenset({"topic", "partition", "date", "year", "month", "day", "hour"})
 
 
@@ -79,19 +81,49 @@ class Piece:
     role: PieceRole
     size: int
 
+    @property
+    def key(self) -> tuple[int, PieceRole]:
+        """What tells pieces apart: every upload of one batch's role holds the same bytes."""
+        return (self.batch_id, self.role)
+
     def marker(self) -> str:
         return f"{self.batch_id}:{self.role}:{self.size}"
 
 
-def last_append(metadata: Mapping[str, str] | None) -> Piece | None:
-    """The piece the object's last compose appended, as its marker records (None if none)."""
+@dataclass(frozen=True)
+class Queued:
+    """A piece uploaded as ``temp_name`` and waiting to be composed onto its object."""
+
+    piece: Piece
+    temp_name: str
+    format_name: str | None
+
+
+@dataclass(frozen=True)
+class Landed:
+    """Where a composed piece ended: the object's generation and the piece's end offset in it."""
+
+    generation: int | None
+    end: int | None
+
+
+def last_compose(metadata: Mapping[str, str] | None) -> list[Piece]:
+    """The pieces the object's last compose appended, in object order, as its marker records."""
     raw = (metadata or {}).get(LAST_APPEND_KEY)
-    if not raw:
-        return None
-    batch_id, role, size = [*raw.split(":"), "", "", ""][:3]
+    return [_piece_of(marker) for marker in raw.split(",")] if raw else []
+
+
+def _piece_of(marker: str) -> Piece:
+    batch_id, role, size = [*marker.split(":"), "", "", ""][:3]
     if role not in ("records", "dead_letters") or not batch_id.isdigit() or not size.isdigit():
-        raise ConfigError(f"archive object metadata {LAST_APPEND_KEY!r} is not a marker: {raw!r}")
-    return Piece(int(batch_id), "records" if role == "records" else "dead_letters", int(size))
+        raise ConfigError(
+            f"archive object metadata {LAST_APPEND_KEY!r} is not a marker: {marker!r}"
+        )
+    return Piece(int(batch_id), role_of(role), int(size))
+
+
+def role_of(text: str) -> PieceRole:
+    return "dead_letters" if text == "dead_letters" else "records"
 
 
 def archive_format(metadata: Mapping[str, str] | None) -> str:
@@ -99,10 +131,10 @@ def archive_format(metadata: Mapping[str, str] | None) -> str:
     return (metadata or {}).get(FORMAT_METADATA_KEY, LEGACY_FORMAT)
 
 
-def metadata_after_append(
-    metadata: Mapping[str, str] | None, piece: Piece, format_name: str | None = None
+def metadata_after_compose(
+    metadata: Mapping[str, str] | None, pieces: Sequence[Piece], format_name: str | None = None
 ) -> dict[str, str]:
-    """The destination's full custom metadata once ``piece`` is appended.
+    """The destination's full custom metadata once ``pieces`` are appended (in this order).
 
     Compose replaces metadata, so the user's own keys are re-sent; the per-partition offsets map
     of earlier versions is dropped (the ledger holds offsets now). ``format_name`` None: the
@@ -115,14 +147,23 @@ def metadata_after_append(
     if format_name is not None and holds_frames and archive_format(metadata) != format_name:
         raise ConfigError(
             f"the archive object holds {archive_format(metadata)!r} frames, and batch "
-            f"{piece.batch_id} is archived as {format_name!r}: one object cannot mix formats; "
+            f"{pieces[0].batch_id} is archived as {format_name!r}: one object cannot mix formats; "
             "put {topic} in PROTOAGG_GCS_OBJECT"
         )
-    result = {k: v for k, v in (metadata or {}).items() if k != LEGACY_OFFSETS_KEY}
-    result[LAST_APPEND_KEY] = piece.marker()
+    result = {k: v for k, v in known.items() if k != LEGACY_OFFSETS_KEY}
+    result[LAST_APPEND_KEY] = ",".join(piece.marker() for piece in pieces)
     if format_name is not None:
         result[FORMAT_METADATA_KEY] = format_name
     return result
+
+
+def piece_ends(object_size: int, pieces: Sequence[Piece]) -> list[int]:
+    """Where each of the last-composed ``pieces`` ends in an object of ``object_size`` bytes."""
+    ends, end = [], object_size
+    for piece in reversed(pieces):
+        ends.append(end)
+        end -= piece.size
+    return ends[::-1]
 
 
 def temp_object_name(batch: OffsetRange, token: str) -> str:

@@ -19,7 +19,7 @@ from google.api_core import exceptions as gexc
 from google.cloud import storage
 
 from protoagg_dagster.archive_store import AppendResult, append_batch
-from protoagg_dagster.core.archive_object import TEMP_PREFIX, Piece, last_append
+from protoagg_dagster.core.archive_object import TEMP_PREFIX, Piece, last_compose
 from protoagg_dagster.core.planning import OffsetRange
 from protoagg_dagster.resources.gcs import GCSResource
 from tests.conftest import Services
@@ -200,7 +200,7 @@ def test_append_batch_appends_through_the_proxy(
     again = _append(ledger, bucket, name, OffsetRange(topic, 0, 5, 9), b"two|")
     assert (first.appended, second.appended, again.appended) == (True, True, False)
     assert _content(bucket, name) == b"one|two|"
-    assert last_append(bucket.get_blob(name).metadata) == Piece(6, "records", 4)
+    assert last_compose(bucket.get_blob(name).metadata) == [Piece(6, "records", 4)]
     assert len(ledger.appended) == 2
     assert proxy.count(kind="compose", status=200) == 2
     assert proxy.count(status=412) == 0
@@ -210,7 +210,8 @@ def test_append_batch_appends_through_the_proxy(
 def test_stalled_writer_is_fenced_and_appends_after_the_other_writer(
     services: Services, unique: str, proxy: GcsProxy, bucket: storage.Bucket
 ) -> None:
-    """Writer A reads the object, stalls before composing; B appends; A's compose gets 412."""
+    """Writer A reads the object, stalls in its compose; B composes its piece and A's; A's
+    compose gets 412 and A finds its piece landed."""
     ledger = MemoryLedger()
     topic, name = f"t-{unique}", f"{unique}/log.pb"
     _append(ledger, bucket, name, OffsetRange(topic, 0, 0, 5), b"p0:0-5|")
@@ -226,7 +227,11 @@ def test_stalled_writer_is_fenced_and_appends_after_the_other_writer(
     assert a_result.appended and a_result.compose_attempts == 2  # the fenced retry ran
     assert proxy.count(kind="compose", status=412, refused=True) == 1
     assert _content(bucket, name) == b"p0:0-5|p1:0-3|p0:5-8|"
-    assert last_append(bucket.get_blob(name).metadata) == Piece(6, "records", 7)
+    assert last_compose(bucket.get_blob(name).metadata) == [
+        Piece(1_000_001, "records", 7),
+        Piece(6, "records", 7),
+    ]
+    assert proxy.count(kind="compose", status=200) == 2
     assert len(ledger.appended) == 3
     assert _temp_objects(bucket, topic) == []
 
@@ -238,7 +243,7 @@ def test_lost_compose_response_is_retried_by_the_client(
     """The compose happens but its response is lost (503): the client retries the same compose.
 
     With preconditions enforced the retry gets 412 and append_batch finds its piece named by the
-    object's marker (appended once). With the emulator's semantics the retry composes again: the
+    object's marker (appended once, by this call). With the emulator's semantics the retry composes again: the
     batch is in the object twice. Only the generation fence makes this retry safe.
     """
     ledger = MemoryLedger()
@@ -251,7 +256,7 @@ def test_lost_compose_response_is_retried_by_the_client(
         result = _append(ledger, bucket, name, OffsetRange(topic, 0, 5, 9), b"two|")
         content = _content(bucket, name)
     if enforce:
-        assert (result.appended, result.compose_attempts) == (False, 2)
+        assert (result.appended, result.compose_attempts) == (True, 2)
         assert proxy.count(kind="compose", status=412, refused=True) == 1
         assert content == b"one|two|"
     else:

@@ -1,4 +1,4 @@
-"""An in-memory ``PieceLedger`` for tests of ``append_batch`` alone: no lock, pieces in a set.
+"""An in-memory ``PieceLedger`` for tests of ``append_batch`` alone: no lock, pieces in dicts.
 
 Without a lock, writers race straight into the compose fence, which is what the proxy tests
 want to exercise.
@@ -9,21 +9,49 @@ from __future__ import annotations
 import threading
 from contextlib import AbstractContextManager, nullcontext
 
-from protoagg_dagster.core.archive_object import Piece
+from protoagg_dagster.core.archive_object import Landed, Piece, PieceRole, Queued
 
 
 class MemoryLedger:
     def __init__(self) -> None:
         self._mutex = threading.Lock()
-        self.appended: dict[tuple[int, str], tuple[int | None, int | None]] = {}
+        self.appended: dict[tuple[int, PieceRole], Landed] = {}
+        self._queue: dict[str, tuple[str, Queued]] = {}  # temp name → object, upload
+        self._landed: dict[str, Landed] = {}  # temp name → where its piece landed
+
+    def enqueue(self, object_name: str, queued: Queued) -> None:
+        with self._mutex:
+            self._queue[queued.temp_name] = (object_name, queued)
+
+    def dequeue(self, queued: Queued) -> None:
+        with self._mutex:
+            self._queue.pop(queued.temp_name, None)
+            self._landed.pop(queued.temp_name, None)
 
     def locked(self, object_name: str) -> AbstractContextManager[None]:
         return nullcontext()
 
+    def waiting(self, object_name: str, format_name: str | None, limit: int) -> list[Queued]:
+        with self._mutex:
+            return [
+                q
+                for name, q in self._queue.values()
+                if name == object_name
+                and q.format_name == format_name
+                and q.piece.key not in self.appended
+            ][:limit]
+
+    def landed(self, queued: Queued) -> Landed | None:
+        with self._mutex:
+            return self._landed.get(queued.temp_name)
+
     def is_appended(self, piece: Piece) -> bool:
         with self._mutex:
-            return (piece.batch_id, piece.role) in self.appended
+            return piece.key in self.appended
 
-    def record(self, piece: Piece, generation: int | None, object_size: int | None) -> None:
+    def record(self, piece: Piece, landed: Landed) -> None:
         with self._mutex:
-            self.appended.setdefault((piece.batch_id, piece.role), (generation, object_size))
+            self.appended.setdefault(piece.key, landed)
+            for _, queued in self._queue.values():
+                if queued.piece.key == piece.key:
+                    self._landed.setdefault(queued.temp_name, landed)

@@ -3,11 +3,13 @@ import pytest
 from protoagg_dagster.core.archive_object import (
     LAST_APPEND_KEY,
     LEGACY_OFFSETS_KEY,
+    MAX_PIECES_PER_COMPOSE,
     Piece,
     archive_format,
-    last_append,
-    metadata_after_append,
+    last_compose,
+    metadata_after_compose,
     object_name,
+    piece_ends,
     temp_object_name,
     validate_template,
 )
@@ -38,17 +40,34 @@ def test_bad_templates_name_the_setting(template: str) -> None:
 def test_metadata_is_one_marker_whatever_the_number_of_partitions() -> None:
     metadata: dict[str, str] = {"owner": "team", LEGACY_OFFSETS_KEY: '{"logs/0": 5}'}
     for batch_id in range(1, 2001):  # 2,000 batches of 2,000 partitions
-        metadata = metadata_after_append(metadata, Piece(batch_id, "records", 10**12))
+        metadata = metadata_after_compose(metadata, [Piece(batch_id, "records", 10**12)])
     assert set(metadata) == {"owner", LAST_APPEND_KEY}
-    assert last_append(metadata) == Piece(2000, "records", 10**12)
+    assert last_compose(metadata) == [Piece(2000, "records", 10**12)]
     assert sum(len(k) + len(v) for k, v in metadata.items()) < 100
 
 
+def test_a_full_compose_marker_stays_far_below_the_8_kib_metadata_limit() -> None:
+    pieces = [
+        Piece(10**18 + n, "dead_letters" if n % 2 else "records", 5 * 2**40)
+        for n in range(MAX_PIECES_PER_COMPOSE)
+    ]
+    metadata = metadata_after_compose({"owner": "team"}, pieces, "record")
+    assert last_compose(metadata) == pieces
+    assert sum(len(k) + len(v) for k, v in metadata.items()) < 2048
+
+
+def test_piece_ends_locate_the_last_composed_pieces_at_the_end_of_the_object() -> None:
+    pieces = [Piece(1, "records", 10), Piece(2, "records", 0), Piece(3, "dead_letters", 5)]
+    assert piece_ends(100, pieces) == [95, 95, 100]
+
+
 def test_no_marker_and_a_corrupt_marker() -> None:
-    assert last_append(None) is None
-    assert last_append({"owner": "team"}) is None
+    assert last_compose(None) == []
+    assert last_compose({"owner": "team"}) == []
     with pytest.raises(ConfigError):
-        last_append({LAST_APPEND_KEY: "12:stuff:3"})
+        last_compose({LAST_APPEND_KEY: "12:stuff:3"})
+    with pytest.raises(ConfigError):
+        last_compose({LAST_APPEND_KEY: "12:records:3,,"})
 
 
 def test_temp_names_differ_per_attempt_and_sit_under_the_reserved_prefix() -> None:
@@ -59,19 +78,19 @@ def test_temp_names_differ_per_attempt_and_sit_under_the_reserved_prefix() -> No
 
 
 def test_metadata_records_the_format_and_refuses_a_second_one() -> None:
-    first = metadata_after_append(None, Piece(1, "records", 10), "record")
+    first = metadata_after_compose(None, [Piece(1, "records", 10)], "record")
     assert archive_format(first) == "record"
-    assert archive_format(metadata_after_append(first, Piece(2, "records", 3), "record")) == (
+    assert archive_format(metadata_after_compose(first, [Piece(2, "records", 3)], "record")) == (
         "record"
     )
     with pytest.raises(ConfigError, match=r"cannot mix formats.*\{topic\}"):
-        metadata_after_append(first, Piece(3, "records", 5), "log")
+        metadata_after_compose(first, [Piece(3, "records", 5)], "log")
     # Dead letters are in no archive format: they neither record nor check one.
-    dead = metadata_after_append(first, Piece(4, "dead_letters", 5))
+    dead = metadata_after_compose(first, [Piece(4, "dead_letters", 5)])
     assert archive_format(dead) == "record"
     # Objects written before formats were recorded hold log frames.
     legacy = {LEGACY_OFFSETS_KEY: '{"logs/0":5}'}
     assert archive_format(legacy) == "log"
     with pytest.raises(ConfigError, match="cannot mix formats"):
-        metadata_after_append(legacy, Piece(5, "records", 5), "record")
-    assert archive_format(metadata_after_append(legacy, Piece(5, "records", 5), "log")) == "log"
+        metadata_after_compose(legacy, [Piece(5, "records", 5)], "record")
+    assert archive_format(metadata_after_compose(legacy, [Piece(5, "records", 5)], "log")) == "log"
