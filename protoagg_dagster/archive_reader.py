@@ -8,12 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, TextIO
 
-from google.api_core import exceptions as gexc
-
+from protoagg_dagster.archive_store import open_sequence, sequence_blobs
 from protoagg_dagster.core import settings
 from protoagg_dagster.core.archive_object import LEGACY_FORMAT, archive_format
 from protoagg_dagster.core.dead_letters import iter_dead_letters
-from protoagg_dagster.core.errors import ArchiveFormatError, BackendError, ConfigError
+from protoagg_dagster.core.errors import ArchiveFormatError, ConfigError
 from protoagg_dagster.core.formats import (
     ArchiveFormat,
     FormatOptions,
@@ -35,20 +34,20 @@ def open_archive(url: str) -> BinaryIO:
 
 
 def open_archive_with_format(url: str, given: str | None = None) -> tuple[BinaryIO, ArchiveFormat]:
-    """The stream and its format: ``given``, else the object's metadata (a local file: log)."""
+    """The stream and its format: ``given``, else the object's metadata (a local file: log).
+
+    ``gs://BUCKET/log.pb`` reads the object's whole numbered sequence (``log.pb``,
+    ``log.0001.pb``, ...: see PROTOAGG_MAX_OBJECT_BYTES) as one stream; a member named
+    explicitly is read alone.
+    """
     if not url.startswith("gs://"):
         return Path(url).open("rb"), FormatOptions().build(given or LEGACY_FORMAT)
     bucket_name, _, object_name = url[len("gs://") :].partition("/")
     if not bucket_name or not object_name:
         raise ConfigError(f"{url!r} is not of the form gs://BUCKET/OBJECT")
     gcs = GCSResource(bucket=bucket_name, emulator_host=settings.STORAGE_EMULATOR_HOST.read())
-    blob = gcs.get_client().bucket(bucket_name).blob(object_name)
-    try:
-        blob.reload()
-    except gexc.NotFound:
-        raise BackendError(f"{url} does not exist") from None
-    stream: BinaryIO = blob.open("rb", chunk_size=8 * 1024 * 1024)
-    return stream, FormatOptions().build(given or archive_format(blob.metadata))
+    stream, blobs = open_sequence(gcs.get_client().bucket(bucket_name), object_name)
+    return stream, FormatOptions().build(given or archive_format(blobs[0].metadata))
 
 
 def cat_archive(
@@ -160,8 +159,9 @@ def check_url_against_kafka(url: str) -> KafkaCheck:
         dead_letter_template=settings.GCS_DEAD_LETTERS.read(),
     )
     kafka = KafkaResource(bootstrap_servers=settings.KAFKA_BOOTSTRAP.read())
+    members = [blob.name for blob in sequence_blobs(gcs.get_bucket(), name)]
     with PostgresResource(dsn=settings.POSTGRES_DSN.read()).get_connection() as conn:
-        partitions = archived_partitions(conn, [name])
+        partitions = archived_partitions(conn, members)
     options = FormatOptions(
         settings.DEDUPE_KEY.read(),
         settings.LOG_ID_FIELD.read(),

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import io
 import random
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, BinaryIO, Protocol
 
 from google.api_core import exceptions as gexc
 from google.cloud import storage
@@ -36,6 +37,8 @@ from protoagg_dagster.core.archive_object import (
     last_compose,
     metadata_after_compose,
     piece_ends,
+    sequence_number,
+    sequence_prefix,
     temp_object_name,
 )
 from protoagg_dagster.core.errors import BackendError, ConfigError, FencedAppendError
@@ -250,6 +253,55 @@ def _delete_quietly(blob: storage.Blob) -> None:
     # cleanup pass removes it once the policy allows.
     with contextlib.suppress(gexc.NotFound, gexc.Forbidden):
         blob.delete()
+
+
+def sequence_blobs(bucket: storage.Bucket, base: str) -> list[storage.Blob]:
+    """The existing objects of ``base``'s numbered sequence, in order (``sequence_member``)."""
+    numbered = [
+        (number, blob)
+        for blob in bucket.list_blobs(prefix=sequence_prefix(base))
+        if (number := sequence_number(base, blob.name))
+    ]
+    first = bucket.get_blob(base)
+    return ([first] if first is not None else []) + [blob for _, blob in sorted(numbered)]
+
+
+def open_sequence(bucket: storage.Bucket, base: str) -> tuple[BinaryIO, list[storage.Blob]]:
+    """One stream of every object of ``base``'s sequence, in order, and those objects."""
+    blobs = sequence_blobs(bucket, base)
+    if not blobs:
+        raise BackendError(f"gs://{bucket.name}/{base} does not exist")
+    return io.BufferedReader(SequenceStream(blobs), buffer_size=1024 * 1024), blobs
+
+
+class SequenceStream(io.RawIOBase):
+    """The objects of a sequence read one after the other, each in 8 MiB chunks."""
+
+    def __init__(self, blobs: list[storage.Blob]) -> None:
+        super().__init__()
+        self._pending = list(reversed(blobs))
+        self._current: BinaryIO | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while True:
+            if self._current is None:
+                if not self._pending:
+                    return 0
+                self._current = self._pending.pop().open("rb", chunk_size=8 * 1024 * 1024)
+            data = self._current.read(len(buffer))
+            if data:
+                buffer[: len(data)] = data
+                return len(data)
+            self._current.close()
+            self._current = None
+
+    def close(self) -> None:
+        if self._current is not None:
+            self._current.close()
+        super().close()
 
 
 def remove_orphaned_temp_objects(

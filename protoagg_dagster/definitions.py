@@ -79,6 +79,7 @@ defs = dg.Definitions(
             bucket=_value(settings.GCS_BUCKET),
             object_template=_value(settings.GCS_OBJECT),
             dead_letter_template=_value(settings.GCS_DEAD_LETTERS),
+            max_object_bytes=settings.MAX_OBJECT_BYTES.read_int(),
             create_bucket=settings.GCS_CREATE_BUCKET.read_bool(),
             emulator_host=_value(settings.STORAGE_EMULATOR_HOST),
         ),

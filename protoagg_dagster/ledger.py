@@ -7,6 +7,8 @@ Tables:
 - ``archive_batches``: one row per claimed offset range; ``state`` is ``claimed`` until the append
   to GCS is confirmed, then ``appended``. At most one ``claimed`` row per partition.
 - ``archive_positions``: per partition, the first offset not yet archived.
+- ``archive_sequences``: per object name (template result), the member of its numbered
+  sequence new batches go to and the bytes claimed for that member so far.
 - ``append_queue``: uploaded pieces waiting for a compose of their object (``archive_store``),
   one row per upload, removed by its writer once it knows where the piece landed.
 
@@ -23,7 +25,15 @@ from typing import Any
 
 import psycopg
 
-from protoagg_dagster.core.archive_object import Landed, Piece, Queued, role_of
+from protoagg_dagster.core.archive_object import (
+    DEFAULT_MAX_OBJECT_BYTES,
+    Landed,
+    Piece,
+    Queued,
+    role_of,
+    rolls_over,
+    sequence_member,
+)
 from protoagg_dagster.core.errors import BackendError
 from protoagg_dagster.core.formats import Claimable
 from protoagg_dagster.core.planning import OffsetRange
@@ -75,6 +85,11 @@ CREATE TABLE IF NOT EXISTS append_queue (
 CREATE INDEX IF NOT EXISTS append_queue_waiting
     ON append_queue (bucket, object_name, queued) WHERE NOT landed;
 CREATE INDEX IF NOT EXISTS append_queue_piece ON append_queue (batch_id, role);
+CREATE TABLE IF NOT EXISTS archive_sequences (
+    base_name   text PRIMARY KEY,
+    member      integer NOT NULL,
+    member_bytes bigint NOT NULL
+);
 CREATE TABLE IF NOT EXISTS archive_positions (
     topic       text NOT NULL,
     partition   integer NOT NULL,
@@ -111,6 +126,7 @@ _SCHEMA_READY = """
 SELECT to_regclass('archive_positions') IS NOT NULL
    AND to_regclass('archive_batches_object') IS NOT NULL
    AND to_regclass('append_queue_piece') IS NOT NULL
+   AND to_regclass('archive_sequences') IS NOT NULL
    AND EXISTS (
        SELECT 1 FROM pg_attribute
        WHERE attrelid = to_regclass('archive_batches')
@@ -175,6 +191,8 @@ def claim_batch(
     records: Sequence[Claimable],
     object_name: str,
     run_id: str | None,
+    estimated_bytes: int = 0,
+    max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES,
 ) -> Claim:
     """Claim the new dedupe keys of ``records`` (offsets of ``batch``) in one short transaction.
 
@@ -183,6 +201,11 @@ def claim_batch(
     batch starting at ``batch.start``, that batch is adopted instead and its own claims are
     returned. Offsets already archived are trimmed; a batch that starts beyond the archived
     position is refused (it would leave a gap).
+
+    ``object_name`` is the first object of a numbered sequence (``sequence_member``): a new
+    batch goes to its current member, or starts the next one when ``estimated_bytes`` would
+    take the member past ``max_object_bytes``. The claim keeps the member, so a retry appends
+    to the same object.
     """
     with conn.transaction():
         begin_partition(conn, batch.topic, batch.partition, batch.start)
@@ -213,6 +236,7 @@ def claim_batch(
             batch.topic, batch.partition, max(batch.start, next_offset), batch.end
         )
         candidates = [r for r in records if r.offset >= effective.start]
+        object_name = _reserve_in_sequence(conn, object_name, estimated_bytes, max_object_bytes)
         batch_id = _insert_batch(conn, effective, object_name, len(records), run_id)
         claimed_offsets = claim_ids(conn, batch_id, candidates)
         conn.execute(
@@ -240,6 +264,33 @@ def _adopt(
     own = own_claims(conn, batch_id, in_range)
     kept = tuple(r for r in in_range if r.dedupe_key is None or r.offset in own)
     return Claim(batch_id, adopted, object_name, kept, len(in_range) - len(kept), adopted=True)
+
+
+def _reserve_in_sequence(
+    conn: psycopg.Connection, base: str, estimated_bytes: int, max_object_bytes: int
+) -> str:
+    """The member of ``base``'s sequence a new batch of ``estimated_bytes`` goes to."""
+    select = "SELECT member, member_bytes FROM archive_sequences WHERE base_name = %s FOR UPDATE"
+    # The row lock orders the claims of every partition writing to this object.
+    row = conn.execute(select, (base,)).fetchone()
+    if row is None:
+        # An object written before sequences existed starts with the size the ledger knows.
+        conn.execute(
+            "INSERT INTO archive_sequences (base_name, member, member_bytes) "
+            "SELECT %s, 0, COALESCE(max(object_size), 0) FROM archive_batches "
+            "WHERE object_name = %s AND state = 'appended' ON CONFLICT DO NOTHING",
+            (base, base),
+        )
+        row = conn.execute(select, (base,)).fetchone()
+    assert row is not None
+    member, member_bytes = int(row[0]), int(row[1])
+    if rolls_over(member_bytes, estimated_bytes, max_object_bytes):
+        member, member_bytes = member + 1, 0
+    conn.execute(
+        "UPDATE archive_sequences SET member = %s, member_bytes = %s WHERE base_name = %s",
+        (member, member_bytes + estimated_bytes, base),
+    )
+    return sequence_member(base, member)
 
 
 def _insert_batch(

@@ -203,7 +203,15 @@ def dedupe(
         gcs.object_template, read.batch.topic, read.batch.partition, first_timestamp
     )
     with postgres.get_connection() as conn, collector_paused():
-        claim = claim_batch(conn, read.batch, records, destination, context.run_id)
+        claim = claim_batch(
+            conn,
+            read.batch,
+            records,
+            destination,
+            context.run_id,
+            consumed.format.size_bound(read.messages),
+            gcs.max_object_bytes,
+        )
     # Only what the claimed range covers (an adopted or trimmed claim may be narrower).
     inside = [r for r in rejections if claim.batch.start <= r.message.offset < claim.batch.end]
     dead_letters = tuple(r for r in inside if r.reason != TOMBSTONE)

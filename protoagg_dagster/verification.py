@@ -20,9 +20,10 @@ from typing import Any
 from google.cloud import storage
 from kafka import KafkaConsumer
 
+from protoagg_dagster.archive_store import open_sequence
 from protoagg_dagster.core.archive_object import archive_format, object_name
 from protoagg_dagster.core.dead_letters import iter_dead_letters
-from protoagg_dagster.core.errors import ArchiveFormatError, BackendError
+from protoagg_dagster.core.errors import ArchiveFormatError
 from protoagg_dagster.core.formats import ArchiveFormat, FormatOptions
 from protoagg_dagster.core.planning import OffsetRange
 from protoagg_dagster.core.records import TOMBSTONE
@@ -89,23 +90,22 @@ def check_against_kafka(
     partitions: Mapping[str, int],
     options: FormatOptions | None = None,
 ) -> KafkaCheck:
-    """Compare one archive object with the topic partitions appended to it.
+    """Compare one archive object (its whole sequence) with the topic partitions appended to it.
 
     ``partitions`` maps ``topic/partition`` to the offset after its last appended batch
-    (``ledger.archived_partitions``). The object's metadata says its format; ``options`` (dedupe
-    key, log fields) must be the ones it was archived with.
+    (``ledger.archived_partitions`` of the sequence's objects). The object's metadata says its
+    format; ``options`` (dedupe key, log fields) must be the ones it was archived with.
     """
     report = KafkaCheck()
-    blob = bucket.get_blob(archive_object)
-    if blob is None:
-        raise BackendError(f"gs://{bucket.name}/{archive_object} does not exist")
-    archive = (options or FormatOptions()).build(archive_format(blob.metadata))
+    stream, blobs = open_sequence(bucket, archive_object)
+    archive = (options or FormatOptions()).build(archive_format(blobs[0].metadata))
     archived = _Archived()
-    try:
-        for number, record in enumerate(archive.decode(io.BytesIO(blob.download_as_bytes()))):
-            archived.add(archive, number, record)
-    except ArchiveFormatError as exc:
-        report.format_error = str(exc)
+    with stream:
+        try:
+            for number, record in enumerate(archive.decode(stream)):
+                archived.add(archive, number, record)
+        except ArchiveFormatError as exc:
+            report.format_error = str(exc)
     report.doubled = sorted(key for key, n in archived.counts.items() if n > 1)
     for key, end in sorted(partitions.items()):
         topic, _, partition = key.rpartition("/")

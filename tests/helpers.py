@@ -15,6 +15,7 @@ import dagster as dg
 import psycopg
 from kafka.admin import NewTopic
 
+from protoagg_dagster.archive_store import sequence_blobs
 from protoagg_dagster.core.archive_object import archive_format
 from protoagg_dagster.core.framing import ArchivedRecord, iter_records
 from protoagg_dagster.jobs import archive_kafka_batch
@@ -175,8 +176,10 @@ def archive(stack: Stack) -> tuple[list[ArchivedRecord], str]:
 
 def check_archive(stack: Stack) -> KafkaCheck:
     """The invariant checker over the stack's archive object and its topic."""
+    base = stack.gcs.object_template
+    members = [blob.name for blob in sequence_blobs(stack.gcs.get_bucket(), base)]
     with stack.postgres.get_connection() as conn:
-        partitions = archived_partitions(conn, [stack.gcs.object_template])
+        partitions = archived_partitions(conn, members)
     consumer = stack.kafka.get_consumer()
     try:
         return check_against_kafka(

@@ -70,6 +70,53 @@ def object_name(
     )
 
 
+# GCS's own limit is 5 TiB; far below it, an object stays quick to download and verify, and
+# each replaced generation soft delete keeps costs less.
+DEFAULT_MAX_OBJECT_BYTES = 256 * 2**30
+
+
+def sequence_member(base: str, number: int) -> str:
+    """The ``number``-th object of ``base``'s sequence: ``log.pb``, ``log.0001.pb``, ...
+
+    The number goes before the first dot of the name's last path segment, so the extension
+    (``.pb``, ``.pb.gz``) stays at the end.
+    """
+    if number == 0:
+        return base
+    head, tail = _numbered_parts(base)
+    return f"{head}.{number:04d}{tail}"
+
+
+def sequence_number(base: str, name: str) -> int | None:
+    """Which member of ``base``'s sequence ``name`` is, or None if it is not one."""
+    if name == base:
+        return 0
+    head, tail = _numbered_parts(base)
+    if not (name.startswith(head + ".") and name.endswith(tail)):
+        return None
+    digits = name[len(head) + 1 : len(name) - len(tail)]
+    return int(digits) if len(digits) >= 4 and digits.isdigit() and int(digits) > 0 else None
+
+
+def sequence_prefix(base: str) -> str:
+    """A prefix every numbered member of ``base``'s sequence starts with (for listing)."""
+    return _numbered_parts(base)[0] + "."
+
+
+def _numbered_parts(base: str) -> tuple[str, str]:
+    """``base`` split where a member's number goes: (``dir/log``, ``.pb``)."""
+    folder, slash, leaf = base.rpartition("/")
+    stem, dot, extension = leaf.partition(".")
+    if not stem:  # a leaf like ".pb" has no stem to number: the number goes at the end
+        return base, ""
+    return f"{folder}{slash}{stem}", f"{dot}{extension}"
+
+
+def rolls_over(object_bytes: int, batch_bytes: int, max_object_bytes: int) -> bool:
+    """Whether a batch starts the next object: it would pass the limit on a non-empty one."""
+    return object_bytes > 0 and object_bytes + batch_bytes > max_object_bytes
+
+
 PieceRole = Literal["records", "dead_letters"]
 
 

@@ -78,6 +78,9 @@ class ArchiveFormat(Protocol):
     def encode(self, records: Iterable[Any]) -> bytes:
         """The frames of ``records``, in the order given."""
 
+    def size_bound(self, messages: Sequence[KafkaMessage]) -> int:
+        """At least what ``encode`` makes of these messages' records (known before parsing)."""
+
     def decode(self, stream: BinaryIO) -> Iterator[Any]:
         """The archived records of a stream; ``ArchiveFormatError`` names a bad frame."""
 
@@ -106,6 +109,11 @@ class LogFormat:
 
     def encode(self, records: Iterable[Any]) -> bytes:
         return encode_records(records)
+
+    def size_bound(self, messages: Sequence[KafkaMessage]) -> int:
+        # A ProtoLog frame is shorter than its JSON: each field's quoted name and punctuation
+        # outweigh its tag and length, and the 4-byte frame header; 8 more is slack.
+        return sum(len(m.value or b"") + 8 for m in messages)
 
     def decode(self, stream: BinaryIO) -> Iterator[Any]:
         return iter_records(stream)
@@ -207,6 +215,17 @@ class RecordFormat:
 
     def encode(self, records: Iterable[Any]) -> bytes:
         return encode_kafka_records(records)
+
+    def size_bound(self, messages: Sequence[KafkaMessage]) -> int:
+        # Bytes as they are, plus each field's tag and length, the numbers and the frame header.
+        return sum(
+            len(m.topic.encode())
+            + len(m.key or b"")
+            + len(m.value or b"")
+            + sum(len(k.encode()) + len(v or b"") + 16 for k, v in m.headers)
+            + 64
+            for m in messages
+        )
 
     def decode(self, stream: BinaryIO) -> Iterator[Any]:
         digest = self.dedupe.digest if self.dedupe.kind != "none" else None

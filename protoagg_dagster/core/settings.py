@@ -106,6 +106,12 @@ MAX_BATCH_MESSAGES = Setting("PROTOAGG_MAX_BATCH_MESSAGES", "200000", "most mess
 MAX_BATCH_BYTES = Setting(
     "PROTOAGG_MAX_BATCH_BYTES", str(128 * 1024 * 1024), "most value bytes one run reads"
 )
+MAX_OBJECT_BYTES = Setting(
+    "PROTOAGG_MAX_OBJECT_BYTES",
+    str(256 * 2**30),
+    "an archive object this large continues in the next of a numbered sequence "
+    "(log.pb, log.0001.pb, ...)",
+)
 MAX_MESSAGE_BYTES = Setting(
     "PROTOAGG_MAX_MESSAGE_BYTES", str(1024 * 1024), "larger messages are rejected"
 )
@@ -145,6 +151,7 @@ ALL_SETTINGS: tuple[Setting, ...] = (
     LINGER_SECONDS,
     MAX_BATCH_MESSAGES,
     MAX_BATCH_BYTES,
+    MAX_OBJECT_BYTES,
     MAX_MESSAGE_BYTES,
     GCS_CREATE_BUCKET,
     GCS_DEAD_LETTERS,

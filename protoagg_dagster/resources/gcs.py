@@ -9,7 +9,7 @@ from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 from pydantic import Field
 
-from protoagg_dagster.core.archive_object import validate_template
+from protoagg_dagster.core.archive_object import DEFAULT_MAX_OBJECT_BYTES, validate_template
 from protoagg_dagster.core.dead_letters import DEFAULT_TEMPLATE as DEAD_LETTER_TEMPLATE
 from protoagg_dagster.core.errors import ConfigError, MissingCredentials
 from protoagg_dagster.core.storage_bill import BucketSettings, ObjectSettings
@@ -34,6 +34,12 @@ class GCSResource(dg.ConfigurableResource):  # type: ignore[type-arg]
         default=DEAD_LETTER_TEMPLATE,
         description="Object receiving messages that cannot be archived (JSON envelopes); same "
         "fields as object_template.",
+    )
+    max_object_bytes: int = Field(
+        default=DEFAULT_MAX_OBJECT_BYTES,
+        description="An object this large continues in the next object of a numbered sequence "
+        "(log.pb, log.0001.pb, ...): the batch that would pass it starts the next one.",
+        gt=0,
     )
     emulator_host: str = Field(
         default="",

@@ -243,8 +243,9 @@ def test_lost_compose_response_is_retried_by_the_client(
     """The compose happens but its response is lost (503): the client retries the same compose.
 
     With preconditions enforced the retry gets 412 and append_batch finds its piece named by the
-    object's marker (appended once, by this call). With the emulator's semantics the retry composes again: the
-    batch is in the object twice. Only the generation fence makes this retry safe.
+    object's marker (appended once, by this call). With the emulator's semantics the retry
+    composes again: the batch is in the object twice. Only the generation fence makes this
+    retry safe.
     """
     ledger = MemoryLedger()
     topic, name = f"t-{unique}", f"{unique}/log.pb"

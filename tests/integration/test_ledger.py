@@ -160,3 +160,51 @@ def test_a_range_run_before_its_predecessor_is_refused_once_the_start_is_known(
         assert first.batch_id is not None and len(first.kept) == 4
         begin_partition(conn, "t", 0, 100)  # known already: unchanged
         assert read_progress(conn, "t")[0].next_offset == 0
+
+
+def test_claims_roll_over_to_the_next_object_and_a_retry_keeps_its_object(
+    postgres_dsn: str,
+) -> None:
+    """Two partitions share ``base``; at 100 bytes an object, every second 40-byte batch rolls."""
+    pg = PostgresResource(dsn=postgres_dsn)
+    base, topic = f"{uuid.uuid4().hex}/log.pb", f"t-{uuid.uuid4().hex}"
+    objects = []
+    with pg.get_connection() as conn:
+        for n in range(3):
+            for partition in (0, 1):
+                batch = OffsetRange(topic, partition, 2 * n, 2 * n + 2)
+                claim = claim_batch(conn, batch, records(new_ids(2), 2 * n), base, None, 40, 100)
+                assert claim.batch_id is not None
+                if (n, partition) == (2, 1):
+                    # Its run dies; the retry adopts the claim made before the sequence moved on.
+                    other = OffsetRange(topic, 0, 6, 8)
+                    moved = claim_batch(conn, other, records(new_ids(2), 6), base, None, 40, 100)
+                    again = claim_batch(conn, batch, records(new_ids(2), 4), base, None, 40, 100)
+                    assert again.adopted and again.object_name == claim.object_name
+                    assert moved.object_name != claim.object_name
+                finish_batch(conn, claim.batch_id, None)
+                objects.append(claim.object_name)
+    stem = base.removesuffix(".pb")
+    assert objects == [
+        base,
+        base,
+        f"{stem}.0001.pb",
+        f"{stem}.0001.pb",
+        f"{stem}.0002.pb",
+        f"{stem}.0002.pb",
+    ]
+
+
+def test_an_object_from_before_sequences_continues_from_the_size_the_ledger_knows(
+    postgres_dsn: str,
+) -> None:
+    pg = PostgresResource(dsn=postgres_dsn)
+    base, topic = f"{uuid.uuid4().hex}/log.pb", f"t-{uuid.uuid4().hex}"
+    with pg.get_connection() as conn:
+        old = claim_batch(conn, OffsetRange(topic, 0, 0, 2), records(new_ids(2)), base, None)
+        assert old.batch_id is not None
+        conn.execute("DELETE FROM archive_sequences WHERE base_name = %s", (base,))
+        finish_batch(conn, old.batch_id, 1, 90, 90)
+        batch = OffsetRange(topic, 0, 2, 4)
+        claim = claim_batch(conn, batch, records(new_ids(2), 2), base, None, 20, 100)
+    assert claim.object_name == base.replace("log.pb", "log.0001.pb")

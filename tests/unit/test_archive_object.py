@@ -10,6 +10,9 @@ from protoagg_dagster.core.archive_object import (
     metadata_after_compose,
     object_name,
     piece_ends,
+    rolls_over,
+    sequence_member,
+    sequence_number,
     temp_object_name,
     validate_template,
 )
@@ -94,3 +97,33 @@ def test_metadata_records_the_format_and_refuses_a_second_one() -> None:
     with pytest.raises(ConfigError, match="cannot mix formats"):
         metadata_after_compose(legacy, [Piece(5, "records", 5)], "record")
     assert archive_format(metadata_after_compose(legacy, [Piece(5, "records", 5)], "log")) == "log"
+
+
+@pytest.mark.parametrize(
+    ("base", "second"),
+    [
+        ("log.pb", "log.0001.pb"),
+        ("logs/3/2026/11/28/05.pb.gz", "logs/3/2026/11/28/05.0001.pb.gz"),
+        ("archive", "archive.0001"),
+        ("dir.v2/.pb", "dir.v2/.pb.0001"),
+        ("x.0001.pb", "x.0001.0001.pb"),
+    ],
+)
+def test_sequence_members_number_the_name_before_its_extension(base: str, second: str) -> None:
+    assert sequence_member(base, 0) == base
+    assert sequence_member(base, 1) == second
+    for number in (0, 1, 2, 12345):
+        assert sequence_number(base, sequence_member(base, number)) == number
+
+
+@pytest.mark.parametrize(
+    "name", ["log.pb.0001", "log.001.pb", "log.0000.pb", "log.x001.pb", "logs.pb"]
+)
+def test_other_names_are_no_members(name: str) -> None:
+    assert sequence_number("log.pb", name) is None
+
+
+def test_a_batch_rolls_over_only_when_it_would_pass_the_limit_of_a_non_empty_object() -> None:
+    assert not rolls_over(0, 10**6, 100)  # an oversized batch still goes somewhere
+    assert not rolls_over(60, 40, 100)
+    assert rolls_over(60, 41, 100)
