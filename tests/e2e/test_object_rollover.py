@@ -1,0 +1,85 @@
+"""PROTOAGG_MAX_OBJECT_BYTES through ``dagster-daemon``: the archive continues in a numbered
+sequence of objects (``log.pb``, ``log.0001.pb``, ...), none past the limit, and every reader
+that is given the first name follows the whole sequence.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from pathlib import Path
+
+import pytest
+
+from protoagg_dagster.archive_reader import cat_archive, verify_archive
+from protoagg_dagster.archive_store import sequence_blobs
+from protoagg_dagster.core.archive_object import sequence_number
+from tests.conftest import Services
+from tests.helpers import Stack, archived_to_end, check_archive, create_topic, log_value, produce
+from tests.support.dagster_deployment import DagsterDeployment, run_summaries, settled
+
+PARTITIONS, PER_PARTITION = 2, 600
+MAX_OBJECT_BYTES = 40_000  # each object holds a few batches of 100 messages
+DEADLINE_SECONDS = 300.0
+
+
+def test_the_archive_rolls_over_into_a_sequence_that_cat_verify_and_checks_follow(
+    stack: Stack,
+    services: Services,
+    postgres_dsn: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    topic = stack.kafka.topic_list()[0]
+    create_topic(stack.kafka, topic, partitions=PARTITIONS)
+    for p in range(PARTITIONS):
+        produce(stack.kafka, topic, [log_value() for _ in range(PER_PARTITION)], partition=p)
+    base = stack.gcs.object_template
+    env = {
+        "PROTOAGG_KAFKA_BOOTSTRAP": services.kafka_bootstrap,
+        "PROTOAGG_TOPICS": topic,
+        "PROTOAGG_POSTGRES_DSN": postgres_dsn,
+        "PROTOAGG_GCS_BUCKET": services.bucket,
+        "PROTOAGG_GCS_OBJECT": base,
+        "PROTOAGG_MAX_OBJECT_BYTES": str(MAX_OBJECT_BYTES),
+        "PROTOAGG_BATCH_SIZE": "100",
+        "PROTOAGG_MAX_BATCH_MESSAGES": "100",
+        "STORAGE_EMULATOR_HOST": services.gcs_url,
+    }
+    deployment = DagsterDeployment("rollover", tmp_path / "rollover", env)
+    try:
+        deployment.start()
+        deadline = time.monotonic() + DEADLINE_SECONDS
+        while not archived_to_end(postgres_dsn, topic, PARTITIONS, PER_PARTITION):
+            assert deployment.running(), "dagster-daemon exited"
+            assert time.monotonic() < deadline, "not archived in time"
+            time.sleep(0.5)
+        while not settled(deployment):
+            assert time.monotonic() < deadline, "runs did not settle"
+            time.sleep(0.5)
+    except BaseException:
+        print(deployment.log_tail())
+        raise
+    finally:
+        deployment.stop()
+    runs = [r for r in run_summaries(deployment) if r.job_name == "archive_kafka_batch"]
+    assert runs and [r for r in runs if r.status != "SUCCESS"] == []
+    members = sequence_blobs(stack.gcs.get_bucket(), base)
+    numbers = [sequence_number(base, blob.name) for blob in members]
+    assert numbers == list(range(len(members))) and len(members) >= 3, numbers
+    assert all(0 < (blob.size or 0) <= MAX_OBJECT_BYTES for blob in members)
+    # Each batch's materialization names the object it went to; the sequence holds them all.
+    written = {m["object"] for r in runs for m in r.materializations if m.get("records_appended")}
+    assert written == {f"gs://{services.bucket}/{blob.name}" for blob in members}
+    check = check_archive(stack)  # every member against Kafka, offsets accounted for once
+    assert check.ok, check.summary()
+    assert (check.offsets, check.archived) == (PARTITIONS * PER_PARTITION,) * 2
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", services.gcs_url)
+    url = f"gs://{services.bucket}/{base}"
+    out = io.StringIO()
+    assert cat_archive(url, out) == PARTITIONS * PER_PARTITION
+    report = verify_archive(url)
+    assert report.ok and report.records == PARTITIONS * PER_PARTITION, report.summary()
+    # A member named explicitly is read alone.
+    second = f"gs://{services.bucket}/{members[1].name}"
+    assert 0 < cat_archive(second, io.StringIO()) < PARTITIONS * PER_PARTITION
