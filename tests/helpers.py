@@ -8,6 +8,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -15,11 +16,12 @@ import dagster as dg
 import psycopg
 from kafka.admin import NewTopic
 
-from protoagg_dagster.archive_store import sequence_blobs
-from protoagg_dagster.core.archive_object import archive_format
+from protoagg_dagster.archive_store import AppendResult, append_batch, sequence_blobs
+from protoagg_dagster.core.archive_object import Piece, archive_format
 from protoagg_dagster.core.framing import ArchivedRecord, iter_records
+from protoagg_dagster.core.planning import OffsetRange
 from protoagg_dagster.jobs import archive_kafka_batch
-from protoagg_dagster.ledger import archived_partitions, read_progress
+from protoagg_dagster.ledger import AppendLedger, archived_partitions, claim_batch, read_progress
 from protoagg_dagster.resources import GCSResource, KafkaResource, PartitionLease, PostgresResource
 from protoagg_dagster.sensors import kafka_offsets_sensor
 from protoagg_dagster.settings_resource import ArchiverSettings
@@ -193,3 +195,34 @@ def check_archive(stack: Stack) -> KafkaCheck:
         )
     finally:
         consumer.close()
+
+
+def append_from_threads(
+    gcs: GCSResource, postgres: PostgresResource, name: str, writers: int, pieces: int
+) -> dict[tuple[int, int], tuple[bytes, AppendResult]]:
+    """``writers`` partitions (threads, a connection each) append ``pieces`` batches to ``name``.
+
+    Each batch is claimed and appended as the append op does (``AppendLedger``); its piece is
+    ``<partition.n>``. Returns each batch's bytes and append result.
+    """
+    topic = f"t-{uuid.uuid4().hex}"
+
+    def write(partition: int) -> dict[tuple[int, int], tuple[bytes, AppendResult]]:
+        results = {}
+        bucket = gcs.get_bucket()
+        with postgres.get_connection() as conn:
+            ledger = AppendLedger(conn, gcs.bucket)
+            for n in range(pieces):
+                batch = OffsetRange(topic, partition, n, n + 1)
+                claim = claim_batch(conn, batch, [], name, run_id=None)
+                assert claim.batch_id is not None
+                data = f"<{partition}.{n}>".encode()
+                piece = Piece(claim.batch_id, "records", len(data))
+                results[(partition, n)] = (
+                    data,
+                    append_batch(bucket, name, batch, piece, data, ledger),
+                )
+        return results
+
+    with ThreadPoolExecutor(writers) as pool:
+        return {k: v for done in pool.map(write, range(writers)) for k, v in done.items()}

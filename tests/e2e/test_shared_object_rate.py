@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from protoagg_dagster.resources import GCSResource, PostgresResource
 from tests.conftest import Services
 from tests.helpers import Stack, archived_to_end, check_archive, create_topic, log_value, produce
 from tests.support.dagster_deployment import DagsterDeployment, run_summaries, settled
@@ -75,6 +76,50 @@ def test_partitions_sharing_one_object_archive_at_gcs_write_rate(
         "compose_429": proxy.count(kind="compose", status=429),
         "seconds": round(elapsed, 1),
         "messages_per_second": round(partitions * PER_PARTITION / elapsed, 1),
+    }
+    print(json.dumps(result))
+    if os.environ.get("PROTOAGG_BENCH_OUT"):
+        with open(os.environ["PROTOAGG_BENCH_OUT"], "a") as out:
+            out.write(json.dumps(result) + "\n")
+
+
+@pytest.mark.parametrize("writers", [1, 8, 32])
+def test_writers_with_more_than_one_batch_a_second_share_the_objects_composes(
+    services: Services, postgres_dsn: str, unique: str, writers: int
+) -> None:
+    """The sustained case the runs above never reach on two cores: every partition has a batch
+    ready all the time. Appends per second grow with writers while composes stay at about one a
+    second (each carrying up to 31 pieces)."""
+    from tests.helpers import append_from_threads
+
+    pieces, name = 8, f"{unique}/shared.pb"
+    proxy = GcsProxy(services.gcs_url, mutation_interval=1.0)
+    url = proxy.start()
+    started = time.monotonic()
+    try:
+        gcs = GCSResource(bucket=services.bucket, emulator_host=url)
+        results = append_from_threads(
+            gcs, PostgresResource(dsn=postgres_dsn), name, writers, pieces
+        )
+        elapsed = time.monotonic() - started
+        composes = proxy.count(kind="compose", status=200, object_name=name)
+        compose_429 = proxy.count(kind="compose", status=429)
+        content = gcs.get_bucket().blob(name).download_as_bytes()
+    finally:
+        proxy.close()
+    assert sorted(data for data, _ in results.values()) == sorted(
+        content.replace(b"><", b">\n<").split(b"\n")
+    ) and all(r.appended for _, r in results.values())
+    appends = writers * pieces
+    if writers > 1:
+        assert composes < appends / 2, (composes, appends)
+    result = {
+        "writers": writers,
+        "appends": appends,
+        "composes": composes,
+        "compose_429": compose_429,
+        "seconds": round(elapsed, 1),
+        "appends_per_second": round(appends / elapsed, 1),
     }
     print(json.dumps(result))
     if os.environ.get("PROTOAGG_BENCH_OUT"):

@@ -201,40 +201,18 @@ def test_writers_of_one_object_share_composes_of_at_most_32_sources(
     (31 and the destination at most). So the 40 pieces need a handful of composes, not 40
     seconds of them, and each lands once with the ledger locating it in the object.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
-    from protoagg_dagster.archive_store import AppendResult, append_batch
-    from protoagg_dagster.core.archive_object import Piece
-    from protoagg_dagster.core.planning import OffsetRange
-    from protoagg_dagster.ledger import AppendLedger, claim_batch
     from protoagg_dagster.resources import PostgresResource
+    from tests.helpers import append_from_threads
 
-    name, topic, writers = f"{unique}/log.pb", f"t-{unique}", 40
+    name, writers = f"{unique}/log.pb", 40
     postgres = PostgresResource(dsn=postgres_dsn)
-
-    def write(partition: int) -> tuple[int, AppendResult]:
-        with postgres.get_connection() as conn:
-            batch = OffsetRange(topic, partition, 0, 10)
-            claim = claim_batch(conn, batch, [], name, run_id=None)
-            assert claim.batch_id is not None
-            data = f"<{partition}>".encode()
-            piece = Piece(claim.batch_id, "records", len(data))
-            bucket = GCSResource(bucket=services.bucket, emulator_host=proxy.url).get_bucket()
-            return partition, append_batch(
-                bucket, name, batch, piece, data, AppendLedger(conn, services.bucket)
-            )
-
-    with ThreadPoolExecutor(writers) as pool:
-        results = dict(pool.map(write, range(writers)))
+    gcs = GCSResource(bucket=services.bucket, emulator_host=proxy.url)
+    results = append_from_threads(gcs, postgres, name, writers, pieces=1)
     content = GCSResource(bucket=services.bucket, emulator_host=services.gcs_url).get_bucket()
     data = content.blob(name).download_as_bytes()
-    assert sorted(data.decode().strip("<>").split("><"), key=int) == [
-        str(p) for p in range(writers)
-    ]
-    assert all(r.appended for r in results.values())
-    for partition, result in results.items():
-        piece = f"<{partition}>".encode()
-        assert result.object_size is not None
+    assert sorted(data.decode().strip("<>").split("><")) == sorted(f"{p}.0" for p in range(writers))
+    for piece, result in results.values():
+        assert result.appended and result.object_size is not None
         assert data[result.object_size - len(piece) : result.object_size] == piece
     composes = proxy.count(kind="compose", status=200, object_name=name)
     assert 2 <= composes <= writers // 4, composes  # 40 pieces need two composes at the least
