@@ -134,6 +134,12 @@ def _parser() -> argparse.ArgumentParser:
         help="add protoagg-source-topic, -partition and -offset headers",
     )
     restore.add_argument(
+        "--transaction-records",
+        type=int,
+        default=20_000,
+        help="records per Kafka transaction (default 20000); a crash re-sends at most these",
+    )
+    restore.add_argument(
         "--dry-run", action="store_true", help="count what would be restored; write nothing"
     )
     restore.set_defaults(handler=_restore)

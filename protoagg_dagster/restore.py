@@ -39,7 +39,7 @@ from protoagg_dagster.resources.kafka import KafkaResource
 
 # Records per transaction: large enough that commits cost little, small enough that a crash
 # re-sends seconds of work at most.
-BATCH_RECORDS = 20_000
+TRANSACTION_RECORDS = 20_000
 # Called about once a second: (records done, including those an earlier run restored; bytes
 # written this run; seconds; records the sources select).
 Progress = Callable[[int, int, float, int], None]
@@ -136,7 +136,11 @@ def plan_restore(urls: list[str], spec: RestoreSpec) -> tuple[Tallies, ArchiveFo
 
 
 def restore(
-    spec: RestoreSpec, kafka: KafkaResource, create_missing: bool, progress: Progress
+    spec: RestoreSpec,
+    kafka: KafkaResource,
+    create_missing: bool,
+    progress: Progress,
+    transaction_records: int = TRANSACTION_RECORDS,
 ) -> RestoreResult:
     """Write the selected records to ``spec.to_topic`` once, however often this is restarted."""
     urls = list_sources(spec.sources)
@@ -157,6 +161,7 @@ def restore(
             spec,
             partitions,
             producer,
+            transaction_records,
             result,
             lambda done, written, seconds: progress(done, written, seconds, plan.records),
         )
@@ -177,6 +182,7 @@ def _write(
     spec: RestoreSpec,
     partitions: int,
     producer: KafkaProducer,
+    transaction_records: int,
     result: RestoreResult,
     progress: Callable[[int, int, float], None],
 ) -> None:
@@ -207,7 +213,7 @@ def _write(
                 now = time.monotonic()
                 result.restored.add(partition, _size(out), now)
                 in_txn += 1
-                if in_txn >= BATCH_RECORDS:
+                if in_txn >= transaction_records:
                     _commit(producer, spec, advanced)
                     producer.begin_transaction()
                     in_txn = 0

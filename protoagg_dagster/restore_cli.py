@@ -46,7 +46,7 @@ def run_restore(args: argparse.Namespace) -> int:
         bars[0].set_postfix_str(f"{written / 1e6:.1f} MB")
 
     try:
-        result = restore(spec, kafka, args.create_topic, progress)
+        result = restore(spec, kafka, args.create_topic, progress, args.transaction_records)
     finally:
         for bar in bars:
             bar.close()
