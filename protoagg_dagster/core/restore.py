@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 import orjson
+from google.protobuf.timestamp_pb2 import Timestamp
 
 # kafka-python's murmur2 is a pure function (no client is built by importing it); the key
 # partitioner must agree with Kafka's own producers bit for bit, so it is reused, not copied.
@@ -23,7 +24,6 @@ from kafka.partitioner.default import murmur2
 from protoagg_dagster.core.errors import ConfigError
 from protoagg_dagster.core.framing import ArchivedRecord
 from protoagg_dagster.core.kafka_record import ArchivedKafkaRecord
-from protoagg_dagster.core.records import format_rfc3339
 
 PROGRESS_TOPIC = "_protoagg-restore-progress"
 SOURCE_HEADERS = ("protoagg-source-topic", "protoagg-source-partition", "protoagg-source-offset")
@@ -107,7 +107,9 @@ def log_out(record: ArchivedRecord, spec: RestoreSpec) -> OutRecord:
     """A log-format record as the JSON line it was produced as; Kafka's partitioner places it."""
     line = {
         "logId": record.log_id,
-        "timestamp": format_rfc3339(record.seconds, record.nanos),
+        # Protobuf's JSON form: 0, 3, 6 or 9 fraction digits, so a millisecond input reads back
+        # as it was written (``.090Z``, not ``.09Z``).
+        "timestamp": Timestamp(seconds=record.seconds, nanos=record.nanos).ToJsonString(),
         "message": record.message,
     }
     key = record.log_id.encode() if spec.key == "logId" else None
@@ -172,7 +174,7 @@ class Tallies:
 
     def partitions_needed(self) -> int:
         """How many target partitions keep every record's partition number (at least 1)."""
-        return max((p + 1 for p in self.by_partition), default=1)
+        return max([1, *(p + 1 for p in self.by_partition)])
 
     def lines(self) -> list[str]:
         return [
