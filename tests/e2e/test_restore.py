@@ -16,6 +16,7 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.partitioner.default import murmur2
 
 from protoagg_dagster.core.records import RecordRejected, parse_rfc3339
+from protoagg_dagster.jobs import restore_archive
 from protoagg_dagster.producer import produce_file
 from protoagg_dagster.resources import GCSResource
 from tests.conftest import ROOT
@@ -249,3 +250,28 @@ def test_a_truncated_archive_stops_at_its_frame_keeping_what_came_before(
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1, missing.stderr
     no_topic = run_restore(url_of(stack), "--to-topic", f"none-{unique}")
     assert no_topic.returncode == 2 and "--create-topic" in no_topic.stderr
+
+
+def test_restore_archive_job_restores_once_with_per_partition_metadata(
+    stack: Stack, unique: str
+) -> None:
+    source = f"rjob-{unique}"
+    stack = record_topic(stack, source, 300)
+    target = f"rjob-out-{unique}"
+    config = {"sources": [url_of(stack)], "to_topic": target, "create_topic": True}
+    run_config = {"ops": {"restore_records": {"config": config}}}
+    with dg.instance_for_test() as instance:
+        first = restore_archive.execute_in_process(
+            run_config=run_config, resources={"kafka": stack.kafka}, instance=instance
+        )
+        assert first.success
+        [materialized] = [e for e in first.all_node_events if e.event_type_value == "STEP_OUTPUT"]
+        metadata = materialized.step_output_data.metadata
+        assert metadata["records"].value == 300
+        assert metadata["partition 2"].value["records"] == 100  # type: ignore[index]
+        second = restore_archive.execute_in_process(
+            run_config=run_config, resources={"kafka": stack.kafka}, instance=instance
+        )
+        assert second.success
+        assert "nothing to restore" in second.output_for_node("restore_records")
+    assert contents(committed(stack, target)) == contents(committed(stack, source))
