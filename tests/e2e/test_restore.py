@@ -15,6 +15,7 @@ import dagster as dg
 from kafka import KafkaConsumer, TopicPartition
 from kafka.partitioner.default import murmur2
 
+from protoagg_dagster.core.kafka_record import ArchivedKafkaRecord
 from protoagg_dagster.core.records import RecordRejected, parse_rfc3339
 from protoagg_dagster.jobs import restore_archive
 from protoagg_dagster.producer import produce_file
@@ -62,6 +63,13 @@ def record_topic(stack: Stack, topic: str, count: int, partitions: int = 3) -> S
     with dg.instance_for_test() as instance:
         run_sensor_until_idle(stack, instance)
     return stack
+
+
+def object_named(stack: Stack, template: str) -> GCSResource:
+    # A fresh resource: Dagster rebuilds resources from constructor arguments, not model_copy.
+    return GCSResource(
+        bucket=stack.gcs.bucket, object_template=template, emulator_host=stack.gcs.emulator_host
+    )
 
 
 def url_of(stack: Stack) -> str:
@@ -117,6 +125,19 @@ def test_restore_killed_mid_way_and_rerun_writes_every_record_once(
     assert again.returncode == 0, again.stderr
     assert "nothing to restore" in again.stdout
     assert contents(committed(stack, target)) == contents(original)
+    # Archiving the restored topic gives the same records (its offsets are its own).
+    rearchive = with_topics(stack, f"{target}:record")
+    rearchive = replace(rearchive, gcs=object_named(stack, f"{unique}/again.pb"))
+    with dg.instance_for_test() as instance:
+        run_sensor_until_idle(rearchive, instance)
+
+    def same(records: list[ArchivedKafkaRecord]) -> list[tuple[object, ...]]:
+        return sorted(
+            ((r.partition, r.timestamp_ms, r.key, r.value, r.headers) for r in records),
+            key=lambda row: (row[0], row[1]),
+        )
+
+    assert same(archived_records(rearchive)) == same(archived_records(stack))
 
 
 def test_source_headers_and_offset_time_and_partition_selections(stack: Stack, unique: str) -> None:
@@ -209,14 +230,7 @@ def instant(line: dict[str, str]) -> tuple[str, tuple[int, int], str]:
 
 def test_a_prefix_of_several_objects_restores_them_all(stack: Stack, unique: str) -> None:
     source = f"rpre-{unique}"
-    stack = replace(
-        stack,
-        gcs=GCSResource(
-            bucket=stack.gcs.bucket,
-            object_template=f"{unique}/{{topic}}/{{partition}}.pb",
-            emulator_host=stack.gcs.emulator_host,
-        ),
-    )
+    stack = replace(stack, gcs=object_named(stack, f"{unique}/{{topic}}/{{partition}}.pb"))
     stack = record_topic(stack, source, 900)
     names = [b.name for b in stack.gcs.get_bucket().list_blobs(prefix=f"{unique}/")]
     assert len(names) == 3
