@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Literal, NoReturn
 
 import orjson
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -86,12 +86,11 @@ class RestoreSpec:
 
 def record_out(record: ArchivedKafkaRecord, spec: RestoreSpec, partitions: int) -> OutRecord:
     """A record-format record as sent to the target: the original, in its chosen partition."""
+    # Kafka allows both, but kafka-python's producer refuses to send them: say which record.
     if record.key is None and record.value is None:
-        # Kafka allows it, but kafka-python's producer refuses to send such a record.
-        raise ConfigError(
-            f"{record.topic}/{record.partition}@{record.offset} has a null key and a null value, "
-            "which kafka-python cannot produce; restore a selection that leaves it out"
-        )
+        _unsendable(record, "a null key and a null value")
+    if any(value is None for _, value in record.headers):
+        _unsendable(record, "a header with a null value")
     headers: Headers = list(record.headers)
     if spec.source_headers:
         headers += zip(
@@ -101,6 +100,13 @@ def record_out(record: ArchivedKafkaRecord, spec: RestoreSpec, partitions: int) 
         )
     partition = target_partition(record.partition, record.key, partitions, spec.partitioner)
     return partition, record.key, record.value, headers, record.timestamp_ms
+
+
+def _unsendable(record: ArchivedKafkaRecord, what: str) -> NoReturn:
+    raise ConfigError(
+        f"{record.topic}/{record.partition}@{record.offset} has {what}, which kafka-python "
+        "cannot produce; restore a selection that leaves it out"
+    )
 
 
 def log_out(record: ArchivedRecord, spec: RestoreSpec) -> OutRecord:

@@ -24,7 +24,7 @@ from protoagg_dagster.core.restore import (
 )
 
 SPEC = RestoreSpec(("gs://b/o",), "out")
-RECORD = ArchivedKafkaRecord("src", 2, 41, 1_700_000_000_123, 1, b"k", b"v", (("h", None),))
+RECORD = ArchivedKafkaRecord("src", 2, 41, 1_700_000_000_123, 1, b"k", b"v", (("h", b""),))
 
 
 @pytest.mark.parametrize(
@@ -57,23 +57,25 @@ def test_only_partition_and_offset_bounds_need_places() -> None:
 
 
 def test_a_record_is_sent_as_the_original_in_its_partition_with_create_time() -> None:
-    assert record_out(RECORD, SPEC, 3) == (2, b"k", b"v", [("h", None)], 1_700_000_000_123)
+    assert record_out(RECORD, SPEC, 3) == (2, b"k", b"v", [("h", b"")], 1_700_000_000_123)
 
 
 def test_source_headers_follow_the_records_own() -> None:
     spec = RestoreSpec(("x",), "out", source_headers=True)
     _, _, _, headers, _ = record_out(RECORD, spec, 3)
     assert headers == [
-        ("h", None),
+        ("h", b""),
         ("protoagg-source-topic", b"src"),
         ("protoagg-source-partition", b"2"),
         ("protoagg-source-offset", b"41"),
     ]
 
 
-def test_a_record_with_neither_key_nor_value_is_refused_by_name() -> None:
+def test_records_kafka_python_cannot_send_are_refused_by_name() -> None:
     with pytest.raises(ConfigError, match="src/2@41 has a null key and a null value"):
         record_out(RECORD._replace(key=None, value=None), SPEC, 3)
+    with pytest.raises(ConfigError, match="src/2@41 has a header with a null value"):
+        record_out(RECORD._replace(headers=(("h", None),)), SPEC, 3)
 
 
 # Kafka's own murmur2 test vectors (UtilsTest.testMurmur2), as Java's signed ints.
