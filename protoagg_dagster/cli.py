@@ -93,6 +93,57 @@ def _parser() -> argparse.ArgumentParser:
     backfill.add_argument("--no-wait", action="store_true", help="queue the runs and return")
     backfill.set_defaults(handler=_backfill)
 
+    restore = commands.add_parser(
+        "restore", help="write archived records back into a Kafka topic, exactly once"
+    )
+    restore.add_argument(
+        "sources",
+        nargs="+",
+        metavar="SOURCE",
+        help="gs://BUCKET/OBJECT, gs://BUCKET/PREFIX/ (every object under it, by name) or a file",
+    )
+    restore.add_argument("--to-topic", required=True, help="the topic to write to")
+    restore.add_argument("--partition", type=int, help="records of this source partition only")
+    restore.add_argument("--from-offset", type=int)
+    restore.add_argument("--to-offset", type=int, help="exclusive")
+    restore.add_argument("--from-time", type=_time_ms, help="RFC 3339 record timestamp")
+    restore.add_argument("--to-time", type=_time_ms, help="RFC 3339 (exclusive)")
+    restore.add_argument(
+        "--bootstrap", default=None, help="target cluster (default PROTOAGG_KAFKA_BOOTSTRAP)"
+    )
+    restore.add_argument(
+        "--create-topic",
+        action="store_true",
+        help="create the target topic, with the partitions the archive needs, if it is missing",
+    )
+    restore.add_argument(
+        "--partitioner",
+        choices=["same", "key"],
+        default="same",
+        help="same: the source partition number (default); key: Kafka's murmur2 of the key",
+    )
+    restore.add_argument(
+        "--key",
+        choices=["none", "logId"],
+        default="none",
+        help="log archives: the record key (default none)",
+    )
+    restore.add_argument(
+        "--source-headers",
+        action="store_true",
+        help="add protoagg-source-topic, -partition and -offset headers",
+    )
+    restore.add_argument(
+        "--transaction-records",
+        type=int,
+        default=20_000,
+        help="records per Kafka transaction (default 20000); a crash re-sends at most these",
+    )
+    restore.add_argument(
+        "--dry-run", action="store_true", help="count what would be restored; write nothing"
+    )
+    restore.set_defaults(handler=_restore)
+
     cat = commands.add_parser("cat", help="print an archive as JSON lines")
     cat.add_argument("url", help="gs://BUCKET/OBJECT or a local file path")
     _format_argument(cat)
@@ -190,6 +241,12 @@ def _backfill(args: argparse.Namespace) -> int:
     from protoagg_dagster.backfill_cli import run_backfill
 
     return run_backfill(args)
+
+
+def _restore(args: argparse.Namespace) -> int:
+    from protoagg_dagster.restore_cli import run_restore
+
+    return run_restore(args)
 
 
 def _cat(args: argparse.Namespace) -> int:

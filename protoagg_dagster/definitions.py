@@ -16,7 +16,7 @@ import dagster as dg
 from protoagg_dagster.assets import archive_asset, topic_asset_specs
 from protoagg_dagster.checks import build_archive_checks
 from protoagg_dagster.core import settings
-from protoagg_dagster.jobs import archive_kafka_batch
+from protoagg_dagster.jobs import archive_kafka_batch, restore_archive
 from protoagg_dagster.maintenance import archive_maintenance, maintain_archive
 from protoagg_dagster.resources import GCSResource, KafkaResource, PartitionLease, PostgresResource
 from protoagg_dagster.sensors import kafka_offsets_sensor
@@ -59,7 +59,7 @@ topic_rules = archiver.topic_formats(settings.TOPICS.read()).rules
 defs = dg.Definitions(
     assets=[archive_asset, *topic_asset_specs(topic_rules)],
     asset_checks=[build_archive_checks(topic_rules)],
-    jobs=[archive_kafka_batch, maintain_archive],
+    jobs=[archive_kafka_batch, maintain_archive, restore_archive],
     schedules=[archive_maintenance],
     sensors=[kafka_offsets_sensor],
     resources={

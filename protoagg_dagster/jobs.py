@@ -1,10 +1,11 @@
-"""The archive job: one bounded offset range of one partition per run."""
+"""The archive job (one bounded offset range of one partition per run) and the restore job."""
 
 from __future__ import annotations
 
 import dagster as dg
 
 from protoagg_dagster.ops import append, consume, dedupe, encode
+from protoagg_dagster.restore_op import restore_records
 
 
 @dg.job(
@@ -17,3 +18,12 @@ from protoagg_dagster.ops import append, consume, dedupe, encode
 )
 def archive_kafka_batch() -> None:
     append(encode(dedupe(consume())))
+
+
+@dg.job(
+    executor_def=dg.in_process_executor,
+    description="Restore archived records into a Kafka topic, exactly once: the options of "
+    "`protoagg restore` as run config. Relaunching the same config continues where it stopped.",
+)
+def restore_archive() -> None:
+    restore_records()

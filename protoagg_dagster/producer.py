@@ -35,12 +35,20 @@ def produce_file(path: Path, topic: str, bootstrap: str, partitions: int | None 
     return sent
 
 
-def create_topic(kafka: KafkaResource, topic: str, partitions: int) -> None:
-    """Create ``topic`` with ``partitions`` partitions unless it exists."""
+def create_topic(
+    kafka: KafkaResource, topic: str, partitions: int, configs: dict[str, str] | None = None
+) -> None:
+    """Create ``topic`` with ``partitions`` partitions (and ``configs``) unless it exists.
+
+    Replication is the cluster's default (-1), so a production cluster keeps its own policy.
+    """
     admin = kafka.get_admin()
+    new = NewTopic(topic, partitions, replication_factor=-1, topic_configs=configs or {})
     try:
-        admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])
+        admin.create_topics([new])
     except TopicAlreadyExistsError:
         pass
+    except KafkaError as exc:
+        raise BackendError(f"creating Kafka topic {topic!r} failed: {exc}") from exc
     finally:
         admin.close()

@@ -17,7 +17,11 @@ def test_definitions_load_and_every_job_sensor_and_schedule_resolves() -> None:
     defs = load_definitions()
     dg.Definitions.validate_loadable(defs)
     repo = defs.get_repository_def()
-    assert {job.name for job in repo.get_all_jobs()} >= {"archive_kafka_batch", "maintain_archive"}
+    assert {job.name for job in repo.get_all_jobs()} >= {
+        "archive_kafka_batch",
+        "maintain_archive",
+        "restore_archive",
+    }
     assert [s.name for s in repo.sensor_defs] == ["kafka_offsets_sensor"]
     assert [s.name for s in repo.schedule_defs] == ["archive_maintenance"]
     assert set(repo.get_top_level_resources()) == {
