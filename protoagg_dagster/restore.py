@@ -18,7 +18,7 @@ from kafka.errors import KafkaError
 
 from protoagg_dagster.archive_reader import open_archive_with_format
 from protoagg_dagster.core import settings
-from protoagg_dagster.core.archive_object import TEMP_PREFIX
+from protoagg_dagster.core.archive_object import TEMP_PREFIX, sequence_base
 from protoagg_dagster.core.errors import ArchiveFormatError, BackendError, ConfigError
 from protoagg_dagster.core.formats import RECORD
 from protoagg_dagster.core.restore import (
@@ -88,7 +88,9 @@ def _objects_under(prefix_url: str) -> list[str]:
         raise BackendError(f"listing {prefix_url} failed: {exc}") from exc
     if not names:
         raise ConfigError(f"{prefix_url} holds no archive objects")
-    return [f"gs://{bucket_name}/{name}" for name in names]
+    # A numbered member (log.0001.pb) is read as part of its sequence's first object (log.pb).
+    listed = set(names)
+    return [f"gs://{bucket_name}/{name}" for name in names if sequence_base(name) not in listed]
 
 
 def iter_selected(

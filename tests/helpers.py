@@ -226,3 +226,12 @@ def append_from_threads(
 
     with ThreadPoolExecutor(writers) as pool:
         return {k: v for done in pool.map(write, range(writers)) for k, v in done.items()}
+
+
+def restore_cmd(*args: str) -> list[str]:
+    """``protoagg restore ARGS`` as a command line (the environment's settings apply)."""
+    return [sys.executable, "-m", "protoagg_dagster.cli", "restore", *args]
+
+
+def run_restore(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(restore_cmd(*args), cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -12,6 +12,7 @@ formats existed: those are ``log``).
 
 from __future__ import annotations
 
+import re
 import string
 import time
 from collections.abc import Mapping, Sequence
@@ -96,6 +97,19 @@ def sequence_number(base: str, name: str) -> int | None:
         return None
     digits = name[len(head) + 1 : len(name) - len(tail)]
     return int(digits) if len(digits) >= 4 and digits.isdigit() and int(digits) > 0 else None
+
+
+def sequence_base(name: str) -> str | None:
+    """The first object of the sequence ``name`` is a numbered member of, or None."""
+    folder, slash, leaf = name.rpartition("/")
+    match = _MEMBER_LEAF.match(leaf)
+    if match is None:
+        return None
+    base = f"{folder}{slash}{match['stem']}{match['tail']}"
+    return base if sequence_number(base, name) else None
+
+
+_MEMBER_LEAF = re.compile(r"(?P<stem>[^.]+)\.\d{4,}(?P<tail>(?:\..*)?)\Z", re.DOTALL)
 
 
 def sequence_prefix(base: str) -> str:

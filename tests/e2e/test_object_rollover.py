@@ -15,7 +15,15 @@ from protoagg_dagster.archive_reader import cat_archive, verify_archive
 from protoagg_dagster.archive_store import sequence_blobs
 from protoagg_dagster.core.archive_object import sequence_number
 from tests.conftest import Services
-from tests.helpers import Stack, archived_to_end, check_archive, create_topic, log_value, produce
+from tests.helpers import (
+    Stack,
+    archived_to_end,
+    check_archive,
+    create_topic,
+    log_value,
+    produce,
+    run_restore,
+)
 from tests.support.dagster_deployment import DagsterDeployment, run_summaries, settled
 
 PARTITIONS, PER_PARTITION = 2, 600
@@ -75,6 +83,7 @@ def test_the_archive_rolls_over_into_a_sequence_that_cat_verify_and_checks_follo
     assert check.ok, check.summary()
     assert (check.offsets, check.archived) == (PARTITIONS * PER_PARTITION,) * 2
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", services.gcs_url)
+    monkeypatch.setenv("PROTOAGG_KAFKA_BOOTSTRAP", services.kafka_bootstrap)
     url = f"gs://{services.bucket}/{base}"
     out = io.StringIO()
     assert cat_archive(url, out) == PARTITIONS * PER_PARTITION
@@ -83,3 +92,8 @@ def test_the_archive_rolls_over_into_a_sequence_that_cat_verify_and_checks_follo
     # A member named explicitly is read alone.
     second = f"gs://{services.bucket}/{members[1].name}"
     assert 0 < cat_archive(second, io.StringIO()) < PARTITIONS * PER_PARTITION
+    # A restore of the prefix reads the sequence once, through its first object.
+    prefix = f"gs://{services.bucket}/{base.rsplit('/', 1)[0]}/"
+    dry = run_restore(prefix, "--to-topic", f"{topic}-back", "--create-topic", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert f"would restore {PARTITIONS * PER_PARTITION} records" in dry.stdout

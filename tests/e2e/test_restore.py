@@ -7,7 +7,6 @@ import json
 import random
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import replace
 
@@ -22,17 +21,16 @@ from protoagg_dagster.producer import produce_file
 from protoagg_dagster.resources import GCSResource
 from tests.conftest import ROOT
 from tests.e2e.test_record_format import Row, binary, committed, create, producer
-from tests.helpers import Stack, archived_records, run_sensor_until_idle, with_topics
+from tests.helpers import (
+    Stack,
+    archived_records,
+    restore_cmd,
+    run_restore,
+    run_sensor_until_idle,
+    with_topics,
+)
 
 EXAMPLES = ROOT / "examples" / "messages.jsonl"
-
-
-def restore_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "protoagg_dagster.cli", "restore", *args]
-
-
-def run_restore(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(restore_cmd(*args), cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
 def record_topic(stack: Stack, topic: str, count: int, partitions: int = 3) -> Stack:

@@ -11,6 +11,7 @@ from protoagg_dagster.core.archive_object import (
     object_name,
     piece_ends,
     rolls_over,
+    sequence_base,
     sequence_member,
     sequence_number,
     temp_object_name,
@@ -114,6 +115,9 @@ def test_sequence_members_number_the_name_before_its_extension(base: str, second
     assert sequence_member(base, 1) == second
     for number in (0, 1, 2, 12345):
         assert sequence_number(base, sequence_member(base, number)) == number
+    if not base.endswith("/.pb"):
+        assert sequence_base(second) == base
+    assert sequence_base(base) is None or base.startswith("x.0001")
 
 
 @pytest.mark.parametrize(
