@@ -6,6 +6,7 @@ import io
 import json
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -235,3 +236,32 @@ def restore_cmd(*args: str) -> list[str]:
 
 def run_restore(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(restore_cmd(*args), cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def archive_with_daemon(
+    deployment: Any, dsn: str, topic: str, partitions: int, end: int, deadline_seconds: float
+) -> float:
+    """Start ``deployment`` (a ``DagsterDeployment``), wait until ``topic`` is archived to
+    ``end`` and every run settled, stop it; return the seconds from start to archived.
+
+    On failure the deployment's log tail is printed."""
+    from tests.support.dagster_deployment import settled
+
+    started = time.monotonic()
+    deadline = started + deadline_seconds
+    try:
+        deployment.start()
+        while not archived_to_end(dsn, topic, partitions, end):
+            assert deployment.running(), "dagster-daemon exited"
+            assert time.monotonic() < deadline, "not archived in time"
+            time.sleep(0.5)
+        elapsed = time.monotonic() - started
+        while not settled(deployment):
+            assert time.monotonic() < deadline, "runs did not settle"
+            time.sleep(0.5)
+    except BaseException:
+        print(deployment.log_tail())
+        raise
+    finally:
+        deployment.stop()
+    return elapsed

@@ -6,7 +6,6 @@ that is given the first name follows the whole sequence.
 from __future__ import annotations
 
 import io
-import time
 from pathlib import Path
 
 import pytest
@@ -17,14 +16,14 @@ from protoagg_dagster.core.archive_object import sequence_number
 from tests.conftest import Services
 from tests.helpers import (
     Stack,
-    archived_to_end,
+    archive_with_daemon,
     check_archive,
     create_topic,
     log_value,
     produce,
     run_restore,
 )
-from tests.support.dagster_deployment import DagsterDeployment, run_summaries, settled
+from tests.support.dagster_deployment import DagsterDeployment, run_summaries
 
 PARTITIONS, PER_PARTITION = 2, 600
 MAX_OBJECT_BYTES = 40_000  # each object holds a few batches of 100 messages
@@ -55,21 +54,9 @@ def test_the_archive_rolls_over_into_a_sequence_that_cat_verify_and_checks_follo
         "STORAGE_EMULATOR_HOST": services.gcs_url,
     }
     deployment = DagsterDeployment("rollover", tmp_path / "rollover", env)
-    try:
-        deployment.start()
-        deadline = time.monotonic() + DEADLINE_SECONDS
-        while not archived_to_end(postgres_dsn, topic, PARTITIONS, PER_PARTITION):
-            assert deployment.running(), "dagster-daemon exited"
-            assert time.monotonic() < deadline, "not archived in time"
-            time.sleep(0.5)
-        while not settled(deployment):
-            assert time.monotonic() < deadline, "runs did not settle"
-            time.sleep(0.5)
-    except BaseException:
-        print(deployment.log_tail())
-        raise
-    finally:
-        deployment.stop()
+    archive_with_daemon(
+        deployment, postgres_dsn, topic, PARTITIONS, PER_PARTITION, DEADLINE_SECONDS
+    )
     runs = [r for r in run_summaries(deployment) if r.job_name == "archive_kafka_batch"]
     assert runs and [r for r in runs if r.status != "SUCCESS"] == []
     members = sequence_blobs(stack.gcs.get_bucket(), base)

@@ -17,8 +17,15 @@ import pytest
 
 from protoagg_dagster.resources import GCSResource, PostgresResource
 from tests.conftest import Services
-from tests.helpers import Stack, archived_to_end, check_archive, create_topic, log_value, produce
-from tests.support.dagster_deployment import DagsterDeployment, run_summaries, settled
+from tests.helpers import (
+    Stack,
+    archive_with_daemon,
+    check_archive,
+    create_topic,
+    log_value,
+    produce,
+)
+from tests.support.dagster_deployment import DagsterDeployment, run_summaries
 from tests.support.gcs_proxy import GcsProxy
 
 PER_PARTITION = 1000  # two runs per partition at the default batch size of 500
@@ -44,23 +51,11 @@ def test_partitions_sharing_one_object_archive_at_gcs_write_rate(
         "STORAGE_EMULATOR_HOST": url,
     }
     deployment = DagsterDeployment("rate", tmp_path / "rate", env)
-    started = time.monotonic()
     try:
-        deployment.start()
-        deadline = started + DEADLINE_SECONDS
-        while not archived_to_end(postgres_dsn, topic, partitions, PER_PARTITION):
-            assert deployment.running(), "dagster-daemon exited"
-            assert time.monotonic() < deadline, "not archived in time"
-            time.sleep(0.5)
-        elapsed = time.monotonic() - started
-        while not settled(deployment):
-            assert time.monotonic() < deadline, "runs did not settle"
-            time.sleep(0.5)
-    except BaseException:
-        print(deployment.log_tail())
-        raise
+        elapsed = archive_with_daemon(
+            deployment, postgres_dsn, topic, partitions, PER_PARTITION, DEADLINE_SECONDS
+        )
     finally:
-        deployment.stop()
         proxy.close()
     runs = [r for r in run_summaries(deployment) if r.job_name == "archive_kafka_batch"]
     assert [r for r in runs if r.status != "SUCCESS" or r.step_retries] == []
