@@ -18,7 +18,7 @@ from protoagg_dagster.definitions import defs
 
 HOOKS: dict[str, tuple[ModuleType, str]] = {
     "consume": (ops, "read_range"),
-    "compose": (archive_store, "_compose_fenced"),
+    "compose": (archive_store, "_compose_queued"),
 }
 
 
