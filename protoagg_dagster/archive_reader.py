@@ -11,7 +11,8 @@ from typing import BinaryIO, TextIO
 from google.api_core import exceptions as gexc
 
 from protoagg_dagster.core import settings
-from protoagg_dagster.core.archive_object import LEGACY_FORMAT, archive_format
+from protoagg_dagster.core.archive_object import LEGACY_FORMAT, archive_compression, archive_format
+from protoagg_dagster.core.compression import decompressed, sniffed
 from protoagg_dagster.core.dead_letters import iter_dead_letters
 from protoagg_dagster.core.errors import ArchiveFormatError, BackendError, ConfigError
 from protoagg_dagster.core.formats import (
@@ -29,15 +30,19 @@ from protoagg_dagster.verification import KafkaCheck, check_against_kafka
 
 
 def open_archive(url: str) -> BinaryIO:
-    """A binary stream of ``gs://BUCKET/OBJECT`` (chunked, bounded memory) or of a local file."""
+    """The uncompressed stream of ``gs://BUCKET/OBJECT`` (chunked, bounded memory) or a file."""
     stream, _ = open_archive_with_format(url)
     return stream
 
 
 def open_archive_with_format(url: str, given: str | None = None) -> tuple[BinaryIO, ArchiveFormat]:
-    """The stream and its format: ``given``, else the object's metadata (a local file: log)."""
+    """The uncompressed stream and its format: ``given``, else the object's metadata.
+
+    A local file's format is log, unless given; its compression is what its magic bytes say.
+    """
     if not url.startswith("gs://"):
-        return Path(url).open("rb"), FormatOptions().build(given or LEGACY_FORMAT)
+        local, _ = sniffed(Path(url).open("rb"))  # noqa: SIM115 (the caller closes it)
+        return local, FormatOptions().build(given or LEGACY_FORMAT)
     bucket_name, _, object_name = url[len("gs://") :].partition("/")
     if not bucket_name or not object_name:
         raise ConfigError(f"{url!r} is not of the form gs://BUCKET/OBJECT")
@@ -48,7 +53,10 @@ def open_archive_with_format(url: str, given: str | None = None) -> tuple[Binary
     except gexc.NotFound:
         raise BackendError(f"{url} does not exist") from None
     stream: BinaryIO = blob.open("rb", chunk_size=8 * 1024 * 1024)
-    return stream, FormatOptions().build(given or archive_format(blob.metadata))
+    return (
+        decompressed(stream, archive_compression(blob.metadata)),
+        FormatOptions().build(given or archive_format(blob.metadata)),
+    )
 
 
 def cat_archive(
@@ -157,7 +165,9 @@ def check_url_against_kafka(url: str) -> KafkaCheck:
     gcs = GCSResource(
         bucket=bucket_name,
         emulator_host=settings.STORAGE_EMULATOR_HOST.read(),
-        dead_letter_template=settings.GCS_DEAD_LETTERS.read(),
+        dead_letter_template=settings.object_template(
+            settings.GCS_DEAD_LETTERS, settings.read_codec().suffix
+        ),
     )
     kafka = KafkaResource(bootstrap_servers=settings.KAFKA_BOOTSTRAP.read())
     with PostgresResource(dsn=settings.POSTGRES_DSN.read()).get_connection() as conn:

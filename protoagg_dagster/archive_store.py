@@ -66,13 +66,15 @@ def append_batch(
     max_attempts: int = 20,
     sleep: Callable[[float], None] = time.sleep,
     format_name: str | None = None,
+    compression: str = "none",
 ) -> AppendResult:
     """Append ``data`` (``piece`` of ``batch``) to ``object_name`` exactly once.
 
     The upload happens first, outside the object's lock (held only around read-and-compose).
     Returns ``appended=False`` when the ledger or the object's marker shows it already there.
     ``format_name`` is recorded in the object's metadata, and an object of another format is
-    refused (ConfigError); None (dead letters) records and checks none.
+    refused (ConfigError); None (dead letters) records and checks none. ``compression`` is the
+    codec ``data`` is compressed with, recorded and checked the same way.
     """
     temp = bucket.blob(temp_object_name(batch, uuid.uuid4().hex))
     try:
@@ -91,7 +93,15 @@ def append_batch(
     try:
         with ledger.locked(object_name):
             return _compose_fenced(
-                bucket, object_name, piece, temp, ledger, max_attempts, sleep, format_name
+                bucket,
+                object_name,
+                piece,
+                temp,
+                ledger,
+                max_attempts,
+                sleep,
+                format_name,
+                compression,
             )
     finally:
         _delete_quietly(temp)
@@ -106,6 +116,7 @@ def _compose_fenced(
     max_attempts: int,
     sleep: Callable[[float], None],
     format_name: str | None,
+    compression: str,
 ) -> AppendResult:
     for attempt in range(1, max_attempts + 1):
         current = bucket.get_blob(object_name)
@@ -130,7 +141,7 @@ def _compose_fenced(
             sleep(_pause_before_compose(current.updated))
         target = bucket.blob(object_name)
         target.metadata = metadata_after_append(
-            current.metadata if current else None, piece, format_name
+            current.metadata if current else None, piece, format_name, compression
         )
         target.content_type = CONTENT_TYPE
         sources = [current, temp] if current is not None else [temp]

@@ -10,6 +10,7 @@ from google.cloud import storage
 from pydantic import Field
 
 from protoagg_dagster.core.archive_object import validate_template
+from protoagg_dagster.core.compression import NONE, Codec
 from protoagg_dagster.core.dead_letters import DEFAULT_TEMPLATE as DEAD_LETTER_TEMPLATE
 from protoagg_dagster.core.errors import ConfigError, MissingCredentials
 from protoagg_dagster.core.storage_bill import BucketSettings, ObjectSettings
@@ -35,6 +36,14 @@ class GCSResource(dg.ConfigurableResource):  # type: ignore[type-arg]
         description="Object receiving messages that cannot be archived (JSON envelopes); same "
         "fields as object_template.",
     )
+    compression: str = Field(
+        default=NONE,
+        description="Compression of each appended piece: none, gzip or zstd (one member or "
+        "frame per batch, so the object stays one valid .gz/.zst stream).",
+    )
+    compression_level: int | None = Field(
+        default=None, description="gzip 1..9 (default 6), zstd 1..22 (default 3)."
+    )
     emulator_host: str = Field(
         default="",
         description="GCS emulator endpoint (e.g. http://127.0.0.1:4443); empty: real GCS with "
@@ -44,6 +53,9 @@ class GCSResource(dg.ConfigurableResource):  # type: ignore[type-arg]
     create_bucket: bool = Field(
         default=False, description="Create the bucket if it does not exist (else: an error)."
     )
+
+    def codec(self) -> Codec:
+        return Codec(self.compression, self.compression_level)
 
     def get_client(self) -> storage.Client:
         if self.emulator_host:
