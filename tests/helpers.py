@@ -9,13 +9,15 @@ import sys
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, BinaryIO
 
 import dagster as dg
 import psycopg
+from google.cloud import storage
 from kafka.admin import NewTopic
 
-from protoagg_dagster.core.archive_object import archive_format
+from protoagg_dagster.core.archive_object import archive_compression, archive_format
+from protoagg_dagster.core.compression import decompressed
 from protoagg_dagster.core.framing import ArchivedRecord, iter_records
 from protoagg_dagster.jobs import archive_kafka_batch
 from protoagg_dagster.ledger import archived_partitions, read_progress
@@ -104,7 +106,12 @@ def archived_records(stack: Stack) -> list[Any]:
     blob = stack.gcs.get_bucket().get_blob(stack.gcs.object_template)
     assert blob is not None, f"no archive object {stack.gcs.object_template}"
     archive = stack.archiver.format_options().build(archive_format(blob.metadata))
-    return list(archive.decode(io.BytesIO(blob.download_as_bytes())))
+    return list(archive.decode(uncompressed(blob)))
+
+
+def uncompressed(blob: storage.Blob) -> BinaryIO:
+    """The object's bytes, decompressed by the codec its metadata records."""
+    return decompressed(io.BytesIO(blob.download_as_bytes()), archive_compression(blob.metadata))
 
 
 def archived_to_end(dsn: str, topic: str, partitions: int, end: int) -> bool:
@@ -168,9 +175,7 @@ def archive(stack: Stack) -> tuple[list[ArchivedRecord], str]:
     name = stack.gcs.object_template
     blob = stack.gcs.get_bucket().get_blob(name)
     assert blob is not None, f"no archive object {name}"
-    return list(
-        iter_records(io.BytesIO(blob.download_as_bytes()))
-    ), f"gs://{stack.gcs.bucket}/{name}"
+    return list(iter_records(uncompressed(blob))), f"gs://{stack.gcs.bucket}/{name}"
 
 
 def check_archive(stack: Stack) -> KafkaCheck:
