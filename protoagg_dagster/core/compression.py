@@ -24,8 +24,8 @@ GZIP = "gzip"
 ZSTD = "zstd"
 CODECS = (NONE, GZIP, ZSTD)
 SUFFIXES = {NONE: "", GZIP: ".gz", ZSTD: ".zst"}
-DEFAULT_LEVELS = {NONE: 0, GZIP: 6, ZSTD: 3}
-LEVEL_RANGES = {NONE: range(0, 1), GZIP: range(1, 10), ZSTD: range(1, 23)}
+DEFAULT_LEVELS = {GZIP: 6, ZSTD: 3}
+LEVEL_RANGES = {GZIP: range(1, 10), ZSTD: range(1, 23)}
 MAGIC = {GZIP: b"\x1f\x8b", ZSTD: b"\x28\xb5\x2f\xfd"}
 # Compressed bytes fed to a decompressor at a time: memory stays bounded by this times the
 # compression ratio, plus the reader's buffer.
@@ -48,6 +48,8 @@ class Codec:
             raise ConfigError(
                 f"PROTOAGG_COMPRESSION must be one of {', '.join(CODECS)}, got {self.name!r}"
             )
+        if self.level is not None and self.name == NONE:
+            raise ConfigError("PROTOAGG_COMPRESSION_LEVEL is set, but PROTOAGG_COMPRESSION is none")
         if self.level is not None and self.level not in LEVEL_RANGES[self.name]:
             allowed = LEVEL_RANGES[self.name]
             raise ConfigError(
@@ -62,14 +64,14 @@ class Codec:
 
     def compress(self, data: bytes) -> bytes:
         """``data`` as one complete gzip member or zstd frame (none: ``data`` itself)."""
+        if self.name == NONE:
+            return data
         level = DEFAULT_LEVELS[self.name] if self.level is None else self.level
         if self.name == GZIP:
             member = zlib.compressobj(level, zlib.DEFLATED, _GZIP_WINDOW)
             return member.compress(data) + member.flush()
-        if self.name == ZSTD:
-            # The checksum lets a corrupt frame be told from a valid one, as gzip's CRC does.
-            return zstandard.ZstdCompressor(level=level, write_checksum=True).compress(data)
-        return data
+        # The checksum lets a corrupt frame be told from a valid one, as gzip's CRC does.
+        return zstandard.ZstdCompressor(level=level, write_checksum=True).compress(data)
 
 
 def parse_codec(name: str, level: str = "") -> Codec:
@@ -208,7 +210,11 @@ def decompressed(stream: BinaryIO, name: str) -> BinaryIO:
     """``stream`` read through codec ``name``; an ArchiveFormatError names a corrupt member."""
     if name == NONE:
         return stream
-    Codec(name)  # an unknown name recorded in an object's metadata is a ConfigError
+    if name not in CODECS:
+        raise ConfigError(
+            f"the object records compression {name!r}, which this protoagg cannot read "
+            f"(it knows {', '.join(CODECS)}): upgrade protoagg"
+        )
     return _Reader(_Decompressed(stream, name), buffer_size=1024 * 1024)
 
 

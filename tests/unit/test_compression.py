@@ -118,6 +118,11 @@ def test_local_files_are_recognised_by_their_magic_bytes(name: str, tmp_path: Pa
     assert detect(b"") == "none"
 
 
+def test_an_unknown_recorded_codec_is_refused_clearly() -> None:
+    with pytest.raises(ConfigError, match="records compression 'lz4'"):
+        decompressed(io.BytesIO(b""), "lz4")
+
+
 @pytest.mark.parametrize(
     ("name", "level", "match"),
     [
@@ -125,6 +130,7 @@ def test_local_files_are_recognised_by_their_magic_bytes(name: str, tmp_path: Pa
         ("gzip", "10", "PROTOAGG_COMPRESSION_LEVEL for gzip must be 1..9"),
         ("zstd", "0", "PROTOAGG_COMPRESSION_LEVEL for zstd must be 1..22"),
         ("zstd", "fast", "PROTOAGG_COMPRESSION_LEVEL must be an integer"),
+        ("none", "3", "PROTOAGG_COMPRESSION_LEVEL is set, but PROTOAGG_COMPRESSION is none"),
     ],
 )
 def test_bad_settings_name_the_setting(name: str, level: str, match: str) -> None:
