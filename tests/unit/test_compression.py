@@ -170,3 +170,20 @@ def test_changing_the_codec_of_an_existing_object_is_refused(existing: str, sett
     metadata = metadata_after_append(None, Piece(1, "dead_letters", 9), None, existing)
     with pytest.raises(ConfigError, match=r"point PROTOAGG_GCS_OBJECT .* at a new object name"):
         metadata_after_append(metadata, Piece(2, "dead_letters", 9), None, setting)
+
+
+@pytest.mark.parametrize("name", COMPRESSED)
+@given(st.data())
+def test_a_damaged_archive_fails_only_with_a_located_error(name: str, data: st.DataObject) -> None:
+    compressed, framed = pieces(Codec(name), [30, 30])
+    damaged = bytearray(b"".join(compressed))
+    for _ in range(data.draw(st.integers(1, 4))):
+        damaged[data.draw(st.integers(0, len(damaged) - 1))] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(0, len(damaged)))
+    try:
+        back = list(iter_records(decompressed(io.BytesIO(bytes(damaged[:cut])), name)))
+    except ArchiveFormatError as exc:
+        assert " at byte " in str(exc)
+    else:
+        # Damage the checksums do not cover (a gzip header's time) or a cut between members.
+        assert back == list(iter_records(io.BytesIO(framed)))[: len(back)]
