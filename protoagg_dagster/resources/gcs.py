@@ -9,7 +9,7 @@ from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 from pydantic import Field
 
-from protoagg_dagster.core.archive_object import validate_template
+from protoagg_dagster.core.archive_object import archive_compression, validate_template
 from protoagg_dagster.core.compression import NONE, Codec
 from protoagg_dagster.core.dead_letters import DEFAULT_TEMPLATE as DEAD_LETTER_TEMPLATE
 from protoagg_dagster.core.errors import ConfigError, MissingCredentials
@@ -113,7 +113,7 @@ class GCSResource(dg.ConfigurableResource):  # type: ignore[type-arg]
         )
 
     def object_settings(self, name: str) -> ObjectSettings | None:
-        """An archive object's size, storage class and holds; None if it does not exist."""
+        """An archive object's size, storage class, holds and compression; None if it is absent."""
         blob = self.get_client().bucket(self.bucket).get_blob(name)
         if blob is None:
             return None
@@ -122,4 +122,5 @@ class GCSResource(dg.ConfigurableResource):  # type: ignore[type-arg]
             size_bytes=int(blob.size or 0),
             storage_class=blob.storage_class,
             held=bool(blob.temporary_hold or blob.event_based_hold),
+            compression=archive_compression(blob.metadata),
         )
