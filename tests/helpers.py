@@ -27,6 +27,9 @@ from protoagg_dagster.settings_resource import ArchiverSettings
 from protoagg_dagster.verification import KafkaCheck, check_against_kafka
 from tests.conftest import ROOT
 
+# Debian's programs that decompress a whole archive object to stdout, by codec.
+DECOMPRESSORS = {"gzip": ["gzip", "-dc"], "zstd": ["zstd", "-dcq"]}
+
 
 @dataclass(frozen=True)
 class Stack:

@@ -24,6 +24,7 @@ from protoagg_dagster.ledger import latest_appended
 from protoagg_dagster.resources import GCSResource
 from protoagg_dagster.run_tags import range_run_config
 from tests.helpers import (
+    DECOMPRESSORS,
     Stack,
     archive,
     check_archive,
@@ -37,7 +38,6 @@ from tests.helpers import (
 )
 
 CODECS = ("gzip", "zstd")
-TOOLS = {"gzip": ["gzip", "-dc"], "zstd": ["zstd", "-dcq"]}
 LINE = "2026-11-01T08:00:00Z INFO api GET /v1/items/{} 200 12ms user=alice"
 
 
@@ -95,7 +95,7 @@ def test_a_compressed_archive_round_trips_and_standard_tools_read_it(
         LogRecord(0, r.log_id, r.seconds, r.nanos, r.message) for r in records
     )
     # Debian's programs (scripts/test installs zstd where it is missing).
-    tool = subprocess.run(TOOLS[name], input=stored, capture_output=True, check=True)
+    tool = subprocess.run(DECOMPRESSORS[name], input=stored, capture_output=True, check=True)
     assert tool.stdout == frames
 
     assert verify_archive(url).ok
@@ -177,7 +177,7 @@ def test_killed_after_compose_a_compressed_archive_is_still_exactly_once(
     blob = stack.gcs.get_bucket().get_blob(stack.gcs.object_template)
     assert blob is not None
     tool = subprocess.run(
-        TOOLS[name], input=blob.download_as_bytes(), capture_output=True, check=True
+        DECOMPRESSORS[name], input=blob.download_as_bytes(), capture_output=True, check=True
     )
     assert tool.stdout == uncompressed(blob).read()
     check = check_archive(stack)

@@ -26,9 +26,9 @@ from protoagg_dagster.core.compression import (
 from protoagg_dagster.core.errors import ArchiveFormatError, ConfigError
 from protoagg_dagster.core.framing import encode_records, iter_records
 from protoagg_dagster.core.records import LogRecord
+from tests.helpers import DECOMPRESSORS
 
 COMPRESSED = ("gzip", "zstd")
-TOOLS = {"gzip": ["gzip", "-dc"], "zstd": ["zstd", "-dcq"]}
 
 
 def records(start: int, count: int) -> list[LogRecord]:
@@ -67,10 +67,12 @@ def test_any_pieces_round_trip(name: str, datas: list[bytes]) -> None:
 
 @pytest.mark.parametrize("name", COMPRESSED)
 def test_debians_tools_read_the_composed_pieces(name: str) -> None:
-    if shutil.which(TOOLS[name][0]) is None:
-        pytest.skip(f"{TOOLS[name][0]} is not installed (scripts/test installs it)")
+    if shutil.which(DECOMPRESSORS[name][0]) is None:
+        pytest.skip(f"{DECOMPRESSORS[name][0]} is not installed (scripts/test installs it)")
     compressed, framed = pieces(Codec(name), [10, 0, 200])
-    out = subprocess.run(TOOLS[name], input=b"".join(compressed), capture_output=True, check=True)
+    out = subprocess.run(
+        DECOMPRESSORS[name], input=b"".join(compressed), capture_output=True, check=True
+    )
     assert out.stdout == framed
 
 
