@@ -11,6 +11,7 @@ from typing import BinaryIO, TextIO
 from protoagg_dagster.archive_store import open_sequence, sequence_blobs
 from protoagg_dagster.core import settings
 from protoagg_dagster.core.archive_object import LEGACY_FORMAT, archive_format
+from protoagg_dagster.core.compression import sniffed
 from protoagg_dagster.core.dead_letters import iter_dead_letters
 from protoagg_dagster.core.errors import ArchiveFormatError, ConfigError
 from protoagg_dagster.core.formats import (
@@ -28,20 +29,22 @@ from protoagg_dagster.verification import KafkaCheck, check_against_kafka
 
 
 def open_archive(url: str) -> BinaryIO:
-    """A binary stream of ``gs://BUCKET/OBJECT`` (chunked, bounded memory) or of a local file."""
+    """The uncompressed stream of ``gs://BUCKET/OBJECT`` (chunked, bounded memory) or a file."""
     stream, _ = open_archive_with_format(url)
     return stream
 
 
 def open_archive_with_format(url: str, given: str | None = None) -> tuple[BinaryIO, ArchiveFormat]:
-    """The stream and its format: ``given``, else the object's metadata (a local file: log).
+    """The uncompressed stream and its format: ``given``, else the object's metadata.
 
     ``gs://BUCKET/log.pb`` reads the object's whole numbered sequence (``log.pb``,
-    ``log.0001.pb``, ...: see PROTOAGG_MAX_OBJECT_BYTES) as one stream; a member named
-    explicitly is read alone.
+    ``log.0001.pb``, ...: see PROTOAGG_MAX_OBJECT_BYTES) as one stream, each object through the
+    compression its metadata records; a member named explicitly is read alone. A local file's
+    format is log, unless given; its compression is what its magic bytes say.
     """
     if not url.startswith("gs://"):
-        return Path(url).open("rb"), FormatOptions().build(given or LEGACY_FORMAT)
+        local, _ = sniffed(Path(url).open("rb"))  # noqa: SIM115 (the caller closes it)
+        return local, FormatOptions().build(given or LEGACY_FORMAT)
     bucket_name, _, object_name = url[len("gs://") :].partition("/")
     if not bucket_name or not object_name:
         raise ConfigError(f"{url!r} is not of the form gs://BUCKET/OBJECT")
@@ -156,7 +159,9 @@ def check_url_against_kafka(url: str) -> KafkaCheck:
     gcs = GCSResource(
         bucket=bucket_name,
         emulator_host=settings.STORAGE_EMULATOR_HOST.read(),
-        dead_letter_template=settings.GCS_DEAD_LETTERS.read(),
+        dead_letter_template=settings.object_template(
+            settings.GCS_DEAD_LETTERS, settings.read_codec().suffix
+        ),
     )
     kafka = KafkaResource(bootstrap_servers=settings.KAFKA_BOOTSTRAP.read())
     members = [blob.name for blob in sequence_blobs(gcs.get_bucket(), name)]

@@ -34,6 +34,7 @@ from protoagg_dagster.core.archive_object import (
     Landed,
     Piece,
     Queued,
+    archive_compression,
     last_compose,
     metadata_after_compose,
     piece_ends,
@@ -41,6 +42,7 @@ from protoagg_dagster.core.archive_object import (
     sequence_prefix,
     temp_object_name,
 )
+from protoagg_dagster.core.compression import NONE, decompressed
 from protoagg_dagster.core.errors import BackendError, ConfigError, FencedAppendError
 from protoagg_dagster.core.planning import OffsetRange
 
@@ -61,8 +63,11 @@ class PieceLedger(Protocol):
 
     def locked(self, object_name: str) -> contextlib.AbstractContextManager[None]: ...
 
-    def waiting(self, object_name: str, format_name: str | None, limit: int) -> list[Queued]:
-        """Queued pieces of the object not yet composed, oldest first."""
+    def waiting(self, object_name: str, like: Queued, limit: int) -> list[Queued]:
+        """Queued pieces of the object not yet composed, oldest first.
+
+        Only those of ``like``'s format and compression: the ones that may share its compose.
+        """
         ...
 
     def landed(self, queued: Queued) -> Landed | None:
@@ -100,6 +105,7 @@ def append_batch(
     max_attempts: int = 20,
     sleep: Callable[[float], None] = time.sleep,
     format_name: str | None = None,
+    compression: str = NONE,
 ) -> AppendResult:
     """Append ``data`` (``piece`` of ``batch``) to ``object_name`` exactly once.
 
@@ -107,7 +113,8 @@ def append_batch(
     Returns ``appended=False`` when the ledger or the object's marker shows the piece there
     already (an earlier attempt appended it). ``format_name`` is recorded in the object's
     metadata, and an object of another format is refused (ConfigError); None (dead letters)
-    records and checks none.
+    records and checks none. ``compression`` is the codec ``data`` is compressed with,
+    recorded and checked the same way.
     """
     temp = bucket.blob(temp_object_name(batch, uuid.uuid4().hex))
     try:
@@ -123,7 +130,7 @@ def append_batch(
             f"cannot write to gs://{bucket.name} with these credentials (needs "
             f"roles/storage.objectUser): {exc.message}"
         ) from exc
-    own = Queued(piece, temp.name, format_name)
+    own = Queued(piece, temp.name, format_name, compression)
     ledger.enqueue(object_name, own)
     try:
         for attempt in range(1, max_attempts + 1):
@@ -176,7 +183,10 @@ def _compose_queued(
     group = _group_with(own, ledger, object_name)
     target = bucket.blob(object_name)
     target.metadata = metadata_after_compose(
-        current.metadata if current else None, [q.piece for q in group], own.format_name
+        current.metadata if current else None,
+        [q.piece for q in group],
+        own.format_name,
+        own.compression,
     )
     target.content_type = CONTENT_TYPE
     sources = ([current] if current is not None else []) + [bucket.blob(q.temp_name) for q in group]
@@ -222,7 +232,7 @@ def _record_last_compose(current: storage.Blob, ledger: PieceLedger) -> None:
 def _group_with(own: Queued, ledger: PieceLedger, object_name: str) -> list[Queued]:
     """``own`` and the oldest other queued pieces not yet appended, one upload per piece."""
     group, pieces = [own], {own.piece.key}
-    for queued in ledger.waiting(object_name, own.format_name, 4 * MAX_PIECES_PER_COMPOSE):
+    for queued in ledger.waiting(object_name, own, 4 * MAX_PIECES_PER_COMPOSE):
         if len(group) == MAX_PIECES_PER_COMPOSE:
             break
         if queued.piece.key in pieces:
@@ -267,7 +277,10 @@ def sequence_blobs(bucket: storage.Bucket, base: str) -> list[storage.Blob]:
 
 
 def open_sequence(bucket: storage.Bucket, base: str) -> tuple[BinaryIO, list[storage.Blob]]:
-    """One stream of every object of ``base``'s sequence, in order, and those objects."""
+    """One uncompressed stream of ``base``'s whole sequence, and its objects.
+
+    Each object is read through the compression its own metadata records.
+    """
     blobs = sequence_blobs(bucket, base)
     if not blobs:
         raise BackendError(f"gs://{bucket.name}/{base} does not exist")
@@ -275,7 +288,7 @@ def open_sequence(bucket: storage.Bucket, base: str) -> tuple[BinaryIO, list[sto
 
 
 class SequenceStream(io.RawIOBase):
-    """The objects of a sequence read one after the other, each in 8 MiB chunks."""
+    """The objects of a sequence read one after the other, each in 8 MiB chunks, decompressed."""
 
     def __init__(self, blobs: list[storage.Blob]) -> None:
         super().__init__()
@@ -290,7 +303,10 @@ class SequenceStream(io.RawIOBase):
             if self._current is None:
                 if not self._pending:
                     return 0
-                self._current = self._pending.pop().open("rb", chunk_size=8 * 1024 * 1024)
+                blob = self._pending.pop()
+                self._current = decompressed(
+                    blob.open("rb", chunk_size=8 * 1024 * 1024), archive_compression(blob.metadata)
+                )
             data = self._current.read(len(buffer))
             if data:
                 buffer[: len(data)] = data

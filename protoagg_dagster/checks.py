@@ -16,7 +16,8 @@ import dagster as dg
 from google.cloud import storage
 
 from protoagg_dagster.assets import ARCHIVE_ASSET, topic_asset_key
-from protoagg_dagster.core.archive_object import archive_format
+from protoagg_dagster.core.archive_object import archive_compression, archive_format
+from protoagg_dagster.core.compression import NONE, decompressed
 from protoagg_dagster.core.errors import ArchiveFormatError
 from protoagg_dagster.core.formats import ArchiveFormat, FormatOptions, TopicRule, rule_for
 from protoagg_dagster.ledger import AppendedBatch, latest_appended, offset_gaps
@@ -29,14 +30,17 @@ NO_GAPS = "no_offset_gaps"
 
 @dataclass(frozen=True)
 class Written:
-    """What the append op wrote: the framed bytes and the identities of their records."""
+    """What the append op wrote: the piece's bytes and the identities of their records."""
 
     data: bytes
     identities: Sequence[str]
 
 
 def read_back(bucket: storage.Bucket, batch: AppendedBatch) -> bytes:
-    """The batch's bytes as stored: ``[object_size - appended_bytes, object_size)``."""
+    """The batch's bytes as stored: ``[object_size - appended_bytes, object_size)``.
+
+    With compression that range is the batch's one member or frame, which decompresses alone.
+    """
     if not batch.appended_bytes or batch.object_size is None:
         return b""
     start = batch.object_size - batch.appended_bytes
@@ -52,8 +56,11 @@ def evaluate_batch(
     archive: ArchiveFormat,
     written: Written | None = None,
     asset_keys: Sequence[dg.AssetKey] = (ARCHIVE_ASSET,),
+    compression: str = NONE,
 ) -> list[dg.AssetCheckEvaluation]:
-    """The three checks for one appended batch (frames in format ``archive``), per asset key.
+    """The three checks for one appended batch, per asset key.
+
+    The batch's frames are in format ``archive``, its piece compressed with ``compression``.
 
     ``asset_keys``: the whole archive, and the asset of the batch's topic entry.
 
@@ -70,7 +77,8 @@ def evaluate_batch(
         )
     else:
         try:
-            ids = [archive.identity(r) for r in archive.decode(io.BytesIO(stored))]
+            frames = decompressed(io.BytesIO(stored), compression)
+            ids = [archive.identity(r) for r in archive.decode(frames)]
             framing_ok, framing_detail = True, f"{len(ids)} frames decode"
         except ArchiveFormatError as exc:
             ids, framing_ok, framing_detail = [], False, str(exc)
@@ -116,8 +124,10 @@ def build_archive_checks(rules: Sequence[TopicRule]) -> dg.AssetChecksDefinition
         for b in batches:
             rule = rule_for(rules, b.batch.topic)
             own = [ARCHIVE_ASSET] + ([topic_asset_key(rule)] if rule is not None else [])
-            archive = _format_of(bucket, b.object_name)
-            evaluations += evaluate_batch(bucket, b, gaps[b.batch_id], archive, asset_keys=own)
+            archive, compression = _format_of(bucket, b.object_name)
+            evaluations += evaluate_batch(
+                bucket, b, gaps[b.batch_id], archive, asset_keys=own, compression=compression
+            )
         for key in keys:
             for name in (FRAMING, UNIQUE_IDS, NO_GAPS):
                 mine = [e for e in evaluations if e.check_name == name and e.asset_key == key]
@@ -156,7 +166,8 @@ def _check_specs(key: dg.AssetKey) -> list[dg.AssetCheckSpec]:
     ]
 
 
-def _format_of(bucket: storage.Bucket, object_name: str) -> ArchiveFormat:
-    """The format the object's metadata records; decoding for a check needs no dedupe options."""
+def _format_of(bucket: storage.Bucket, object_name: str) -> tuple[ArchiveFormat, str]:
+    """The object's format and compression, by its metadata (a check needs no dedupe options)."""
     blob = bucket.get_blob(object_name)
-    return FormatOptions().build(archive_format(blob.metadata if blob is not None else None))
+    metadata = blob.metadata if blob is not None else None
+    return FormatOptions().build(archive_format(metadata)), archive_compression(metadata)

@@ -286,6 +286,7 @@ def _doctor(args: argparse.Namespace) -> int:
     dagster_yaml = args.dagster_yaml
     if dagster_yaml is None and os.environ.get("DAGSTER_HOME"):
         dagster_yaml = Path(os.environ["DAGSTER_HOME"]) / "dagster.yaml"
+    codec = settings.read_codec()
     deployment = Deployment(
         kafka=KafkaResource(
             bootstrap_servers=settings.KAFKA_BOOTSTRAP.read(),
@@ -299,8 +300,10 @@ def _doctor(args: argparse.Namespace) -> int:
         postgres_dsn=settings.POSTGRES_DSN.read(),
         gcs=GCSResource(
             bucket=settings.GCS_BUCKET.read(),
-            object_template=settings.GCS_OBJECT.read(),
-            dead_letter_template=settings.GCS_DEAD_LETTERS.read(),
+            object_template=settings.object_template(settings.GCS_OBJECT, codec.suffix),
+            dead_letter_template=settings.object_template(settings.GCS_DEAD_LETTERS, codec.suffix),
+            compression=codec.name,
+            compression_level=codec.level,
             emulator_host=settings.STORAGE_EMULATOR_HOST.read(),
         ),
         linger_seconds=settings.LINGER_SECONDS.read_float(),

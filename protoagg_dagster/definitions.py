@@ -27,6 +27,15 @@ def _value(setting: settings.Setting) -> str | dg.EnvVar:
     return dg.EnvVar(setting.env) if setting.env in os.environ else setting.default
 
 
+# A bad compression name or level fails here, when the code location loads, not in a run.
+codec = settings.read_codec()
+
+
+def _template(setting: settings.Setting) -> str | dg.EnvVar:
+    """An object template as set, else its default name with the codec's suffix."""
+    return dg.EnvVar(setting.env) if setting.env in os.environ else setting.default + codec.suffix
+
+
 def _kafka_security() -> dict[str, Any]:
     """SASL/SSL settings that are set, as EnvVars so no secret is stored or shown."""
     optional = {
@@ -77,8 +86,10 @@ defs = dg.Definitions(
         "lease": PartitionLease(postgres=postgres),
         "gcs": GCSResource(
             bucket=_value(settings.GCS_BUCKET),
-            object_template=_value(settings.GCS_OBJECT),
-            dead_letter_template=_value(settings.GCS_DEAD_LETTERS),
+            object_template=_template(settings.GCS_OBJECT),
+            dead_letter_template=_template(settings.GCS_DEAD_LETTERS),
+            compression=codec.name,
+            compression_level=codec.level,
             max_object_bytes=settings.MAX_OBJECT_BYTES.read_int(),
             create_bucket=settings.GCS_CREATE_BUCKET.read_bool(),
             emulator_host=_value(settings.STORAGE_EMULATOR_HOST),

@@ -182,6 +182,14 @@ def _bucket(d: Deployment) -> Iterator[Finding]:
     archive = None
     if not any(f"{{{field}}}" in d.gcs.object_template for field in TEMPLATE_FIELDS):
         archive = d.gcs.object_settings(d.gcs.object_template)
+    if archive is not None and archive.compression != d.gcs.compression:
+        yield Finding(
+            "FAIL",
+            "compression",
+            f"{url}/{archive.name} is compressed with {archive.compression!r} and "
+            f"PROTOAGG_COMPRESSION is {d.gcs.compression!r}: its next append would be refused",
+            "keep the object's compression, or point PROTOAGG_GCS_OBJECT at a new object name",
+        )
     partitions = _partition_count(d.kafka)
     findings = bill_findings(
         settings, archive, expected_appends_per_day(partitions, d.linger_seconds)

@@ -77,6 +77,7 @@ CREATE TABLE IF NOT EXISTS append_queue (
     role        text NOT NULL,
     size        bigint NOT NULL,
     format      text,
+    compression text NOT NULL,
     generation  bigint,
     piece_end   bigint,
     landed      boolean NOT NULL DEFAULT false,
@@ -363,7 +364,7 @@ class AppendLedger:
     def enqueue(self, object_name: str, queued: Queued) -> None:
         self.conn.execute(
             "INSERT INTO append_queue (temp_name, bucket, object_name, batch_id, role, size, "
-            "format) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+            "format, compression) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
             (
                 queued.temp_name,
                 self.bucket,
@@ -372,6 +373,7 @@ class AppendLedger:
                 queued.piece.role,
                 queued.piece.size,
                 queued.format_name,
+                queued.compression,
             ),
         )
 
@@ -381,15 +383,15 @@ class AppendLedger:
     def locked(self, object_name: str) -> AbstractContextManager[None]:
         return object_lock(self.conn, self.bucket, object_name)
 
-    def waiting(self, object_name: str, format_name: str | None, limit: int) -> list[Queued]:
+    def waiting(self, object_name: str, like: Queued, limit: int) -> list[Queued]:
         rows = self.conn.execute(
             "SELECT batch_id, role, size, temp_name FROM append_queue WHERE bucket = %s "
             "AND object_name = %s AND NOT landed AND format IS NOT DISTINCT FROM %s "
-            "ORDER BY queued LIMIT %s",
-            (self.bucket, object_name, format_name, limit),
+            "AND compression = %s ORDER BY queued LIMIT %s",
+            (self.bucket, object_name, like.format_name, like.compression, limit),
         ).fetchall()
         return [
-            Queued(Piece(batch_id, role_of(role), size), temp, format_name)
+            Queued(Piece(batch_id, role_of(role), size), temp, like.format_name, like.compression)
             for batch_id, role, size, temp in rows
         ]
 

@@ -21,6 +21,7 @@ from protoagg_dagster.archive_store import AppendResult, append_batch
 from protoagg_dagster.assets import ARCHIVE_ASSET, topic_asset_key
 from protoagg_dagster.checks import Written, evaluate_batch
 from protoagg_dagster.core.archive_object import Piece, PieceRole, object_name
+from protoagg_dagster.core.compression import NONE
 from protoagg_dagster.core.dead_letters import encode_envelopes
 from protoagg_dagster.core.errors import ConfigError
 from protoagg_dagster.core.formats import ArchiveFormat, rule_for
@@ -122,9 +123,12 @@ class Claimed:
 
 @dataclass(frozen=True)
 class Encoded:
+    """The batch's piece: its frames, compressed into one member/frame with ``compression``."""
+
     claimed: Claimed
     data: bytes
     seconds: dict[str, float]
+    compression: str = NONE
 
 
 @dg.op(retry_policy=TRANSIENT_RETRY)
@@ -242,16 +246,24 @@ def dedupe(
 
 
 @dg.op
-def encode(context: dg.OpExecutionContext, claimed: Claimed) -> Encoded:
-    """Frame the kept records as ``uint32 LE length | message`` of their format, in offset order."""
+@fail_fast
+def encode(context: dg.OpExecutionContext, claimed: Claimed, gcs: GCSResource) -> Encoded:
+    """Frame the kept records as ``uint32 LE length | message`` of their format, in offset order.
+
+    The frames are then compressed (PROTOAGG_COMPRESSION) into one gzip member or zstd frame.
+    """
     started = time.perf_counter()
+    codec = gcs.codec()
     with collector_paused():
-        data = claimed.format.encode(claimed.claim.kept)
+        framed = claimed.format.encode(claimed.claim.kept)
+    data = codec.compress(framed)
     elapsed = time.perf_counter() - started
     context.log.info(
-        f"encode: {len(claimed.claim.kept)} records, {len(data)} bytes in {elapsed:.3f} s"
+        f"encode: {len(claimed.claim.kept)} records, {len(framed)} bytes"
+        + (f", {len(data)} with {codec.name}" if codec.name != NONE else "")
+        + f" in {elapsed:.3f} s"
     )
-    return Encoded(claimed, data, {**claimed.seconds, "encode": elapsed})
+    return Encoded(claimed, data, {**claimed.seconds, "encode": elapsed}, codec.name)
 
 
 @dg.op(retry_policy=TRANSIENT_RETRY)
@@ -282,7 +294,14 @@ def append(
                 assert claim.batch_id is not None
                 piece = Piece(claim.batch_id, role, len(data))
                 result = append_batch(
-                    bucket, name, claim.batch, piece, data, ledger, format_name=format_name
+                    bucket,
+                    name,
+                    claim.batch,
+                    piece,
+                    data,
+                    ledger,
+                    format_name=format_name,
+                    compression=encoded.compression,
                 )
                 if not result.appended:
                     context.log.info(
@@ -295,7 +314,7 @@ def append(
                 append_once(
                     dead_letter_object(gcs, claim),
                     "dead_letters",
-                    encode_envelopes(claimed.dead_letters),
+                    gcs.codec().compress(encode_envelopes(claimed.dead_letters)),
                     None,
                 )
             # Appended even when empty (every record a duplicate), so the ledger records the
@@ -322,6 +341,7 @@ def append(
                     ),
                     gaps=gap_before(conn, claim.batch),
                     archive=claimed.format,
+                    compression=encoded.compression,
                     written=Written(encoded.data, [claimed.format.identity(r) for r in claim.kept]),
                     asset_keys=claimed.assets,
                 )
@@ -382,6 +402,7 @@ def _batch_metadata(
         "topic": claim.batch.topic,
         "partition": claim.batch.partition,
         "format": claimed.format.name,
+        "compression": encoded.compression,
         "start_offset": claim.batch.start,
         "end_offset": claim.batch.end,
         "object": f"gs://{bucket}/{claim.object_name}",

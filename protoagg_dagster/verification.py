@@ -11,17 +11,17 @@ offset order and dead letters that are missing are reported.
 
 from __future__ import annotations
 
-import io
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 from google.cloud import storage
 from kafka import KafkaConsumer
 
 from protoagg_dagster.archive_store import open_sequence
-from protoagg_dagster.core.archive_object import archive_format, object_name
+from protoagg_dagster.core.archive_object import archive_compression, archive_format, object_name
+from protoagg_dagster.core.compression import decompressed
 from protoagg_dagster.core.dead_letters import iter_dead_letters
 from protoagg_dagster.core.errors import ArchiveFormatError
 from protoagg_dagster.core.formats import ArchiveFormat, FormatOptions
@@ -123,6 +123,12 @@ def check_against_kafka(
     return report
 
 
+def _read_through(blob: storage.Blob) -> BinaryIO:
+    """The object's uncompressed bytes, streamed (its metadata says its compression)."""
+    stream: BinaryIO = blob.open("rb", chunk_size=8 * 1024 * 1024)
+    return decompressed(stream, archive_compression(blob.metadata))
+
+
 @dataclass
 class _Archived:
     """What the archive holds, by record identity, and the dedupe keys it holds."""
@@ -167,11 +173,10 @@ def _check_partition(
         dead_letter_template, wanted.topic, wanted.partition, 0, "PROTOAGG_GCS_DEAD_LETTERS"
     )
     letters_blob = bucket.get_blob(letters_name)
-    lettered = (
-        {d.message.offset for d in iter_dead_letters(io.BytesIO(letters_blob.download_as_bytes()))}
-        if letters_blob is not None
-        else set()
-    )
+    lettered = set()
+    if letters_blob is not None:
+        with _read_through(letters_blob) as lines:
+            lettered = {d.message.offset for d in iter_dead_letters(lines)}
     records, rejections = archive.parse(read.messages, max_message_bytes)
     for rejection in rejections:
         where = f"{wanted.topic}[{wanted.partition}]@{rejection.message.offset}"

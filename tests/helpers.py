@@ -11,14 +11,16 @@ import uuid
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, BinaryIO
 
 import dagster as dg
 import psycopg
+from google.cloud import storage
 from kafka.admin import NewTopic
 
 from protoagg_dagster.archive_store import AppendResult, append_batch, sequence_blobs
-from protoagg_dagster.core.archive_object import Piece, archive_format
+from protoagg_dagster.core.archive_object import Piece, archive_compression, archive_format
+from protoagg_dagster.core.compression import decompressed
 from protoagg_dagster.core.framing import ArchivedRecord, iter_records
 from protoagg_dagster.core.planning import OffsetRange
 from protoagg_dagster.jobs import archive_kafka_batch
@@ -28,6 +30,9 @@ from protoagg_dagster.sensors import kafka_offsets_sensor
 from protoagg_dagster.settings_resource import ArchiverSettings
 from protoagg_dagster.verification import KafkaCheck, check_against_kafka
 from tests.conftest import ROOT
+
+# Debian's programs that decompress a whole archive object to stdout, by codec.
+DECOMPRESSORS = {"gzip": ["gzip", "-dc"], "zstd": ["zstd", "-dcq"]}
 
 
 @dataclass(frozen=True)
@@ -108,7 +113,12 @@ def archived_records(stack: Stack) -> list[Any]:
     blob = stack.gcs.get_bucket().get_blob(stack.gcs.object_template)
     assert blob is not None, f"no archive object {stack.gcs.object_template}"
     archive = stack.archiver.format_options().build(archive_format(blob.metadata))
-    return list(archive.decode(io.BytesIO(blob.download_as_bytes())))
+    return list(archive.decode(uncompressed(blob)))
+
+
+def uncompressed(blob: storage.Blob) -> BinaryIO:
+    """The object's bytes, decompressed by the codec its metadata records."""
+    return decompressed(io.BytesIO(blob.download_as_bytes()), archive_compression(blob.metadata))
 
 
 def archived_to_end(dsn: str, topic: str, partitions: int, end: int) -> bool:
@@ -172,9 +182,7 @@ def archive(stack: Stack) -> tuple[list[ArchivedRecord], str]:
     name = stack.gcs.object_template
     blob = stack.gcs.get_bucket().get_blob(name)
     assert blob is not None, f"no archive object {name}"
-    return list(
-        iter_records(io.BytesIO(blob.download_as_bytes()))
-    ), f"gs://{stack.gcs.bucket}/{name}"
+    return list(iter_records(uncompressed(blob))), f"gs://{stack.gcs.bucket}/{name}"
 
 
 def check_archive(stack: Stack) -> KafkaCheck:

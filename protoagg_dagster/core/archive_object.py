@@ -7,7 +7,9 @@ write to the object (GCS allows 8 KiB). The marker closes the one gap the ledger
 compose that landed but whose ledger records were not committed (a crash, or a lost response);
 whoever next holds the object's lock reads it and records those pieces before composing again.
 It also records the archive format of the object's frames (absent on objects written before
-formats existed: those are ``log``).
+formats existed: those are ``log``) and its compression (absent: none). Compose replaces the
+metadata, so both are re-sent at every append, and a piece of another format or compression is
+refused: it would make the object unreadable.
 """
 
 from __future__ import annotations
@@ -19,12 +21,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from protoagg_dagster.core.compression import NONE
 from protoagg_dagster.core.errors import ConfigError
 from protoagg_dagster.core.planning import OffsetRange
 
 LAST_APPEND_KEY = "protoagg-last-append"
 LEGACY_OFFSETS_KEY = "protoagg-offsets"
 FORMAT_METADATA_KEY = "protoagg-format"
+COMPRESSION_METADATA_KEY = "protoagg-compression"
 LEGACY_FORMAT = "log"
 TEMP_PREFIX = "_protoagg/tmp/"
 # GCS composes at most 32 sources: the destination itself and this many pieces.
@@ -158,6 +162,7 @@ class Queued:
     piece: Piece
     temp_name: str
     format_name: str | None
+    compression: str = NONE
 
 
 @dataclass(frozen=True)
@@ -192,19 +197,35 @@ def archive_format(metadata: Mapping[str, str] | None) -> str:
     return (metadata or {}).get(FORMAT_METADATA_KEY, LEGACY_FORMAT)
 
 
+def archive_compression(metadata: Mapping[str, str] | None) -> str:
+    """The compression an object's metadata records (``none`` if it predates compression)."""
+    return (metadata or {}).get(COMPRESSION_METADATA_KEY, NONE)
+
+
 def metadata_after_compose(
-    metadata: Mapping[str, str] | None, pieces: Sequence[Piece], format_name: str | None = None
+    metadata: Mapping[str, str] | None,
+    pieces: Sequence[Piece],
+    format_name: str | None = None,
+    compression: str = NONE,
 ) -> dict[str, str]:
     """The destination's full custom metadata once ``pieces`` are appended (in this order).
 
     Compose replaces metadata, so the user's own keys are re-sent; the per-partition offsets map
     of earlier versions is dropped (the ledger holds offsets now). ``format_name`` None: the
     bytes are in no archive format (dead letters); none is recorded or checked.
+    ``compression`` is the piece's codec; an object that holds pieces of another is refused.
     """
     known = metadata or {}
     holds_frames = any(
         k in known for k in (FORMAT_METADATA_KEY, LAST_APPEND_KEY, LEGACY_OFFSETS_KEY)
     )
+    if holds_frames and archive_compression(metadata) != compression:
+        raise ConfigError(
+            f"the archive object is compressed with {archive_compression(metadata)!r}, and batch "
+            f"{pieces[0].batch_id} with {compression!r} (PROTOAGG_COMPRESSION): one object cannot "
+            "mix them; keep the setting, or point PROTOAGG_GCS_OBJECT (PROTOAGG_GCS_DEAD_LETTERS "
+            "for dead letters) at a new object name"
+        )
     if format_name is not None and holds_frames and archive_format(metadata) != format_name:
         raise ConfigError(
             f"the archive object holds {archive_format(metadata)!r} frames, and batch "
@@ -215,6 +236,9 @@ def metadata_after_compose(
     result[LAST_APPEND_KEY] = ",".join(piece.marker() for piece in pieces)
     if format_name is not None:
         result[FORMAT_METADATA_KEY] = format_name
+    # none is recorded as no key, so an uncompressed object's metadata is what it always was.
+    if compression != NONE:
+        result[COMPRESSION_METADATA_KEY] = compression
     return result
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable, Iterator
-from typing import BinaryIO, NamedTuple
+from typing import BinaryIO, NamedTuple, Protocol, runtime_checkable
 
 from google.protobuf.message import Message
 
@@ -93,9 +93,8 @@ def iter_parsed_frames(
         try:
             message.ParseFromString(payload)
         except Exception as exc:  # upb raises a bare DecodeError subclass of Exception
-            raise ArchiveFormatError(
-                f"record {index} at byte {offset}: {len(payload)}-byte frame is not a {kind} "
-                f"({exc})"
+            raise _frame_error(
+                stream, index, offset, f"{len(payload)}-byte frame is not a {kind} ({exc})"
             ) from exc
         yield index, offset
 
@@ -107,29 +106,32 @@ def iter_located_frames(
     buffer, pos, base, index = b"", 0, 0, 0
     while True:
         if len(buffer) - pos < LENGTH.size:
-            buffer, pos, base = _refill(stream, buffer, pos, base, LENGTH.size)
+            buffer, pos, base = _refill(stream, buffer, pos, base, LENGTH.size, index)
             if len(buffer) == 0:
                 return
             if len(buffer) < LENGTH.size:
-                raise ArchiveFormatError(
-                    f"record {index} at byte {base}: truncated length prefix, {len(buffer)} of "
-                    f"{LENGTH.size} bytes present"
+                raise _frame_error(
+                    stream,
+                    index,
+                    base,
+                    f"truncated length prefix, {len(buffer)} of {LENGTH.size} bytes present",
                 )
         (length,) = LENGTH.unpack_from(buffer, pos)
         if length > max_frame_bytes:
-            raise ArchiveFormatError(
-                f"record {index} at byte {base + pos}: length prefix {length} exceeds the "
-                f"{max_frame_bytes}-byte frame limit (corrupt, or not a protoagg archive; prefix "
-                f"bytes {buffer[pos : pos + LENGTH.size].hex()})"
+            raise _frame_error(
+                stream,
+                index,
+                base + pos,
+                f"length prefix {length} exceeds the {max_frame_bytes}-byte frame limit (corrupt, "
+                f"or not a protoagg archive; prefix bytes {buffer[pos : pos + LENGTH.size].hex()})",
             )
         end = pos + LENGTH.size + length
         if end > len(buffer):
-            buffer, pos, base = _refill(stream, buffer, pos, base, LENGTH.size + length)
+            buffer, pos, base = _refill(stream, buffer, pos, base, LENGTH.size + length, index)
             end = LENGTH.size + length
             if end > len(buffer):
-                raise ArchiveFormatError(
-                    f"record {index} at byte {base}: truncated frame, {len(buffer)} of {end} "
-                    "bytes present"
+                raise _frame_error(
+                    stream, index, base, f"truncated frame, {len(buffer)} of {end} bytes present"
                 )
         yield index, base + pos, buffer[pos + LENGTH.size : end]
         pos = end
@@ -137,15 +139,34 @@ def iter_located_frames(
 
 
 def _refill(
-    stream: BinaryIO, buffer: bytes, pos: int, base: int, need: int
+    stream: BinaryIO, buffer: bytes, pos: int, base: int, need: int, index: int
 ) -> tuple[bytes, int, int]:
-    """Keep the unread tail of ``buffer`` and read until it holds ``need`` bytes or EOF."""
+    """Keep the unread tail of ``buffer`` and read until it holds ``need`` bytes or EOF.
+
+    A decompressing stream's error (a corrupt member) is told with the frame being read.
+    """
     chunks = [buffer[pos:]]
     have = len(chunks[0])
     while have < need:
-        chunk = stream.read(max(_READ_CHUNK, need - have))
+        try:
+            chunk = stream.read(max(_READ_CHUNK, need - have))
+        except ArchiveFormatError as exc:
+            raise _frame_error(stream, index, base + pos, str(exc)) from exc
         if not chunk:
             break
         chunks.append(chunk)
         have += len(chunk)
     return b"".join(chunks), 0, base + pos
+
+
+@runtime_checkable
+class LocatedStream(Protocol):
+    """A stream that can say where an uncompressed byte offset sits (``core.compression``)."""
+
+    def locate(self, offset: int) -> str: ...
+
+
+def _frame_error(stream: BinaryIO, index: int, offset: int, detail: str) -> ArchiveFormatError:
+    """An error naming the frame, and in a compressed archive the member it is in."""
+    place = stream.locate(offset) if isinstance(stream, LocatedStream) else ""
+    return ArchiveFormatError(f"record {index} at byte {offset}{place}: {detail}")

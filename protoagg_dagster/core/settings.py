@@ -10,6 +10,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from protoagg_dagster.core.compression import Codec, parse_codec
 from protoagg_dagster.core.errors import ConfigError
 
 
@@ -126,6 +127,14 @@ GCS_DEAD_LETTERS = Setting(
 MAX_DEAD_LETTER_RATIO = Setting(
     "PROTOAGG_MAX_DEAD_LETTER_RATIO", "0.2", "a run with a larger dead-letter share fails"
 )
+COMPRESSION = Setting(
+    "PROTOAGG_COMPRESSION",
+    "none",
+    "compression of archive and dead-letter objects: none|gzip|zstd (default names get .gz/.zst)",
+)
+COMPRESSION_LEVEL = Setting(
+    "PROTOAGG_COMPRESSION_LEVEL", "", "gzip 1..9 (default 6), zstd 1..22 (default 3)"
+)
 START_FROM = Setting(
     "PROTOAGG_START_FROM", "earliest", "where a never-archived partition starts: earliest|latest"
 )
@@ -157,7 +166,20 @@ ALL_SETTINGS: tuple[Setting, ...] = (
     GCS_DEAD_LETTERS,
     MAX_DEAD_LETTER_RATIO,
     START_FROM,
+    COMPRESSION,
+    COMPRESSION_LEVEL,
 )
+
+
+def read_codec(environ: Mapping[str, str] | None = None) -> Codec:
+    """The codec PROTOAGG_COMPRESSION and PROTOAGG_COMPRESSION_LEVEL name."""
+    return parse_codec(COMPRESSION.read(environ), COMPRESSION_LEVEL.read(environ))
+
+
+def object_template(setting: Setting, suffix: str, environ: Mapping[str, str] | None = None) -> str:
+    """The setting's template: as written when set, else its default name plus ``suffix``."""
+    source = os.environ if environ is None else environ
+    return source[setting.env] if setting.env in source else setting.default + suffix
 
 
 def split_list(value: str) -> list[str]:

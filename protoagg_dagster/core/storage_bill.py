@@ -32,12 +32,13 @@ class BucketSettings:
 
 @dataclass(frozen=True)
 class ObjectSettings:
-    """One archive object's size, class and holds."""
+    """One archive object's size, class, holds and compression."""
 
     name: str
     size_bytes: int
     storage_class: str | None
     held: bool
+    compression: str = "none"
 
 
 @dataclass(frozen=True)

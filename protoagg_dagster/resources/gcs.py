@@ -9,7 +9,12 @@ from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 from pydantic import Field
 
-from protoagg_dagster.core.archive_object import DEFAULT_MAX_OBJECT_BYTES, validate_template
+from protoagg_dagster.core.archive_object import (
+    DEFAULT_MAX_OBJECT_BYTES,
+    archive_compression,
+    validate_template,
+)
+from protoagg_dagster.core.compression import NONE, Codec
 from protoagg_dagster.core.dead_letters import DEFAULT_TEMPLATE as DEAD_LETTER_TEMPLATE
 from protoagg_dagster.core.errors import ConfigError, MissingCredentials
 from protoagg_dagster.core.storage_bill import BucketSettings, ObjectSettings
@@ -41,6 +46,14 @@ class GCSResource(dg.ConfigurableResource):  # type: ignore[type-arg]
         "(log.pb, log.0001.pb, ...): the batch that would pass it starts the next one.",
         gt=0,
     )
+    compression: str = Field(
+        default=NONE,
+        description="Compression of each appended piece: none, gzip or zstd (one member or "
+        "frame per batch, so the object stays one valid .gz/.zst stream).",
+    )
+    compression_level: int | None = Field(
+        default=None, description="gzip 1..9 (default 6), zstd 1..22 (default 3)."
+    )
     emulator_host: str = Field(
         default="",
         description="GCS emulator endpoint (e.g. http://127.0.0.1:4443); empty: real GCS with "
@@ -50,6 +63,9 @@ class GCSResource(dg.ConfigurableResource):  # type: ignore[type-arg]
     create_bucket: bool = Field(
         default=False, description="Create the bucket if it does not exist (else: an error)."
     )
+
+    def codec(self) -> Codec:
+        return Codec(self.compression, self.compression_level)
 
     def get_client(self) -> storage.Client:
         if self.emulator_host:
@@ -107,7 +123,7 @@ class GCSResource(dg.ConfigurableResource):  # type: ignore[type-arg]
         )
 
     def object_settings(self, name: str) -> ObjectSettings | None:
-        """An archive object's size, storage class and holds; None if it does not exist."""
+        """An archive object's size, storage class, holds and compression; None if it is absent."""
         blob = self.get_client().bucket(self.bucket).get_blob(name)
         if blob is None:
             return None
@@ -116,4 +132,5 @@ class GCSResource(dg.ConfigurableResource):  # type: ignore[type-arg]
             size_bytes=int(blob.size or 0),
             storage_class=blob.storage_class,
             held=bool(blob.temporary_hold or blob.event_based_hold),
+            compression=archive_compression(blob.metadata),
         )

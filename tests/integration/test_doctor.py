@@ -13,6 +13,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from protoagg_dagster.core.archive_object import LAST_APPEND_KEY
 from protoagg_dagster.doctor import Deployment, Finding, diagnose
 from protoagg_dagster.resources import GCSResource, KafkaResource, PostgresResource
 from tests.conftest import ROOT, Services
@@ -126,6 +127,17 @@ def test_a_bad_template_fails(good: Deployment) -> None:
     broken = replace(good, gcs=good.gcs.model_copy(update={"object_template": "{shard}.pb"}))
     [failure] = _failures(diagnose(broken))
     assert failure.check == "template" and "PROTOAGG_GCS_OBJECT" in failure.detail
+
+
+def test_an_archive_of_another_compression_fails_saying_what_to_do(good: Deployment) -> None:
+    existing = good.gcs.get_bucket().blob(good.gcs.object_template)
+    existing.metadata = {LAST_APPEND_KEY: "1:records:4"}  # written uncompressed
+    existing.upload_from_string(b"\x00\x00\x00\x00")
+    zstd = replace(good, gcs=good.gcs.model_copy(update={"compression": "zstd"}))
+    [failure] = _failures(diagnose(zstd))
+    assert failure.check == "compression" and "'none'" in failure.detail
+    assert "PROTOAGG_GCS_OBJECT" in failure.fix
+    assert _failures(diagnose(good)) == []
 
 
 def test_soft_delete_warns_with_the_estimate(

@@ -31,13 +31,13 @@ class MemoryLedger:
     def locked(self, object_name: str) -> AbstractContextManager[None]:
         return nullcontext()
 
-    def waiting(self, object_name: str, format_name: str | None, limit: int) -> list[Queued]:
+    def waiting(self, object_name: str, like: Queued, limit: int) -> list[Queued]:
         with self._mutex:
             return [
                 q
                 for name, q in self._queue.values()
                 if name == object_name
-                and q.format_name == format_name
+                and (q.format_name, q.compression) == (like.format_name, like.compression)
                 and q.piece.key not in self.appended
             ][:limit]
 

@@ -78,3 +78,22 @@ def test_an_invalid_topic_entry_fails_at_load(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv(settings.TOPICS.env, "logs,/(unclosed/:record")
     with pytest.raises(ConfigError, match="not a valid regular expression"):
         load_definitions()
+
+
+def test_compression_gives_the_default_names_their_suffix_and_explicit_ones_stay(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(settings.COMPRESSION.env, "zstd")
+    monkeypatch.setenv(settings.COMPRESSION_LEVEL.env, "5")
+    monkeypatch.delenv(settings.GCS_OBJECT.env, raising=False)
+    monkeypatch.setenv(settings.GCS_DEAD_LETTERS.env, "letters/{topic}.jsonl")
+    gcs = (load_definitions().resources or {})["gcs"]
+    assert (gcs.compression, gcs.compression_level) == ("zstd", 5)
+    assert gcs.object_template == "log.pb.zst"
+    assert isinstance(gcs.dead_letter_template, dg.EnvVar)  # as written
+
+
+def test_an_unknown_compression_fails_at_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(settings.COMPRESSION.env, "lz4")
+    with pytest.raises(ConfigError, match="PROTOAGG_COMPRESSION"):
+        load_definitions()
