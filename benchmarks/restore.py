@@ -1,7 +1,7 @@
 """Records per second restored from a record-format archive into Kafka, and where the time goes.
 
     PYTHONPATH=. .venv/bin/python benchmarks/restore.py [--smoke] [--records 1000000]
-        [--bootstrap HOST:PORT] [--gcs http://HOST:PORT]
+        [--bootstrap HOST:PORT] [--gcs http://HOST:PORT] [--client kafka-python|confluent]
 
 An archive of ``--records`` records (16-byte keys, 125-byte values, one header, 3 partitions) is
 uploaded to the GCS emulator and restored by ``protoagg_dagster.restore.restore`` into a fresh
@@ -26,6 +26,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from protoagg_dagster.archive_reader import open_archive_with_format  # noqa: E402
+from protoagg_dagster.core import settings  # noqa: E402
 from protoagg_dagster.core.kafka_record import (  # noqa: E402
     ArchivedKafkaRecord,
     encode_kafka_records,
@@ -74,6 +75,9 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=None)
     parser.add_argument("--bootstrap", default=os.environ.get("PROTOAGG_KAFKA_BOOTSTRAP"))
     parser.add_argument("--gcs", default=os.environ.get("STORAGE_EMULATOR_HOST"))
+    parser.add_argument(
+        "--client", choices=settings.KAFKA_CLIENTS, default=settings.KAFKA_CLIENT.read()
+    )
     args = parser.parse_args()
     if not args.bootstrap or not args.gcs:
         parser.error(
@@ -85,7 +89,7 @@ def main() -> None:
     gcs = GCSResource(bucket=BUCKET, emulator_host=args.gcs)
     size = upload_archive(gcs, f"{token}/archive.pb", records)
     url = f"gs://{BUCKET}/{token}/archive.pb"
-    kafka = KafkaResource(bootstrap_servers=args.bootstrap)
+    kafka = KafkaResource(bootstrap_servers=args.bootstrap, client=args.client)
     target = f"bench-restore-{token}"
     create_topic(kafka, target, 3)
     spec = RestoreSpec((url,), target)
@@ -113,7 +117,10 @@ def main() -> None:
         ("  write pass: send + commit (rest)", send_s),
         ("rerun that skips everything", again),
     ]
-    print(f"restore of {records:,} records ({size / 1e6:.1f} MB archive), 3 partitions")
+    print(
+        f"restore of {records:,} records ({size / 1e6:.1f} MB archive), 3 partitions, "
+        f"{args.client} producer"
+    )
     print(f"{'step':40} {'seconds':>8} {'µs/record':>10} {'records/s':>12}")
     for name, seconds in rows:
         print(
@@ -124,6 +131,7 @@ def main() -> None:
         "benchmark": "restore",
         "smoke": args.smoke,
         "records": records,
+        "client": args.client,
         "archive_bytes": size,
         "records_per_s": round(records / total),
         "seconds": {name.strip(): round(s, 3) for name, s in rows},

@@ -80,6 +80,7 @@ defs = dg.Definitions(
             bootstrap_servers=_value(settings.KAFKA_BOOTSTRAP),
             topics=_value(settings.TOPICS),
             security_protocol=_value(settings.KAFKA_SECURITY_PROTOCOL),
+            client=_value(settings.KAFKA_CLIENT),
             **_kafka_security(),
         ),
         "postgres": postgres,

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 
 from protoagg_dagster.archive_reader import open_archive_with_format
@@ -35,7 +35,7 @@ from protoagg_dagster.core.restore import (
 )
 from protoagg_dagster.producer import create_topic
 from protoagg_dagster.resources.gcs import GCSResource
-from protoagg_dagster.resources.kafka import KafkaResource
+from protoagg_dagster.resources.kafka import KafkaResource, TransactionalProducer
 
 # Records per transaction: large enough that commits cost little, small enough that a crash
 # re-sends seconds of work at most.
@@ -183,7 +183,7 @@ def _write(
     urls: list[str],
     spec: RestoreSpec,
     partitions: int,
-    producer: KafkaProducer,
+    producer: TransactionalProducer,
     transaction_records: int,
     result: RestoreResult,
     progress: Callable[[int, int, float], None],
@@ -228,7 +228,7 @@ def _write(
     progress(result.done, result.restored.bytes, result.seconds)
 
 
-def _commit(producer: KafkaProducer, spec: RestoreSpec, advanced: dict[str, int]) -> None:
+def _commit(producer: TransactionalProducer, spec: RestoreSpec, advanced: dict[str, int]) -> None:
     """The progress of every object this transaction advanced, then commit: one atomic step."""
     for url, frames in advanced.items():
         producer.send(

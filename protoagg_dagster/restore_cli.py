@@ -35,7 +35,10 @@ def run_restore(args: argparse.Namespace) -> int:
         if bad_frame is not None:
             print(f"and stop at: {bad_frame}")
         return 0
-    kafka = KafkaResource(bootstrap_servers=args.bootstrap or settings.KAFKA_BOOTSTRAP.read())
+    kafka = KafkaResource(
+        bootstrap_servers=args.bootstrap or settings.KAFKA_BOOTSTRAP.read(),
+        client=settings.KAFKA_CLIENT.read(),
+    )
     bars: list[tqdm] = []  # type: ignore[type-arg]
 
     def progress(done: int, written: int, _seconds: float, total: int) -> None:

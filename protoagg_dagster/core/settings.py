@@ -59,6 +59,12 @@ KAFKA_SASL_MECHANISM = Setting(
 KAFKA_SASL_USERNAME = Setting("PROTOAGG_KAFKA_SASL_USERNAME", "", "SASL user name")
 KAFKA_SASL_PASSWORD = Setting("PROTOAGG_KAFKA_SASL_PASSWORD", "", "SASL password (a secret)")
 KAFKA_SSL_CAFILE = Setting("PROTOAGG_KAFKA_SSL_CAFILE", "", "CA bundle file for SSL")
+KAFKA_CLIENTS = ("kafka-python", "confluent")
+KAFKA_CLIENT = Setting(
+    "PROTOAGG_KAFKA_CLIENT",
+    "kafka-python",
+    "client of restore's transactional producer: kafka-python|confluent (librdkafka, faster)",
+)
 TOPICS = Setting(
     "PROTOAGG_TOPICS",
     "logs",
@@ -146,6 +152,7 @@ ALL_SETTINGS: tuple[Setting, ...] = (
     KAFKA_SASL_USERNAME,
     KAFKA_SASL_PASSWORD,
     KAFKA_SSL_CAFILE,
+    KAFKA_CLIENT,
     TOPICS,
     FORMAT,
     DEDUPE_KEY,

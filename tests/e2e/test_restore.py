@@ -11,11 +11,13 @@ import time
 from dataclasses import replace
 
 import dagster as dg
+import pytest
 from kafka import KafkaConsumer, TopicPartition
 from kafka.partitioner.default import murmur2
 
 from protoagg_dagster.core.kafka_record import ArchivedKafkaRecord
 from protoagg_dagster.core.records import RecordRejected, parse_rfc3339
+from protoagg_dagster.core.settings import KAFKA_CLIENT, KAFKA_CLIENTS
 from protoagg_dagster.jobs import restore_archive
 from protoagg_dagster.producer import produce_file
 from protoagg_dagster.resources import GCSResource
@@ -105,9 +107,12 @@ def kill_when_written(stack: Stack, topic: str, at_least: int, args: list[str]) 
     return running
 
 
+@pytest.mark.parametrize("client", KAFKA_CLIENTS)
 def test_restore_killed_mid_way_and_rerun_writes_every_record_once(
-    stack: Stack, unique: str
+    stack: Stack, unique: str, client: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # The restore processes inherit the setting.
+    monkeypatch.setenv(KAFKA_CLIENT.env, client)
     source = f"rsrc-{unique}"
     stack = record_topic(stack, source, 6000)
     target = f"rdst-{unique}"

@@ -22,6 +22,7 @@ from protoagg_dagster.core.restore import (
     summary,
     target_partition,
 )
+from protoagg_dagster.resources.kafka import KafkaResource
 
 SPEC = RestoreSpec(("gs://b/o",), "out")
 RECORD = ArchivedKafkaRecord("src", 2, 41, 1_700_000_000_123, 1, b"k", b"v", (("h", b""),))
@@ -161,3 +162,9 @@ def test_a_second_complete_run_says_it_wrote_nothing() -> None:
     assert summary(tallies, 0, {}) == (
         "restored 2 records (3.00 MB)\n  partition 0: 2 records, 3.00 MB, 2.5 s"
     )
+
+
+def test_an_unknown_kafka_client_is_refused_by_its_setting_name() -> None:
+    kafka = KafkaResource(bootstrap_servers="127.0.0.1:1", client="kafka-java")
+    with pytest.raises(ConfigError, match="PROTOAGG_KAFKA_CLIENT"):
+        kafka.get_transactional_producer("protoagg-restore-x")
