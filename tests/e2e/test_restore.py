@@ -35,10 +35,18 @@ from tests.helpers import (
 EXAMPLES = ROOT / "examples" / "messages.jsonl"
 
 
-def record_topic(stack: Stack, topic: str, count: int, partitions: int = 3) -> Stack:
+def record_topic(
+    stack: Stack,
+    topic: str,
+    count: int,
+    partitions: int = 3,
+    batch: int = 2000,
+    spacing_ms: int = 1000,
+) -> Stack:
     """A record topic of binary keys and values, null keys, tombstones and repeated headers,
-    archived through the sensor and the archive job; the stack that archives it."""
-    stack = with_topics(stack, f"{topic}:record", max_batch_messages=2000, batch_size=2000)
+    ``spacing_ms`` apart, archived through the sensor and the archive job in batches of at
+    most ``batch``; the stack that archives it."""
+    stack = with_topics(stack, f"{topic}:record", max_batch_messages=batch, batch_size=batch)
     create(stack, topic, partitions)
     rng = random.Random(13)
     sent = producer(stack)
@@ -56,7 +64,7 @@ def record_topic(stack: Stack, topic: str, count: int, partitions: int = 3) -> S
             value=value,
             headers=headers,
             partition=i % partitions,
-            timestamp_ms=1_700_000_000_000 + i * 1000,
+            timestamp_ms=1_700_000_000_000 + i * spacing_ms,
         )
     sent.flush()
     sent.close()
@@ -234,12 +242,17 @@ def instant(line: dict[str, str]) -> tuple[str, tuple[int, int], str]:
     return line["logId"], parse_rfc3339(line["timestamp"]), line["message"]
 
 
-def test_a_prefix_of_several_objects_restores_them_all(stack: Stack, unique: str) -> None:
+def test_a_prefix_of_hourly_objects_restores_them_all(stack: Stack, unique: str) -> None:
     source = f"rpre-{unique}"
-    stack = replace(stack, gcs=object_named(stack, f"{unique}/{{topic}}/{{partition}}.pb"))
-    stack = record_topic(stack, source, 900)
+    hourly = f"{unique}/{{date}}/{{hour}}/{{partition}}.pb"
+    stack = replace(stack, gcs=object_named(stack, hourly))
+    # 10 s apart from 2023-11-14T22:13:20Z, batches of 100 per partition (300 per partition):
+    # each partition's batches start in hours 22, 23 and 23, so its records span two objects.
+    stack = record_topic(stack, source, 900, batch=100, spacing_ms=10_000)
     names = [b.name for b in stack.gcs.get_bucket().list_blobs(prefix=f"{unique}/")]
-    assert len(names) == 3
+    assert sorted(names) == [
+        f"{unique}/2023-11-14/{hour}/{partition}.pb" for hour in (22, 23) for partition in range(3)
+    ]
     target = f"rpre-out-{unique}"
     prefix = f"gs://{stack.gcs.bucket}/{unique}/"
     done = run_restore(prefix, "--to-topic", target, "--create-topic")
