@@ -243,8 +243,8 @@ def test_the_ui_shows_the_deployment_and_archives_a_range_launched_from_the_laun
     expect(page.get_by_text("1 code location", exact=True)).to_be_visible()
     expect(page.get_by_text(re.compile(r"^Loaded"))).to_be_visible()
     expect(page.get_by_text(re.compile("error|failed", re.IGNORECASE))).to_have_count(0)
-    # What it defines: one asset, two jobs, one schedule, one sensor.
-    for kind, count in (("asset_group", 1), ("job", 2), ("schedule", 1), ("sensors", 1)):
+    # What it defines: one asset, three jobs (archive, upkeep, restore), a schedule, a sensor.
+    for kind, count in (("asset_group", 1), ("job", 3), ("schedule", 1), ("sensors", 1)):
         expect(page.get_by_role("link", name=f"{kind} {count}", exact=True)).to_be_visible()
 
     # The archive job, its four steps.
