@@ -7,6 +7,7 @@ import json
 import random
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import replace
 
@@ -26,7 +27,6 @@ from tests.e2e.test_record_format import Row, binary, committed, create, produce
 from tests.helpers import (
     Stack,
     archived_records,
-    restore_cmd,
     run_restore,
     run_sensor_until_idle,
     with_topics,
@@ -104,7 +104,10 @@ def kill_when_written(stack: Stack, topic: str, at_least: int, args: list[str]) 
     """Start a restore and SIGKILL it once ``at_least`` records reached the topic (or it ends);
     whether it was still running when killed."""
     process = subprocess.Popen(
-        restore_cmd(*args), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [sys.executable, "-m", "tests.support.slow_restore", *args],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 120
     while process.poll() is None and written(stack, topic) < at_least:
