@@ -237,12 +237,14 @@ def claim_batch(
             batch.topic, batch.partition, max(batch.start, next_offset), batch.end
         )
         candidates = [r for r in records if r.offset >= effective.start]
-        object_name = _reserve_in_sequence(conn, object_name, estimated_bytes, max_object_bytes)
         batch_id = _insert_batch(conn, effective, object_name, len(records), run_id)
         claimed_offsets = claim_ids(conn, batch_id, candidates)
+        # Last, so the sequence's row lock, which every partition of the object waits for, is
+        # held for one statement and the commit rather than for all the id claims.
+        object_name = _reserve_in_sequence(conn, object_name, estimated_bytes, max_object_bytes)
         conn.execute(
-            "UPDATE archive_batches SET claimed = %s WHERE batch_id = %s",
-            (len(claimed_offsets), batch_id),
+            "UPDATE archive_batches SET claimed = %s, object_name = %s WHERE batch_id = %s",
+            (len(claimed_offsets), object_name, batch_id),
         )
     kept = tuple(r for r in candidates if r.dedupe_key is None or r.offset in claimed_offsets)
     return Claim(batch_id, effective, object_name, kept, len(candidates) - len(kept), adopted=False)
