@@ -109,6 +109,7 @@ def spec_for(
         "resources": {
             "kafka": {"bootstrap_servers": args.bootstrap, "topics": topic},
             "postgres": {"dsn": dsn},
+            "lease": {"postgres": {"dsn": dsn}},
             "gcs": {
                 "bucket": args.bucket,
                 "object_template": object_name,

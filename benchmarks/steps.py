@@ -8,8 +8,9 @@ JSON values, 5% repeated logIds) and, with ``--admin-dsn``, a fresh database:
 
 (a) **ceiling**: kafka-python reads and discards the N messages (``run_once.raw_consume``);
 (b) **per step**, on the same N, each with the package's own functions:
-    consume (``read_range``, building the ``KafkaMessage`` list), parse and encode of the ``log``
-    format and, on the same messages, of the ``record`` format (pure CPU; rates also per
+    consume (``read_range``, building the ``KafkaMessage`` list), parse (straight to frames, in
+    10k chunks as the consume op does) and encode (the join of the frames dedupe keeps) of the
+    ``log`` format and, on the same messages, of the ``record`` format (pure CPU; rates also per
     CPU-second of the thread, i.e. per core), then per batch of ``--batch`` messages: dedupe
     (``claim_batch``), append (``append_batch`` with the object lock, to the emulator), finish
     (``finish_batch``) and the op's read-back checks (``evaluate_batch``);
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import contextlib
+import dataclasses
 import gc
 import json
 import statistics
@@ -61,9 +63,10 @@ from benchmarks.run_once import (  # noqa: E402
 from protoagg_dagster.archive_store import append_batch  # noqa: E402
 from protoagg_dagster.checks import Written, evaluate_batch  # noqa: E402
 from protoagg_dagster.core.archive_object import Piece  # noqa: E402
+from protoagg_dagster.core.batch import FramedBatch, Row  # noqa: E402
 from protoagg_dagster.core.formats import ArchiveFormat, LogFormat, RecordFormat  # noqa: E402
 from protoagg_dagster.core.planning import OffsetRange  # noqa: E402
-from protoagg_dagster.core.records import KafkaMessage, LogRecord  # noqa: E402
+from protoagg_dagster.core.records import KafkaMessage  # noqa: E402
 from protoagg_dagster.kafka_reader import RangeRead, read_range  # noqa: E402
 from protoagg_dagster.ledger import (  # noqa: E402
     AppendedBatch,
@@ -158,35 +161,65 @@ def measure_consume(
 # parse, encode
 
 
+CHUNK = 10_000  # messages per poll of the reader, as the consume op parses them
+
+
+def build_batch(messages: list[KafkaMessage], archive: ArchiveFormat) -> FramedBatch:
+    """The consume op's parse: chunk by chunk as the reader delivers them, straight to frames."""
+    builder = archive.batch_builder(messages[0].topic, messages[0].partition, MAX_MESSAGE_BYTES)
+    for start in range(0, len(messages), CHUNK):
+        builder.add(messages[start : start + CHUNK])
+    return builder.finish()
+
+
+def first_of_each_key(rows: list[Row]) -> list[Row]:
+    """What dedupe keeps of a fresh window: the first record of each key (all when keyless)."""
+    seen: set[str] = set()
+    kept = []
+    for row in rows:
+        key = row.dedupe_key
+        if key is None or key not in seen:
+            kept.append(row)
+            if key is not None:
+                seen.add(key)
+    return kept
+
+
 def measure_cpu_steps(
     messages: list[KafkaMessage], repeats: int, archive: ArchiveFormat
-) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], list[Any]]:
-    """Parse and encode of ``archive`` (the log format, or the record format) on ``messages``."""
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], FramedBatch]:
+    """Parse and encode of ``archive`` (the log format, or the record format) on ``messages``.
+
+    Parse builds the ``FramedBatch`` (frames made at parse time); encode joins the frames of
+    what dedupe would keep (the first record of each key).
+    """
     n = len(messages)
     parse_w, parse_c, enc_w, enc_c, both_w, both_c = [], [], [], [], [], []
-    records: list[Any] = []
+    batch: FramedBatch | None = None
     for _ in range(repeats):
-        records = []
+        batch = None
         gc.collect()
         with collector_paused():
             with Timed() as p:
-                records, rejections = archive.parse(messages, MAX_MESSAGE_BYTES)
+                batch = build_batch(messages, archive)
+            kept = first_of_each_key(batch.rows())
             with Timed() as e:
-                data = archive.encode(records)
-        if rejections or len(records) != n or not data:
-            raise RuntimeError(f"parse: {len(records)} records, {len(rejections)} rejections")
-        del data
+                data = batch.frames_of(kept)
+        if batch.rejections or len(batch) != n or not data:
+            raise RuntimeError(f"parse: {len(batch)} records, {len(batch.rejections)} rejections")
+        del data, kept
         parse_w.append(p.wall)
         parse_c.append(p.thread)
         enc_w.append(e.wall)
         enc_c.append(e.thread)
         both_w.append(p.wall + e.wall)
         both_c.append(p.thread + e.thread)
+    assert batch is not None
     return (
         summary(n, parse_w, parse_c),
         summary(n, enc_w, enc_c),
         summary(n, both_w, both_c),
-        records,
+        batch,
     )
 
 
@@ -201,7 +234,7 @@ def measure_batches(
     dsn: str,
     gcs: GCSResource,
     topic: str,
-    records: list[LogRecord],
+    records: FramedBatch,
     batch: int,
     distinct: int,
     archive: ArchiveFormat,
@@ -211,7 +244,8 @@ def measure_batches(
     Also returns the first batch's claim and framed bytes (for the hand-off measurement).
     """
     n = len(records)
-    offsets = [r.offset for r in records]
+    offsets = list(records.offsets)
+    rows = records.rows()
     name = gcs.object_template
     rows: list[dict[str, Any]] = []
     postgres = PostgresResource(dsn=dsn)
@@ -229,11 +263,11 @@ def measure_batches(
             end = min(start + batch, n)
             rng = OffsetRange(topic, 0, start, end)
             lo, hi = bisect.bisect_left(offsets, start), bisect.bisect_left(offsets, end)
-            chunk = records[lo:hi]
+            chunk = rows[lo:hi]
             with collector_paused():
                 with Timed() as t_claim:
                     claim = claim_batch(conn, rng, chunk, name, None)
-                data = archive.encode(claim.kept)
+                data = records.frames_of(claim.kept)
             if claim.batch_id is None:
                 raise RuntimeError(f"nothing claimed in {rng}")
             with Timed() as t_append:
@@ -317,13 +351,19 @@ def measure_handoff(
     n = len(messages)
     read = RangeRead(
         OffsetRange(topic, 0, messages[0].offset, messages[-1].offset + 1),
-        messages,
+        [],  # the consume op parses the messages as they arrive and keeps none
         sum(len(m.value or b"") for m in messages),
         0,
     )
     seconds = {"consume": 1.0, "dedupe": 1.0, "encode": 1.0}
-    consumed = Consumed(read, LogFormat(), seconds)
-    claimed = Claimed(read, LogFormat(), claim, (), 0, seconds)
+    records = build_batch(messages, LogFormat())
+    # The claim's rows as the first batch's own (those of measure_batches are of all N).
+    kept_offsets = {r.offset for r in claim.kept}
+    claim = dataclasses.replace(
+        claim, kept=tuple(r for r in records.rows() if r.offset in kept_offsets)
+    )
+    consumed = Consumed(read, LogFormat(), records, seconds)
+    claimed = Claimed(read, LogFormat(), records, claim, (), 0, seconds)
     outputs = {
         "consume": consumed,
         "dedupe": claimed,

@@ -7,6 +7,7 @@ instance reads the same messages.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from kafka import KafkaConsumer, TopicPartition
@@ -35,6 +36,7 @@ def read_range(
     wanted: OffsetRange,
     max_bytes: int,
     timeout_seconds: float = 120.0,
+    on_chunk: Callable[[list[KafkaMessage]], None] | None = None,
 ) -> RangeRead:
     """Read offsets ``[wanted.start, wanted.end)``, stopping early once ``max_bytes`` is reached.
 
@@ -42,6 +44,9 @@ def read_range(
     read_committed consumer, retention) are passed over: the loop ends on the consumer's
     position, which moves past them, not on a message count; the range is complete even when its
     last offsets hold nothing.
+
+    With ``on_chunk`` each poll's messages are handed to it instead of being kept (``messages``
+    stays empty), so a caller can parse them as they arrive.
     """
     tp = TopicPartition(wanted.topic, wanted.partition)
     consumer.assign([tp])
@@ -59,11 +64,12 @@ def read_range(
                 f"{consumer.position(tp)}: is the broker reachable and the range still retained?"
             )
         polled = consumer.poll(timeout_ms=1000, max_records=10_000).get(tp, [])
+        chunk: list[KafkaMessage] = []
         for record in polled:
             if record.offset >= end:
                 break
             value = record.value
-            messages.append(
+            chunk.append(
                 KafkaMessage(
                     record.topic,
                     record.partition,
@@ -79,6 +85,10 @@ def read_range(
             if value_bytes >= max_bytes:
                 end = record.offset + 1
                 break
+        if on_chunk is None:
+            messages += chunk
+        else:
+            on_chunk(chunk)
     batch = OffsetRange(wanted.topic, wanted.partition, wanted.start, end)
     return RangeRead(batch, messages, value_bytes, skipped=min(start, end) - wanted.start)
 

@@ -21,6 +21,7 @@ from protoagg_dagster.archive_store import AppendResult, append_batch
 from protoagg_dagster.assets import ARCHIVE_ASSET, topic_asset_key
 from protoagg_dagster.checks import Written, evaluate_batch
 from protoagg_dagster.core.archive_object import Piece, PieceRole, object_name
+from protoagg_dagster.core.batch import FramedBatch
 from protoagg_dagster.core.compression import NONE
 from protoagg_dagster.core.dead_letters import encode_envelopes
 from protoagg_dagster.core.errors import ConfigError
@@ -103,8 +104,11 @@ class ArchiveRangeConfig(dg.Config):
 
 @dataclass(frozen=True)
 class Consumed:
+    """The range read, parsed as it arrived (``read.messages`` is empty: ``records`` holds it)."""
+
     read: RangeRead
     format: ArchiveFormat
+    records: FramedBatch
     seconds: dict[str, float] = field(default_factory=dict)
     # The whole archive's asset and the asset of the topic's PROTOAGG_TOPICS entry.
     assets: tuple[dg.AssetKey, ...] = (ARCHIVE_ASSET,)
@@ -114,6 +118,7 @@ class Consumed:
 class Claimed:
     read: RangeRead
     format: ArchiveFormat
+    records: FramedBatch
     claim: Claim
     dead_letters: tuple[Rejection, ...]
     tombstones: int
@@ -140,15 +145,20 @@ def consume(
     postgres: PostgresResource,
     archiver: ArchiverSettings,
 ) -> Consumed:
-    """Read exactly the configured offset range (assign + seek; no consumer group).
+    """Read exactly the configured offset range (assign + seek; no consumer group), and parse it.
 
-    A range the ledger already has archived is not read at all: dedupe will find it done.
+    Each chunk the reader delivers is parsed straight to its frames and dropped, so the output
+    is the compact ``FramedBatch``. A range the ledger already has archived is not read at all:
+    dedupe will find it done.
     """
     wanted = OffsetRange(config.topic, config.partition, config.start_offset, config.end_offset)
     formats = archiver.topic_formats(kafka.topics)
     archive_format = formats.format_for(wanted.topic)
     rule = rule_for(formats.rules, wanted.topic)
     assets = (ARCHIVE_ASSET,) + ((topic_asset_key(rule),) if rule is not None else ())
+    builder = archive_format.batch_builder(
+        wanted.topic, wanted.partition, archiver.max_message_bytes
+    )
     started = time.perf_counter()
     with postgres.get_connection() as conn:
         archived_to = archived_position(conn, wanted.topic, wanted.partition)
@@ -157,24 +167,27 @@ def consume(
         return Consumed(
             RangeRead(wanted, [], 0, 0),
             archive_format,
+            builder.finish(),
             {"consume": time.perf_counter() - started},
             assets,
         )
     consumer = kafka.get_consumer()
     try:
         with collector_paused():
-            read = read_range(consumer, wanted, archiver.max_batch_bytes)
+            read = read_range(consumer, wanted, archiver.max_batch_bytes, on_chunk=builder.add)
+            records = builder.finish()
     finally:
         consumer.close()
     elapsed = time.perf_counter() - started
+    parsed = records.parse_seconds
     context.log.info(
-        f"consume: {len(read.messages)} messages, {read.value_bytes} bytes from {read.batch} "
-        f"in {elapsed:.2f} s"
+        f"consume: {records.messages} messages, {read.value_bytes} bytes from {read.batch} "
+        f"in {elapsed:.2f} s ({parsed:.2f} s of it parsing)"
         + (f"; {read.skipped} offsets already deleted by retention" if read.skipped else "")
         + (
-            f"; {read.batch.size - read.skipped - len(read.messages)} offsets hold no record "
+            f"; {read.batch.size - read.skipped - records.messages} offsets hold no record "
             "(transaction markers, aborted or compacted records)"
-            if read.batch.size - read.skipped > len(read.messages)
+            if read.batch.size - read.skipped > records.messages
             else ""
         )
         + (
@@ -183,7 +196,9 @@ def consume(
             else ""
         )
     )
-    return Consumed(read, archive_format, {"consume": elapsed}, assets)
+    return Consumed(
+        read, archive_format, records, {"consume": elapsed - parsed, "parse": parsed}, assets
+    )
 
 
 @dg.op(retry_policy=TRANSIENT_RETRY)
@@ -196,28 +211,29 @@ def dedupe(
     archiver: ArchiverSettings,
     lease: PartitionLease,
 ) -> Claimed:
-    """Parse, then claim the range and each new dedupe key in PostgreSQL; drop keys seen before."""
+    """Claim the range and each new dedupe key in PostgreSQL; drop keys seen before."""
     lease.confirm()
     started = time.perf_counter()
     read = consumed.read
-    with collector_paused():
-        records, rejections = consumed.format.parse(read.messages, archiver.max_message_bytes)
-    first_timestamp = read.messages[0].timestamp_ms if read.messages else 0
+    records = consumed.records
     destination = object_name(
-        gcs.object_template, read.batch.topic, read.batch.partition, first_timestamp
+        gcs.object_template, read.batch.topic, read.batch.partition, records.first_timestamp_ms
     )
     with postgres.get_connection() as conn, collector_paused():
         claim = claim_batch(
             conn,
             read.batch,
-            records,
+            records.rows(),
             destination,
             context.run_id,
-            consumed.format.size_bound(read.messages),
+            # What the kept frames can add to the object: at most all the frames.
+            len(records.frames),
             gcs.max_object_bytes,
         )
     # Only what the claimed range covers (an adopted or trimmed claim may be narrower).
-    inside = [r for r in rejections if claim.batch.start <= r.message.offset < claim.batch.end]
+    inside = [
+        r for r in records.rejections if claim.batch.start <= r.message.offset < claim.batch.end
+    ]
     dead_letters = tuple(r for r in inside if r.reason != TOMBSTONE)
     tombstones = len(inside) - len(dead_letters)
     elapsed = time.perf_counter() - started
@@ -227,7 +243,7 @@ def dedupe(
         context.log.info(
             f"dedupe: {len(claim.kept)} new, {claim.duplicates} duplicates, "
             f"{len(dead_letters)} dead letters, {tombstones} tombstones of "
-            f"{len(read.messages)} in {claim.batch}"
+            f"{records.messages} in {claim.batch}"
             + (" (finishing an earlier claim of this range)" if claim.adopted else "")
             + f" in {elapsed:.2f} s"
         )
@@ -237,6 +253,7 @@ def dedupe(
     return Claimed(
         read,
         consumed.format,
+        records,
         claim,
         dead_letters,
         tombstones,
@@ -248,14 +265,14 @@ def dedupe(
 @dg.op
 @fail_fast
 def encode(context: dg.OpExecutionContext, claimed: Claimed, gcs: GCSResource) -> Encoded:
-    """Frame the kept records as ``uint32 LE length | message`` of their format, in offset order.
+    """Join the kept records' frames (``uint32 LE length | message``, made when parsing).
 
     The frames are then compressed (PROTOAGG_COMPRESSION) into one gzip member or zstd frame.
     """
     started = time.perf_counter()
     codec = gcs.codec()
     with collector_paused():
-        framed = claimed.format.encode(claimed.claim.kept)
+        framed = claimed.records.frames_of(claimed.claim.kept)
     data = codec.compress(framed)
     elapsed = time.perf_counter() - started
     context.log.info(
@@ -359,7 +376,7 @@ def append(
             asset_key=asset_key, description=str(claim.batch), metadata=metadata
         )
     yield from checks
-    read_count = len(claimed.read.messages)
+    read_count = claimed.records.messages
     ratio = len(claimed.dead_letters) / read_count if read_count else 0.0
     if ratio > archiver.max_dead_letter_ratio:
         # The batch is archived and its dead letters kept; failing makes a misconfigured topic
@@ -395,7 +412,7 @@ def _batch_metadata(
 ) -> dict[str, Any]:
     claimed = encoded.claimed
     claim = claimed.claim
-    read_count = len(claimed.read.messages)
+    read_count = claimed.records.messages
     total = sum(seconds.values())
     reasons = Counter(r.reason for r in claimed.dead_letters)
     return {

@@ -21,10 +21,12 @@ from typing import Any, BinaryIO, Protocol
 
 import orjson
 
+from protoagg_dagster.core.batch import BatchBuilder
 from protoagg_dagster.core.errors import ConfigError
-from protoagg_dagster.core.framing import encode_records, iter_records
+from protoagg_dagster.core.framing import ProtoLogFrames, encode_records, iter_records
 from protoagg_dagster.core.kafka_record import (
     ArchivedKafkaRecord,
+    KafkaRecordFrames,
     encode_kafka_records,
     iter_kafka_records,
 )
@@ -34,6 +36,7 @@ from protoagg_dagster.core.records import (
     LogFields,
     Rejection,
     format_rfc3339,
+    parse_log_value,
     parse_messages,
 )
 
@@ -48,6 +51,10 @@ _TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}\Z")
 _PATTERN_ENTRY = re.compile(r"/(?P<regex>.+?)/(?::(?P<format>[^,]*))?\s*(?:,|\Z)", re.DOTALL)
 
 ShowBytes = Callable[[bytes], object]
+# Dedupe keys as text: a logId's 8-4-4-4-12 form, and a digest's 32 hex digits (both PostgreSQL
+# uuid input).
+UUID_TEXT_WIDTH = 36
+DIGEST_TEXT_WIDTH = 32
 
 
 class Claimable(Protocol):
@@ -78,8 +85,12 @@ class ArchiveFormat(Protocol):
     def encode(self, records: Iterable[Any]) -> bytes:
         """The frames of ``records``, in the order given."""
 
-    def size_bound(self, messages: Sequence[KafkaMessage]) -> int:
-        """At least what ``encode`` makes of these messages' records (known before parsing)."""
+    def batch_builder(self, topic: str, partition: int, max_bytes: int) -> BatchBuilder:
+        """Parses messages of one partition straight to ``encode``'s frames, chunk by chunk.
+
+        The batch's records are those of ``parse``, its rejections the same, and its frames
+        byte for byte those ``encode`` makes of the records.
+        """
 
     def decode(self, stream: BinaryIO) -> Iterator[Any]:
         """The archived records of a stream; ``ArchiveFormatError`` names a bad frame."""
@@ -110,17 +121,26 @@ class LogFormat:
     def encode(self, records: Iterable[Any]) -> bytes:
         return encode_records(records)
 
-    def size_bound(self, messages: Sequence[KafkaMessage]) -> int:
-        # A ProtoLog frame is shorter than its JSON: each field's quoted name and punctuation
-        # outweigh its tag and length, and the 4-byte frame header; 8 more is slack.
-        return sum(len(m.value or b"") + 8 for m in messages)
+    def batch_builder(self, topic: str, partition: int, max_bytes: int) -> BatchBuilder:
+        fields = self.fields
+        append = ProtoLogFrames().append
+
+        def write(message: KafkaMessage, out: bytearray) -> str:
+            record = parse_log_value(
+                message.offset, message.value, max_bytes, fields, message.timestamp_ms
+            )
+            append(out, record)
+            return record.log_id.lower()
+
+        return BatchBuilder(topic, partition, write, key_width=UUID_TEXT_WIDTH)
 
     def decode(self, stream: BinaryIO) -> Iterator[Any]:
         return iter_records(stream)
 
     def identity(self, record: Any) -> str:
-        # PostgreSQL's uuid (the dedupe window) ignores case, so the archive must too.
-        return str(record.log_id).lower()
+        # The logId (a record of a FramedBatch has no other field). PostgreSQL's uuid (the
+        # dedupe window) ignores case, so the archive must too.
+        return str(record.dedupe_key).lower()
 
     def content(self, record: Any) -> tuple[object, ...]:
         return (record.log_id.lower(), record.seconds, record.nanos, record.message)
@@ -157,7 +177,7 @@ class DedupeKey:
     def __str__(self) -> str:
         return f"{self.kind}:{self.name}" if self.name else self.kind
 
-    def source(self, record: ArchivedKafkaRecord) -> bytes | None:
+    def source(self, record: ArchivedKafkaRecord | KafkaMessage) -> bytes | None:
         """The bytes that identify the record's content, or None (archived, never deduped)."""
         if self.kind == "key":
             return record.key
@@ -173,7 +193,7 @@ class DedupeKey:
                 return orjson.dumps(obj[self.name], option=orjson.OPT_SORT_KEYS)
         return None
 
-    def digest(self, record: ArchivedKafkaRecord) -> str | None:
+    def digest(self, record: ArchivedKafkaRecord | KafkaMessage) -> str | None:
         """128 bits of the source, scoped to the topic: two topics' keys are unrelated."""
         if self.kind == "none":
             return None
@@ -216,16 +236,22 @@ class RecordFormat:
     def encode(self, records: Iterable[Any]) -> bytes:
         return encode_kafka_records(records)
 
-    def size_bound(self, messages: Sequence[KafkaMessage]) -> int:
-        # Bytes as they are, plus each field's tag and length, the numbers and the frame header.
-        return sum(
-            len(m.topic.encode())
-            + len(m.key or b"")
-            + len(m.value or b"")
-            + sum(len(k.encode()) + len(v or b"") + 16 for k, v in m.headers)
-            + 64
-            for m in messages
-        )
+    def batch_builder(self, topic: str, partition: int, max_bytes: int) -> BatchBuilder:
+        append = KafkaRecordFrames().append
+        if self.dedupe.kind == "none":
+
+            def write(message: KafkaMessage, out: bytearray) -> str | None:
+                append(out, message)
+                return None
+
+            return BatchBuilder(topic, partition, write, key_width=0)
+        digest = self.dedupe.digest
+
+        def write_keyed(message: KafkaMessage, out: bytearray) -> str | None:
+            append(out, message)
+            return digest(message)
+
+        return BatchBuilder(topic, partition, write_keyed, key_width=DIGEST_TEXT_WIDTH)
 
     def decode(self, stream: BinaryIO) -> Iterator[Any]:
         digest = self.dedupe.digest if self.dedupe.kind != "none" else None

@@ -24,20 +24,30 @@ MAX_FRAME_BYTES = 64 * 1024 * 1024
 _READ_CHUNK = 1024 * 1024
 
 
+class ProtoLogFrames:
+    """Appends ``ProtoLog`` frames to a buffer, reusing one upb message for all of them."""
+
+    def __init__(self) -> None:
+        self._message = ProtoLog()
+        self._timestamp = self._message.timestamp
+
+    def append(self, out: bytearray, record: LogRecord) -> None:
+        message = self._message
+        message.logId = record.log_id
+        self._timestamp.seconds = record.seconds
+        self._timestamp.nanos = record.nanos
+        message.message = record.message
+        data = message.SerializeToString()
+        out += LENGTH.pack(len(data))
+        out += data
+
+
 def encode_records(records: Iterable[LogRecord]) -> bytes:
     """Frame each record as ``ProtoLog``, in the order given."""
     out = bytearray()
-    pack = LENGTH.pack
-    message = ProtoLog()
-    timestamp = message.timestamp
+    append = ProtoLogFrames().append
     for record in records:
-        message.logId = record.log_id
-        timestamp.seconds = record.seconds
-        timestamp.nanos = record.nanos
-        message.message = record.message
-        data = message.SerializeToString()
-        out += pack(len(data))
-        out += data
+        append(out, record)
     return bytes(out)
 
 

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import BinaryIO, NamedTuple
 
 from protoagg_dagster.core.framing import LENGTH, MAX_FRAME_BYTES, iter_parsed_frames
+from protoagg_dagster.core.records import KafkaMessage
 from protoagg_dagster.pb.record_pb2 import Header, KafkaRecord
 
 # kafka-python's timestamp_type (0 create, 1 log append) to the proto enum; anything else is
@@ -37,12 +38,14 @@ class ArchivedKafkaRecord(NamedTuple):
     dedupe_key: str | None = None
 
 
-def encode_kafka_records(records: Iterable[ArchivedKafkaRecord]) -> bytes:
-    """Frame each record as ``KafkaRecord``, in the order given."""
-    out = bytearray()
-    pack = LENGTH.pack
-    message = KafkaRecord()
-    for record in records:
+class KafkaRecordFrames:
+    """Appends ``KafkaRecord`` frames to a buffer, reusing one upb message for all of them."""
+
+    def __init__(self) -> None:
+        self._message = KafkaRecord()
+
+    def append(self, out: bytearray, record: ArchivedKafkaRecord | KafkaMessage) -> None:
+        message = self._message
         message.Clear()
         message.topic = record.topic
         message.partition = record.partition
@@ -58,8 +61,16 @@ def encode_kafka_records(records: Iterable[ArchivedKafkaRecord]) -> bytes:
         for name, value in record.headers:
             message.headers.add(key=name, value=value)
         data = message.SerializeToString()
-        out += pack(len(data))
+        out += LENGTH.pack(len(data))
         out += data
+
+
+def encode_kafka_records(records: Iterable[ArchivedKafkaRecord]) -> bytes:
+    """Frame each record as ``KafkaRecord``, in the order given."""
+    out = bytearray()
+    append = KafkaRecordFrames().append
+    for record in records:
+        append(out, record)
     return bytes(out)
 
 

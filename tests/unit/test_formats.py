@@ -61,35 +61,6 @@ def test_record_format_round_trips_every_field_null_and_empty_apart(
         (m.timestamp_type, m.key, m.value, m.headers) for m in batch
     ]
 
-    assert archive.size_bound(batch) >= len(archive.encode(records))
-
-
-log_values = st.builds(
-    lambda log_id, second, nanos, message, extra: json.dumps(
-        {
-            "logId": str(log_id),
-            "timestamp": f"2026-11-01T08:00:{second:02d}.{nanos:09d}Z",
-            "message": message,
-            **extra,
-        },
-        ensure_ascii=False,
-    ).encode(),
-    st.uuids(),
-    st.integers(0, 59),
-    st.integers(0, 999_999_999),
-    st.text(max_size=60),
-    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
-)
-
-
-@given(st.lists(log_values, max_size=20))
-def test_log_size_bound_covers_the_frames_of_the_records(values: list[bytes]) -> None:
-    batch = [KafkaMessage("t", 0, n, 0, None, v) for n, v in enumerate(values)]
-    archive = LogFormat()
-    records, rejections = archive.parse(batch, 10**6)
-    assert rejections == []
-    assert archive.size_bound(batch) >= len(archive.encode(records))
-
 
 def test_record_frame_is_the_kafka_record_message_of_the_contract() -> None:
     record = ArchivedKafkaRecord("t", 2, 7, 1_500, 1, b"", None, (("h", None), ("h", b"x")))

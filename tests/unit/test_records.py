@@ -101,3 +101,12 @@ def test_rfc3339_matches_datetime_arithmetic(moment: datetime, nanos: int, shift
 @given(seconds=st.integers(-62_135_596_800, 253_402_300_799), nanos=st.integers(0, 999_999_999))
 def test_format_then_parse_round_trips(seconds: int, nanos: int) -> None:
     assert parse_rfc3339(format_rfc3339(seconds, nanos)) == (seconds, nanos)
+
+
+@given(moment=moments, nanos=st.integers(0, 999_999_999), digits=st.integers(0, 9))
+def test_the_usual_utc_form_reads_as_its_offset_form(
+    moment: datetime, nanos: int, digits: int
+) -> None:
+    fraction = f".{nanos:09d}"[: digits + 1] if digits else ""
+    text = f"{moment.year:04d}-" + moment.strftime("%m-%dT%H:%M:%S") + fraction
+    assert parse_rfc3339(text + "Z") == parse_rfc3339(text + "+00:00")
