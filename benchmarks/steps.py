@@ -289,7 +289,7 @@ def measure_batches(
                     AppendedBatch(claim.batch_id, claim.batch, name, len(data), result.object_size),
                     gaps=gap_before(conn, claim.batch),
                     archive=archive,
-                    written=Written(data, [archive.identity(r) for r in claim.kept]),
+                    written=Written(data, claim.kept),
                 )
             if not all(c.passed for c in checks):
                 raise RuntimeError(f"a check failed for {rng}: {checks}")

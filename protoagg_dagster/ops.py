@@ -359,7 +359,7 @@ def append(
                     gaps=gap_before(conn, claim.batch),
                     archive=claimed.format,
                     compression=encoded.compression,
-                    written=Written(encoded.data, [claimed.format.identity(r) for r in claim.kept]),
+                    written=Written(encoded.data, claim.kept),
                     asset_keys=claimed.assets,
                 )
             else:

@@ -31,16 +31,18 @@ class FramedBatch:
     """Records of one partition in offset order, as their frames and a few columns.
 
     Record ``i``'s frame is ``frames[ends[i - 1]:ends[i]]`` (from 0 for the first). ``keys``
-    holds each record's dedupe key in ``key_width`` characters; a record without a key holds
-    spaces there, which no uuid text contains. ``key_width`` 0: the format keys no record.
+    holds each record's dedupe key in ``key_width`` ASCII characters; a record without a key
+    holds spaces there, which no uuid text contains. ``key_width`` 0: the format keys no record.
     """
 
     topic: str
     partition: int
-    frames: bytes
+    # Buffers as they were built (copying them into bytes would hold each twice for a while);
+    # nothing writes to them once the batch is made.
+    frames: bytearray
     ends: array[int]
     offsets: array[int]
-    keys: str
+    keys: bytearray
     key_width: int
     rejections: tuple[Rejection, ...]
     # Every message parsed (records and rejections), and the first one's Kafka timestamp.
@@ -67,13 +69,11 @@ class FramedBatch:
         width = self.key_width
         if not width:
             return None
-        key = self.keys[index * width : (index + 1) * width]
+        key = self.keys[index * width : (index + 1) * width].decode("ascii")
         return None if key[0] == " " else key
 
     def frames_of(self, rows: Sequence[int]) -> bytes:
         """The frames of ``rows`` (distinct rows of this batch, in order), joined."""
-        if len(rows) == len(self.offsets):
-            return self.frames
         ends = self.ends
         view = memoryview(self.frames)
         pieces = []
@@ -136,7 +136,7 @@ class BatchBuilder:
         self._frames = bytearray()
         self._ends = array("q")
         self._offsets = array("q")
-        self._keys: list[str] = []
+        self._keys = bytearray()
         self._rejections: list[Rejection] = []
         self._messages = 0
         self._first_timestamp_ms: int | None = None
@@ -159,7 +159,7 @@ class BatchBuilder:
             offsets.append(message.offset)
             keys.append(blank if key is None else key)
         if self._key_width:
-            self._keys.append("".join(keys))
+            self._keys += "".join(keys).encode("ascii")
         self._messages += len(messages)
         self._seconds += time.perf_counter() - started
 
@@ -167,10 +167,10 @@ class BatchBuilder:
         return FramedBatch(
             self._topic,
             self._partition,
-            bytes(self._frames),
+            self._frames,
             self._ends,
             self._offsets,
-            "".join(self._keys),
+            self._keys,
             self._key_width,
             tuple(self._rejections),
             self._messages,

@@ -24,14 +24,26 @@ MAX_FRAME_BYTES = 64 * 1024 * 1024
 _READ_CHUNK = 1024 * 1024
 
 
+# upb keeps every string assigned to a message in the message's arena until the message is
+# freed (~80 bytes per record measured), so a reused message is replaced after this many frames.
+MESSAGE_REUSE = 1024
+
+
 class ProtoLogFrames:
-    """Appends ``ProtoLog`` frames to a buffer, reusing one upb message for all of them."""
+    """Appends ``ProtoLog`` frames to a buffer, reusing a upb message for up to MESSAGE_REUSE."""
 
     def __init__(self) -> None:
+        self._renew()
+
+    def _renew(self) -> None:
         self._message = ProtoLog()
         self._timestamp = self._message.timestamp
+        self._uses = 0
 
     def append(self, out: bytearray, record: LogRecord) -> None:
+        if self._uses == MESSAGE_REUSE:
+            self._renew()
+        self._uses += 1
         message = self._message
         message.logId = record.log_id
         self._timestamp.seconds = record.seconds

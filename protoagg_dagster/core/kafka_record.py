@@ -10,7 +10,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from typing import BinaryIO, NamedTuple
 
-from protoagg_dagster.core.framing import LENGTH, MAX_FRAME_BYTES, iter_parsed_frames
+from protoagg_dagster.core.framing import (
+    LENGTH,
+    MAX_FRAME_BYTES,
+    MESSAGE_REUSE,
+    iter_parsed_frames,
+)
 from protoagg_dagster.core.records import KafkaMessage
 from protoagg_dagster.pb.record_pb2 import Header, KafkaRecord
 
@@ -39,12 +44,17 @@ class ArchivedKafkaRecord(NamedTuple):
 
 
 class KafkaRecordFrames:
-    """Appends ``KafkaRecord`` frames to a buffer, reusing one upb message for all of them."""
+    """Appends ``KafkaRecord`` frames to a buffer, reusing a upb message for up to MESSAGE_REUSE."""
 
     def __init__(self) -> None:
         self._message = KafkaRecord()
+        self._uses = 0
 
     def append(self, out: bytearray, record: ArchivedKafkaRecord | KafkaMessage) -> None:
+        if self._uses == MESSAGE_REUSE:
+            self._message = KafkaRecord()
+            self._uses = 0
+        self._uses += 1
         message = self._message
         message.Clear()
         message.topic = record.topic
