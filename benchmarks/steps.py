@@ -245,7 +245,7 @@ def measure_batches(
     """
     n = len(records)
     offsets = list(records.offsets)
-    rows = records.rows()
+    all_rows = records.rows()
     name = gcs.object_template
     rows: list[dict[str, Any]] = []
     postgres = PostgresResource(dsn=dsn)
@@ -263,7 +263,7 @@ def measure_batches(
             end = min(start + batch, n)
             rng = OffsetRange(topic, 0, start, end)
             lo, hi = bisect.bisect_left(offsets, start), bisect.bisect_left(offsets, end)
-            chunk = rows[lo:hi]
+            chunk = all_rows[lo:hi]
             with collector_paused():
                 with Timed() as t_claim:
                     claim = claim_batch(conn, rng, chunk, name, None)
