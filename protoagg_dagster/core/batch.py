@@ -49,6 +49,8 @@ class FramedBatch:
     messages: int
     first_timestamp_ms: int
     parse_seconds: float = 0.0
+    # Records without a dedupe key (all of them when ``key_width`` is 0).
+    keyless: int = 0
 
     def __len__(self) -> int:
         return len(self.offsets)
@@ -59,10 +61,29 @@ class FramedBatch:
 
     @functools.cached_property
     def row_type(self) -> type[Row]:
-        # The columns as class attributes too: the ledger reads a row's fields several times,
-        # and going through ``batch`` cost ~3x more (measured).
-        columns = {"_offsets": self.offsets, "_keys": self.keys, "_width": self.key_width}
-        return type("Row", (Row,), {"__slots__": (), "batch": self, **columns})
+        # The fields are closures over the columns, made for this batch's kind of keys: the
+        # ledger reads each several times per record, and attribute lookups on the way cost
+        # ~3x more (measured).
+        offsets, keys, width = self.offsets, self.keys, self.key_width
+
+        def offset(row: int) -> int:
+            return offsets[row]
+
+        def no_key(row: int) -> None:
+            return None
+
+        def key(row: int) -> str:
+            start = row * width
+            return keys[start : start + width]
+
+        def key_or_none(row: int) -> str | None:
+            start = row * width
+            found = keys[start : start + width]
+            return None if found[0] == " " else found
+
+        dedupe_key = no_key if not width else key_or_none if self.keyless else key
+        fields = {"offset": property(offset), "dedupe_key": property(dedupe_key)}
+        return type("Row", (Row,), {"__slots__": (), "batch": self, **fields})
 
     def __getstate__(self) -> dict[str, object]:
         # The row type is made anew where the batch is unpickled.
@@ -95,21 +116,9 @@ class Row(int):
 
     __slots__ = ()
     batch: ClassVar[FramedBatch]
-    _offsets: ClassVar[array[int]]
-    _keys: ClassVar[str]
-    _width: ClassVar[int]
-
-    @property
-    def offset(self) -> int:
-        return self._offsets[self]
-
-    @property
-    def dedupe_key(self) -> str | None:
-        width = self._width
-        if not width:
-            return None
-        key = self._keys[self * width : self * width + width]
-        return None if key[0] == " " else key
+    # Properties of the subclass (FramedBatch.row_type).
+    offset: int
+    dedupe_key: str | None
 
     @property
     def topic(self) -> str:
@@ -144,6 +153,7 @@ class BatchBuilder:
         self._messages = 0
         self._first_timestamp_ms: int | None = None
         self._seconds = 0.0
+        self._keyless = 0
 
     def add(self, messages: Sequence[KafkaMessage]) -> None:
         started = time.perf_counter()
@@ -160,7 +170,10 @@ class BatchBuilder:
                 continue
             ends.append(len(frames))
             offsets.append(message.offset)
-            keys.append(blank if key is None else key)
+            if key is None:
+                key = blank
+                self._keyless += 1
+            keys.append(key)
         if self._key_width:
             self._keys.append("".join(keys))
         self._messages += len(messages)
@@ -181,4 +194,5 @@ class BatchBuilder:
             self._messages,
             self._first_timestamp_ms or 0,
             self._seconds,
+            self._keyless,
         )
