@@ -38,6 +38,7 @@ from protoagg_dagster.ledger import (
     gap_before,
 )
 from protoagg_dagster.resources import GCSResource, KafkaResource, PartitionLease, PostgresResource
+from protoagg_dagster.run_tags import is_follow_up
 from protoagg_dagster.settings_resource import ArchiverSettings
 
 P = ParamSpec("P")
@@ -108,6 +109,8 @@ class Consumed:
     seconds: dict[str, float] = field(default_factory=dict)
     # The whole archive's asset and the asset of the topic's PROTOAGG_TOPICS entry.
     assets: tuple[dg.AssetKey, ...] = (ARCHIVE_ASSET,)
+    # A follow-up run whose range does not start at the archived position: it does nothing.
+    superseded: bool = False
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,7 @@ class Claimed:
     tombstones: int
     seconds: dict[str, float]
     assets: tuple[dg.AssetKey, ...] = (ARCHIVE_ASSET,)
+    superseded: bool = False
 
 
 @dataclass(frozen=True)
@@ -152,6 +156,21 @@ def consume(
     started = time.perf_counter()
     with postgres.get_connection() as conn:
         archived_to = archived_position(conn, wanted.topic, wanted.partition)
+    if is_follow_up(context.run) and (archived_to is None or archived_to < wanted.start):
+        # The run before this one stopped short (the byte limit) or failed: the sensor plans
+        # the next range from the archived position, and this one would leave a gap.
+        context.log.info(
+            f"consume: {wanted} follows a run that did not archive up to {wanted.start} "
+            f"(archived up to {archived_to}); nothing to do, the sensor launches the range "
+            "after the archived position"
+        )
+        return Consumed(
+            RangeRead(wanted, [], 0, 0),
+            archive_format,
+            {"consume": time.perf_counter() - started},
+            assets,
+            superseded=True,
+        )
     if archived_to is not None and archived_to >= wanted.end:
         context.log.info(f"consume: {wanted} is already archived (up to {archived_to}); not read")
         return Consumed(
@@ -200,6 +219,9 @@ def dedupe(
     lease.confirm()
     started = time.perf_counter()
     read = consumed.read
+    if consumed.superseded:
+        nothing = Claim(None, read.batch, "", (), 0, adopted=False)
+        return Claimed(read, consumed.format, nothing, (), 0, consumed.seconds, superseded=True)
     with collector_paused():
         records, rejections = consumed.format.parse(read.messages, archiver.max_message_bytes)
     first_timestamp = read.messages[0].timestamp_ms if read.messages else 0
@@ -280,6 +302,9 @@ def append(
     lease.confirm()
     claimed = encoded.claimed
     claim = claimed.claim
+    if claimed.superseded:
+        yield dg.Output(0)
+        return
     started = time.perf_counter()
     archived: AppendResult | None = None
     checks: list[dg.AssetCheckEvaluation] = []
