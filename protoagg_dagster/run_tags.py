@@ -11,6 +11,9 @@ RANGE_TAG = "protoagg/range"
 # On a run the sensor launched while the run before it was still in flight: the offset that run
 # ends at, where this one must find the partition archived to.
 FOLLOWS_TAG = "protoagg/follows"
+# On backfill runs, valued like PARTITION_TAG: the run queue starts a backfill's runs of one
+# partition one at a time, in the order they were submitted, so none waits on another's range.
+BACKFILL_PARTITION_TAG = "protoagg/backfill-partition"
 
 
 def range_tags(
@@ -28,6 +31,11 @@ def range_tags(
 
 def is_follow_up(run: dg.DagsterRun) -> bool:
     return FOLLOWS_TAG in run.tags
+
+
+def queued_behind(run: dg.DagsterRun) -> bool:
+    """Whether the run was queued to start while another run of its partition still works."""
+    return FOLLOWS_TAG in run.tags or BACKFILL_PARTITION_TAG in run.tags
 
 
 def range_run_config(topic: str, partition: int, start: int, end: int) -> dict[str, object]:
