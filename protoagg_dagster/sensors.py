@@ -21,6 +21,7 @@ from kafka import KafkaConsumer, TopicPartition
 
 from protoagg_dagster import leases
 from protoagg_dagster.assets import ARCHIVE_ASSET, topic_asset_key
+from protoagg_dagster.core import settings
 from protoagg_dagster.core.errors import ConfigError, MissingCredentials
 from protoagg_dagster.core.formats import TopicRule, rule_for
 from protoagg_dagster.core.liveness import StartedRun, judge
@@ -89,7 +90,7 @@ class SensorCursor:
 
 @dg.sensor(
     job=archive_kafka_batch,
-    minimum_interval_seconds=5,
+    minimum_interval_seconds=max(1, settings.SENSOR_INTERVAL_SECONDS.read_int()),
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Reads each partition's end offset and archived position, and launches a run "
     "for the next bounded range when batch_size messages wait or linger_seconds have passed.",
