@@ -260,6 +260,7 @@ def measure(
     log_dir.mkdir(parents=True, exist_ok=True)
     tool_log = log_dir / f"reference-{token}-{partitions}p-{setting.batch_size}.log"
     done_s = exit_code = cpu = None
+    processed = 0
     with database(svc.admin_dsn, svc.admin_dsn) as dsn, tool_log.open("wb") as out:
         env = tool_env(svc, dsn, bucket.name, f"reference-{token}", setting)
         started = time.perf_counter()
@@ -268,7 +269,8 @@ def measure(
             while time.perf_counter() - started < deadline_s:
                 exit_code = process.poll()
                 # The table appears after the start-up sleep; rows only with a batch's commit.
-                if processed_rows(dsn) >= len(ids):
+                processed = processed_rows(dsn)
+                if processed >= len(ids):
                     done_s = time.perf_counter() - started
                     break
                 if exit_code is not None:
@@ -293,6 +295,8 @@ def measure(
         "produce_s": topic.produce_s,
         "raw_consume_msgs_per_s": topic.raw_msgs_per_s,
         "batches": output.count("Processing batch"),
+        # Short of distinct_log_ids when the deadline or the tool's exit came first.
+        "processed_log_ids": processed,
         "seconds": seconds,
         "msgs_per_s": topic.messages / seconds if seconds else None,
         "ratio_to_raw": topic.messages / seconds / topic.raw_msgs_per_s if seconds else None,
@@ -304,7 +308,10 @@ def measure(
     }
     if not result["complete"]:
         tail = "\n    ".join(output.strip().splitlines()[-8:])
-        log(f"  reference {setting.label} {partitions}p FAILED (exit {exit_code}):\n    {tail}")
+        log(
+            f"  reference {setting.label} {partitions}p FAILED (exit {exit_code}; "
+            f"{processed:,} of {len(ids):,} ids processed):\n    {tail}"
+        )
     else:
         log(
             f"  reference {setting.label} {partitions}p: {seconds:.1f} s after the start-up "
