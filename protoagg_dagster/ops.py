@@ -179,12 +179,12 @@ def consume(
             {"consume": time.perf_counter() - started},
             assets,
         )
-    consumer = kafka.get_consumer()
+    reader = kafka.get_reader()
     try:
         with collector_paused():
-            read = read_range(consumer, wanted, archiver.max_batch_bytes)
+            read = read_range(reader, wanted, archiver.max_batch_bytes)
     finally:
-        consumer.close()
+        reader.close()
     elapsed = time.perf_counter() - started
     context.log.info(
         f"consume: {len(read.messages)} messages, {read.value_bytes} bytes from {read.batch} "

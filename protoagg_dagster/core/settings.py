@@ -63,7 +63,7 @@ KAFKA_CLIENTS = ("kafka-python", "confluent")
 KAFKA_CLIENT = Setting(
     "PROTOAGG_KAFKA_CLIENT",
     "kafka-python",
-    "client of restore's transactional producer: kafka-python|confluent (librdkafka, faster)",
+    "client of the archive read path and restore's producer: kafka-python|confluent (librdkafka)",
 )
 TOPICS = Setting(
     "PROTOAGG_TOPICS",
