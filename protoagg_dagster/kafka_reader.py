@@ -226,6 +226,8 @@ class KafkaPythonReader:
                 if tp not in found and records:
                     found[tp] = records[0].timestamp
                     consumer.pause(tp)
+        # kafka-python keeps a pause across assign() of the same partition.
+        consumer.resume(*found)
         return found
 
     def offsets_at_time(
@@ -384,6 +386,8 @@ class ConfluentReader:
                 elif error.code() == confluent_kafka.KafkaError._PARTITION_EOF:
                     # Nothing at or after the offset (yet): no need to wait the deadline out.
                     at_end.add(tp)
+        # A pause outlives the assignment in librdkafka: the next look-up must not find it.
+        consumer.resume([confluent_kafka.TopicPartition(tp.topic, tp.partition) for tp in found])
         return found
 
     def offsets_at_time(

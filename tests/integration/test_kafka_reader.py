@@ -84,9 +84,9 @@ def test_log_append_time_is_reported_as_kafka_python_does(services: Services, un
     assert all(m.timestamp_ms > BASE_MS for m in reads["confluent"].messages)
 
 
-def transactions(services: Services, topic: str, unique: str, with_tail: bool) -> None:
-    """Offsets 0-4 committed (marker 5), 6-10 aborted (marker 11), then, ``with_tail``, 12-14
-    written without a transaction."""
+def transactions(services: Services, topic: str, unique: str, tail: str) -> KafkaProducer | None:
+    """Offsets 0-4 committed (marker 5), 6-10 aborted (marker 11), then 12-14 written without a
+    transaction (``tail`` "records") or in a transaction left open (returns its producer)."""
     txn = KafkaProducer(
         bootstrap_servers=services.kafka_bootstrap, transactional_id=f"reader-{unique}"
     )
@@ -100,24 +100,33 @@ def transactions(services: Services, topic: str, unique: str, with_tail: bool) -
             txn.commit_transaction()
         else:
             txn.abort_transaction()
-    txn.close()
-    if with_tail:
+    if tail == "records":
+        txn.close()
         plain = KafkaProducer(bootstrap_servers=services.kafka_bootstrap)
         for i in range(3):
             plain.send(topic, value=b"t%d" % i, partition=0)
         plain.flush()
         plain.close()
+    elif tail == "open-transaction":
+        txn.begin_transaction()
+        for i in range(3):
+            txn.send(topic, value=b"o%d" % i, partition=0)
+        txn.flush()
+        return txn
+    else:
+        txn.close()
+    return None
 
 
-@pytest.mark.parametrize("with_tail", [False, True], ids=["at-log-end", "records-after"])
+@pytest.mark.parametrize("tail", ["none", "records", "open-transaction"])
 @pytest.mark.parametrize("client", KAFKA_CLIENTS)
 def test_ranges_ending_on_transaction_markers_and_aborted_records_complete(
-    services: Services, unique: str, client: str, with_tail: bool
+    services: Services, unique: str, client: str, tail: str
 ) -> None:
     topic = f"txn-{unique}"
     kafka = resource(services, topic, client)
     create(kafka, topic)
-    transactions(services, topic, unique, with_tail)
+    open_txn = transactions(services, topic, unique, tail)
     committed = [b"c%d" % i for i in range(5)]
     cases = {
         # range: values read
@@ -127,7 +136,7 @@ def test_ranges_ending_on_transaction_markers_and_aborted_records_complete(
         (3, 9): committed[3:],  # ends inside the aborted ones
         (5, 6): [],  # the commit marker alone
     }
-    if with_tail:
+    if tail == "records":
         cases[(4, 15)] = [*committed[4:], b"t0", b"t1", b"t2"]
     for (start, end), values in cases.items():
         # A read that waited for records that never come would hit its timeout and raise.
@@ -136,6 +145,9 @@ def test_ranges_ending_on_transaction_markers_and_aborted_records_complete(
         assert got.batch == wanted
         assert [m.value for m in got.messages] == values, (start, end)
         assert got.skipped == 0
+    if open_txn is not None:
+        open_txn.abort_transaction()
+        open_txn.close()
 
 
 @pytest.mark.parametrize("client", KAFKA_CLIENTS)
@@ -212,6 +224,7 @@ def test_timestamps_at_and_offsets_at_time(services: Services, unique: str, clie
         # Partition 1 is empty: no timestamp, no offset.
         assert reader.timestamps_at({tp0: 3, tp1: 0}) == {tp0: BASE_MS + 3000}
         assert reader.timestamps_at({}) == {}
+        assert reader.timestamps_at({tp0: 7}) == {tp0: BASE_MS + 7000}
         assert reader.offsets_at_time([tp0, tp1], BASE_MS + 4500) == {tp0: 5, tp1: None}
         assert reader.offsets_at_time([tp0], BASE_MS - 1) == {tp0: 0}
         assert reader.offsets_at_time([tp0], BASE_MS + 10_000) == {tp0: None}
