@@ -302,7 +302,9 @@ class ConfluentReader:
             self._call(consumer.assign, [confluent_kafka.TopicPartition(topic, partition, start)])
         deadline = time.monotonic() + timeout_seconds
         eof = confluent_kafka.KafkaError._PARTITION_EOF
-        message_type = KafkaMessage
+        # KafkaMessage(...) runs a Python-level __new__; building the tuple directly costs half
+        # (about 0.5 µs a message, a third of this loop).
+        build, message_type = tuple.__new__, KafkaMessage
         types = _TIMESTAMP_TYPES
         while position < end:
             self._check()
@@ -330,15 +332,18 @@ class ConfluentReader:
                 value = message.value()
                 headers = message.headers()
                 chunk.append(
-                    message_type(
-                        topic,
-                        partition,
-                        offset,
-                        timestamp,
-                        message.key(),
-                        value,
-                        tuple(headers) if headers else (),
-                        types[kind],
+                    build(
+                        message_type,
+                        (
+                            topic,
+                            partition,
+                            offset,
+                            timestamp,
+                            message.key(),
+                            value,
+                            tuple(headers) if headers else (),
+                            types[kind],
+                        ),
                     )
                 )
                 if value is not None:

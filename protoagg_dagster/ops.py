@@ -188,7 +188,7 @@ def consume(
     elapsed = time.perf_counter() - started
     context.log.info(
         f"consume: {len(read.messages)} messages, {read.value_bytes} bytes from {read.batch} "
-        f"in {elapsed:.2f} s"
+        f"in {elapsed:.2f} s with {kafka.client}"
         + (f"; {read.skipped} offsets already deleted by retention" if read.skipped else "")
         + (
             f"; {read.batch.size - read.skipped - len(read.messages)} offsets hold no record "
