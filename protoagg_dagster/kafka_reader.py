@@ -61,7 +61,11 @@ ChunkSource = Generator[list[KafkaMessage], None, RangeEnd]
 
 
 class RangeChunks:
-    """The messages of one range read as chunks in offset order; ``end`` once all are taken."""
+    """The messages of one range read as chunks in offset order; ``end`` once all are taken.
+
+    ``chunks = reader.read_chunks(wanted, max_bytes)``, ``for chunk in chunks: ...`` (each a
+    list of at most ``chunk_messages``), then ``chunks.end.batch`` is what was read.
+    """
 
     def __init__(self, source: ChunkSource) -> None:
         self._source = source
@@ -302,8 +306,8 @@ class ConfluentReader:
             self._call(consumer.assign, [confluent_kafka.TopicPartition(topic, partition, start)])
         deadline = time.monotonic() + timeout_seconds
         eof = confluent_kafka.KafkaError._PARTITION_EOF
-        # KafkaMessage(...) runs a Python-level __new__; building the tuple directly costs half
-        # (about 0.5 µs a message, a third of this loop).
+        # KafkaMessage(...) runs a Python-level __new__; building the tuple directly takes about
+        # half as long (timeit), and this loop is the reader's only Python work per message.
         build, message_type = tuple.__new__, KafkaMessage
         types = _TIMESTAMP_TYPES
         while position < end:
