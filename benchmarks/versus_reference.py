@@ -1,7 +1,7 @@
 """protoagg and the reference tool side by side: one invocation, the same services and messages.
 
     PYTHONPATH=. .venv/bin/python benchmarks/versus_reference.py [--reference-src DIR]
-        [--messages N] [--recommended large-1p] [--part all|targets|plot]
+        [--messages N] [--recommended fast-1p] [--part all|targets|plot]
         [--plot-batches 50000,100000,200000] [--plot-messages N] [--plot-path PATH]
         [--bootstrap HOST:PORT] [--gcs http://HOST:PORT] [--admin-dsn postgresql://...]
 
@@ -9,7 +9,7 @@ Issue 15's throughput targets, measured back to back (``--part targets``): on 1 
 reference tool at its best setting (``BATCH_SIZE=200000 TIMEOUT=1s``, built and measured by
 ``benchmarks/reference_tool.py``), protoagg through ``dagster-daemon`` with the default settings
 (``defaults-1p``) and with the settings docs/benchmarks.md recommends for throughput
-(``--recommended``, default ``large-1p``; configurations of ``benchmarks/e2e_dagster.py``); then
+(``--recommended``, default ``fast-1p``; configurations of ``benchmarks/e2e_dagster.py``); then
 the same on 4 partitions (reference best setting, protoagg ``defaults-4p``). N messages
 (``benchmarks/run_once.make_values``, the same seed for both tools at a partition count, so the
 same messages) are produced before each tool starts. protoagg's seconds run from its first run
@@ -287,7 +287,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reference-src", default=None)
     parser.add_argument("--messages", "-n", type=int, default=1_000_000)
-    parser.add_argument("--recommended", default="large-1p", help="protoagg's throughput config")
+    parser.add_argument("--recommended", default="fast-1p", help="protoagg's throughput config")
     parser.add_argument("--part", choices=("all", "targets", "plot"), default="all")
     parser.add_argument("--plot-messages", type=int, default=300_000)
     parser.add_argument("--plot-batches", default="50000,100000,200000")
