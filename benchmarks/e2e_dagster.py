@@ -27,7 +27,8 @@ Each run's life is read back from the deployment's run storage: created (sensor)
 ``kafka_archive`` materialization.
 
 Configurations (``--configs``): ``defaults-Np`` (PROTOAGG_BATCH_SIZE=500, linger 15,
-max batch 200000), ``large-Np`` (batch size 50000, max batch 500000), ``whole-Np`` (max batch =
+max batch 200000), ``large-Np`` (batch size 50000, max batch 500000), ``fast-Np`` (large with
+PROTOAGG_KAFKA_CLIENT=confluent: the recommended throughput settings), ``whole-Np`` (max batch =
 N: one run per partition), ``large-Np-objects`` (large, one object per partition:
 PROTOAGG_GCS_OBJECT=.../{topic}/{partition}.pb). The plot sweep archives ``--plot-messages`` on
 1 partition for each max_batch_messages in ``--plot-batches`` (capped at ``--plot-max-runs``
@@ -572,7 +573,8 @@ class Config:
 
 
 def config_named(name: str, n: int) -> Config:
-    """``defaults-4p``, ``large-1p``, ``whole-1p``, ``large-4p-objects``, ``b20000-m100000-1p``."""
+    """``defaults-4p``, ``large-1p``, ``fast-1p``, ``whole-1p``, ``large-4p-objects``,
+    ``b20000-m100000-1p``."""
     parts = name.split("-")
     objects = parts[-1] == "objects"
     if objects:
@@ -584,6 +586,13 @@ def config_named(name: str, n: int) -> Config:
         settings: dict[str, str] = {}
     elif kind == "large":
         settings = {"PROTOAGG_BATCH_SIZE": "50000", "PROTOAGG_MAX_BATCH_MESSAGES": "500000"}
+    elif kind == "fast":
+        # What docs/benchmarks.md recommends for throughput: large batches, the librdkafka reader.
+        settings = {
+            "PROTOAGG_BATCH_SIZE": "50000",
+            "PROTOAGG_MAX_BATCH_MESSAGES": "500000",
+            "PROTOAGG_KAFKA_CLIENT": "confluent",
+        }
     elif kind == "whole":
         settings = {
             "PROTOAGG_BATCH_SIZE": str(min(50000, per_partition)),

@@ -6,9 +6,11 @@
 On one fresh topic (1 partition) holding N seed-shaped messages (``run_once.make_values``: ~120-byte
 JSON values, 5% repeated logIds) and, with ``--admin-dsn``, a fresh database:
 
-(a) **ceiling**: kafka-python reads and discards the N messages (``run_once.raw_consume``);
+(a) **ceiling**: kafka-python reads and discards the N messages (``run_once.raw_consume``), and
+    so does librdkafka (``confluent-kafka``, the reader's settings);
 (b) **per step**, on the same N, each with the package's own functions:
-    consume (``read_range``, building the ``KafkaMessage`` list), parse (straight to frames, in
+    consume (``read_range``, building the ``KafkaMessage`` list) with each client
+    (PROTOAGG_KAFKA_CLIENT; both must give the same messages), parse (straight to frames, in
     10k chunks as the consume op does) and encode (the join of the frames dedupe keeps) of the
     ``log`` format and, on the same messages, of the ``record`` format (pure CPU; rates also per
     CPU-second of the thread, i.e. per core), then per batch of ``--batch`` messages: dedupe
@@ -21,7 +23,7 @@ disk and the next op unpickles it; measured on the first batch's real outputs;
     to the first op and last op to RUN_SUCCESS, from Dagster's event timestamps; the first run of
     the process (cold) is reported apart from the median of the next ones (warm).
 
-Consume and the CPU steps are repeated (``--repeats``, alternating ceiling and pipeline read) and
+Consume and the CPU steps are repeated (``--repeats``, alternating ceilings and pipeline reads) and
 reported as medians; the batch steps as the median over the batches. A table, then one JSON line.
 """
 
@@ -42,6 +44,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import confluent_kafka
 import dagster as dg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,35 +129,70 @@ def summary(n: int, walls: list[float], cpus: list[float]) -> dict[str, Any]:
 
 
 def pipeline_read(kafka: KafkaResource, topic: str, n: int) -> list[KafkaMessage]:
-    """The consume op's read: a fresh consumer, ``read_range`` with the collector paused."""
-    consumer = kafka.get_consumer()
+    """The consume op's read: a fresh reader, ``read_range`` with the collector paused."""
+    reader = kafka.get_reader()
     try:
         with collector_paused():
-            read = read_range(consumer, OffsetRange(topic, 0, 0, n), max_bytes=2**62)
+            read = read_range(reader, OffsetRange(topic, 0, 0, n), max_bytes=2**62)
     finally:
-        consumer.close()
+        reader.close()
     if len(read.messages) != n:
         raise RuntimeError(f"read_range returned {len(read.messages)} of {n} messages")
     return read.messages
 
 
+def raw_confluent(kafka: KafkaResource, topic: str, n: int) -> int:
+    """librdkafka's ceiling: read and discard partition 0 up to ``n`` with the reader's config."""
+    consumer = confluent_kafka.Consumer(kafka.confluent_consumer_config())
+    try:
+        consumer.assign([confluent_kafka.TopicPartition(topic, 0, 0)])
+        count = 0
+        deadline = time.monotonic() + 300
+        while count < n:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"raw librdkafka consume: only {count} of {n} in 300 s")
+            count += sum(m.error() is None for m in consumer.consume(10_000, timeout=1.0))
+    finally:
+        consumer.close()
+    return count
+
+
+CONSUME_KINDS = ("ceiling", "consume", "ceiling_confluent", "consume_confluent")
+
+
 def measure_consume(
     kafka: KafkaResource, topic: str, n: int, repeats: int
-) -> tuple[dict[str, Any], dict[str, Any], list[KafkaMessage]]:
-    raw_walls, raw_cpus, walls, cpus = [], [], [], []
+) -> tuple[dict[str, dict[str, Any]], list[KafkaMessage]]:
+    """The four reads of ``CONSUME_KINDS``, alternated; the kafka-python read's messages."""
+    confluent = KafkaResource(
+        bootstrap_servers=kafka.bootstrap_servers, topics=kafka.topics, client="confluent"
+    )
+    walls: dict[str, list[float]] = {kind: [] for kind in CONSUME_KINDS}
+    cpus: dict[str, list[float]] = {kind: [] for kind in CONSUME_KINDS}
     messages: list[KafkaMessage] = []
-    for _ in range(repeats):
+
+    def record(kind: str, t: Timed) -> None:
+        walls[kind].append(t.wall)
+        cpus[kind].append(t.cpu)
+
+    for i in range(repeats):
         (_, count), t = timed(lambda: raw_consume(kafka, topic, {0: n}))
-        raw_walls.append(t.wall)
-        raw_cpus.append(t.cpu)
+        record("ceiling", t)
         if count < n:
             raise RuntimeError(f"raw consume read {count} of {n}")
         messages = []
         gc.collect()
         messages, t = timed(lambda: pipeline_read(kafka, topic, n))
-        walls.append(t.wall)
-        cpus.append(t.cpu)
-    return summary(n, raw_walls, raw_cpus), summary(n, walls, cpus), messages
+        record("consume", t)
+        count, t = timed(lambda: raw_confluent(confluent, topic, n))
+        record("ceiling_confluent", t)
+        gc.collect()
+        same, t = timed(lambda: pipeline_read(confluent, topic, n))
+        record("consume_confluent", t)
+        if i == 0 and same != messages:
+            raise RuntimeError("the two Kafka clients read different messages")
+        del same
+    return {kind: summary(n, walls[kind], cpus[kind]) for kind in CONSUME_KINDS}, messages
 
 
 # --------------------------------------------------------------------------------------------
@@ -457,8 +495,7 @@ def measure_fixed(
 
 
 def budget(
-    ceiling: dict[str, Any],
-    consume: dict[str, Any],
+    reads: dict[str, dict[str, Any]],
     parse: dict[str, Any],
     encode: dict[str, Any],
     batches: dict[str, Any],
@@ -466,8 +503,11 @@ def budget(
 ) -> dict[str, float]:
     """Wall microseconds per message of each step, and what one run would add up to."""
     per = {
-        "ceiling_raw_consume": 1e6 * ceiling["wall_s"] / ceiling["messages"],
-        "consume": 1e6 * consume["wall_s"] / consume["messages"],
+        "ceiling_raw_consume": 1e6 * reads["ceiling"]["wall_s"] / reads["ceiling"]["messages"],
+        "consume": 1e6 * reads["consume"]["wall_s"] / reads["consume"]["messages"],
+        "consume_confluent": 1e6
+        * reads["consume_confluent"]["wall_s"]
+        / reads["consume_confluent"]["messages"],
         "parse": 1e6 * parse["wall_s"] / parse["messages"],
         "dedupe_claim": 1e6 * batches["dedupe"]["per_batch_median_s"] / batches["batch"],
         "encode": 1e6 * encode["wall_s"] / encode["messages"],
@@ -479,6 +519,9 @@ def budget(
     }
     steps = ("consume", "parse", "dedupe_claim", "encode", "append", "finish_and_checks")
     per["sum_in_process"] = sum(per[k] for k in steps)
+    per["sum_in_process_confluent"] = (
+        per["sum_in_process"] - per["consume"] + per["consume_confluent"]
+    )
     per["sum_deployed"] = per["sum_in_process"] + per["handoff_fs_io_manager"]
     return per
 
@@ -514,6 +557,8 @@ def print_report(report: dict[str, Any]) -> None:
     reps = report["ceiling"]["repeats"]
     line(f"(a) ceiling: raw kafka-python x{reps}", report["ceiling"])
     line(f"consume: read_range x{reps}", report["consume"])
+    line(f"ceiling: raw librdkafka x{reps}", report["ceiling_confluent"])
+    line(f"consume: read_range, confluent x{reps}", report["consume_confluent"])
     cpu_reps = report["parse"]["repeats"]
     line(f"parse: log format x{cpu_reps}", report["parse"], "  (thread CPU)")
     enc = report["encode"]
@@ -628,7 +673,7 @@ def main() -> int:
         produce_s = produce(kafka, topic, values)
         avg_bytes = sum(map(len, values)) / n
         del values
-        ceiling, consume, messages = measure_consume(kafka, topic, n, repeats)
+        reads, messages = measure_consume(kafka, topic, n, repeats)
         parse, encode, both, records = measure_cpu_steps(messages, repeats, LogFormat())
         record_steps = measure_cpu_steps(messages, repeats, RecordFormat())[:3]
         first_messages = messages[: min(batch, n)]
@@ -651,8 +696,7 @@ def main() -> int:
         "avg_value_bytes": avg_bytes,
         "distinct_log_ids": distinct,
         "produce_s": produce_s,
-        "ceiling": ceiling,
-        "consume": consume,
+        **reads,
         "parse": parse,
         "encode": encode,
         "parse_encode": both,
@@ -661,7 +705,7 @@ def main() -> int:
         "encode_meets_target": (encode["msgs_per_cpu_s"] or 0) >= ENCODE_TARGET_PER_CORE,
         "batches": batches,
         "handoff": handoff,
-        "budget_us_per_msg": budget(ceiling, consume, parse, encode, batches, handoff),
+        "budget_us_per_msg": budget(reads, parse, encode, batches, handoff),
         "fixed": fixed,
         "duration_s": time.perf_counter() - started,
     }

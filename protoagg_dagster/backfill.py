@@ -19,7 +19,12 @@ from protoagg_dagster.core.errors import BackendError, ConfigError
 from protoagg_dagster.core.planning import OffsetRange
 from protoagg_dagster.jobs import archive_kafka_batch
 from protoagg_dagster.resources.kafka import KafkaResource
-from protoagg_dagster.run_tags import range_run_config, range_tags
+from protoagg_dagster.run_tags import (
+    BACKFILL_PARTITION_TAG,
+    partition_key,
+    range_run_config,
+    range_tags,
+)
 
 BACKFILL_TAG = "protoagg/backfill"
 FINISHED = {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}
@@ -93,6 +98,7 @@ def submit(
                 tags={
                     **range_tags(batch.topic, batch.partition, batch.start, batch.end),
                     BACKFILL_TAG: label,
+                    BACKFILL_PARTITION_TAG: partition_key(batch.topic, batch.partition),
                 },
             )
         except DagsterGraphQLClientError as exc:

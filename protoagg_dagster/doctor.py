@@ -249,21 +249,29 @@ def _run_queue(d: Deployment) -> Iterator[Finding]:
     coordinator = config.get("run_coordinator") or {}
     limits = (coordinator.get("config") or {}).get("tag_concurrency_limits") or []
     per_partition = [
-        limit
+        limit.get("limit")
         for limit in limits
         if isinstance(limit, dict)
         and limit.get("key") == PARTITION_TAG
-        and limit.get("limit") == 1
         and isinstance(limit.get("value"), dict)
         and limit["value"].get("applyLimitPerUniqueValue") is True
     ]
-    if coordinator.get("class") == "QueuedRunCoordinator" and per_partition:
-        yield Finding("OK", check, f"one run per {PARTITION_TAG} value ({d.dagster_yaml})")
+    queued = coordinator.get("class") == "QueuedRunCoordinator"
+    if queued and per_partition == [2]:
+        yield Finding("OK", check, f"two runs per {PARTITION_TAG} value ({d.dagster_yaml})")
+    elif queued and per_partition == [1]:
+        yield Finding(
+            "WARN",
+            check,
+            f"{d.dagster_yaml} allows one run per {PARTITION_TAG} value: a follow-up run waits in "
+            "the queue and starts up only after the run before it ends (slower, still correct)",
+            "set the limit to 2, as in deploy/dagster.production.yaml",
+        )
     else:
         yield Finding(
-            "FAIL",
+            "WARN",
             check,
-            f"{d.dagster_yaml} has no QueuedRunCoordinator limit of 1 per {PARTITION_TAG} value: "
-            "runs of one partition could append out of order",
+            f"{d.dagster_yaml} has no QueuedRunCoordinator limit per {PARTITION_TAG} value: "
+            "relaunched runs of one partition can pile up waiting for its lease",
             "copy run_coordinator from deploy/dagster.production.yaml",
         )

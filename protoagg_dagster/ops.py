@@ -21,14 +21,14 @@ from protoagg_dagster.archive_store import AppendResult, append_batch
 from protoagg_dagster.assets import ARCHIVE_ASSET, topic_asset_key
 from protoagg_dagster.checks import Written, evaluate_batch
 from protoagg_dagster.core.archive_object import Piece, PieceRole, object_name
-from protoagg_dagster.core.batch import FramedBatch
+from protoagg_dagster.core.batch import BatchBuilder, FramedBatch
 from protoagg_dagster.core.compression import NONE
 from protoagg_dagster.core.dead_letters import encode_envelopes
 from protoagg_dagster.core.errors import ConfigError
 from protoagg_dagster.core.formats import ArchiveFormat, rule_for
 from protoagg_dagster.core.planning import OffsetRange
 from protoagg_dagster.core.records import TOMBSTONE, Rejection
-from protoagg_dagster.kafka_reader import RangeRead, read_range
+from protoagg_dagster.kafka_reader import RangeRead, RangeReader
 from protoagg_dagster.ledger import (
     AppendedBatch,
     AppendLedger,
@@ -39,6 +39,7 @@ from protoagg_dagster.ledger import (
     gap_before,
 )
 from protoagg_dagster.resources import GCSResource, KafkaResource, PartitionLease, PostgresResource
+from protoagg_dagster.run_tags import is_follow_up
 from protoagg_dagster.settings_resource import ArchiverSettings
 
 P = ParamSpec("P")
@@ -112,6 +113,8 @@ class Consumed:
     seconds: dict[str, float] = field(default_factory=dict)
     # The whole archive's asset and the asset of the topic's PROTOAGG_TOPICS entry.
     assets: tuple[dg.AssetKey, ...] = (ARCHIVE_ASSET,)
+    # A follow-up run whose range does not start at the archived position: it does nothing.
+    superseded: bool = False
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,7 @@ class Claimed:
     tombstones: int
     seconds: dict[str, float]
     assets: tuple[dg.AssetKey, ...] = (ARCHIVE_ASSET,)
+    superseded: bool = False
 
 
 @dataclass(frozen=True)
@@ -162,6 +166,22 @@ def consume(
     started = time.perf_counter()
     with postgres.get_connection() as conn:
         archived_to = archived_position(conn, wanted.topic, wanted.partition)
+    if is_follow_up(context.run) and (archived_to is None or archived_to < wanted.start):
+        # The run before this one stopped short (the byte limit) or failed: the sensor plans
+        # the next range from the archived position, and this one would leave a gap.
+        context.log.info(
+            f"consume: {wanted} follows a run that did not archive up to {wanted.start} "
+            f"(archived up to {archived_to}); nothing to do, the sensor launches the range "
+            "after the archived position"
+        )
+        return Consumed(
+            RangeRead(wanted, [], 0, 0),
+            archive_format,
+            builder.finish(),
+            {"consume": time.perf_counter() - started},
+            assets,
+            superseded=True,
+        )
     if archived_to is not None and archived_to >= wanted.end:
         context.log.info(f"consume: {wanted} is already archived (up to {archived_to}); not read")
         return Consumed(
@@ -171,18 +191,18 @@ def consume(
             {"consume": time.perf_counter() - started},
             assets,
         )
-    consumer = kafka.get_consumer()
+    reader = kafka.get_reader()
     try:
         with collector_paused():
-            read = read_range(consumer, wanted, archiver.max_batch_bytes, on_chunk=builder.add)
+            read = read_into(builder, reader, wanted, archiver.max_batch_bytes)
             records = builder.finish()
     finally:
-        consumer.close()
+        reader.close()
     elapsed = time.perf_counter() - started
     parsed = records.parse_seconds
     context.log.info(
         f"consume: {records.messages} messages, {read.value_bytes} bytes from {read.batch} "
-        f"in {elapsed:.2f} s ({parsed:.2f} s of it parsing)"
+        f"in {elapsed:.2f} s ({parsed:.2f} s of it parsing) with {kafka.client}"
         + (f"; {read.skipped} offsets already deleted by retention" if read.skipped else "")
         + (
             f"; {read.batch.size - read.skipped - records.messages} offsets hold no record "
@@ -197,6 +217,17 @@ def consume(
         )
     )
     return Consumed(read, archive_format, records, {"consume": elapsed}, assets)
+
+
+def read_into(
+    builder: BatchBuilder, reader: RangeReader, wanted: OffsetRange, max_bytes: int
+) -> RangeRead:
+    """Read ``wanted`` chunk by chunk into ``builder``: no chunk outlives its parse."""
+    chunks = reader.read_chunks(wanted, max_bytes)
+    for chunk in chunks:
+        builder.add(chunk)
+    end = chunks.end
+    return RangeRead(end.batch, [], end.value_bytes, end.skipped)
 
 
 @dg.op(retry_policy=TRANSIENT_RETRY)
@@ -214,6 +245,11 @@ def dedupe(
     started = time.perf_counter()
     read = consumed.read
     records = consumed.records
+    if consumed.superseded:
+        nothing = Claim(None, read.batch, "", (), 0, adopted=False)
+        return Claimed(
+            read, consumed.format, records, nothing, (), 0, consumed.seconds, superseded=True
+        )
     destination = object_name(
         gcs.object_template, read.batch.topic, read.batch.partition, records.first_timestamp_ms
     )
@@ -295,6 +331,9 @@ def append(
     lease.confirm()
     claimed = encoded.claimed
     claim = claimed.claim
+    if claimed.superseded:
+        yield dg.Output(0)
+        return
     started = time.perf_counter()
     archived: AppendResult | None = None
     checks: list[dg.AssetCheckEvaluation] = []

@@ -8,14 +8,34 @@ import dagster as dg
 
 PARTITION_TAG = "protoagg/partition"
 RANGE_TAG = "protoagg/range"
+# On a run the sensor launched while the run before it was still in flight: the offset that run
+# ends at, where this one must find the partition archived to.
+FOLLOWS_TAG = "protoagg/follows"
+# On backfill runs, valued like PARTITION_TAG: the run queue starts a backfill's runs of one
+# partition one at a time, in the order they were submitted, so none waits on another's range.
+BACKFILL_PARTITION_TAG = "protoagg/backfill-partition"
 
 
-def range_tags(topic: str, partition: int, start: int, end: int) -> dict[str, str]:
-    """Tags of a run: one run per partition at a time is enforced on ``protoagg/partition``."""
-    return {
+def range_tags(
+    topic: str, partition: int, start: int, end: int, follows: bool = False
+) -> dict[str, str]:
+    """Tags of a run: the run queue limits runs per ``protoagg/partition`` value."""
+    tags = {
         PARTITION_TAG: partition_key(topic, partition),
         RANGE_TAG: f"{topic}-{partition}-{start}-{end}",
     }
+    if follows:
+        tags[FOLLOWS_TAG] = str(start)
+    return tags
+
+
+def is_follow_up(run: dg.DagsterRun) -> bool:
+    return FOLLOWS_TAG in run.tags
+
+
+def queued_behind(run: dg.DagsterRun) -> bool:
+    """Whether the run was queued to start while another run of its partition still works."""
+    return FOLLOWS_TAG in run.tags or BACKFILL_PARTITION_TAG in run.tags
 
 
 def range_run_config(topic: str, partition: int, start: int, end: int) -> dict[str, object]:
@@ -39,10 +59,21 @@ def run_partition(run: dg.DagsterRun) -> tuple[str, int] | None:
     The config, not the tag: runs launched by hand from the Launchpad usually carry no tags, and
     the config is what the run's ops actually read.
     """
+    found = run_range(run)
+    return None if found is None else (found[0], found[1])
+
+
+def run_range(run: dg.DagsterRun) -> tuple[str, int, int, int] | None:
+    """``(topic, partition, start, end)`` of an archive run, from its run config."""
     try:
         ops: Any = run.run_config["ops"]
         config = ops["consume"]["config"]
-        return str(config["topic"]), int(config["partition"])
+        return (
+            str(config["topic"]),
+            int(config["partition"]),
+            int(config["start_offset"]),
+            int(config["end_offset"]),
+        )
     except (KeyError, TypeError, ValueError):
         return None
 

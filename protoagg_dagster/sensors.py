@@ -21,6 +21,7 @@ from kafka import KafkaConsumer, TopicPartition
 
 from protoagg_dagster import leases
 from protoagg_dagster.assets import ARCHIVE_ASSET, topic_asset_key
+from protoagg_dagster.core import settings
 from protoagg_dagster.core.errors import ConfigError, MissingCredentials
 from protoagg_dagster.core.formats import TopicRule, rule_for
 from protoagg_dagster.core.liveness import StartedRun, judge
@@ -37,6 +38,7 @@ from protoagg_dagster.run_tags import (
     range_run_config,
     range_tags,
     run_partition,
+    run_range,
 )
 from protoagg_dagster.settings_resource import ArchiverSettings
 
@@ -88,7 +90,7 @@ class SensorCursor:
 
 @dg.sensor(
     job=archive_kafka_batch,
-    minimum_interval_seconds=5,
+    minimum_interval_seconds=max(1, settings.SENSOR_INTERVAL_SECONDS.read_int()),
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Reads each partition's end offset and archived position, and launches a run "
     "for the next bounded range when batch_size messages wait or linger_seconds have passed.",
@@ -109,7 +111,7 @@ def kafka_offsets_sensor(
     )
     # A run failed below stays in flight for this tick: run retries relaunch it, or the next
     # tick does.
-    in_flight = {key for record in unfinished if (key := _partition_of(record.dagster_run))}
+    in_flight = _runs_in_flight(unfinished)
     bounds = {topic: kafka.offset_bounds(topic) for topic in kafka.topic_list()}
     with postgres.get_connection() as conn:
         progress = {topic: read_progress(conn, topic) for topic in bounds}
@@ -117,8 +119,11 @@ def kafka_offsets_sensor(
         taken = leases.held(conn, {leases.partition_lease(key) for key in keys})
         _fail_dead_runs(context, conn, unfinished, cursor, now)
         biggest = max(latest_appended(conn), key=lambda b: b.object_size or 0, default=None)
-    # A partition whose lease is taken has a live run, maybe another deployment's.
-    in_flight |= {key for key in keys if leases.partition_lease(key) in taken}
+    # A partition whose lease is taken has a live run, maybe another deployment's (whose range
+    # this sensor cannot know, so it launches nothing after it).
+    for key in keys:
+        if leases.partition_lease(key) in taken and key not in in_flight:
+            in_flight[key] = InFlight(1, None)
     bill: dict[str, dg.MetadataValue] = {}
     if not cursor.bill_checked:
         try:
@@ -148,7 +153,8 @@ def kafka_offsets_sensor(
                     next_offset=starts[partition],
                     end_offset=log_end,
                     pending=state.pending if state is not None else None,
-                    in_flight=key in in_flight,
+                    in_flight=in_flight.get(key, NONE_IN_FLIGHT).runs,
+                    in_flight_end=in_flight.get(key, NONE_IN_FLIGHT).end,
                     backlog_since=cursor.backlog_since.get(key),
                 )
                 behind[TopicPartition(topic, partition)] = (
@@ -159,7 +165,7 @@ def kafka_offsets_sensor(
                 _remember(cursor.backlog_since, key, plan.backlog_since)
                 if plan.launch is not None:
                     context.log.info(f"launching {plan.launch}: {plan.reason}")
-                    requests.append(_run_request(context.instance, plan.launch))
+                    requests.append(_run_request(context.instance, plan.launch, plan.follows))
         oldest = timestamps_at(
             consumer, {tp: offset for tp, (offset, lag) in behind.items() if lag > 0}
         )
@@ -241,14 +247,44 @@ def _next_offsets(
     return result
 
 
-def _run_request(instance: dg.DagsterInstance, batch: OffsetRange) -> dg.RunRequest:
+def _run_request(
+    instance: dg.DagsterInstance, batch: OffsetRange, follows: bool = False
+) -> dg.RunRequest:
     # A range relaunched after a failed run needs a fresh run key: Dagster skips a known one.
     attempts = instance.get_runs_count(filters=dg.RunsFilter(tags={RANGE_TAG: batch.run_key}))
     return dg.RunRequest(
         run_key=batch.run_key if attempts == 0 else f"{batch.run_key}-retry{attempts}",
         run_config=range_run_config(batch.topic, batch.partition, batch.start, batch.end),
-        tags=range_tags(batch.topic, batch.partition, batch.start, batch.end),
+        tags=range_tags(batch.topic, batch.partition, batch.start, batch.end, follows),
     )
+
+
+@dataclass(frozen=True)
+class InFlight:
+    """A partition's unfinished runs: how many, and the end of the last range (None: unknown)."""
+
+    runs: int
+    end: int | None
+
+
+NONE_IN_FLIGHT = InFlight(0, None)
+
+
+def _runs_in_flight(unfinished: Sequence[dg.RunRecord]) -> dict[str, InFlight]:
+    found: dict[str, InFlight] = {}
+    for record in unfinished:
+        run = record.dagster_run
+        key = _partition_of(run)
+        if key is None:
+            continue
+        target = run_range(run)
+        before = found.get(key, NONE_IN_FLIGHT)
+        if target is None or (before.runs and before.end is None):
+            end = None
+        else:
+            end = max(target[3], before.end or 0)
+        found[key] = InFlight(before.runs + 1, end)
+    return found
 
 
 def _lag_observations(

@@ -101,10 +101,25 @@ def with_topics(stack: Stack, topics: str, **archiver: Any) -> Stack:
     """The stack archiving ``topics`` (a PROTOAGG_TOPICS value), with archiver settings changed."""
     return replace(
         stack,
-        kafka=KafkaResource(bootstrap_servers=stack.kafka.bootstrap_servers, topics=topics),
+        kafka=KafkaResource(
+            bootstrap_servers=stack.kafka.bootstrap_servers,
+            topics=topics,
+            client=stack.kafka.client,
+        ),
         # A fresh resource: Dagster rebuilds resources from their constructor arguments, which
         # pydantic's model_copy does not update.
         archiver=ArchiverSettings(**{**stack.archiver.model_dump(), **archiver}),
+    )
+
+
+def with_client(stack: Stack, client: str) -> Stack:
+    """The stack reading Kafka with ``client`` (a PROTOAGG_KAFKA_CLIENT value)."""
+    kafka = stack.kafka
+    return replace(
+        stack,
+        kafka=KafkaResource(
+            bootstrap_servers=kafka.bootstrap_servers, topics=kafka.topics, client=client
+        ),
     )
 
 

@@ -62,6 +62,9 @@ class PartitionView:
     ``next_offset`` is the first offset not yet archived (from the ledger), or, for a partition
     never archived, where archiving starts (``start_from``). ``pending`` is a claimed range whose
     append was not confirmed: it must be finished, exactly as claimed, before anything else.
+    ``in_flight`` counts the partition's unfinished runs (queued, starting or working);
+    ``in_flight_end`` is where the last of them ends, when the sensor knows its range (a run of
+    another deployment is seen only by its lease).
     """
 
     topic: str
@@ -69,7 +72,8 @@ class PartitionView:
     next_offset: int
     end_offset: int
     pending: OffsetRange | None = None
-    in_flight: bool = False
+    in_flight: int = 0
+    in_flight_end: int | None = None
     backlog_since: float | None = None
 
 
@@ -80,20 +84,33 @@ class Plan:
     launch: OffsetRange | None
     backlog_since: float | None
     reason: str
+    # The range continues one still in flight: its run waits for the partition's lease, and does
+    # nothing if the range before it was not archived to the offset it starts at.
+    follows: bool = False
 
 
 def plan_batch(view: PartitionView, limits: BatchLimits, now: float) -> Plan:
     """Next range to archive for one partition.
 
     Launch when ``batch_size`` messages wait or the backlog is ``linger_seconds`` old; never more
-    than ``max_batch_messages`` at once; never while a run for the partition is in flight, so a
-    partition's appends stay in offset order.
+    than ``max_batch_messages`` at once. While one run of the partition is in flight, the range
+    after it is launched as a follow-up, so its run starts up while the other works and begins
+    the moment the other ends; never more than one follow-up, and none after a run whose range
+    is unknown. Appends stay in offset order because the ledger refuses a range that does not
+    start at the archived position.
     """
-    if view.in_flight:
-        return Plan(None, view.backlog_since, "a run for this partition is in flight")
-    if view.pending is not None:
+    if view.in_flight > 1 or (view.in_flight == 1 and view.in_flight_end is None):
+        return Plan(None, view.backlog_since, "runs for this partition are in flight")
+    if view.in_flight == 0 and view.pending is not None:
         return Plan(view.pending, None, "finishing a claimed range whose append is unconfirmed")
-    waiting = view.end_offset - view.next_offset
+    follows = view.in_flight == 1
+    start = view.next_offset
+    if follows:
+        assert view.in_flight_end is not None
+        if view.pending is not None and view.pending.end > view.in_flight_end:
+            return Plan(None, view.backlog_since, "a claimed range is unfinished")
+        start = max(start, view.in_flight_end)
+    waiting = view.end_offset - start
     if waiting <= 0:
         return Plan(None, None, "nothing new")
     since = view.backlog_since if view.backlog_since is not None else now
@@ -102,8 +119,11 @@ def plan_batch(view: PartitionView, limits: BatchLimits, now: float) -> Plan:
     if not (full or lingered):
         return Plan(None, since, f"{waiting} waiting, lingering")
     size = min(waiting, limits.max_batch_messages)
-    launch = OffsetRange(view.topic, view.partition, view.next_offset, view.next_offset + size)
-    return Plan(launch, None, "batch full" if full else f"lingered {now - since:.1f} s")
+    launch = OffsetRange(view.topic, view.partition, start, start + size)
+    reason = "batch full" if full else f"lingered {now - since:.1f} s"
+    if follows:
+        reason += f"; follows the run in flight up to offset {start}"
+    return Plan(launch, None, reason, follows)
 
 
 def split_range(whole: OffsetRange, max_messages: int) -> list[OffsetRange]:

@@ -63,7 +63,7 @@ KAFKA_CLIENTS = ("kafka-python", "confluent")
 KAFKA_CLIENT = Setting(
     "PROTOAGG_KAFKA_CLIENT",
     "kafka-python",
-    "client of restore's transactional producer: kafka-python|confluent (librdkafka, faster)",
+    "client of the archive read path and restore's producer: kafka-python|confluent (librdkafka)",
 )
 TOPICS = Setting(
     "PROTOAGG_TOPICS",
@@ -141,6 +141,11 @@ COMPRESSION = Setting(
 COMPRESSION_LEVEL = Setting(
     "PROTOAGG_COMPRESSION_LEVEL", "", "gzip 1..9 (default 6), zstd 1..22 (default 3)"
 )
+SENSOR_INTERVAL_SECONDS = Setting(
+    "PROTOAGG_SENSOR_INTERVAL_SECONDS",
+    "2",
+    "least seconds between two evaluations of kafka_offsets_sensor (the daemon looks every 5 s)",
+)
 START_FROM = Setting(
     "PROTOAGG_START_FROM", "earliest", "where a never-archived partition starts: earliest|latest"
 )
@@ -173,6 +178,7 @@ ALL_SETTINGS: tuple[Setting, ...] = (
     GCS_DEAD_LETTERS,
     MAX_DEAD_LETTER_RATIO,
     START_FROM,
+    SENSOR_INTERVAL_SECONDS,
     COMPRESSION,
     COMPRESSION_LEVEL,
 )

@@ -1,6 +1,9 @@
-"""Kafka: kafka-python consumers that read assigned ranges, producers and admin.
+"""Kafka: consumers that read assigned ranges, producers and admin.
 
-Restore's transactional producer is kafka-python's or librdkafka's (``confluent-kafka``).
+``client`` (PROTOAGG_KAFKA_CLIENT) picks kafka-python or librdkafka (``confluent-kafka``) for the
+archive read path (``get_reader``) and restore's transactional producer. The sensor's offset
+look-ups, verification, backfill and the admin calls stay on kafka-python: they handle a few
+requests per tick, not a message at a time.
 """
 
 from __future__ import annotations
@@ -13,9 +16,11 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
 from pydantic import Field
 
+from protoagg_dagster.confluent_reader import ConfluentReader
 from protoagg_dagster.core.errors import BackendError, ConfigError
 from protoagg_dagster.core.formats import has_patterns, parse_topics, select_topics
 from protoagg_dagster.core.settings import KAFKA_CLIENTS, split_list
+from protoagg_dagster.kafka_reader import KafkaPythonReader, RangeReader
 
 Headers = list[tuple[str, bytes | None]]
 
@@ -130,8 +135,9 @@ class KafkaResource(dg.ConfigurableResource):  # type: ignore[type-arg]
     )
     client: str = Field(
         default="kafka-python",
-        description="Client library of restore's transactional producer: kafka-python or "
-        "confluent (librdkafka, about three times the records per second).",
+        description="Client library of the archive read path and restore's transactional "
+        "producer: kafka-python or confluent (librdkafka, several times fewer CPU microseconds "
+        "per message).",
     )
 
     def topic_list(self) -> list[str]:
@@ -172,6 +178,55 @@ class KafkaResource(dg.ConfigurableResource):  # type: ignore[type-arg]
         """
         return self._consumer("read_committed")
 
+    def get_reader(self) -> RangeReader:
+        """The archive read path's client (``client``), read_committed either way."""
+        if self._client() == "confluent":
+            return ConfluentReader(self.confluent_consumer_config(), self.request_timeout_ms / 1000)
+        return KafkaPythonReader(self.get_consumer())
+
+    def confluent_consumer_config(self) -> dict[str, Any]:
+        """librdkafka's settings for ``get_consumer``'s behaviour: assigned, never committed."""
+        return {
+            **self._confluent_common(),
+            # librdkafka wants a group even for a consumer that is only ever assigned: nothing
+            # joins it, and with no commits it never holds an offset.
+            "group.id": "protoagg-reader",
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "isolation.level": "read_committed",
+            "auto.offset.reset": "earliest",
+            # Tells a read that ends on offsets holding no record that nothing more is coming.
+            "enable.partition.eof": True,
+            "socket.timeout.ms": self.request_timeout_ms,
+            "fetch.max.bytes": self.fetch_max_bytes,
+            "max.partition.fetch.bytes": min(self.fetch_max_bytes, 16 * 1024 * 1024),
+            # Prefetch a whole default batch (200,000 messages) while Python builds messages.
+            "queued.min.messages": 200_000,
+        }
+
+    def _confluent_common(self) -> dict[str, Any]:
+        config: dict[str, Any] = {
+            "bootstrap.servers": self.bootstrap_servers,
+            "security.protocol": self.security_protocol,
+            "client.id": "protoagg",
+        }
+        optional = {
+            "sasl.mechanism": self.sasl_mechanism,
+            "sasl.username": self.sasl_username,
+            "sasl.password": self.sasl_password,
+            "ssl.ca.location": self.ssl_cafile,
+        }
+        config.update({key: value for key, value in optional.items() if value is not None})
+        return config
+
+    def _client(self) -> str:
+        if self.client not in KAFKA_CLIENTS:
+            raise ConfigError(
+                f"PROTOAGG_KAFKA_CLIENT must be one of {', '.join(KAFKA_CLIENTS)}, "
+                f"got {self.client!r}"
+            )
+        return self.client
+
     def high_watermarks(self, topic: str, partitions: list[int]) -> dict[int, int]:
         """The offset after the last record written, committed or not, of each partition.
 
@@ -208,12 +263,7 @@ class KafkaResource(dg.ConfigurableResource):  # type: ignore[type-arg]
 
         Larger batches than ``get_producer``: a restore sends a whole transaction at once.
         """
-        if self.client not in KAFKA_CLIENTS:
-            raise ConfigError(
-                f"PROTOAGG_KAFKA_CLIENT must be one of {', '.join(KAFKA_CLIENTS)}, "
-                f"got {self.client!r}"
-            )
-        if self.client == "confluent":
+        if self._client() == "confluent":
             return self._confluent_producer(transactional_id)
         producer: TransactionalProducer = self._connect(
             KafkaProducer,
@@ -226,9 +276,7 @@ class KafkaResource(dg.ConfigurableResource):  # type: ignore[type-arg]
 
     def _confluent_producer(self, transactional_id: str) -> ConfluentTransactionalProducer:
         config: dict[str, Any] = {
-            "bootstrap.servers": self.bootstrap_servers,
-            "security.protocol": self.security_protocol,
-            "client.id": "protoagg",
+            **self._confluent_common(),
             "transactional.id": transactional_id,
             "request.timeout.ms": self.request_timeout_ms,
             # Java's and kafka-python's partitioner, should a record carry no partition.
@@ -236,13 +284,6 @@ class KafkaResource(dg.ConfigurableResource):  # type: ignore[type-arg]
             "linger.ms": 50,
             "batch.size": 1024 * 1024,
         }
-        optional = {
-            "sasl.mechanism": self.sasl_mechanism,
-            "sasl.username": self.sasl_username,
-            "sasl.password": self.sasl_password,
-            "ssl.ca.location": self.ssl_cafile,
-        }
-        config.update({key: value for key, value in optional.items() if value is not None})
         try:
             return ConfluentTransactionalProducer(config)
         except confluent_kafka.KafkaException as exc:

@@ -17,7 +17,7 @@ from pydantic import Field, PrivateAttr
 from protoagg_dagster import leases
 from protoagg_dagster.core.errors import BackendError, ConfigError
 from protoagg_dagster.ledger import ensure_schema
-from protoagg_dagster.run_tags import partition_key, run_partition
+from protoagg_dagster.run_tags import partition_key, queued_behind, run_partition
 
 
 class PostgresResource(dg.ConfigurableResource):  # type: ignore[type-arg]
@@ -62,6 +62,11 @@ class PartitionLease(dg.ConfigurableResource):  # type: ignore[type-arg]
         description="How long a run waits for its partition's lease held by another live run "
         "(another deployment's) before it gives up without doing anything.",
     )
+    follow_up_wait_seconds: float = Field(
+        default=900.0,
+        description="The same for a run queued behind another of its partition (the sensor's "
+        "follow-up, a backfill's next range), which takes over when that one ends.",
+    )
     _conn: psycopg.Connection | None = PrivateAttr(default=None)
     _partition: str | None = PrivateAttr(default=None)
     _run_id: str = PrivateAttr(default="")
@@ -73,7 +78,9 @@ class PartitionLease(dg.ConfigurableResource):  # type: ignore[type-arg]
             return
         self._partition = partition_key(*target)
         self._run_id = run.run_id
-        self._conn = self._take(self.wait_seconds)
+        self._conn = self._take(
+            self.follow_up_wait_seconds if queued_behind(run) else self.wait_seconds
+        )
         if context.log is not None:
             context.log.info(f"holding the leases of this run and of partition {self._partition}")
 

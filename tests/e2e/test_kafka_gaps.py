@@ -2,7 +2,7 @@
 
 Both are Kafka's gaps, not the archive's: the run archives what is there, and the checker
 accounts for every offset (``without_record`` for compaction holes, ``deleted`` for offsets
-removed before they were read), never calling them missing.
+removed before they were read), never calling them missing. Runs read with either Kafka client.
 """
 
 from __future__ import annotations
@@ -10,8 +10,10 @@ from __future__ import annotations
 import time
 
 import dagster as dg
+import pytest
 from kafka import KafkaProducer, TopicPartition
 
+from protoagg_dagster.core.settings import KAFKA_CLIENTS
 from tests.e2e.test_record_format import committed, create, rows_of
 from tests.helpers import (
     Stack,
@@ -20,13 +22,17 @@ from tests.helpers import (
     log_value,
     produce,
     run_sensor_until_idle,
+    with_client,
     with_topics,
 )
 
 
-def test_a_compacted_topic_is_archived_as_compaction_left_it(stack: Stack, unique: str) -> None:
+@pytest.mark.parametrize("client", KAFKA_CLIENTS)
+def test_a_compacted_topic_is_archived_as_compaction_left_it(
+    stack: Stack, unique: str, client: str
+) -> None:
     topic = f"compacted-{unique}"
-    stack = with_topics(stack, f"{topic}:record")
+    stack = with_topics(with_client(stack, client), f"{topic}:record")
     create(
         stack,
         topic,
@@ -64,9 +70,12 @@ def test_a_compacted_topic_is_archived_as_compaction_left_it(stack: Stack, uniqu
     assert check.archived + check.without_record == check.offsets
 
 
-def test_offsets_deleted_before_they_were_read_are_accounted(stack: Stack, unique: str) -> None:
+@pytest.mark.parametrize("client", KAFKA_CLIENTS)
+def test_offsets_deleted_before_they_were_read_are_accounted(
+    stack: Stack, unique: str, client: str
+) -> None:
     topic = f"trimmed-{unique}"
-    stack = with_topics(stack, topic, max_batch_messages=30, batch_size=30)
+    stack = with_topics(with_client(stack, client), topic, max_batch_messages=30, batch_size=30)
     create(stack, topic)
     produce(stack.kafka, topic, [log_value() for _ in range(30)])
     with dg.instance_for_test() as instance:

@@ -16,6 +16,7 @@ import dagster as dg
 import pytest
 
 from protoagg_dagster import ops
+from protoagg_dagster.core.settings import KAFKA_CLIENTS
 from protoagg_dagster.resources import GCSResource, KafkaResource, PostgresResource
 from protoagg_dagster.services.kafka import KafkaService
 from protoagg_dagster.services.postgres import PostgresService
@@ -110,11 +111,15 @@ def test_postgres_restart_mid_run_is_retried_and_archives_once(
     assert_archived_exactly_once(stack, 50)
 
 
+@pytest.mark.parametrize("client", KAFKA_CLIENTS)
 def test_kafka_restart_mid_run_is_survived_and_archives_once(
-    stack: Stack, own_kafka: KafkaService, monkeypatch: pytest.MonkeyPatch
+    stack: Stack, own_kafka: KafkaService, monkeypatch: pytest.MonkeyPatch, client: str
 ) -> None:
     topic = topic_of(stack)
-    stack = replace(stack, kafka=KafkaResource(bootstrap_servers=own_kafka.bootstrap, topics=topic))
+    stack = replace(
+        stack,
+        kafka=KafkaResource(bootstrap_servers=own_kafka.bootstrap, topics=topic, client=client),
+    )
     create_topic(stack.kafka, topic)
     produce(stack.kafka, topic, [log_value() for _ in range(50)])
 
@@ -123,7 +128,7 @@ def test_kafka_restart_mid_run_is_survived_and_archives_once(
         own_kafka.down()
         own_kafka.up()
 
-    restart_before_first_call(monkeypatch, "read_range", restart)
+    restart_before_first_call(monkeypatch, "read_into", restart)
     result = run_range(stack, 50)
     assert result.success
     assert_archived_exactly_once(stack, 50)

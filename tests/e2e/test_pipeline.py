@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import uuid
 from pathlib import Path
 
 import dagster as dg
+import pytest
 
 from protoagg_dagster.archive_reader import verify_archive
+from protoagg_dagster.core import settings
 from protoagg_dagster.core.framing import iter_records
 from protoagg_dagster.core.records import parse_rfc3339
+from protoagg_dagster.core.settings import KAFKA_CLIENTS
 from protoagg_dagster.jobs import archive_kafka_batch
 from protoagg_dagster.ledger import object_lock
 from protoagg_dagster.resources import GCSResource
@@ -168,3 +172,39 @@ def test_an_all_duplicate_batch_still_moves_the_objects_offsets(stack: Stack) ->
     check = check_archive(stack)
     assert check.ok, check.summary()
     assert (check.offsets, check.archived, check.duplicates) == (40, 20, 20)
+
+
+@pytest.mark.parametrize("client", KAFKA_CLIENTS)
+def test_the_kafka_client_setting_picks_the_client_that_reads_each_run(
+    stack: Stack, client: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    topic = topic_of(stack)
+    create_topic(stack.kafka, topic)
+    values = [log_value() for _ in range(150)]
+    produce(stack.kafka, topic, values)
+    assert stack.gcs.emulator_host is not None
+    environment = {
+        settings.KAFKA_BOOTSTRAP: stack.kafka.bootstrap_servers,
+        settings.TOPICS: topic,
+        settings.POSTGRES_DSN: stack.postgres.dsn,
+        settings.GCS_BUCKET: stack.gcs.bucket,
+        settings.GCS_OBJECT: stack.gcs.object_template,
+        settings.STORAGE_EMULATOR_HOST: stack.gcs.emulator_host,
+        settings.KAFKA_CLIENT: client,
+    }
+    for setting, value in environment.items():
+        monkeypatch.setenv(setting.env, value)
+    # The code location as deployed: its resources read the environment when a run starts.
+    import protoagg_dagster.definitions as module
+
+    defs = importlib.reload(module).defs
+    with dg.instance_for_test() as instance:
+        result = defs.get_job_def("archive_kafka_batch").execute_in_process(
+            run_config=range_run_config(topic, 0, 0, 150), instance=instance
+        )
+        assert result.success
+        logged = [entry.user_message for entry in instance.all_logs(result.run_id)]
+    assert any(m.startswith("consume: 150 messages") and m.endswith(client) for m in logged)
+    records, _ = archive(stack)
+    assert [r.log_id for r in records] == [json.loads(v)["logId"] for v in values]
+    assert check_archive(stack).ok

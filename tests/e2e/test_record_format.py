@@ -23,6 +23,7 @@ from protoagg_dagster.archive_reader import cat_archive, verify_archive
 from protoagg_dagster.assets import ARCHIVE_ASSET, topic_asset_key
 from protoagg_dagster.core.formats import parse_topics
 from protoagg_dagster.core.kafka_record import ArchivedKafkaRecord
+from protoagg_dagster.core.settings import KAFKA_CLIENTS
 from protoagg_dagster.ledger import read_progress
 from tests.helpers import (
     Stack,
@@ -31,6 +32,7 @@ from tests.helpers import (
     log_value,
     run_sensor_until_idle,
     tick,
+    with_client,
     with_topics,
 )
 
@@ -94,9 +96,10 @@ def binary(rng: random.Random, size: int) -> bytes:
     return b"\xff" + rng.randbytes(size)
 
 
-def test_any_topic_is_archived_byte_for_byte(stack: Stack, unique: str) -> None:
+@pytest.mark.parametrize("client", KAFKA_CLIENTS)
+def test_any_topic_is_archived_byte_for_byte(stack: Stack, unique: str, client: str) -> None:
     topic = f"any-{unique}"
-    stack = with_topics(stack, f"{topic}:record")
+    stack = with_topics(with_client(stack, client), f"{topic}:record")
     create(stack, topic, partitions=3)
     rng = random.Random(11)
     sent = producer(stack)
@@ -171,12 +174,15 @@ def test_log_append_time_topic_keeps_the_broker_timestamp(stack: Stack, unique: 
     assert check_archive(stack).ok
 
 
-@pytest.mark.parametrize("archive_format", ["record", "log"])
+@pytest.mark.parametrize(
+    ("archive_format", "client"),
+    [("record", "kafka-python"), ("log", "kafka-python"), ("record", "confluent")],
+)
 def test_transactions_only_committed_records_and_open_ones_once_committed(
-    stack: Stack, unique: str, archive_format: str
+    stack: Stack, unique: str, archive_format: str, client: str
 ) -> None:
     topic = f"txn-{unique}"
-    stack = with_topics(stack, f"{topic}:{archive_format}")
+    stack = with_topics(with_client(stack, client), f"{topic}:{archive_format}")
     create(stack, topic, partitions=2)
     values = [log_value() for _ in range(25)]
     txn = producer(stack, transactional_id=f"protoagg-test-{unique}")

@@ -1,7 +1,7 @@
 """Two independent Dagster deployments archive one topic at once, plus a backfill: each id once.
 
 Each deployment has its own DAGSTER_HOME (SQLite run storage, the run queue of
-deploy/dagster.local.yaml: one run per partition at a time) and its own ``dagster-daemon``, whose
+deploy/dagster.local.yaml) and its own ``dagster-daemon``, whose
 sensor launches real runs in subprocesses; both share Kafka, PostgreSQL and the GCS object.
 Meanwhile backfill runs archive overlapping ranges of partition 0 in processes of their own.
 Nothing is coordinated but through PostgreSQL and GCS, yet the archive must hold every distinct
@@ -93,12 +93,12 @@ def cross_partition_pairs(
 
 
 def same_partition_pairs(runs: list[RunSummary]) -> list[tuple[str, str]]:
-    """Runs of one partition that counted against the queue's limits at the same time."""
+    """Runs of one partition that were inside their ops at the same time."""
     return [
         (a.run_id, b.run_id)
         for i, a in enumerate(runs)
         for b in runs[i + 1 :]
-        if a.partition == b.partition and a.active_together(b)
+        if a.partition == b.partition and a.works_together(b)
     ]
 
 

@@ -9,43 +9,52 @@ from google.api_core import exceptions as gexc
 
 from protoagg_dagster.core.errors import BackendError, ConfigError
 from protoagg_dagster.core.planning import OffsetRange
+from protoagg_dagster.core.settings import KAFKA_CLIENTS
 from protoagg_dagster.kafka_reader import read_range
 from protoagg_dagster.resources import GCSResource, KafkaResource, PostgresResource
 from tests.conftest import Services
 from tests.helpers import create_topic, log_value, produce
 
 
+@pytest.mark.parametrize("client", KAFKA_CLIENTS)
 def test_kafka_produce_then_read_exact_range_by_assign_and_seek(
-    services: Services, unique: str
+    services: Services, unique: str, client: str
 ) -> None:
-    kafka = KafkaResource(bootstrap_servers=services.kafka_bootstrap, topics=f"t-{unique}")
     topic = f"t-{unique}"
+    kafka = KafkaResource(bootstrap_servers=services.kafka_bootstrap, topics=topic, client=client)
     create_topic(kafka, topic, partitions=2)
     values = [log_value(message=f"m{i}") for i in range(50)]
     produce(kafka, topic, values, partition=1)
     assert kafka.offset_bounds(topic) == {0: (0, 0), 1: (0, 50)}
-    consumer = kafka.get_consumer()
+    reader = kafka.get_reader()
     try:
-        read = read_range(consumer, OffsetRange(topic, 1, 10, 20), max_bytes=1 << 20)
+        read = read_range(reader, OffsetRange(topic, 1, 10, 20), max_bytes=1 << 20)
     finally:
-        consumer.close()
+        reader.close()
+    assert read.batch == OffsetRange(topic, 1, 10, 20)
     assert [m.offset for m in read.messages] == list(range(10, 20))
     assert [m.value for m in read.messages] == values[10:20]
+    assert read.value_bytes == sum(map(len, values[10:20]))
+    assert read.skipped == 0
 
 
-def test_kafka_read_stops_early_at_the_byte_limit(services: Services, unique: str) -> None:
+@pytest.mark.parametrize("client", KAFKA_CLIENTS)
+def test_kafka_read_stops_early_at_the_byte_limit(
+    services: Services, unique: str, client: str
+) -> None:
     topic = f"t-{unique}"
-    kafka = KafkaResource(bootstrap_servers=services.kafka_bootstrap, topics=topic)
+    kafka = KafkaResource(bootstrap_servers=services.kafka_bootstrap, topics=topic, client=client)
     create_topic(kafka, topic)
     values = [log_value() for _ in range(20)]
     produce(kafka, topic, values)
-    consumer = kafka.get_consumer()
+    reader = kafka.get_reader()
     try:
-        read = read_range(consumer, OffsetRange(topic, 0, 0, 20), max_bytes=len(values[0]) * 5)
+        read = read_range(reader, OffsetRange(topic, 0, 0, 20), max_bytes=len(values[0]) * 5)
     finally:
-        consumer.close()
+        reader.close()
     assert read.batch.end == 5
     assert [m.offset for m in read.messages] == list(range(5))
+    assert read.value_bytes == sum(map(len, values[:5]))
 
 
 def test_postgres_connection_creates_the_schema(postgres_dsn: str) -> None:

@@ -162,11 +162,16 @@ def test_a_retention_policy_fails(good: Deployment, services: Services, proxy: G
     assert "every append fails" in failures[1].detail
 
 
-def test_a_missing_run_queue_limit_fails(good: Deployment, tmp_path: Path) -> None:
+def test_the_run_queue_limit_is_checked(good: Deployment, tmp_path: Path) -> None:
+    assert _by_check(diagnose(good))["dagster run queue"].status == "OK"  # deploy's two
     plain = tmp_path / "dagster.yaml"
     plain.write_text("telemetry:\n  enabled: false\n")
-    [failure] = _failures(diagnose(replace(good, dagster_yaml=plain)))
-    assert failure.check == "dagster run queue" and "protoagg/partition" in failure.detail
+    missing = _by_check(diagnose(replace(good, dagster_yaml=plain)))["dagster run queue"]
+    assert missing.status == "WARN" and "protoagg/partition" in missing.detail
+    one = tmp_path / "one.yaml"
+    one.write_text(LOCAL_YAML.read_text().replace("limit: 2", "limit: 1"))
+    single = _by_check(diagnose(replace(good, dagster_yaml=one)))["dagster run queue"]
+    assert single.status == "WARN" and "follow-up run waits in the queue" in single.detail
     unset = _by_check(diagnose(replace(good, dagster_yaml=None)))["dagster run queue"]
     assert unset.status == "WARN" and "DAGSTER_HOME" in unset.detail
 

@@ -1,7 +1,8 @@
 """A real Dagster deployment for the tests: its own DAGSTER_HOME and a ``dagster-daemon`` process.
 
-:class:`DagsterDeployment` copies ``deploy/dagster.local.yaml`` (the production queue: one run per
-``protoagg/partition`` value) into a fresh DAGSTER_HOME, starts ``dagster-daemon run`` on the
+:class:`DagsterDeployment` copies ``deploy/dagster.local.yaml`` (the production queue: two runs
+per ``protoagg/partition`` value, one working and its follow-up starting up) into a fresh
+DAGSTER_HOME, starts ``dagster-daemon run`` on the
 project's ``workspace.yaml`` in a new session (the daemon, its code server and the run processes
 the code server spawns all share one process group), and stops the whole group: SIGTERM, then
 SIGKILL after a deadline. The daemon's output goes to ``<home>/daemon.log``.
@@ -173,6 +174,9 @@ class RunSummary:
     will_retry: bool
     errors: list[str] = field(default_factory=list)
     step_retries: list[str] = field(default_factory=list)
+    # From the first op's start to the last op's end: the run holds its partition's lease then.
+    work_start: float | None = None
+    work_end: float | None = None
     materializations: list[dict[str, Any]] = field(default_factory=list)
 
     def overlaps(self, other: RunSummary) -> bool:
@@ -183,6 +187,11 @@ class RunSummary:
         """Both counted against the run queue's limits at once: dequeued (RUN_STARTING: its
         process is being launched) and not yet finished."""
         return _overlap(self.launched_time, self.end_time, other.launched_time, other.end_time)
+
+    def works_together(self, other: RunSummary) -> bool:
+        """Both were inside their ops at once (a follow-up starts up while a run works, then
+        waits for the partition's lease, so only this must never happen within a partition)."""
+        return _overlap(self.work_start, self.work_end, other.work_start, other.work_end)
 
     def line(self, origin: float) -> str:
         def rel(t: float | None) -> str:
@@ -267,12 +276,23 @@ def run_summaries(deployment: DagsterDeployment) -> list[RunSummary]:
                     DagsterEventType.STEP_UP_FOR_RETRY,
                     DagsterEventType.ASSET_MATERIALIZATION,
                     DagsterEventType.RUN_STARTING,
+                    DagsterEventType.STEP_START,
+                    DagsterEventType.STEP_SUCCESS,
                 },
             ):
                 event = entry.dagster_event
                 assert event is not None
+                if event.event_type in (
+                    DagsterEventType.STEP_SUCCESS,
+                    DagsterEventType.STEP_FAILURE,
+                ):
+                    summary.work_end = entry.timestamp
                 if event.event_type == DagsterEventType.RUN_STARTING:
                     summary.launched_time = entry.timestamp
+                elif event.event_type == DagsterEventType.STEP_START:
+                    if summary.work_start is None:
+                        summary.work_start = entry.timestamp
+                    summary.work_end = None
                 elif event.event_type == DagsterEventType.ASSET_MATERIALIZATION:
                     materialization = event.step_materialization_data.materialization
                     # The topic entry's asset repeats the whole archive's numbers.
@@ -281,7 +301,7 @@ def run_summaries(deployment: DagsterDeployment) -> list[RunSummary]:
                         summary.materializations.append({k: v.value for k, v in metadata.items()})
                 elif event.event_type == DagsterEventType.STEP_UP_FOR_RETRY:
                     summary.step_retries.append(_error_text(entry))
-                else:
+                elif event.event_type != DagsterEventType.STEP_SUCCESS:
                     summary.errors.append(_error_text(entry))
             summaries.append(summary)
     return sorted(summaries, key=lambda s: (s.start_time or float("inf"), s.run_id))

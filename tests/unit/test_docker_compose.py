@@ -401,5 +401,5 @@ def test_dagster_instance_runs_one_run_per_partition(name: str) -> None:
     assert coordinator["class"] == "QueuedRunCoordinator"
     limits = {limit["key"]: limit for limit in coordinator["config"]["tag_concurrency_limits"]}
     assert PARTITION_TAG in limits, f"no concurrency limit on the {PARTITION_TAG} tag"
-    assert limits[PARTITION_TAG]["limit"] == 1
+    assert limits[PARTITION_TAG]["limit"] == 2  # one working, its follow-up starting up
     assert limits[PARTITION_TAG]["value"]["applyLimitPerUniqueValue"] is True

@@ -29,11 +29,65 @@ def view(**changes: object) -> PartitionView:
         ("linger elapsed", view(end_offset=5, backlog_since=85.0), 100.0, (0, 5), None),
         ("capped by max_batch_messages", view(end_offset=5000), 1.0, (0, 1000), None),
         (
-            "in flight waits",
-            view(end_offset=5000, in_flight=True, backlog_since=3.0),
+            "a run of unknown range in flight waits",
+            view(end_offset=5000, in_flight=1, backlog_since=3.0),
             9.0,
             None,
             3.0,
+        ),
+        (
+            "a follow-up starts where the run in flight ends",
+            view(next_offset=0, end_offset=5000, in_flight=1, in_flight_end=1000),
+            9.0,
+            (1000, 2000),
+            None,
+        ),
+        (
+            "a follow-up lingers like any batch",
+            view(end_offset=1050, in_flight=1, in_flight_end=1000),
+            9.0,
+            None,
+            9.0,
+        ),
+        (
+            "nothing after the run in flight",
+            view(end_offset=1000, in_flight=1, in_flight_end=1000, backlog_since=2.0),
+            9.0,
+            None,
+            None,
+        ),
+        (
+            "never a second follow-up",
+            view(end_offset=5000, in_flight=2, in_flight_end=2000, backlog_since=3.0),
+            9.0,
+            None,
+            3.0,
+        ),
+        (
+            "a follow-up of the run finishing a pending claim",
+            view(
+                next_offset=10,
+                end_offset=5000,
+                pending=OffsetRange("logs", 0, 10, 60),
+                in_flight=1,
+                in_flight_end=60,
+            ),
+            1.0,
+            (60, 1060),
+            None,
+        ),
+        (
+            "no follow-up past an unfinished claim the run in flight does not cover",
+            view(
+                next_offset=10,
+                end_offset=5000,
+                pending=OffsetRange("logs", 0, 10, 600),
+                in_flight=1,
+                in_flight_end=60,
+            ),
+            1.0,
+            None,
+            None,
         ),
         (
             "pending claim is finished exactly",
@@ -64,6 +118,7 @@ def test_plan_batch(
     got = None if plan.launch is None else (plan.launch.start, plan.launch.end)
     assert got == launch, plan.reason
     assert plan.backlog_since == since
+    assert plan.follows == (launch is not None and state.in_flight == 1)
 
 
 def test_run_key_names_topic_partition_and_range() -> None:
