@@ -187,7 +187,6 @@ def test_a_window_of_day_partitions_keeps_deduplicating_and_drains(postgres_dsn:
                 ).format(sql.Identifier(partition_name(day)), sql.Literal(day))
             )
             conn.execute("UPDATE dedupe_window SET current_day = %s", (day,))
-            conn.commit()
             assert claimed(conn, ids, 2 * k) == ids
         everything = [i for ids in per_day for i in ids]
         assert claimed(conn, everything, 6) == []
@@ -249,25 +248,30 @@ def test_claims_racing_a_span_switch_win_each_id_once_and_keep_it(postgres_dsn: 
     claimers, rounds = 4, 6
     pool = new_ids(4000)
     kept: dict[int, list[str]] = {p: [] for p in range(claimers)}
-    half = threading.Event()
+    # The switch starts while every claimer is half-way; the last round waits until it is done,
+    # so rows land on both sides of it and the rounds between race it.
+    halfway, switched = threading.Barrier(claimers + 1), threading.Event()
 
     def claim(partition: int) -> None:
         rng = random.Random(partition)
         with pg.get_connection() as conn:
             for n in range(rounds):
+                if n == rounds // 2:
+                    halfway.wait(60)
+                if n == rounds - 1:
+                    assert switched.wait(60)
                 ids = rng.sample(pool, 400)
                 batch = OffsetRange("t", partition, 400 * n, 400 * (n + 1))
                 result = claim_batch(conn, batch, records(ids, 400 * n), "o", None)
                 assert result.batch_id is not None
                 finish_batch(conn, result.batch_id, None)
                 kept[partition] += [r.log_id for r in result.kept]
-                if n == rounds // 2:
-                    half.set()
 
     def switch() -> None:
-        assert half.wait(60)
+        halfway.wait(60)
         with pg.get_connection() as conn:
             assert advance_window(conn, today + 7, keep_days=7).created
+        switched.set()
 
     run_threads(lambda k: claim(k) if k < claimers else switch(), range(claimers + 1))
     winners = [i for p in range(claimers) for i in kept[p]]
