@@ -122,11 +122,13 @@ def claim_ids(conn: psycopg.Connection, batch_id: int, records: Sequence[Claimab
     ).fetchone()
     assert row is not None
     # Inserting in log_id order makes concurrent claimers of overlapping ids take their row
-    # locks in the same order, so they wait for each other instead of deadlocking.
+    # locks in the same order, so they wait for each other instead of deadlocking. Sorting before
+    # the probes (the outer ORDER BY is then already satisfied) makes consecutive probes descend
+    # through the same inner index pages, which stay in the CPU's cache.
     rows = conn.execute(
         "INSERT INTO processed_logs (log_id, day, batch_id, kafka_offset) "
         "SELECT c.log_id, %(day)s, %(batch)s, c.kafka_offset "
-        f"FROM {_CANDIDATES} "
+        f"FROM (SELECT * FROM {_CANDIDATES} ORDER BY c.log_id, c.kafka_offset) AS c "
         "WHERE NOT EXISTS (SELECT 1 FROM processed_logs p "
         "                  WHERE p.log_id = c.log_id AND p.day < %(day)s) "
         "ORDER BY c.log_id, c.kafka_offset "
