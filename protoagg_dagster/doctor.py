@@ -109,10 +109,9 @@ def _postgres(d: Deployment) -> Iterator[Finding]:
         missing = [
             t for t in TABLES if conn.execute("SELECT to_regclass(%s)", (t,)).fetchone() == (None,)
         ]
-        can_create, can_temp = conn.execute(
-            "SELECT has_schema_privilege(current_schema(), 'CREATE'), "
-            "has_database_privilege(current_database(), 'TEMP')"
-        ).fetchone() or (False, False)
+        can_create = conn.execute(
+            "SELECT has_schema_privilege(current_schema(), 'CREATE')"
+        ).fetchone() == (True,)
         if missing and can_create:
             yield Finding(
                 "OK", "postgres schema", f"not created yet ({', '.join(missing)}): the first run "
@@ -135,16 +134,13 @@ def _postgres(d: Deployment) -> Iterator[Finding]:
             ).fetchone()
             != (True,)
         ]
-        if lacking or not can_temp:
+        if lacking:
             yield Finding(
                 "FAIL",
                 "postgres rights",
-                "missing " + ", ".join(
-                    [f"SELECT/INSERT/UPDATE/DELETE on {t}" for t in lacking]
-                    + ([] if can_temp else ["TEMP on the database"])
-                ),
-                "GRANT them to the protoagg user (dedupe copies ids into a temporary table)",
-            )  # fmt: skip
+                "missing " + ", ".join(f"SELECT/INSERT/UPDATE/DELETE on {t}" for t in lacking),
+                "GRANT them to the protoagg user",
+            )
         elif not missing:
             yield Finding("OK", "postgres schema", "tables present, rights sufficient")
 

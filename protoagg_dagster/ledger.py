@@ -3,7 +3,7 @@
 Tables:
 
 - ``processed_logs``: one row per archived dedupe key (a logId, or a 128-bit digest of another
-  key) and the batch that claimed it, partitioned by day (see ``dedupe_window``).
+  key) and the batch that claimed it, in spans of keep_days days (see ``dedupe_window``).
 - ``archive_batches``: one row per claimed offset range; ``state`` is ``claimed`` until the append
   to GCS is confirmed, then ``appended``. At most one ``claimed`` row per partition.
 - ``archive_positions``: per partition, the first offset not yet archived.

@@ -17,8 +17,9 @@ from protoagg_dagster.resources import GCSResource, PostgresResource
 class WindowConfig(dg.Config):
     keep_days: int = Field(
         default=7,
-        description="Days of logIds kept for dedupe. A message redelivered after its id left the "
-        "window is archived again; longer windows cost storage, not per-batch time.",
+        description="Days of logIds kept for dedupe (at least this many, at most about twice: "
+        "the window is two spans of keep_days days). A message redelivered after its id left "
+        "the window is archived again; longer windows cost storage, not per-batch time.",
     )
 
 
@@ -36,12 +37,12 @@ class CleanupConfig(dg.Config):
 def advance_dedupe_window(
     context: dg.OpExecutionContext, config: WindowConfig, postgres: PostgresResource
 ) -> None:
-    """Make today the claim day and drop day partitions older than the window."""
+    """Start a new span of the dedupe window when due and drop spans that left the window."""
     with postgres.get_connection() as conn:
         change = advance_window(conn, epoch_day(), config.keep_days)
     context.log.info(
-        f"dedupe window: claiming into day {change.current_day}"
-        + (" (new partition)" if change.created else "")
+        f"dedupe window: claiming into the span that started on day {change.current_day}"
+        + (" (new span)" if change.created else "")
         + (f"; dropped {', '.join(change.dropped)}" if change.dropped else "; nothing to drop")
     )
 

@@ -36,6 +36,17 @@ APP_USER = "protoagg"
 APP_PASSWORD = "protoagg"  # noqa: S105 - a throwaway local dev cluster on loopback
 APP_DATABASE = "protoagg"
 UNPRIVILEGED_USER = "postgres"
+# Sized for the dedupe window (docs/operations.md, "PostgreSQL for the dedupe window"): each id
+# the window stores needs ~50 bytes of index in shared_buffers for its probes to stay in memory,
+# so 1GB serves ~20M stored ids; raise it (PROTOAGG_POSTGRES_SHARED_BUFFERS) for bigger windows.
+# Random keys make every claim dirty index pages all over the index, and the first change of a
+# page after a checkpoint writes the whole page to the WAL: checkpoints spaced further apart
+# write each page once per 15 minutes instead of once per 5.
+SETTINGS = {
+    "shared_buffers": os.environ.get("PROTOAGG_POSTGRES_SHARED_BUFFERS", "1GB"),
+    "max_wal_size": "4GB",
+    "checkpoint_timeout": "15min",
+}
 
 
 @dataclass(frozen=True)
@@ -114,6 +125,7 @@ class PostgresService:
                 "max_connections=200",
                 "-c",
                 "fsync=on",
+                *(arg for name, value in SETTINGS.items() for arg in ("-c", f"{name}={value}")),
             ],
             user=user,
         )

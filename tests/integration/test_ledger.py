@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import random
 import threading
 import uuid
+from collections.abc import Callable, Iterable
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from protoagg_dagster.core.errors import BackendError
 from protoagg_dagster.core.planning import OffsetRange
 from protoagg_dagster.core.records import LogRecord
-from protoagg_dagster.dedupe_window import advance_window, epoch_day, partition_name
+from protoagg_dagster.dedupe_window import (
+    WindowChange,
+    advance_window,
+    epoch_day,
+    partition_name,
+)
 from protoagg_dagster.ledger import begin_partition, claim_batch, finish_batch, read_progress
 from protoagg_dagster.resources import PostgresResource
 
@@ -22,6 +30,27 @@ def records(ids: list[str], first_offset: int = 0) -> list[LogRecord]:
 
 def new_ids(n: int) -> list[str]:
     return [str(uuid.uuid4()) for _ in range(n)]
+
+
+def run_threads(target: Callable[[int], None], args: Iterable[int]) -> None:
+    """Run ``target(arg)`` in a thread per arg; re-raise the first failure."""
+    errors: list[BaseException] = []
+
+    def guarded(arg: int) -> None:
+        try:
+            target(arg)
+        except BaseException as exc:
+            errors.append(exc)
+            raise
+
+    threads = [threading.Thread(target=guarded, args=(a,)) for a in args]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+        assert not thread.is_alive()
+    if errors:
+        raise errors[0]
 
 
 def test_claim_keeps_first_occurrence_and_drops_archived_ids(postgres_dsn: str) -> None:
@@ -100,26 +129,72 @@ def test_concurrent_claims_of_overlapping_ids_on_two_partitions_win_once(
     assert kept[0] | kept[1] == set(shared)
 
 
-def test_dedupe_window_remembers_ids_until_their_day_is_dropped(postgres_dsn: str) -> None:
+def claimed(
+    conn: psycopg.Connection, ids: list[str], first_offset: int, topic: str = "t"
+) -> list[str]:
+    """Claim ``ids`` as the next batch of partition 0 of ``topic``, finish it, return its keeps."""
+    batch = OffsetRange(topic, 0, first_offset, first_offset + len(ids))
+    claim = claim_batch(conn, batch, records(ids, first_offset), "o", None)
+    assert claim.batch_id is not None
+    finish_batch(conn, claim.batch_id, None)
+    return [r.log_id for r in claim.kept]
+
+
+def live_spans(conn: psycopg.Connection) -> list[str]:
+    return [
+        name
+        for (name,) in conn.execute(
+            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+            "WHERE i.inhparent = 'processed_logs'::regclass ORDER BY c.relname"
+        )
+    ]
+
+
+def test_dedupe_window_remembers_ids_for_keep_days_in_at_most_two_spans(
+    postgres_dsn: str,
+) -> None:
     pg = PostgresResource(dsn=postgres_dsn)
-    ids = new_ids(3)
+    a, b = new_ids(3), new_ids(3)
     with pg.get_connection() as conn:
         today = epoch_day()
-        first = claim_batch(conn, OffsetRange("t", 0, 0, 3), records(ids), "o", None)
-        assert first.batch_id is not None
-        finish_batch(conn, first.batch_id, None)
-        change = advance_window(conn, today + 1, keep_days=2)
-        assert change.created and change.current_day == today + 1 and change.dropped == ()
-        # Still inside the window: the older day's partition is checked.
-        second = claim_batch(conn, OffsetRange("t", 0, 3, 6), records(ids, 3), "o", None)
-        assert second.kept == ()
-        assert second.batch_id is not None
-        finish_batch(conn, second.batch_id, None)
+        assert claimed(conn, a, 0) == a
+        # The span is not keep_days old yet: claims keep going to it.
+        assert advance_window(conn, today + 1, keep_days=2) == WindowChange(today, False, ())
         change = advance_window(conn, today + 2, keep_days=2)
-        assert change.dropped == (partition_name(today),)
-        # Out of the window: documented trade-off, the id is archived again.
-        third = claim_batch(conn, OffsetRange("t", 0, 6, 9), records(ids, 6), "o", None)
-        assert [r.log_id for r in third.kept] == ids
+        assert change == WindowChange(today + 2, True, ())
+        # Ids of the previous span are still found; new ones go to the new span.
+        assert claimed(conn, a + b, 3) == b
+        assert advance_window(conn, today + 3, keep_days=2).dropped == ()
+        change = advance_window(conn, today + 4, keep_days=2)
+        assert change == WindowChange(today + 4, True, (partition_name(today),))
+        assert live_spans(conn) == [partition_name(today + 2), partition_name(today + 4)]
+        # ``a`` left the window (documented trade-off: archived again); ``b`` is still in it.
+        assert claimed(conn, a + b, 9) == a
+
+
+def test_a_window_of_day_partitions_keeps_deduplicating_and_drains(postgres_dsn: str) -> None:
+    """A table from the per-day versions: its days are one-day spans, probed until dropped."""
+    pg = PostgresResource(dsn=postgres_dsn)
+    today = epoch_day()
+    per_day = [new_ids(2) for _ in range(3)]
+    with pg.get_connection() as conn:
+        for k, ids in enumerate(per_day):
+            # What the per-day advance did every day: a partition per day, claims go to it.
+            day = today - 2 + k
+            conn.execute(
+                sql.SQL(
+                    "CREATE TABLE IF NOT EXISTS {} PARTITION OF processed_logs FOR VALUES IN ({})"
+                ).format(sql.Identifier(partition_name(day)), sql.Literal(day))
+            )
+            conn.execute("UPDATE dedupe_window SET current_day = %s", (day,))
+            assert claimed(conn, ids, 2 * k) == ids
+        everything = [i for ids in per_day for i in ids]
+        assert claimed(conn, everything, 6) == []
+        assert advance_window(conn, today + 1, keep_days=3).dropped == ()
+        # today-2's last claims may have come on today-1: kept until today-1 + 3.
+        change = advance_window(conn, today + 2, keep_days=3)
+        assert change == WindowChange(today, False, (partition_name(today - 2),))
+        assert claimed(conn, everything, 12) == per_day[0]
 
 
 def test_advancing_the_window_waits_for_claims_in_flight(postgres_dsn: str) -> None:
@@ -129,8 +204,96 @@ def test_advancing_the_window_waits_for_claims_in_flight(postgres_dsn: str) -> N
             claimer.execute("SELECT current_day FROM dedupe_window FOR SHARE")
             maintainer.execute("SET lock_timeout = '300ms'")
             with pytest.raises(psycopg.errors.LockNotAvailable):
-                advance_window(maintainer, epoch_day() + 1, keep_days=3)
-        assert advance_window(maintainer, epoch_day() + 1, keep_days=3).created
+                advance_window(maintainer, epoch_day() + 3, keep_days=3)
+        assert advance_window(maintainer, epoch_day() + 3, keep_days=3).created
+
+
+def test_many_claimers_of_overlapping_ids_agree_and_the_lowest_offset_wins(
+    postgres_dsn: str,
+) -> None:
+    pg = PostgresResource(dsn=postgres_dsn)
+    pool = new_ids(3000)
+    claimers = 8
+    batches = {}
+    for p in range(claimers):
+        rng = random.Random(p)
+        mine = rng.sample(pool, 1500)
+        batches[p] = mine + rng.sample(mine, 300)  # repeats inside the batch too
+        rng.shuffle(batches[p])
+    kept: dict[int, list[LogRecord]] = {}
+    barrier = threading.Barrier(claimers)
+
+    def claim(partition: int) -> None:
+        mine = batches[partition]
+        with pg.get_connection() as conn:
+            barrier.wait()
+            result = claim_batch(
+                conn, OffsetRange("t", partition, 0, len(mine)), records(mine), "o", None
+            )
+        kept[partition] = list(result.kept)
+
+    run_threads(claim, range(claimers))
+    winners = [r.log_id for p in range(claimers) for r in kept[p]]
+    assert sorted(winners) == sorted({i for mine in batches.values() for i in mine})
+    for p, mine in batches.items():
+        for r in kept[p]:
+            assert r.offset == mine.index(r.log_id)
+    with psycopg.connect(postgres_dsn) as conn:
+        assert conn.execute("SELECT count(*) FROM processed_logs").fetchone() == (len(winners),)
+
+
+def test_claims_racing_a_span_switch_win_each_id_once_and_keep_it(postgres_dsn: str) -> None:
+    pg = PostgresResource(dsn=postgres_dsn)
+    today = epoch_day()
+    claimers, rounds = 4, 6
+    pool = new_ids(4000)
+    kept: dict[int, list[str]] = {p: [] for p in range(claimers)}
+    # The switch starts while every claimer is half-way; the last round waits until it is done,
+    # so rows land on both sides of it and the rounds between race it.
+    halfway, switched = threading.Barrier(claimers + 1), threading.Event()
+
+    def claim(partition: int) -> None:
+        rng = random.Random(partition)
+        with pg.get_connection() as conn:
+            for n in range(rounds):
+                if n == rounds // 2:
+                    halfway.wait(60)
+                if n == rounds - 1:
+                    assert switched.wait(60)
+                ids = rng.sample(pool, 400)
+                batch = OffsetRange("t", partition, 400 * n, 400 * (n + 1))
+                result = claim_batch(conn, batch, records(ids, 400 * n), "o", None)
+                assert result.batch_id is not None
+                finish_batch(conn, result.batch_id, None)
+                kept[partition] += [r.log_id for r in result.kept]
+
+    def switch() -> None:
+        halfway.wait(60)
+        with pg.get_connection() as conn:
+            assert advance_window(conn, today + 7, keep_days=7).created
+        switched.set()
+
+    run_threads(lambda k: claim(k) if k < claimers else switch(), range(claimers + 1))
+    winners = [i for p in range(claimers) for i in kept[p]]
+    assert len(winners) == len(set(winners))
+    with pg.get_connection() as conn:
+        spans = dict(
+            conn.execute("SELECT day, count(*) FROM processed_logs GROUP BY day").fetchall()
+        )
+        assert set(spans) == {today, today + 7} and sum(spans.values()) == len(winners)
+        # Both spans are probed: nothing claimed on either side of the switch wins again.
+        assert claimed(conn, winners, 0, topic="again") == []
+
+
+def test_an_unfinished_claim_is_adopted_after_its_span_was_succeeded(postgres_dsn: str) -> None:
+    pg = PostgresResource(dsn=postgres_dsn)
+    ids = new_ids(5)
+    with pg.get_connection() as conn:
+        crashed = claim_batch(conn, OffsetRange("t", 0, 0, 5), records(ids + ids[:1]), "o", None)
+        assert advance_window(conn, epoch_day() + 7, keep_days=7).created
+        retry = claim_batch(conn, OffsetRange("t", 0, 0, 5), records(ids + ids[:1]), "o", None)
+        assert retry.adopted and retry.batch_id == crashed.batch_id
+        assert [r.offset for r in retry.kept] == [0, 1, 2, 3, 4]
 
 
 def test_a_stale_run_of_an_archived_range_is_done_even_while_a_later_batch_is_pending(
