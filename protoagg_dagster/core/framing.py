@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable, Iterator
-from typing import BinaryIO, NamedTuple, Protocol, runtime_checkable
+from typing import BinaryIO, NamedTuple, Protocol, TypeVar, runtime_checkable
 
 from google.protobuf.message import Message
 
@@ -22,6 +22,7 @@ LENGTH = struct.Struct("<I")
 # configured size limit never reach the archive, and this bound is far above any sane limit.
 MAX_FRAME_BYTES = 64 * 1024 * 1024
 _READ_CHUNK = 1024 * 1024
+M = TypeVar("M", bound=Message)
 
 
 # upb keeps every string assigned to a message in the message's arena until the message is
@@ -91,8 +92,7 @@ def iter_records(
 
     Memory stays bounded by one read chunk plus one frame, whatever the archive's size.
     """
-    message = ProtoLog()
-    for index, offset in iter_parsed_frames(stream, message, max_frame_bytes):
+    for index, offset, message in iter_parsed_frames(stream, ProtoLog, max_frame_bytes):
         yield ArchivedRecord(
             index,
             offset,
@@ -104,21 +104,28 @@ def iter_records(
 
 
 def iter_parsed_frames(
-    stream: BinaryIO, message: Message, max_frame_bytes: int = MAX_FRAME_BYTES
-) -> Iterator[tuple[int, int]]:
-    """Parse each frame into ``message`` (reused) and yield (record index, byte offset).
+    stream: BinaryIO, kind: type[M], max_frame_bytes: int = MAX_FRAME_BYTES
+) -> Iterator[tuple[int, int, M]]:
+    """Parse each frame into a ``kind`` message and yield (record index, byte offset, message).
 
-    A frame that does not parse as ``message``'s type is an ArchiveFormatError naming it.
+    The message is reused and valid until the next frame. A frame that does not parse as
+    ``kind`` is an ArchiveFormatError naming it.
     """
-    kind = message.DESCRIPTOR.name
+    message = kind()
     for index, offset, payload in iter_located_frames(stream, max_frame_bytes):
+        if index % MESSAGE_REUSE == 0:
+            # One message for a whole archive would grow by about the archive's size (measured).
+            message = kind()
         try:
             message.ParseFromString(payload)
         except Exception as exc:  # upb raises a bare DecodeError subclass of Exception
             raise _frame_error(
-                stream, index, offset, f"{len(payload)}-byte frame is not a {kind} ({exc})"
+                stream,
+                index,
+                offset,
+                f"{len(payload)}-byte frame is not a {kind.DESCRIPTOR.name} ({exc})",
             ) from exc
-        yield index, offset
+        yield index, offset, message
 
 
 def iter_located_frames(

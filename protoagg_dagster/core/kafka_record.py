@@ -90,8 +90,7 @@ def iter_kafka_records(
     max_frame_bytes: int = MAX_FRAME_BYTES,
 ) -> Iterator[ArchivedKafkaRecord]:
     """Decode a record-format archive in archive order; name the frame that does not decode."""
-    message = KafkaRecord()
-    for _ in iter_parsed_frames(stream, message, max_frame_bytes):
+    for _, _, message in iter_parsed_frames(stream, KafkaRecord, max_frame_bytes):
         stamp = message.timestamp
         record = ArchivedKafkaRecord(
             message.topic,
