@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import dagster as dg
 
+from protoagg_dagster import leases
 from protoagg_dagster.assets import ARCHIVE_ASSET, topic_asset_key
 from protoagg_dagster.core.archive_object import TEMP_PREFIX
 from protoagg_dagster.core.formats import TopicRule
@@ -13,6 +14,7 @@ from protoagg_dagster.core.records import format_rfc3339
 from protoagg_dagster.jobs import archive_kafka_batch
 from protoagg_dagster.maintenance import maintain_archive
 from protoagg_dagster.resources import GCSResource
+from protoagg_dagster.run_tags import FOLLOWS_TAG
 from protoagg_dagster.settings_resource import ArchiverSettings
 from tests.helpers import Stack, create_topic, log_value, produce, tick, topic_of
 
@@ -115,13 +117,27 @@ def test_a_run_not_yet_started_counts_as_in_flight(stack: Stack) -> None:
     with dg.instance_for_test() as instance:
         first = tick(stack, instance, None)
         [request] = first.run_requests or []
+        assert launched(first) == [(0, 100)]
         instance.create_run_for_job(
             archive_kafka_batch,
             run_config=request.run_config,
             tags=request.tags,
             status=dg.DagsterRunStatus.NOT_STARTED,
         )
-        assert launched(tick(stack, instance, first.cursor)) == []
+        # Not the same range again: the range after it, as a follow-up.
+        second = tick(stack, instance, first.cursor)
+        assert launched(second) == [(100, 150)]
+        [follow_up] = second.run_requests or []
+        assert follow_up.tags[FOLLOWS_TAG] == "100"
+        instance.create_run_for_job(
+            archive_kafka_batch,
+            run_config=follow_up.run_config,
+            tags=follow_up.tags,
+            status=dg.DagsterRunStatus.NOT_STARTED,
+        )
+        produce(stack.kafka, topic, [log_value() for _ in range(150)])
+        # Never a second follow-up.
+        assert launched(tick(stack, instance, second.cursor)) == []
 
 
 def test_a_run_launched_without_tags_counts_as_in_flight(stack: Stack) -> None:
@@ -131,10 +147,22 @@ def test_a_run_launched_without_tags_counts_as_in_flight(stack: Stack) -> None:
     with dg.instance_for_test() as instance:
         first = tick(stack, instance, None)
         [request] = first.run_requests or []
-        # As from the Launchpad: the same config, no protoagg tags.
+        # As from the Launchpad: the same config, no protoagg tags; its range is in the config.
         instance.create_run_for_job(
             archive_kafka_batch,
             run_config=request.run_config,
             status=dg.DagsterRunStatus.STARTED,
         )
-        assert launched(tick(stack, instance, first.cursor)) == []
+        assert launched(tick(stack, instance, first.cursor)) == [(100, 150)]
+
+
+def test_no_follow_up_after_a_run_of_unknown_range(stack: Stack) -> None:
+    topic = topic_of(stack)
+    create_topic(stack.kafka, topic)
+    produce(stack.kafka, topic, [log_value() for _ in range(150)])
+    with dg.instance_for_test() as instance:
+        first = tick(stack, instance, None)
+        # Another deployment's run is seen only by the partition's lease.
+        with stack.postgres.get_connection() as conn:
+            leases.hold(conn, leases.partition_lease(f"{topic}-0"), wait_seconds=0.0)
+            assert launched(tick(stack, instance, first.cursor)) == []
