@@ -65,6 +65,7 @@ from benchmarks.e2e_dagster import (  # noqa: E402
 )
 from benchmarks.run_once import WORDS, _rounded, code_version  # noqa: E402
 from protoagg_dagster.core.framing import iter_records  # noqa: E402
+from protoagg_dagster.core.settings import SENSOR_INTERVAL_SECONDS  # noqa: E402
 from protoagg_dagster.jobs import archive_kafka_batch  # noqa: E402
 from tests.support.dagster_deployment import (  # noqa: E402
     DagsterDeployment,
@@ -217,7 +218,9 @@ def measure(
         "rate": rate,
         "seconds": seconds,
         "topic": topic,
-        "sensor_interval_s": float(settings.get("PROTOAGG_SENSOR_INTERVAL_SECONDS", "5")),
+        "sensor_interval_s": float(
+            settings.get(SENSOR_INTERVAL_SECONDS.env, SENSOR_INTERVAL_SECONDS.default)
+        ),
     }
     with fresh_database(svc) as dsn:
         env = deployment_env(svc, topic, dsn, object_name, settings)
@@ -391,7 +394,7 @@ def print_table(report: dict[str, Any]) -> None:
             f"  {r['config']}: sensor evaluated {t['ticks']} times, every {fmt(t['mean_s'])} s on "
             f"average (median {fmt(t['median_s'])}, max {fmt(t['max_s'])}; "
             f"{(t['share_at_least_9_s'] or 0):.0%} of the gaps >= 9 s) for "
-            f"minimum_interval_seconds={r.get('sensor_interval_s', 5):g}"
+            f"minimum_interval_seconds={r['sensor_interval_s']:g}"
         )
     print()
     print("  where a message's latency goes (median over messages, seconds):")
