@@ -166,13 +166,16 @@ def consume(
     started = time.perf_counter()
     with postgres.get_connection() as conn:
         archived_to = archived_position(conn, wanted.topic, wanted.partition)
-    if is_follow_up(context.run) and (archived_to is None or archived_to < wanted.start):
-        # The run before this one stopped short (the byte limit) or failed: the sensor plans
-        # the next range from the archived position, and this one would leave a gap.
+    # The run before a follow-up stopped short (the byte limit) or failed: the sensor plans the
+    # next range from the archived position, and this one would leave a gap.
+    superseded = is_follow_up(context.run) and (archived_to is None or archived_to < wanted.start)
+    if superseded or (archived_to is not None and archived_to >= wanted.end):
         context.log.info(
             f"consume: {wanted} follows a run that did not archive up to {wanted.start} "
             f"(archived up to {archived_to}); nothing to do, the sensor launches the range "
             "after the archived position"
+            if superseded
+            else f"consume: {wanted} is already archived (up to {archived_to}); not read"
         )
         return Consumed(
             RangeRead(wanted, [], 0, 0),
@@ -180,16 +183,7 @@ def consume(
             builder.finish(),
             {"consume": time.perf_counter() - started},
             assets,
-            superseded=True,
-        )
-    if archived_to is not None and archived_to >= wanted.end:
-        context.log.info(f"consume: {wanted} is already archived (up to {archived_to}); not read")
-        return Consumed(
-            RangeRead(wanted, [], 0, 0),
-            archive_format,
-            builder.finish(),
-            {"consume": time.perf_counter() - started},
-            assets,
+            superseded=superseded,
         )
     reader = kafka.get_reader()
     try:
