@@ -17,7 +17,7 @@ from protoagg_dagster import archive_store, ops
 from protoagg_dagster.definitions import defs
 
 HOOKS: dict[str, tuple[ModuleType, str]] = {
-    "consume": (ops, "read_range"),
+    "consume": (ops, "read_into"),
     "compose": (archive_store, "_compose_queued"),
 }
 
