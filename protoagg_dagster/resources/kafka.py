@@ -161,9 +161,8 @@ class KafkaResource(dg.ConfigurableResource):  # type: ignore[type-arg]
     def _consumer_for(self, consumer: KafkaConsumer | None) -> Iterator[KafkaConsumer]:
         """``consumer`` as it is, else a new ``get_consumer()`` closed afterwards.
 
-        A new kafka-python consumer waits until 0.1 s after its bootstrap before it fetches
-        the metadata of a topic (3.0.12 does not pass ``retry_backoff_ms`` on to its metadata),
-        so a caller asking several questions in a row (the sensor, each tick) passes one.
+        A new consumer spends ~0.1 s fetching metadata before its first answer; a caller asking
+        several questions in a row (the sensor, each tick) passes one.
         """
         if consumer is not None:
             yield consumer
@@ -254,28 +253,20 @@ class KafkaResource(dg.ConfigurableResource):  # type: ignore[type-arg]
         """
         return self.topics_high_watermarks({topic: partitions})[topic]
 
-    def get_watermark_consumer(self) -> KafkaConsumer:
-        """A group-less read_uncommitted consumer: its end offsets are the high watermarks."""
-        return self._consumer("read_uncommitted")
-
     def topics_high_watermarks(
-        self, partitions: Mapping[str, list[int]], consumer: KafkaConsumer | None = None
+        self, partitions: Mapping[str, list[int]]
     ) -> dict[str, dict[int, int]]:
-        """``high_watermarks`` of several topics, asked through one consumer.
-
-        ``consumer``: a ``get_watermark_consumer()`` to ask (and leave open), else a new one.
-        """
-        asked = consumer if consumer is not None else self.get_watermark_consumer()
+        """``high_watermarks`` of several topics, asked through one consumer."""
+        consumer = self._consumer("read_uncommitted")
         try:
             tps = [TopicPartition(t, p) for t, numbers in partitions.items() for p in numbers]
-            ends = asked.end_offsets(tps) if tps else {}
+            ends = consumer.end_offsets(tps) if tps else {}
         except KafkaError as exc:
             raise BackendError(
                 f"Kafka high watermarks of {', '.join(map(repr, partitions))} failed: {exc}"
             ) from exc
         finally:
-            if consumer is None:
-                asked.close()
+            consumer.close()
         found: dict[str, dict[int, int]] = {topic: {} for topic in partitions}
         for tp, end in ends.items():
             found[tp.topic][tp.partition] = end
