@@ -2,8 +2,8 @@
 
 Checks Kafka (reachable, topics present), PostgreSQL (reachable, schema, rights), GCS
 (credentials, bucket present and writable by a probe upload and delete, bucket settings that make
-appends expensive or impossible), the object templates, and the Dagster instance's run-queue limit
-of one run per partition. Every check runs even when an earlier one fails.
+appends expensive or impossible), the object templates, and the Dagster instance's run queue (two
+runs per partition, looked at every second). Every check runs even when an earlier one fails.
 """
 
 from __future__ import annotations
@@ -243,6 +243,14 @@ def _run_queue(d: Deployment) -> Iterator[Finding]:
         yield Finding("FAIL", check, f"cannot read {d.dagster_yaml}: {exc}")
         return
     coordinator = config.get("run_coordinator") or {}
+    yield _partition_limit(d.dagster_yaml, coordinator)
+    if coordinator.get("class") == "QueuedRunCoordinator":
+        yield _dequeue_interval(d.dagster_yaml, coordinator.get("config") or {})
+
+
+def _partition_limit(path: Path, coordinator: dict[str, Any]) -> Finding:
+    check = "dagster run queue"
+    queued = coordinator.get("class") == "QueuedRunCoordinator"
     limits = (coordinator.get("config") or {}).get("tag_concurrency_limits") or []
     per_partition = [
         limit.get("limit")
@@ -252,22 +260,51 @@ def _run_queue(d: Deployment) -> Iterator[Finding]:
         and isinstance(limit.get("value"), dict)
         and limit["value"].get("applyLimitPerUniqueValue") is True
     ]
-    queued = coordinator.get("class") == "QueuedRunCoordinator"
     if queued and per_partition == [2]:
-        yield Finding("OK", check, f"two runs per {PARTITION_TAG} value ({d.dagster_yaml})")
-    elif queued and per_partition == [1]:
-        yield Finding(
+        return Finding("OK", check, f"two runs per {PARTITION_TAG} value ({path})")
+    if queued and per_partition == [1]:
+        return Finding(
             "WARN",
             check,
-            f"{d.dagster_yaml} allows one run per {PARTITION_TAG} value: a follow-up run waits in "
+            f"{path} allows one run per {PARTITION_TAG} value: a follow-up run waits in "
             "the queue and starts up only after the run before it ends (slower, still correct)",
             "set the limit to 2, as in deploy/dagster.production.yaml",
         )
-    else:
-        yield Finding(
+    return Finding(
+        "WARN",
+        check,
+        f"{path} has no QueuedRunCoordinator limit per {PARTITION_TAG} value: "
+        "relaunched runs of one partition can pile up waiting for its lease",
+        "copy run_coordinator from deploy/dagster.production.yaml",
+    )
+
+
+# Dagster's QueuedRunCoordinator looks at its queue this often when the setting is absent.
+DAGSTER_DEQUEUE_INTERVAL_DEFAULT = 5
+
+
+def _dequeue_interval(path: Path, config: dict[str, Any]) -> Finding:
+    """Every queued run waits for the run queue's next look: half the interval on average."""
+    check = "dagster run queue interval"
+    interval = config.get("dequeue_interval_seconds", DAGSTER_DEQUEUE_INTERVAL_DEFAULT)
+    if not isinstance(interval, int):
+        return Finding("OK", check, f"dequeue_interval_seconds set from the environment ({path})")
+    if interval == 1:
+        return Finding("OK", check, f"the run queue is looked at every second ({path})")
+    fix = "set run_coordinator.config.dequeue_interval_seconds: 1, as in deploy/dagster.*.yaml"
+    if interval <= 0:
+        return Finding(
             "WARN",
             check,
-            f"{d.dagster_yaml} has no QueuedRunCoordinator limit per {PARTITION_TAG} value: "
-            "relaunched runs of one partition can pile up waiting for its lease",
-            "copy run_coordinator from deploy/dagster.production.yaml",
+            f"{path} sets dequeue_interval_seconds: {interval}: the daemon queries the run "
+            "queue without pause, a CPU core's worth of queries against the run storage",
+            fix,
         )
+    absent = "" if "dequeue_interval_seconds" in config else " (Dagster's default)"
+    return Finding(
+        "WARN",
+        check,
+        f"{path} has the run queue looked at every {interval} s{absent}: each run waits "
+        f"{interval / 2:g} s on average before it starts, on top of the sensor's tick",
+        fix,
+    )

@@ -8,6 +8,8 @@ requests per tick, not a message at a time.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 import confluent_kafka
@@ -140,19 +142,36 @@ class KafkaResource(dg.ConfigurableResource):  # type: ignore[type-arg]
         "per message).",
     )
 
-    def topic_list(self) -> list[str]:
-        """The topics to archive now: the named ones, and those the patterns match today."""
+    def topic_list(self, consumer: KafkaConsumer | None = None) -> list[str]:
+        """The topics to archive now: the named ones, and those the patterns match today.
+
+        ``consumer``: a ``get_consumer()`` to ask (and leave open), else a new one.
+        """
         rules = parse_topics(self.topics)
         if not has_patterns(rules):
             return select_topics(rules, [])
-        consumer = self.get_consumer()
-        try:
-            existing = consumer.topics()
-        except KafkaError as exc:
-            raise BackendError(f"listing Kafka topics failed: {exc}") from exc
-        finally:
-            consumer.close()
+        with self._consumer_for(consumer) as asked:
+            try:
+                existing = asked.topics()
+            except KafkaError as exc:
+                raise BackendError(f"listing Kafka topics failed: {exc}") from exc
         return select_topics(rules, existing)
+
+    @contextmanager
+    def _consumer_for(self, consumer: KafkaConsumer | None) -> Iterator[KafkaConsumer]:
+        """``consumer`` as it is, else a new ``get_consumer()`` closed afterwards.
+
+        A new consumer spends ~0.1 s fetching metadata before its first answer; a caller asking
+        several questions in a row (the sensor, each tick) passes one.
+        """
+        if consumer is not None:
+            yield consumer
+            return
+        fresh = self.get_consumer()
+        try:
+            yield fresh
+        finally:
+            fresh.close()
 
     def _common(self) -> dict[str, Any]:
         config: dict[str, Any] = {
@@ -232,14 +251,26 @@ class KafkaResource(dg.ConfigurableResource):  # type: ignore[type-arg]
 
         Above the last stable offset by what open transactions hold.
         """
+        return self.topics_high_watermarks({topic: partitions})[topic]
+
+    def topics_high_watermarks(
+        self, partitions: Mapping[str, list[int]]
+    ) -> dict[str, dict[int, int]]:
+        """``high_watermarks`` of several topics, asked through one consumer."""
         consumer = self._consumer("read_uncommitted")
         try:
-            tps = [TopicPartition(topic, p) for p in partitions]
-            return {tp.partition: end for tp, end in consumer.end_offsets(tps).items()}
+            tps = [TopicPartition(t, p) for t, numbers in partitions.items() for p in numbers]
+            ends = consumer.end_offsets(tps) if tps else {}
         except KafkaError as exc:
-            raise BackendError(f"Kafka high watermarks of {topic!r} failed: {exc}") from exc
+            raise BackendError(
+                f"Kafka high watermarks of {', '.join(map(repr, partitions))} failed: {exc}"
+            ) from exc
         finally:
             consumer.close()
+        found: dict[str, dict[int, int]] = {topic: {} for topic in partitions}
+        for tp, end in ends.items():
+            found[tp.topic][tp.partition] = end
+        return found
 
     def _consumer(self, isolation_level: str) -> KafkaConsumer:
         return self._connect(
@@ -292,27 +323,28 @@ class KafkaResource(dg.ConfigurableResource):  # type: ignore[type-arg]
     def get_admin(self) -> KafkaAdminClient:
         return self._connect(KafkaAdminClient)
 
-    def offset_bounds(self, topic: str) -> dict[int, tuple[int, int]]:
+    def offset_bounds(
+        self, topic: str, consumer: KafkaConsumer | None = None
+    ) -> dict[int, tuple[int, int]]:
         """Each partition's first retained offset and last stable offset.
 
         The last stable offset ends what is committed: it stays below an open transaction.
+        ``consumer``: a ``get_consumer()`` to ask (and leave open), else a new one.
         """
-        consumer = self.get_consumer()
-        try:
-            partitions = consumer.partitions_for_topic(topic)
-            if not partitions:
-                raise ConfigError(
-                    f"Kafka topic {topic!r} does not exist on {self.bootstrap_servers} "
-                    "(check PROTOAGG_TOPICS)"
-                )
-            tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-            begins = consumer.beginning_offsets(tps)
-            ends = consumer.end_offsets(tps)
-            return {tp.partition: (begins[tp], ends[tp]) for tp in tps}
-        except KafkaError as exc:
-            raise BackendError(f"Kafka offsets of {topic!r} failed: {exc}") from exc
-        finally:
-            consumer.close()
+        with self._consumer_for(consumer) as asked:
+            try:
+                partitions = asked.partitions_for_topic(topic)
+                if not partitions:
+                    raise ConfigError(
+                        f"Kafka topic {topic!r} does not exist on {self.bootstrap_servers} "
+                        "(check PROTOAGG_TOPICS)"
+                    )
+                tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+                begins = asked.beginning_offsets(tps)
+                ends = asked.end_offsets(tps)
+                return {tp.partition: (begins[tp], ends[tp]) for tp in tps}
+            except KafkaError as exc:
+                raise BackendError(f"Kafka offsets of {topic!r} failed: {exc}") from exc
 
     def _connect(self, factory: Any, **extra: Any) -> Any:
         try:

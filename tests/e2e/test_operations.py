@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import dagster as dg
+import pytest
+from kafka import KafkaConsumer
 
 from protoagg_dagster import leases
 from protoagg_dagster.assets import ARCHIVE_ASSET, topic_asset_key
@@ -14,9 +17,18 @@ from protoagg_dagster.core.records import format_rfc3339
 from protoagg_dagster.jobs import archive_kafka_batch
 from protoagg_dagster.maintenance import maintain_archive
 from protoagg_dagster.resources import GCSResource
-from protoagg_dagster.run_tags import FOLLOWS_TAG
+from protoagg_dagster.resources import kafka as kafka_resource
+from protoagg_dagster.run_tags import FOLLOWS_TAG, PARTITION_TAG
 from protoagg_dagster.settings_resource import ArchiverSettings
-from tests.helpers import Stack, create_topic, log_value, produce, tick, topic_of
+from tests.helpers import (
+    Stack,
+    create_topic,
+    log_value,
+    produce,
+    tick,
+    topic_of,
+    with_topics,
+)
 
 
 def launched(result: dg.SensorResult) -> list[tuple[int, int]]:
@@ -83,6 +95,41 @@ def test_each_tick_observes_the_lag_of_every_partition(stack: Stack) -> None:
     assert metadata[f"lag_messages[{topic}/0]"].value == 0
     assert metadata[f"lag_messages[{topic}/1]"].value == 7
     assert metadata[f"lag_seconds[{topic}/1]"].value >= 0.0
+
+
+def test_a_tick_over_several_topics_asks_kafka_through_two_consumers(
+    stack: Stack, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A new kafka-python consumer waits ~0.1 s before its first topic metadata, and the runs a
+    # tick requests are created only when it returns: one consumer per isolation level, however
+    # many topics (a tick used to open three per topic).
+    opened: list[str] = []
+
+    class CountedConsumer(KafkaConsumer):
+        def __init__(self, *topics: str, **config: Any) -> None:
+            opened.append(config["isolation_level"])
+            super().__init__(*topics, **config)
+
+    several = with_topics(stack, f"/many-{unique}-.*/")
+    for name, partitions in (("a", 2), ("b", 1), ("c", 1)):
+        create_topic(several.kafka, f"many-{unique}-{name}", partitions=partitions)
+        produce(several.kafka, f"many-{unique}-{name}", [log_value() for _ in range(3)])
+    monkeypatch.setattr(kafka_resource, "KafkaConsumer", CountedConsumer)
+    with dg.instance_for_test() as instance:
+        result = tick(several, instance, None)
+    assert sorted(opened) == ["read_committed", "read_uncommitted"]
+    assert sorted(
+        (r.tags[PARTITION_TAG], *launched_range(r)) for r in result.run_requests or []
+    ) == [(f"many-{unique}-{name}-0", 0, 3) for name in "abc"]
+    metadata = result.asset_events[0].metadata
+    assert metadata["lag_messages"].value == 9
+    assert metadata[f"lag_messages[many-{unique}-a/1]"].value == 0
+    assert metadata["open_transaction_messages"].value == 0
+
+
+def launched_range(request: dg.RunRequest) -> tuple[int, int]:
+    config = request.run_config["ops"]["consume"]["config"]
+    return config["start_offset"], config["end_offset"]
 
 
 def test_maintenance_removes_orphans_and_advances_the_window(stack: Stack, unique: str) -> None:

@@ -69,6 +69,7 @@ def test_a_good_setup_is_all_ok(good: Deployment) -> None:
         "gcs write",
         "gcs bucket settings",
         "dagster run queue",
+        "dagster run queue interval",
     } <= set(_by_check(findings))
 
 
@@ -169,6 +170,23 @@ def test_the_run_queue_limit_is_checked(good: Deployment, tmp_path: Path) -> Non
     assert single.status == "WARN" and "follow-up run waits in the queue" in single.detail
     unset = _by_check(diagnose(replace(good, dagster_yaml=None)))["dagster run queue"]
     assert unset.status == "WARN" and "DAGSTER_HOME" in unset.detail
+
+
+def test_a_slow_or_spinning_run_queue_is_a_warning(good: Deployment, tmp_path: Path) -> None:
+    check = "dagster run queue interval"
+    assert _by_check(diagnose(good))[check].status == "OK"  # deploy's 1 s
+    cases = {
+        "absent": ("    dequeue_interval_seconds: 1\n", "", "every 5 s (Dagster's default)"),
+        "slow": ("dequeue_interval_seconds: 1", "dequeue_interval_seconds: 4", "2 s on average"),
+        "spinning": ("dequeue_interval_seconds: 1", "dequeue_interval_seconds: 0", "without pause"),
+    }
+    for name, (setting, changed, said) in cases.items():
+        assert setting in LOCAL_YAML.read_text()
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(LOCAL_YAML.read_text().replace(setting, changed))
+        finding = _by_check(diagnose(replace(good, dagster_yaml=path)))[check]
+        assert finding.status == "WARN" and said in finding.detail, (name, finding.line())
+        assert "dequeue_interval_seconds: 1" in finding.fix
 
 
 def test_no_credentials_for_real_gcs_is_one_sentence_naming_both_ways_out(

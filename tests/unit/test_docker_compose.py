@@ -403,3 +403,5 @@ def test_dagster_instance_runs_one_run_per_partition(name: str) -> None:
     assert PARTITION_TAG in limits, f"no concurrency limit on the {PARTITION_TAG} tag"
     assert limits[PARTITION_TAG]["limit"] == 2  # one working, its follow-up starting up
     assert limits[PARTITION_TAG]["value"]["applyLimitPerUniqueValue"] is True
+    # Each run waits for the queue's next look: Dagster's default 5 s is 2.5 s of latency.
+    assert coordinator["config"]["dequeue_interval_seconds"] == 1
