@@ -208,6 +208,32 @@ def relation_sizes(dsn: str) -> dict[str, int]:
     return {"rows": int(row[0]), "heap_bytes": int(row[1]), "index_bytes": int(row[2])}
 
 
+def huge_pages_in_use(conn: psycopg.Connection) -> str:
+    """``on`` when the server's shared memory is mapped in huge pages, ``off``, or ``unknown``.
+
+    PostgreSQL 15 cannot say (``huge_pages_status`` is 17's): the backend's largest shared mapping
+    in /proc tells, when the server runs on this machine and we may read its processes.
+    """
+    row = conn.execute("SELECT pg_backend_pid()").fetchone()
+    assert row is not None
+    try:
+        smaps = Path(f"/proc/{row[0]}/smaps").read_text()
+    except OSError:
+        return "unknown"
+    largest, page_kb = 0, 0
+    size = 0
+    shared = False
+    for line in smaps.splitlines():
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 2 and len(fields[1]) == 4:
+            shared = fields[1][3] == "s"
+        elif fields[0] == "Size:":
+            size = int(fields[1])
+        elif fields[0] == "KernelPageSize:" and shared and size > largest:
+            largest, page_kb = size, int(fields[1])
+    return "unknown" if largest == 0 else ("on" if page_kb > 4 else "off")
+
+
 # --------------------------------------------------------------------------------------------
 # batches
 
@@ -387,6 +413,7 @@ def main() -> int:
                     (list(REPORTED_SETTINGS),),
                 ).fetchall()
             )
+            settings["huge_pages_in_use"] = huge_pages_in_use(conn)
 
     base_median = statistics.median(base.claims)
     results = {s.name: summarize(s, size, base_median) for s in scenarios}

@@ -9,14 +9,17 @@ The table is partitioned by ``day``, the first day of a *span*: claims go to the
 until it is ``keep_days`` old, then a new one starts. A span is dropped once ``keep_days`` days
 have passed since the next one started (the last day it could receive claims), so an id stays
 at least ``keep_days`` days and at most about twice that, and at most two spans live: the one
-claims go to and the one before it. A key is claimed in the current span with
-``INSERT ... ON CONFLICT DO NOTHING`` (concurrent claimers of one key agree on one winner; the
-lowest offset of a batch wins because candidates are inserted in (key, offset) order) after an
-anti-join against the older spans, which never receive rows, so that check cannot race. Each id
-therefore costs one index probe of the previous span and one unique insert, whatever the
-window's length in days: per-day partitions cost one probe per day (measured in
-docs/benchmarks.md). Starting a span takes the control row ``FOR UPDATE`` while each claim holds
-it ``FOR SHARE``: the switch waits for claims in flight, claims never wait for each other.
+claims go to and the one before it. A claim inserts, in (key, offset) order, the first
+occurrence of each key an anti-join finds in no live span; the lowest offset of a batch wins. The
+older spans never receive rows, so their check cannot race; the current span's can, when a
+concurrent claimer commits a key after the claim's snapshot: the plain insert then fails on the
+primary key and the claim is made again with ``INSERT ... ON CONFLICT DO NOTHING`` (concurrent
+claimers of one key agree on one winner). The plain insert is the common case because
+speculative insertion costs every row more than the extra probe (docs/benchmarks.md). Each id
+therefore costs one index probe per live span and one unique insert, whatever the window's
+length in days: per-day partitions cost one probe per day (measured in docs/benchmarks.md).
+Starting a span takes the control row ``FOR UPDATE`` while each claim holds it ``FOR SHARE``: the
+switch waits for claims in flight, claims never wait for each other.
 Pruning drops whole partitions, so the per-batch cost does not grow with the archive's age, only
 (slowly) with the ids in the window, as the btree's depth and cache misses. A stored id takes
 68 bytes of heap and 40-54 bytes of index, and the index must fit in shared_buffers
@@ -63,6 +66,36 @@ _PARTITION_PREFIX = "processed_logs_d"
 _CANDIDATES = (
     "unnest(string_to_array(%(keys)s, ',')::uuid[], string_to_array(%(offsets)s, ',')::bigint[])"
     " AS c (log_id, kafka_offset)"
+)
+
+
+# Inserting in log_id order makes concurrent claimers of overlapping ids take their row locks in
+# the same order, so they wait for each other instead of deadlocking. Sorting before the probes
+# (the outer ORDER BY is then already satisfied) makes consecutive probes descend through the same
+# inner index pages, which stay in the CPU's cache. DISTINCT ON keeps a key's lowest offset.
+_SORTED = f"(SELECT * FROM {_CANDIDATES} ORDER BY c.log_id, c.kafka_offset) AS c"
+# The usual claim: keys found in no live span, inserted plainly. Cheaper than ON CONFLICT, whose
+# speculative insertion costs each row an extra index descent, a lock and a WAL record (measured
+# in docs/benchmarks.md); a key a concurrent claimer commits meanwhile raises a unique violation.
+_CLAIM_NEW = (
+    "INSERT INTO processed_logs (log_id, day, batch_id, kafka_offset) "
+    "SELECT DISTINCT ON (c.log_id) c.log_id, %(day)s, %(batch)s, c.kafka_offset "
+    f"FROM {_SORTED} "
+    "WHERE NOT EXISTS (SELECT 1 FROM processed_logs p "
+    "                  WHERE p.log_id = c.log_id AND p.day <= %(day)s) "
+    "ORDER BY c.log_id, c.kafka_offset "
+    "RETURNING kafka_offset"
+)
+# The claim when that happened: the older spans never receive rows, so their anti-join cannot
+# race; the current span's check is ON CONFLICT, where concurrent claimers agree on one winner.
+_CLAIM_CONTESTED = (
+    "INSERT INTO processed_logs (log_id, day, batch_id, kafka_offset) "
+    "SELECT c.log_id, %(day)s, %(batch)s, c.kafka_offset "
+    f"FROM {_SORTED} "
+    "WHERE NOT EXISTS (SELECT 1 FROM processed_logs p "
+    "                  WHERE p.log_id = c.log_id AND p.day < %(day)s) "
+    "ORDER BY c.log_id, c.kafka_offset "
+    "ON CONFLICT (log_id, day) DO NOTHING RETURNING kafka_offset"
 )
 
 
@@ -119,25 +152,25 @@ def claim_ids(conn: psycopg.Connection, batch_id: int, records: Sequence[Claimab
     if not keyed:
         return set()
     # A claim probing several partitions (a window of day partitions) or a large batch crosses
-    # jit_above_cost; compiling costs more than it saves for a statement run once. One round trip.
+    # jit_above_cost; compiling costs more than it saves for a statement run once. The anti-join
+    # must probe each span's index per candidate: a span holds orders of magnitude more ids than
+    # a batch, but the planner, misled by a young span's statistics or the candidates' estimate,
+    # may hash or merge the whole span instead (a 275k-id span: 70 ms against 5). One round trip.
     row = conn.execute(
-        "SELECT current_day, set_config('jit', 'off', true) FROM dedupe_window FOR SHARE"
+        "SELECT current_day, set_config('jit', 'off', true), "
+        "set_config('enable_hashjoin', 'off', true), set_config('enable_mergejoin', 'off', true) "
+        "FROM dedupe_window FOR SHARE"
     ).fetchone()
     assert row is not None
-    # Inserting in log_id order makes concurrent claimers of overlapping ids take their row
-    # locks in the same order, so they wait for each other instead of deadlocking. Sorting before
-    # the probes (the outer ORDER BY is then already satisfied) makes consecutive probes descend
-    # through the same inner index pages, which stay in the CPU's cache.
-    rows = conn.execute(
-        "INSERT INTO processed_logs (log_id, day, batch_id, kafka_offset) "
-        "SELECT c.log_id, %(day)s, %(batch)s, c.kafka_offset "
-        f"FROM (SELECT * FROM {_CANDIDATES} ORDER BY c.log_id, c.kafka_offset) AS c "
-        "WHERE NOT EXISTS (SELECT 1 FROM processed_logs p "
-        "                  WHERE p.log_id = c.log_id AND p.day < %(day)s) "
-        "ORDER BY c.log_id, c.kafka_offset "
-        "ON CONFLICT (log_id, day) DO NOTHING RETURNING kafka_offset",
-        {"day": int(row[0]), "batch": batch_id, **_candidates(keyed)},
-    ).fetchall()
+    params = {"day": int(row[0]), "batch": batch_id, **_candidates(keyed)}
+    try:
+        with conn.transaction():
+            rows = conn.execute(_CLAIM_NEW, params).fetchall()
+    except psycopg.errors.UniqueViolation:
+        # A concurrent claimer committed one of these keys after this statement's snapshot
+        # (the only way a key can pass the anti-join and still be taken): claim again, letting
+        # ON CONFLICT skip the keys it finds taken.
+        rows = conn.execute(_CLAIM_CONTESTED, params).fetchall()
     return {offset for (offset,) in rows}
 
 

@@ -42,8 +42,13 @@ UNPRIVILEGED_USER = "postgres"
 # Random keys make every claim dirty index pages all over the index, and the first change of a
 # page after a checkpoint writes the whole page to the WAL: checkpoints spaced further apart
 # write each page once per 15 minutes instead of once per 5.
+# huge_pages=try (PostgreSQL's default, stated here because the dedupe window depends on it): the
+# buffers are mapped in 2 MiB pages when the kernel has enough reserved (vm.nr_hugepages), which
+# makes a probe of a large window's index ~2x cheaper (docs/benchmarks.md); without a
+# reservation the server starts with ordinary pages. benchmarks/run reserves them when root.
 SETTINGS = {
     "shared_buffers": os.environ.get("PROTOAGG_POSTGRES_SHARED_BUFFERS", "1GB"),
+    "huge_pages": "try",
     "max_wal_size": "4GB",
     "checkpoint_timeout": "15min",
 }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable
 
@@ -127,6 +128,51 @@ def test_concurrent_claims_of_overlapping_ids_on_two_partitions_win_once(
         thread.join(timeout=60)
     assert kept[0].isdisjoint(kept[1])
     assert kept[0] | kept[1] == set(shared)
+
+
+def test_a_claimer_that_meets_a_key_committed_mid_claim_leaves_it_to_its_winner(
+    postgres_dsn: str,
+) -> None:
+    """The plain insert of the usual claim meets a key committed after its snapshot."""
+    pg = PostgresResource(dsn=postgres_dsn)
+    shared, only_first, only_second = new_ids(50), new_ids(50), new_ids(50)
+    kept: dict[int, list[str]] = {}
+    errors: list[BaseException] = []
+    with pg.get_connection() as first, pg.get_connection() as second:
+        second_pid = second.info.backend_pid
+
+        def claim_second() -> None:
+            ids = only_second + shared
+            batch = OffsetRange("t", 1, 0, len(ids))
+            try:
+                claim = claim_batch(second, batch, records(ids), "o", None)
+            except BaseException as exc:
+                errors.append(exc)
+                raise
+            kept[1] = [r.log_id for r in claim.kept]
+
+        with first.transaction():
+            ids = shared + only_first
+            batch = OffsetRange("t", 0, 0, len(ids))
+            kept[0] = [r.log_id for r in claim_batch(first, batch, records(ids), "o", None).kept]
+            thread = threading.Thread(target=claim_second)
+            thread.start()
+            # Commit only once the second claim waits for a shared key the first one holds.
+            with psycopg.connect(postgres_dsn, autocommit=True) as observer:
+                deadline = time.monotonic() + 30
+                while observer.execute(
+                    "SELECT wait_event_type IS DISTINCT FROM 'Lock' FROM pg_stat_activity "
+                    "WHERE pid = %s",
+                    (second_pid,),
+                ).fetchone() != (False,):
+                    assert time.monotonic() < deadline, "the second claim never waited"
+                    time.sleep(0.02)
+        thread.join(60)
+        assert not thread.is_alive()
+    assert errors == []
+    assert kept == {0: shared + only_first, 1: only_second}
+    with psycopg.connect(postgres_dsn) as conn:
+        assert conn.execute("SELECT count(*) FROM processed_logs").fetchone() == (150,)
 
 
 def claimed(
