@@ -70,7 +70,7 @@ from protoagg_dagster.core.batch import FramedBatch, Row  # noqa: E402
 from protoagg_dagster.core.formats import ArchiveFormat, LogFormat, RecordFormat  # noqa: E402
 from protoagg_dagster.core.planning import OffsetRange  # noqa: E402
 from protoagg_dagster.core.records import KafkaMessage  # noqa: E402
-from protoagg_dagster.kafka_reader import RangeRead, read_range  # noqa: E402
+from protoagg_dagster.kafka.reader import RangeRead, read_range  # noqa: E402
 from protoagg_dagster.ledger import (  # noqa: E402
     AppendedBatch,
     AppendLedger,

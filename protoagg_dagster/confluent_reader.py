@@ -15,7 +15,7 @@ from kafka import TopicPartition
 from protoagg_dagster.core.errors import BackendError, ConfigError
 from protoagg_dagster.core.planning import OffsetRange
 from protoagg_dagster.core.records import KafkaMessage
-from protoagg_dagster.kafka_reader import (
+from protoagg_dagster.kafka.reader import (
     CHUNK_MESSAGES,
     ChunkSource,
     RangeChunks,

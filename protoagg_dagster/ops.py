@@ -28,7 +28,7 @@ from protoagg_dagster.core.errors import ConfigError
 from protoagg_dagster.core.formats import ArchiveFormat, rule_for
 from protoagg_dagster.core.planning import OffsetRange
 from protoagg_dagster.core.records import TOMBSTONE, Rejection
-from protoagg_dagster.kafka_reader import RangeRead, RangeReader
+from protoagg_dagster.kafka.reader import RangeRead, RangeReader
 from protoagg_dagster.ledger import (
     AppendedBatch,
     AppendLedger,

@@ -28,7 +28,7 @@ from protoagg_dagster.core.liveness import StartedRun, judge
 from protoagg_dagster.core.planning import OffsetRange, PartitionView, plan_batch
 from protoagg_dagster.core.storage_bill import bill_findings, expected_appends_per_day
 from protoagg_dagster.jobs import archive_kafka_batch
-from protoagg_dagster.kafka_reader import offsets_at_time, timestamps_at
+from protoagg_dagster.kafka.reader import offsets_at_time, timestamps_at
 from protoagg_dagster.ledger import AppendedBatch, PartitionProgress, latest_appended, read_progress
 from protoagg_dagster.resources import GCSResource, KafkaResource, PostgresResource
 from protoagg_dagster.run_tags import (

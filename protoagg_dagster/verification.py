@@ -27,7 +27,7 @@ from protoagg_dagster.core.errors import ArchiveFormatError
 from protoagg_dagster.core.formats import ArchiveFormat, FormatOptions
 from protoagg_dagster.core.planning import OffsetRange
 from protoagg_dagster.core.records import TOMBSTONE
-from protoagg_dagster.kafka_reader import read_range
+from protoagg_dagster.kafka.reader import read_range
 
 
 @dataclass

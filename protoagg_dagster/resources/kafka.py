@@ -22,7 +22,7 @@ from protoagg_dagster.confluent_reader import ConfluentReader
 from protoagg_dagster.core.errors import BackendError, ConfigError
 from protoagg_dagster.core.formats import has_patterns, parse_topics, select_topics
 from protoagg_dagster.core.settings import KAFKA_CLIENTS, split_list
-from protoagg_dagster.kafka_reader import KafkaPythonReader, RangeReader
+from protoagg_dagster.kafka.reader import KafkaPythonReader, RangeReader
 
 Headers = list[tuple[str, bytes | None]]
 

@@ -10,7 +10,7 @@ from google.api_core import exceptions as gexc
 from protoagg_dagster.core.errors import BackendError, ConfigError
 from protoagg_dagster.core.planning import OffsetRange
 from protoagg_dagster.core.settings import KAFKA_CLIENTS
-from protoagg_dagster.kafka_reader import read_range
+from protoagg_dagster.kafka.reader import read_range
 from protoagg_dagster.resources import GCSResource, KafkaResource, PostgresResource
 from tests.conftest import Services
 from tests.helpers import create_topic, log_value, produce

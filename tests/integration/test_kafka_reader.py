@@ -14,7 +14,7 @@ from protoagg_dagster.core.errors import BackendError
 from protoagg_dagster.core.planning import OffsetRange
 from protoagg_dagster.core.records import KafkaMessage
 from protoagg_dagster.core.settings import KAFKA_CLIENTS
-from protoagg_dagster.kafka_reader import RangeRead, read_range
+from protoagg_dagster.kafka.reader import RangeRead, read_range
 from protoagg_dagster.resources import KafkaResource
 from tests.conftest import Services
 

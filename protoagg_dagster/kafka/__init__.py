@@ -1,0 +1,1 @@
+"""Kafka clients: range readers (kafka-python, librdkafka), producers, admin. Imports only core."""
