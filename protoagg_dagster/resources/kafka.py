@@ -18,10 +18,10 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
 from pydantic import Field
 
-from protoagg_dagster.confluent_reader import ConfluentReader
 from protoagg_dagster.core.errors import BackendError, ConfigError
 from protoagg_dagster.core.formats import has_patterns, parse_topics, select_topics
 from protoagg_dagster.core.settings import KAFKA_CLIENTS, split_list
+from protoagg_dagster.kafka.confluent_reader import ConfluentReader
 from protoagg_dagster.kafka.reader import KafkaPythonReader, RangeReader
 
 Headers = list[tuple[str, bytes | None]]

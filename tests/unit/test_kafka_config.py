@@ -5,9 +5,9 @@ from __future__ import annotations
 import certifi
 import pytest
 
-from protoagg_dagster.confluent_reader import ConfluentReader
 from protoagg_dagster.core.errors import ConfigError
 from protoagg_dagster.core.settings import KAFKA_CLIENT
+from protoagg_dagster.kafka.confluent_reader import ConfluentReader
 from protoagg_dagster.resources import KafkaResource
 
 SECURE = {
