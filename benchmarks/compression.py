@@ -56,7 +56,7 @@ from protoagg_dagster.resources import (  # noqa: E402
     PartitionLease,
     PostgresResource,
 )
-from protoagg_dagster.settings_resource import ArchiverSettings  # noqa: E402
+from protoagg_dagster.resources.settings import ArchiverSettings  # noqa: E402
 
 LEVELS = (("none", None), ("gzip", 1), ("gzip", 6), ("gzip", 9), ("zstd", 1), ("zstd", 3))
 FULL_LEVELS = (*LEVELS, ("zstd", 9), ("zstd", 19))

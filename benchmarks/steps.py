@@ -81,7 +81,7 @@ from protoagg_dagster.ledger import (  # noqa: E402
 )
 from protoagg_dagster.ops import Claimed, Consumed, Encoded, collector_paused  # noqa: E402
 from protoagg_dagster.resources import GCSResource, KafkaResource, PartitionLease, PostgresResource  # noqa: E402
-from protoagg_dagster.settings_resource import ArchiverSettings  # noqa: E402
+from protoagg_dagster.resources.settings import ArchiverSettings  # noqa: E402
 
 T = TypeVar("T")
 MAX_MESSAGE_BYTES = ArchiverSettings().max_message_bytes

@@ -19,8 +19,8 @@ from protoagg_dagster.core import settings
 from protoagg_dagster.jobs import archive_kafka_batch, restore_archive
 from protoagg_dagster.maintenance import archive_maintenance, maintain_archive
 from protoagg_dagster.resources import GCSResource, KafkaResource, PartitionLease, PostgresResource
+from protoagg_dagster.resources.settings import ArchiverSettings
 from protoagg_dagster.sensors import kafka_offsets_sensor
-from protoagg_dagster.settings_resource import ArchiverSettings
 
 
 def _value(setting: settings.Setting) -> str | dg.EnvVar:

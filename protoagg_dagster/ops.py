@@ -39,8 +39,8 @@ from protoagg_dagster.ledger import (
     gap_before,
 )
 from protoagg_dagster.resources import GCSResource, KafkaResource, PartitionLease, PostgresResource
+from protoagg_dagster.resources.settings import ArchiverSettings
 from protoagg_dagster.run_tags import is_follow_up
-from protoagg_dagster.settings_resource import ArchiverSettings
 
 P = ParamSpec("P")
 R = TypeVar("R")

@@ -31,6 +31,7 @@ from protoagg_dagster.jobs import archive_kafka_batch
 from protoagg_dagster.kafka.reader import offsets_at_time, timestamps_at
 from protoagg_dagster.ledger import AppendedBatch, PartitionProgress, latest_appended, read_progress
 from protoagg_dagster.resources import GCSResource, KafkaResource, PostgresResource
+from protoagg_dagster.resources.settings import ArchiverSettings
 from protoagg_dagster.run_tags import (
     PARTITION_TAG,
     RANGE_TAG,
@@ -40,7 +41,6 @@ from protoagg_dagster.run_tags import (
     run_partition,
     run_range,
 )
-from protoagg_dagster.settings_resource import ArchiverSettings
 
 # A STARTED run whose lease stays free this long is dead. Long against the moments a live run
 # goes without it (between RUN_START and taking it, between letting go and RUN_SUCCESS: well

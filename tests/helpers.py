@@ -26,8 +26,8 @@ from protoagg_dagster.core.planning import OffsetRange
 from protoagg_dagster.jobs import archive_kafka_batch
 from protoagg_dagster.ledger import AppendLedger, archived_partitions, claim_batch, read_progress
 from protoagg_dagster.resources import GCSResource, KafkaResource, PartitionLease, PostgresResource
+from protoagg_dagster.resources.settings import ArchiverSettings
 from protoagg_dagster.sensors import kafka_offsets_sensor
-from protoagg_dagster.settings_resource import ArchiverSettings
 from protoagg_dagster.verification import KafkaCheck, check_against_kafka
 from tests.conftest import ROOT
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from protoagg_dagster.resources import GCSResource, KafkaResource, PostgresResource
-from protoagg_dagster.settings_resource import ArchiverSettings
+from protoagg_dagster.resources.settings import ArchiverSettings
 from tests.conftest import Services
 from tests.helpers import Stack
 

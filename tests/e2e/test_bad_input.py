@@ -13,8 +13,8 @@ import pytest
 from protoagg_dagster.core.dead_letters import iter_dead_letters
 from protoagg_dagster.core.framing import iter_records
 from protoagg_dagster.jobs import archive_kafka_batch
+from protoagg_dagster.resources.settings import ArchiverSettings
 from protoagg_dagster.run_tags import range_run_config
-from protoagg_dagster.settings_resource import ArchiverSettings
 from tests.helpers import (
     Stack,
     check_archive,

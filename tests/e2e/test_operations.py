@@ -18,8 +18,8 @@ from protoagg_dagster.jobs import archive_kafka_batch
 from protoagg_dagster.maintenance import maintain_archive
 from protoagg_dagster.resources import GCSResource
 from protoagg_dagster.resources import kafka as kafka_resource
+from protoagg_dagster.resources.settings import ArchiverSettings
 from protoagg_dagster.run_tags import FOLLOWS_TAG, PARTITION_TAG
-from protoagg_dagster.settings_resource import ArchiverSettings
 from tests.helpers import (
     Stack,
     create_topic,

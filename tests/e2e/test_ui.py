@@ -35,7 +35,7 @@ from playwright.sync_api import Error as PlaywrightError
 from psycopg import sql
 
 from protoagg_dagster.resources import GCSResource, KafkaResource, PostgresResource
-from protoagg_dagster.settings_resource import ArchiverSettings
+from protoagg_dagster.resources.settings import ArchiverSettings
 from tests.conftest import ROOT, Services
 from tests.helpers import Stack, archive, create_topic, log_value, produce
 from tests.support.dagster_web import DagsterWeb, wait_until

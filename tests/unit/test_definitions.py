@@ -51,7 +51,7 @@ def test_a_non_numeric_batch_setting_names_the_variable(monkeypatch: pytest.Monk
 
 
 def test_start_from_must_be_a_known_word_or_a_time() -> None:
-    from protoagg_dagster.settings_resource import ArchiverSettings
+    from protoagg_dagster.resources.settings import ArchiverSettings
 
     assert ArchiverSettings(start_from="latest").start_choice() == "latest"
     assert ArchiverSettings(start_from="1970-01-01T00:00:01.5Z").start_choice() == 1500
