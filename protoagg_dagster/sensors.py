@@ -4,7 +4,7 @@ Each tick lists the topics anew (a pattern entry picks up topics created since) 
 lag of every partition (messages and seconds behind the last stable offset, and the messages open
 transactions hold back) as an observation of the archive asset and of each topic entry's asset.
 It also fails STARTED runs whose worker is gone (their lease stays free; see
-``protoagg_dagster.leases``), so that a deployment killed with its runs resumes every partition
+``protoagg_dagster.archive.leases``), so that a deployment killed with its runs resumes every partition
 by itself.
 """
 
@@ -19,7 +19,7 @@ import psycopg
 from dagster._core.events import JobFailureData, RunFailureReason
 from kafka import KafkaConsumer, TopicPartition
 
-from protoagg_dagster import leases
+from protoagg_dagster.archive import leases
 from protoagg_dagster.assets import ARCHIVE_ASSET, topic_asset_key
 from protoagg_dagster.core import settings
 from protoagg_dagster.core.errors import ConfigError, MissingCredentials

@@ -14,7 +14,7 @@ import dagster as dg
 import psycopg
 from pydantic import Field, PrivateAttr
 
-from protoagg_dagster import leases
+from protoagg_dagster.archive import leases
 from protoagg_dagster.core.errors import BackendError, ConfigError
 from protoagg_dagster.ledger import ensure_schema
 from protoagg_dagster.run_tags import partition_key, queued_behind, run_partition
@@ -53,7 +53,7 @@ class PartitionLease(dg.ConfigurableResource):  # type: ignore[type-arg]
     """Held by an archive run from its start to its end: its run's and its partition's leases.
 
     The sensor fails a STARTED run whose run lease stays free, and launches nothing for a
-    partition whose lease is taken (see ``protoagg_dagster.leases``).
+    partition whose lease is taken (see ``protoagg_dagster.archive.leases``).
     """
 
     postgres: PostgresResource

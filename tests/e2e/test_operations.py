@@ -9,7 +9,7 @@ import dagster as dg
 import pytest
 from kafka import KafkaConsumer
 
-from protoagg_dagster import leases
+from protoagg_dagster.archive import leases
 from protoagg_dagster.assets import ARCHIVE_ASSET, topic_asset_key
 from protoagg_dagster.core.archive_object import TEMP_PREFIX
 from protoagg_dagster.core.formats import TopicRule

@@ -10,7 +10,7 @@ import time
 import psycopg
 import pytest
 
-from protoagg_dagster import leases
+from protoagg_dagster.archive import leases
 from protoagg_dagster.resources import PostgresResource
 
 
