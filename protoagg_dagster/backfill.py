@@ -15,16 +15,16 @@ from dagster import DagsterRunStatus
 from dagster_graphql import DagsterGraphQLClient, DagsterGraphQLClientError
 from kafka import TopicPartition
 
-from protoagg_dagster.core.errors import BackendError, ConfigError
-from protoagg_dagster.core.planning import OffsetRange
-from protoagg_dagster.jobs import archive_kafka_batch
-from protoagg_dagster.resources.kafka import KafkaResource
-from protoagg_dagster.run_tags import (
+from protoagg_dagster.archive.run_tags import (
     BACKFILL_PARTITION_TAG,
     partition_key,
     range_run_config,
     range_tags,
 )
+from protoagg_dagster.core.errors import BackendError, ConfigError
+from protoagg_dagster.core.planning import OffsetRange
+from protoagg_dagster.jobs import archive_kafka_batch
+from protoagg_dagster.resources.kafka import KafkaResource
 
 BACKFILL_TAG = "protoagg/backfill"
 FINISHED = {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}

@@ -19,12 +19,12 @@ import yaml
 from google.api_core import exceptions as gexc
 from kafka.errors import KafkaError
 
+from protoagg_dagster.archive.run_tags import PARTITION_TAG
 from protoagg_dagster.core.archive_object import TEMPLATE_FIELDS, validate_template
 from protoagg_dagster.core.errors import ProtoaggError
 from protoagg_dagster.core.storage_bill import bill_findings, expected_appends_per_day
 from protoagg_dagster.resources import GCSResource, KafkaResource
 from protoagg_dagster.resources.postgres import _first_line
-from protoagg_dagster.run_tags import PARTITION_TAG
 
 Status = Literal["OK", "WARN", "FAIL"]
 TABLES = ("archive_batches", "archive_positions", "processed_logs")

@@ -17,6 +17,7 @@ from typing import Any, ParamSpec, TypeVar, cast
 import dagster as dg
 from pydantic import Field
 
+from protoagg_dagster.archive.run_tags import is_follow_up
 from protoagg_dagster.archive_store import AppendResult, append_batch
 from protoagg_dagster.assets import ARCHIVE_ASSET, topic_asset_key
 from protoagg_dagster.checks import Written, evaluate_batch
@@ -40,7 +41,6 @@ from protoagg_dagster.ledger import (
 )
 from protoagg_dagster.resources import GCSResource, KafkaResource, PartitionLease, PostgresResource
 from protoagg_dagster.resources.settings import ArchiverSettings
-from protoagg_dagster.run_tags import is_follow_up
 
 P = ParamSpec("P")
 R = TypeVar("R")

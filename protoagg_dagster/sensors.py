@@ -20,6 +20,15 @@ from dagster._core.events import JobFailureData, RunFailureReason
 from kafka import KafkaConsumer, TopicPartition
 
 from protoagg_dagster.archive import leases
+from protoagg_dagster.archive.run_tags import (
+    PARTITION_TAG,
+    RANGE_TAG,
+    partition_key,
+    range_run_config,
+    range_tags,
+    run_partition,
+    run_range,
+)
 from protoagg_dagster.assets import ARCHIVE_ASSET, topic_asset_key
 from protoagg_dagster.core import settings
 from protoagg_dagster.core.errors import ConfigError, MissingCredentials
@@ -32,15 +41,6 @@ from protoagg_dagster.kafka.reader import offsets_at_time, timestamps_at
 from protoagg_dagster.ledger import AppendedBatch, PartitionProgress, latest_appended, read_progress
 from protoagg_dagster.resources import GCSResource, KafkaResource, PostgresResource
 from protoagg_dagster.resources.settings import ArchiverSettings
-from protoagg_dagster.run_tags import (
-    PARTITION_TAG,
-    RANGE_TAG,
-    partition_key,
-    range_run_config,
-    range_tags,
-    run_partition,
-    run_range,
-)
 
 # A STARTED run whose lease stays free this long is dead. Long against the moments a live run
 # goes without it (between RUN_START and taking it, between letting go and RUN_SUCCESS: well

@@ -19,10 +19,10 @@ from typing import Any
 import dagster as dg
 
 from protoagg_dagster import archive_store, ops
+from protoagg_dagster.archive.run_tags import range_run_config
 from protoagg_dagster.jobs import archive_kafka_batch
 from protoagg_dagster.resources import GCSResource, KafkaResource, PartitionLease, PostgresResource
 from protoagg_dagster.resources.settings import ArchiverSettings
-from protoagg_dagster.run_tags import range_run_config
 
 KINDS = {
     "kafka": KafkaResource,

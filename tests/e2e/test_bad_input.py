@@ -10,11 +10,11 @@ from dataclasses import replace
 import dagster as dg
 import pytest
 
+from protoagg_dagster.archive.run_tags import range_run_config
 from protoagg_dagster.core.dead_letters import iter_dead_letters
 from protoagg_dagster.core.framing import iter_records
 from protoagg_dagster.jobs import archive_kafka_batch
 from protoagg_dagster.resources.settings import ArchiverSettings
-from protoagg_dagster.run_tags import range_run_config
 from tests.helpers import (
     Stack,
     check_archive,

@@ -12,6 +12,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from protoagg_dagster.archive.run_tags import range_run_config
 from protoagg_dagster.archive_reader import cat_archive, list_dead_letters, verify_archive
 from protoagg_dagster.checks import FRAMING, evaluate_batch
 from protoagg_dagster.core.archive_object import COMPRESSION_METADATA_KEY
@@ -22,7 +23,6 @@ from protoagg_dagster.core.records import LogRecord
 from protoagg_dagster.jobs import archive_kafka_batch
 from protoagg_dagster.ledger import latest_appended
 from protoagg_dagster.resources import GCSResource
-from protoagg_dagster.run_tags import range_run_config
 from tests.helpers import (
     DECOMPRESSORS,
     Stack,

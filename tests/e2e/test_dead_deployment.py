@@ -25,9 +25,9 @@ import dagster as dg
 import psycopg
 from dagster._core.events import DagsterEventType
 
+from protoagg_dagster.archive.run_tags import run_partition
 from protoagg_dagster.jobs import archive_kafka_batch
 from protoagg_dagster.resources import KafkaResource
-from protoagg_dagster.run_tags import run_partition
 from tests.conftest import ROOT, Services
 from tests.helpers import (
     Stack,

@@ -10,6 +10,7 @@ import pytest
 from kafka import KafkaConsumer
 
 from protoagg_dagster.archive import leases
+from protoagg_dagster.archive.run_tags import FOLLOWS_TAG, PARTITION_TAG
 from protoagg_dagster.assets import ARCHIVE_ASSET, topic_asset_key
 from protoagg_dagster.core.archive_object import TEMP_PREFIX
 from protoagg_dagster.core.formats import TopicRule
@@ -19,7 +20,6 @@ from protoagg_dagster.maintenance import maintain_archive
 from protoagg_dagster.resources import GCSResource
 from protoagg_dagster.resources import kafka as kafka_resource
 from protoagg_dagster.resources.settings import ArchiverSettings
-from protoagg_dagster.run_tags import FOLLOWS_TAG, PARTITION_TAG
 from tests.helpers import (
     Stack,
     create_topic,

@@ -16,8 +16,8 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
+from protoagg_dagster.archive.run_tags import PARTITION_TAG
 from protoagg_dagster.core import settings
-from protoagg_dagster.run_tags import PARTITION_TAG
 from protoagg_dagster.services import postgres as postgres_service
 from protoagg_dagster.services.stack import Ports
 
