@@ -25,6 +25,7 @@ from typing import Any
 
 import psycopg
 
+from protoagg_dagster.archive.dedupe_window import claim_ids, ensure_window, epoch_day, own_claims
 from protoagg_dagster.core.archive_object import (
     DEFAULT_MAX_OBJECT_BYTES,
     Landed,
@@ -37,7 +38,6 @@ from protoagg_dagster.core.archive_object import (
 from protoagg_dagster.core.errors import BackendError
 from protoagg_dagster.core.formats import Claimable
 from protoagg_dagster.core.planning import OffsetRange
-from protoagg_dagster.dedupe_window import claim_ids, ensure_window, epoch_day, own_claims
 
 # Any constant works; it only has to be the same for every protoagg process.
 _SCHEMA_LOCK_ID = 0x70726F746F616767
