@@ -63,6 +63,14 @@ from benchmarks.run_once import (  # noqa: E402
     require_service_args,
     run_archive,
 )
+from protoagg_dagster.archive.ledger import (  # noqa: E402
+    AppendedBatch,
+    AppendLedger,
+    Claim,
+    claim_batch,
+    finish_batch,
+    gap_before,
+)
 from protoagg_dagster.archive_store import append_batch  # noqa: E402
 from protoagg_dagster.checks import Written, evaluate_batch  # noqa: E402
 from protoagg_dagster.core.archive_object import Piece  # noqa: E402
@@ -71,14 +79,6 @@ from protoagg_dagster.core.formats import ArchiveFormat, LogFormat, RecordFormat
 from protoagg_dagster.core.planning import OffsetRange  # noqa: E402
 from protoagg_dagster.core.records import KafkaMessage  # noqa: E402
 from protoagg_dagster.kafka.reader import RangeRead, read_range  # noqa: E402
-from protoagg_dagster.ledger import (  # noqa: E402
-    AppendedBatch,
-    AppendLedger,
-    Claim,
-    claim_batch,
-    finish_batch,
-    gap_before,
-)
 from protoagg_dagster.ops import Claimed, Consumed, Encoded, collector_paused  # noqa: E402
 from protoagg_dagster.resources import GCSResource, KafkaResource, PartitionLease, PostgresResource  # noqa: E402
 from protoagg_dagster.resources.settings import ArchiverSettings  # noqa: E402

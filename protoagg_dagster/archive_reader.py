@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, TextIO
 
+from protoagg_dagster.archive.ledger import archived_partitions
 from protoagg_dagster.archive_store import open_sequence, sequence_blobs
 from protoagg_dagster.core import settings
 from protoagg_dagster.core.archive_object import LEGACY_FORMAT, archive_format
@@ -21,7 +22,6 @@ from protoagg_dagster.core.formats import (
     always_base64,
     text_or_base64,
 )
-from protoagg_dagster.ledger import archived_partitions
 from protoagg_dagster.resources.gcs import GCSResource
 from protoagg_dagster.resources.kafka import KafkaResource
 from protoagg_dagster.resources.postgres import PostgresResource

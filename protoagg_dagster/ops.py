@@ -17,6 +17,15 @@ from typing import Any, ParamSpec, TypeVar, cast
 import dagster as dg
 from pydantic import Field
 
+from protoagg_dagster.archive.ledger import (
+    AppendedBatch,
+    AppendLedger,
+    Claim,
+    archived_position,
+    claim_batch,
+    finish_batch,
+    gap_before,
+)
 from protoagg_dagster.archive.run_tags import is_follow_up
 from protoagg_dagster.archive_store import AppendResult, append_batch
 from protoagg_dagster.assets import ARCHIVE_ASSET, topic_asset_key
@@ -30,15 +39,6 @@ from protoagg_dagster.core.formats import ArchiveFormat, rule_for
 from protoagg_dagster.core.planning import OffsetRange
 from protoagg_dagster.core.records import TOMBSTONE, Rejection
 from protoagg_dagster.kafka.reader import RangeRead, RangeReader
-from protoagg_dagster.ledger import (
-    AppendedBatch,
-    AppendLedger,
-    Claim,
-    archived_position,
-    claim_batch,
-    finish_batch,
-    gap_before,
-)
 from protoagg_dagster.resources import GCSResource, KafkaResource, PartitionLease, PostgresResource
 from protoagg_dagster.resources.settings import ArchiverSettings
 

@@ -20,6 +20,12 @@ from dagster._core.events import JobFailureData, RunFailureReason
 from kafka import KafkaConsumer, TopicPartition
 
 from protoagg_dagster.archive import leases
+from protoagg_dagster.archive.ledger import (
+    AppendedBatch,
+    PartitionProgress,
+    latest_appended,
+    read_progress,
+)
 from protoagg_dagster.archive.run_tags import (
     PARTITION_TAG,
     RANGE_TAG,
@@ -38,7 +44,6 @@ from protoagg_dagster.core.planning import OffsetRange, PartitionView, plan_batc
 from protoagg_dagster.core.storage_bill import bill_findings, expected_appends_per_day
 from protoagg_dagster.jobs import archive_kafka_batch
 from protoagg_dagster.kafka.reader import offsets_at_time, timestamps_at
-from protoagg_dagster.ledger import AppendedBatch, PartitionProgress, latest_appended, read_progress
 from protoagg_dagster.resources import GCSResource, KafkaResource, PostgresResource
 from protoagg_dagster.resources.settings import ArchiverSettings
 

@@ -18,13 +18,18 @@ import psycopg
 from google.cloud import storage
 from kafka.admin import NewTopic
 
+from protoagg_dagster.archive.ledger import (
+    AppendLedger,
+    archived_partitions,
+    claim_batch,
+    read_progress,
+)
 from protoagg_dagster.archive_store import AppendResult, append_batch, sequence_blobs
 from protoagg_dagster.core.archive_object import Piece, archive_compression, archive_format
 from protoagg_dagster.core.compression import decompressed
 from protoagg_dagster.core.framing import ArchivedRecord, iter_records
 from protoagg_dagster.core.planning import OffsetRange
 from protoagg_dagster.jobs import archive_kafka_batch
-from protoagg_dagster.ledger import AppendLedger, archived_partitions, claim_batch, read_progress
 from protoagg_dagster.resources import GCSResource, KafkaResource, PartitionLease, PostgresResource
 from protoagg_dagster.resources.settings import ArchiverSettings
 from protoagg_dagster.sensors import kafka_offsets_sensor

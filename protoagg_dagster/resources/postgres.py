@@ -15,9 +15,9 @@ import psycopg
 from pydantic import Field, PrivateAttr
 
 from protoagg_dagster.archive import leases
+from protoagg_dagster.archive.ledger import ensure_schema
 from protoagg_dagster.archive.run_tags import partition_key, queued_behind, run_partition
 from protoagg_dagster.core.errors import BackendError, ConfigError
-from protoagg_dagster.ledger import ensure_schema
 
 
 class PostgresResource(dg.ConfigurableResource):  # type: ignore[type-arg]

@@ -19,12 +19,12 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 from kafka.structs import OffsetAndMetadata
 
+from protoagg_dagster.archive.ledger import read_progress
 from protoagg_dagster.archive_reader import cat_archive, verify_archive
 from protoagg_dagster.assets import ARCHIVE_ASSET, topic_asset_key
 from protoagg_dagster.core.formats import parse_topics
 from protoagg_dagster.core.kafka_record import ArchivedKafkaRecord
 from protoagg_dagster.core.settings import KAFKA_CLIENTS
-from protoagg_dagster.ledger import read_progress
 from tests.helpers import (
     Stack,
     archived_records,

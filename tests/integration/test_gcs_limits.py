@@ -167,10 +167,10 @@ def test_two_thousand_partitions_append_to_one_object_within_the_metadata_limit(
     services: Services, unique: str, proxy: GcsProxy, bucket: storage.Bucket, postgres_dsn: str
 ) -> None:
     """The object's bookkeeping is one marker; the partitions' offsets live in the ledger."""
+    from protoagg_dagster.archive.ledger import AppendLedger, archived_partitions, claim_batch
     from protoagg_dagster.archive_store import append_batch
     from protoagg_dagster.core.archive_object import Piece
     from protoagg_dagster.core.planning import OffsetRange
-    from protoagg_dagster.ledger import AppendLedger, archived_partitions, claim_batch
     from protoagg_dagster.resources import PostgresResource
 
     proxy.mutation_interval = None  # the rate is not under test here: 2,000 appends at speed

@@ -18,10 +18,15 @@ from protoagg_dagster.archive.dedupe_window import (
     epoch_day,
     partition_name,
 )
+from protoagg_dagster.archive.ledger import (
+    begin_partition,
+    claim_batch,
+    finish_batch,
+    read_progress,
+)
 from protoagg_dagster.core.errors import BackendError
 from protoagg_dagster.core.planning import OffsetRange
 from protoagg_dagster.core.records import LogRecord
-from protoagg_dagster.ledger import begin_partition, claim_batch, finish_batch, read_progress
 from protoagg_dagster.resources import PostgresResource
 
 
