@@ -51,7 +51,7 @@ from benchmarks.run_once import (  # noqa: E402
     produce,
     require_service_args,
 )
-from protoagg_dagster.archive_store import CONTENT_TYPE  # noqa: E402
+from protoagg_dagster.archive.store import CONTENT_TYPE  # noqa: E402
 from protoagg_dagster.core.framing import encode_records  # noqa: E402
 from protoagg_dagster.core.records import LogRecord  # noqa: E402
 from protoagg_dagster.resources import GCSResource, KafkaResource  # noqa: E402

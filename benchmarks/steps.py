@@ -71,7 +71,7 @@ from protoagg_dagster.archive.ledger import (  # noqa: E402
     finish_batch,
     gap_before,
 )
-from protoagg_dagster.archive_store import append_batch  # noqa: E402
+from protoagg_dagster.archive.store import append_batch  # noqa: E402
 from protoagg_dagster.checks import Written, evaluate_batch  # noqa: E402
 from protoagg_dagster.core.archive_object import Piece  # noqa: E402
 from protoagg_dagster.core.batch import FramedBatch, Row  # noqa: E402

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import BinaryIO, TextIO
 
 from protoagg_dagster.archive.ledger import archived_partitions
-from protoagg_dagster.archive_store import open_sequence, sequence_blobs
+from protoagg_dagster.archive.store import open_sequence, sequence_blobs
 from protoagg_dagster.core import settings
 from protoagg_dagster.core.archive_object import LEGACY_FORMAT, archive_format
 from protoagg_dagster.core.compression import sniffed

@@ -10,7 +10,7 @@ from pydantic import Field
 
 from protoagg_dagster.archive.dedupe_window import advance_window, epoch_day
 from protoagg_dagster.archive.ledger import forget_queued_uploads, stale_claims
-from protoagg_dagster.archive_store import remove_orphaned_temp_objects
+from protoagg_dagster.archive.store import remove_orphaned_temp_objects
 from protoagg_dagster.resources import GCSResource, PostgresResource
 
 

@@ -27,7 +27,7 @@ from protoagg_dagster.archive.ledger import (
     gap_before,
 )
 from protoagg_dagster.archive.run_tags import is_follow_up
-from protoagg_dagster.archive_store import AppendResult, append_batch
+from protoagg_dagster.archive.store import AppendResult, append_batch
 from protoagg_dagster.assets import ARCHIVE_ASSET, topic_asset_key
 from protoagg_dagster.checks import Written, evaluate_batch
 from protoagg_dagster.core.archive_object import Piece, PieceRole, object_name

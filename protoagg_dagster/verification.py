@@ -19,7 +19,7 @@ from typing import Any, BinaryIO
 from google.cloud import storage
 from kafka import KafkaConsumer
 
-from protoagg_dagster.archive_store import open_sequence
+from protoagg_dagster.archive.store import open_sequence
 from protoagg_dagster.core.archive_object import archive_compression, archive_format, object_name
 from protoagg_dagster.core.compression import decompressed
 from protoagg_dagster.core.dead_letters import iter_dead_letters

@@ -24,7 +24,7 @@ from protoagg_dagster.archive.ledger import (
     claim_batch,
     read_progress,
 )
-from protoagg_dagster.archive_store import AppendResult, append_batch, sequence_blobs
+from protoagg_dagster.archive.store import AppendResult, append_batch, sequence_blobs
 from protoagg_dagster.core.archive_object import Piece, archive_compression, archive_format
 from protoagg_dagster.core.compression import decompressed
 from protoagg_dagster.core.framing import ArchivedRecord, iter_records

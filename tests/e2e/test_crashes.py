@@ -13,7 +13,7 @@ import dagster as dg
 import pytest
 
 from protoagg_dagster.archive.ledger import read_progress
-from protoagg_dagster.archive_store import remove_orphaned_temp_objects
+from protoagg_dagster.archive.store import remove_orphaned_temp_objects
 from protoagg_dagster.core.archive_object import TEMP_PREFIX
 from tests.e2e.run_range import CRASH_POINTS
 from tests.helpers import (

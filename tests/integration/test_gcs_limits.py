@@ -141,7 +141,7 @@ def test_a_held_object_cannot_be_composed_onto(
 def test_appending_onto_a_held_or_retained_object_fails_at_once_with_a_clear_error(
     services: Services, unique: str, proxy: GcsProxy, bucket: storage.Bucket
 ) -> None:
-    from protoagg_dagster.archive_store import append_batch
+    from protoagg_dagster.archive.store import append_batch
     from protoagg_dagster.core.archive_object import Piece
     from protoagg_dagster.core.errors import ConfigError
     from protoagg_dagster.core.planning import OffsetRange
@@ -168,7 +168,7 @@ def test_two_thousand_partitions_append_to_one_object_within_the_metadata_limit(
 ) -> None:
     """The object's bookkeeping is one marker; the partitions' offsets live in the ledger."""
     from protoagg_dagster.archive.ledger import AppendLedger, archived_partitions, claim_batch
-    from protoagg_dagster.archive_store import append_batch
+    from protoagg_dagster.archive.store import append_batch
     from protoagg_dagster.core.archive_object import Piece
     from protoagg_dagster.core.planning import OffsetRange
     from protoagg_dagster.resources import PostgresResource

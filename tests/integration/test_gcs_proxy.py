@@ -18,7 +18,7 @@ import requests
 from google.api_core import exceptions as gexc
 from google.cloud import storage
 
-from protoagg_dagster.archive_store import AppendResult, append_batch
+from protoagg_dagster.archive.store import AppendResult, append_batch
 from protoagg_dagster.core.archive_object import TEMP_PREFIX, Piece, last_compose
 from protoagg_dagster.core.planning import OffsetRange
 from protoagg_dagster.resources.gcs import GCSResource
