@@ -51,8 +51,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from protoagg_dagster.archive.assets import ARCHIVE_ASSET  # noqa: E402
 from protoagg_dagster.archive.run_tags import range_run_config  # noqa: E402
-from protoagg_dagster.assets import ARCHIVE_ASSET  # noqa: E402
 from protoagg_dagster.jobs import archive_kafka_batch  # noqa: E402
 from protoagg_dagster.resources import GCSResource, KafkaResource, PartitionLease, PostgresResource  # noqa: E402
 from protoagg_dagster.resources.settings import ArchiverSettings  # noqa: E402

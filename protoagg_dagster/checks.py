@@ -15,8 +15,8 @@ from typing import Any
 import dagster as dg
 from google.cloud import storage
 
+from protoagg_dagster.archive.assets import ARCHIVE_ASSET, topic_asset_key
 from protoagg_dagster.archive.ledger import AppendedBatch, latest_appended, offset_gaps
-from protoagg_dagster.assets import ARCHIVE_ASSET, topic_asset_key
 from protoagg_dagster.core.archive_object import archive_compression, archive_format
 from protoagg_dagster.core.compression import NONE, decompressed
 from protoagg_dagster.core.errors import ArchiveFormatError

@@ -20,6 +20,7 @@ from dagster._core.events import JobFailureData, RunFailureReason
 from kafka import KafkaConsumer, TopicPartition
 
 from protoagg_dagster.archive import leases
+from protoagg_dagster.archive.assets import ARCHIVE_ASSET, topic_asset_key
 from protoagg_dagster.archive.ledger import (
     AppendedBatch,
     PartitionProgress,
@@ -35,7 +36,6 @@ from protoagg_dagster.archive.run_tags import (
     run_partition,
     run_range,
 )
-from protoagg_dagster.assets import ARCHIVE_ASSET, topic_asset_key
 from protoagg_dagster.core import settings
 from protoagg_dagster.core.errors import ConfigError, MissingCredentials
 from protoagg_dagster.core.formats import TopicRule, rule_for

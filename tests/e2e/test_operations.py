@@ -10,8 +10,8 @@ import pytest
 from kafka import KafkaConsumer
 
 from protoagg_dagster.archive import leases
+from protoagg_dagster.archive.assets import ARCHIVE_ASSET, topic_asset_key
 from protoagg_dagster.archive.run_tags import FOLLOWS_TAG, PARTITION_TAG
-from protoagg_dagster.assets import ARCHIVE_ASSET, topic_asset_key
 from protoagg_dagster.core.archive_object import TEMP_PREFIX
 from protoagg_dagster.core.formats import TopicRule
 from protoagg_dagster.core.records import format_rfc3339

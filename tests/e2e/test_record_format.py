@@ -19,9 +19,9 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 from kafka.structs import OffsetAndMetadata
 
+from protoagg_dagster.archive.assets import ARCHIVE_ASSET, topic_asset_key
 from protoagg_dagster.archive.ledger import read_progress
 from protoagg_dagster.archive_reader import cat_archive, verify_archive
-from protoagg_dagster.assets import ARCHIVE_ASSET, topic_asset_key
 from protoagg_dagster.core.formats import parse_topics
 from protoagg_dagster.core.kafka_record import ArchivedKafkaRecord
 from protoagg_dagster.core.settings import KAFKA_CLIENTS

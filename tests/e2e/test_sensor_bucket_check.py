@@ -8,7 +8,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from protoagg_dagster.assets import ARCHIVE_ASSET
+from protoagg_dagster.archive.assets import ARCHIVE_ASSET
 from protoagg_dagster.resources import GCSResource
 from tests.conftest import Services
 from tests.helpers import Stack, create_topic, log_value, produce, tick, topic_of

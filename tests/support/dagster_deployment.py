@@ -36,8 +36,8 @@ from dagster._core.storage.tags import (
     WILL_RETRY_TAG,
 )
 
+from protoagg_dagster.archive.assets import ARCHIVE_ASSET
 from protoagg_dagster.archive.run_tags import PARTITION_TAG, RANGE_TAG
-from protoagg_dagster.assets import ARCHIVE_ASSET
 from tests.conftest import ROOT
 from tests.support.process_groups import group_members, signal_group
 
