@@ -63,6 +63,7 @@ from benchmarks.run_once import (  # noqa: E402
     require_service_args,
     run_archive,
 )
+from protoagg_dagster.archive.checks import Written, evaluate_batch  # noqa: E402
 from protoagg_dagster.archive.ledger import (  # noqa: E402
     AppendedBatch,
     AppendLedger,
@@ -72,7 +73,6 @@ from protoagg_dagster.archive.ledger import (  # noqa: E402
     gap_before,
 )
 from protoagg_dagster.archive.store import append_batch  # noqa: E402
-from protoagg_dagster.checks import Written, evaluate_batch  # noqa: E402
 from protoagg_dagster.core.archive_object import Piece  # noqa: E402
 from protoagg_dagster.core.batch import FramedBatch, Row  # noqa: E402
 from protoagg_dagster.core.formats import ArchiveFormat, LogFormat, RecordFormat  # noqa: E402

@@ -18,6 +18,7 @@ import dagster as dg
 from pydantic import Field
 
 from protoagg_dagster.archive.assets import ARCHIVE_ASSET, topic_asset_key
+from protoagg_dagster.archive.checks import Written, evaluate_batch
 from protoagg_dagster.archive.ledger import (
     AppendedBatch,
     AppendLedger,
@@ -29,7 +30,6 @@ from protoagg_dagster.archive.ledger import (
 )
 from protoagg_dagster.archive.run_tags import is_follow_up
 from protoagg_dagster.archive.store import AppendResult, append_batch
-from protoagg_dagster.checks import Written, evaluate_batch
 from protoagg_dagster.core.archive_object import Piece, PieceRole, object_name
 from protoagg_dagster.core.batch import BatchBuilder, FramedBatch
 from protoagg_dagster.core.compression import NONE

@@ -12,10 +12,10 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from protoagg_dagster.archive.checks import FRAMING, evaluate_batch
 from protoagg_dagster.archive.ledger import latest_appended
 from protoagg_dagster.archive.run_tags import range_run_config
 from protoagg_dagster.archive_reader import cat_archive, list_dead_letters, verify_archive
-from protoagg_dagster.checks import FRAMING, evaluate_batch
 from protoagg_dagster.core.archive_object import COMPRESSION_METADATA_KEY
 from protoagg_dagster.core.compression import SUFFIXES
 from protoagg_dagster.core.formats import LogFormat

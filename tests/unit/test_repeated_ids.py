@@ -1,6 +1,6 @@
 """The unique-records check's counting: exact even when different identities share a hash."""
 
-from protoagg_dagster.checks import repeated_ids
+from protoagg_dagster.archive.checks import repeated_ids
 
 
 class Colliding(str):
