@@ -68,9 +68,9 @@ from benchmarks.run_once import (  # noqa: E402
 )
 from protoagg_dagster.archive.dedupe_window import advance_window, partition_name  # noqa: E402
 from protoagg_dagster.archive.ledger import claim_batch, finish_batch  # noqa: E402
+from protoagg_dagster.archive.ops import collector_paused  # noqa: E402
 from protoagg_dagster.core.planning import OffsetRange  # noqa: E402
 from protoagg_dagster.core.records import KafkaMessage, LogRecord, parse_messages  # noqa: E402
-from protoagg_dagster.ops import collector_paused  # noqa: E402
 from protoagg_dagster.resources import PostgresResource  # noqa: E402
 
 TOPIC = "dedupe-scaling"

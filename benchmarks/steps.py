@@ -72,6 +72,7 @@ from protoagg_dagster.archive.ledger import (  # noqa: E402
     finish_batch,
     gap_before,
 )
+from protoagg_dagster.archive.ops import Claimed, Consumed, Encoded, collector_paused  # noqa: E402
 from protoagg_dagster.archive.store import append_batch  # noqa: E402
 from protoagg_dagster.core.archive_object import Piece  # noqa: E402
 from protoagg_dagster.core.batch import FramedBatch, Row  # noqa: E402
@@ -79,7 +80,6 @@ from protoagg_dagster.core.formats import ArchiveFormat, LogFormat, RecordFormat
 from protoagg_dagster.core.planning import OffsetRange  # noqa: E402
 from protoagg_dagster.core.records import KafkaMessage  # noqa: E402
 from protoagg_dagster.kafka.reader import RangeRead, read_range  # noqa: E402
-from protoagg_dagster.ops import Claimed, Consumed, Encoded, collector_paused  # noqa: E402
 from protoagg_dagster.resources import GCSResource, KafkaResource, PartitionLease, PostgresResource  # noqa: E402
 from protoagg_dagster.resources.settings import ArchiverSettings  # noqa: E402
 

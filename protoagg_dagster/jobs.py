@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from protoagg_dagster.ops import append, consume, dedupe, encode
+from protoagg_dagster.archive.ops import append, consume, dedupe, encode
 from protoagg_dagster.restore_op import restore_records
 
 

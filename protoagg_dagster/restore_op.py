@@ -7,10 +7,10 @@ from typing import Literal
 import dagster as dg
 from pydantic import Field
 
+from protoagg_dagster.archive.ops import fail_fast
 from protoagg_dagster.core.errors import ArchiveFormatError, BackendError, ConfigError
 from protoagg_dagster.core.records import RecordRejected, parse_rfc3339
 from protoagg_dagster.core.restore import RestoreSpec, Selection, Tallies, summary
-from protoagg_dagster.ops import fail_fast
 from protoagg_dagster.resources import KafkaResource
 from protoagg_dagster.restore import TRANSACTION_RECORDS, list_sources, plan_restore, restore
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import dagster as dg
 
-from protoagg_dagster import ops
+from protoagg_dagster.archive import ops
 from protoagg_dagster.archive import store as archive_store
 from protoagg_dagster.archive.run_tags import range_run_config
 from protoagg_dagster.jobs import archive_kafka_batch

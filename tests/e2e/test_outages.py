@@ -15,7 +15,7 @@ from typing import Any
 import dagster as dg
 import pytest
 
-from protoagg_dagster import ops
+from protoagg_dagster.archive import ops
 from protoagg_dagster.core.settings import KAFKA_CLIENTS
 from protoagg_dagster.resources import GCSResource, KafkaResource, PostgresResource
 from protoagg_dagster.services.kafka import KafkaService

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
-from protoagg_dagster import ops
+from protoagg_dagster.archive import ops
 from protoagg_dagster.archive import store as archive_store
 from protoagg_dagster.definitions import defs
 
