@@ -24,6 +24,7 @@ from protoagg_dagster.archive.ledger import (
     claim_batch,
     read_progress,
 )
+from protoagg_dagster.archive.sensor import kafka_offsets_sensor
 from protoagg_dagster.archive.store import AppendResult, append_batch, sequence_blobs
 from protoagg_dagster.core.archive_object import Piece, archive_compression, archive_format
 from protoagg_dagster.core.compression import decompressed
@@ -32,7 +33,6 @@ from protoagg_dagster.core.planning import OffsetRange
 from protoagg_dagster.jobs import archive_kafka_batch
 from protoagg_dagster.resources import GCSResource, KafkaResource, PartitionLease, PostgresResource
 from protoagg_dagster.resources.settings import ArchiverSettings
-from protoagg_dagster.sensors import kafka_offsets_sensor
 from protoagg_dagster.verification import KafkaCheck, check_against_kafka
 from tests.conftest import ROOT
 
