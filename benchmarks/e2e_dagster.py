@@ -78,9 +78,9 @@ from benchmarks.run_once import (  # noqa: E402
     make_values,
     raw_consume,
 )
+from protoagg_dagster.archive.job import archive_kafka_batch  # noqa: E402
 from protoagg_dagster.archive.ledger import read_progress  # noqa: E402
 from protoagg_dagster.core.archive_object import last_compose  # noqa: E402
-from protoagg_dagster.jobs import archive_kafka_batch  # noqa: E402
 from protoagg_dagster.resources import GCSResource, KafkaResource  # noqa: E402
 from tests.support.dagster_deployment import (  # noqa: E402
     DagsterDeployment,

@@ -64,9 +64,9 @@ from benchmarks.e2e_dagster import (  # noqa: E402
     services_from,
 )
 from benchmarks.run_once import WORDS, _rounded, code_version  # noqa: E402
+from protoagg_dagster.archive.job import archive_kafka_batch  # noqa: E402
 from protoagg_dagster.core.framing import iter_records  # noqa: E402
 from protoagg_dagster.core.settings import SENSOR_INTERVAL_SECONDS  # noqa: E402
-from protoagg_dagster.jobs import archive_kafka_batch  # noqa: E402
 from tests.support.dagster_deployment import (  # noqa: E402
     DagsterDeployment,
     RunSummary,

@@ -52,8 +52,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from protoagg_dagster.archive.assets import ARCHIVE_ASSET  # noqa: E402
+from protoagg_dagster.archive.job import archive_kafka_batch  # noqa: E402
 from protoagg_dagster.archive.run_tags import range_run_config  # noqa: E402
-from protoagg_dagster.jobs import archive_kafka_batch  # noqa: E402
 from protoagg_dagster.resources import GCSResource, KafkaResource, PartitionLease, PostgresResource  # noqa: E402
 from protoagg_dagster.resources.settings import ArchiverSettings  # noqa: E402
 

@@ -15,6 +15,7 @@ from dagster import DagsterRunStatus
 from dagster_graphql import DagsterGraphQLClient, DagsterGraphQLClientError
 from kafka import TopicPartition
 
+from protoagg_dagster.archive.job import archive_kafka_batch
 from protoagg_dagster.archive.run_tags import (
     BACKFILL_PARTITION_TAG,
     partition_key,
@@ -23,7 +24,6 @@ from protoagg_dagster.archive.run_tags import (
 )
 from protoagg_dagster.core.errors import BackendError, ConfigError
 from protoagg_dagster.core.planning import OffsetRange
-from protoagg_dagster.jobs import archive_kafka_batch
 from protoagg_dagster.resources.kafka import KafkaResource
 
 BACKFILL_TAG = "protoagg/backfill"

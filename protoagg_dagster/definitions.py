@@ -15,10 +15,10 @@ import dagster as dg
 
 from protoagg_dagster.archive.assets import archive_asset, topic_asset_specs
 from protoagg_dagster.archive.checks import build_archive_checks
+from protoagg_dagster.archive.job import archive_kafka_batch, restore_archive
 from protoagg_dagster.archive.sensor import kafka_offsets_sensor
 from protoagg_dagster.archive.upkeep import archive_maintenance, maintain_archive
 from protoagg_dagster.core import settings
-from protoagg_dagster.jobs import archive_kafka_batch, restore_archive
 from protoagg_dagster.resources import GCSResource, KafkaResource, PartitionLease, PostgresResource
 from protoagg_dagster.resources.settings import ArchiverSettings
 

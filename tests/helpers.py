@@ -18,6 +18,7 @@ import psycopg
 from google.cloud import storage
 from kafka.admin import NewTopic
 
+from protoagg_dagster.archive.job import archive_kafka_batch
 from protoagg_dagster.archive.ledger import (
     AppendLedger,
     archived_partitions,
@@ -30,7 +31,6 @@ from protoagg_dagster.core.archive_object import Piece, archive_compression, arc
 from protoagg_dagster.core.compression import decompressed
 from protoagg_dagster.core.framing import ArchivedRecord, iter_records
 from protoagg_dagster.core.planning import OffsetRange
-from protoagg_dagster.jobs import archive_kafka_batch
 from protoagg_dagster.resources import GCSResource, KafkaResource, PartitionLease, PostgresResource
 from protoagg_dagster.resources.settings import ArchiverSettings
 from protoagg_dagster.verification import KafkaCheck, check_against_kafka

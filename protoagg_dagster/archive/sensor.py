@@ -21,6 +21,7 @@ from kafka import KafkaConsumer, TopicPartition
 
 from protoagg_dagster.archive import leases
 from protoagg_dagster.archive.assets import ARCHIVE_ASSET, topic_asset_key
+from protoagg_dagster.archive.job import archive_kafka_batch
 from protoagg_dagster.archive.ledger import (
     AppendedBatch,
     PartitionProgress,
@@ -42,7 +43,6 @@ from protoagg_dagster.core.formats import TopicRule, rule_for
 from protoagg_dagster.core.liveness import StartedRun, judge
 from protoagg_dagster.core.planning import OffsetRange, PartitionView, plan_batch
 from protoagg_dagster.core.storage_bill import bill_findings, expected_appends_per_day
-from protoagg_dagster.jobs import archive_kafka_batch
 from protoagg_dagster.kafka.reader import offsets_at_time, timestamps_at
 from protoagg_dagster.resources import GCSResource, KafkaResource, PostgresResource
 from protoagg_dagster.resources.settings import ArchiverSettings

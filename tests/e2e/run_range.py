@@ -20,8 +20,8 @@ import dagster as dg
 
 from protoagg_dagster.archive import ops
 from protoagg_dagster.archive import store as archive_store
+from protoagg_dagster.archive.job import archive_kafka_batch
 from protoagg_dagster.archive.run_tags import range_run_config
-from protoagg_dagster.jobs import archive_kafka_batch
 from protoagg_dagster.resources import GCSResource, KafkaResource, PartitionLease, PostgresResource
 from protoagg_dagster.resources.settings import ArchiverSettings
 

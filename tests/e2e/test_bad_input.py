@@ -10,10 +10,10 @@ from dataclasses import replace
 import dagster as dg
 import pytest
 
+from protoagg_dagster.archive.job import archive_kafka_batch
 from protoagg_dagster.archive.run_tags import range_run_config
 from protoagg_dagster.core.dead_letters import iter_dead_letters
 from protoagg_dagster.core.framing import iter_records
-from protoagg_dagster.jobs import archive_kafka_batch
 from protoagg_dagster.resources.settings import ArchiverSettings
 from tests.helpers import (
     Stack,

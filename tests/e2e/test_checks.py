@@ -5,10 +5,10 @@ from __future__ import annotations
 import dagster as dg
 
 from protoagg_dagster.archive.checks import FRAMING, NO_GAPS, UNIQUE_IDS, evaluate_batch
+from protoagg_dagster.archive.job import archive_kafka_batch
 from protoagg_dagster.archive.ledger import latest_appended
 from protoagg_dagster.archive.run_tags import range_run_config
 from protoagg_dagster.core.formats import LogFormat
-from protoagg_dagster.jobs import archive_kafka_batch
 from tests.helpers import Stack, create_topic, log_value, produce, topic_of
 
 

@@ -13,6 +13,7 @@ import dagster as dg
 import pytest
 
 from protoagg_dagster.archive.checks import FRAMING, evaluate_batch
+from protoagg_dagster.archive.job import archive_kafka_batch
 from protoagg_dagster.archive.ledger import latest_appended
 from protoagg_dagster.archive.run_tags import range_run_config
 from protoagg_dagster.archive_reader import cat_archive, list_dead_letters, verify_archive
@@ -21,7 +22,6 @@ from protoagg_dagster.core.compression import SUFFIXES
 from protoagg_dagster.core.formats import LogFormat
 from protoagg_dagster.core.framing import encode_records
 from protoagg_dagster.core.records import LogRecord
-from protoagg_dagster.jobs import archive_kafka_batch
 from protoagg_dagster.resources import GCSResource
 from tests.helpers import (
     DECOMPRESSORS,

@@ -25,8 +25,8 @@ import dagster as dg
 import psycopg
 from dagster._core.events import DagsterEventType
 
+from protoagg_dagster.archive.job import archive_kafka_batch
 from protoagg_dagster.archive.run_tags import run_partition
-from protoagg_dagster.jobs import archive_kafka_batch
 from protoagg_dagster.resources import KafkaResource
 from tests.conftest import ROOT, Services
 from tests.helpers import (

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import dagster as dg
 
+from protoagg_dagster.archive.job import archive_kafka_batch
 from protoagg_dagster.archive.ledger import archived_position
 from protoagg_dagster.archive.run_tags import FOLLOWS_TAG, range_run_config, range_tags
-from protoagg_dagster.jobs import archive_kafka_batch
 from tests.conftest import Services
 from tests.helpers import (
     Stack,

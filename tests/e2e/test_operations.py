@@ -11,12 +11,12 @@ from kafka import KafkaConsumer
 
 from protoagg_dagster.archive import leases
 from protoagg_dagster.archive.assets import ARCHIVE_ASSET, topic_asset_key
+from protoagg_dagster.archive.job import archive_kafka_batch
 from protoagg_dagster.archive.run_tags import FOLLOWS_TAG, PARTITION_TAG
 from protoagg_dagster.archive.upkeep import maintain_archive
 from protoagg_dagster.core.archive_object import TEMP_PREFIX
 from protoagg_dagster.core.formats import TopicRule
 from protoagg_dagster.core.records import format_rfc3339
-from protoagg_dagster.jobs import archive_kafka_batch
 from protoagg_dagster.resources import GCSResource
 from protoagg_dagster.resources import kafka as kafka_resource
 from protoagg_dagster.resources.settings import ArchiverSettings

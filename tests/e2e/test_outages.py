@@ -39,8 +39,8 @@ def run_range(stack: Stack, end: int) -> dg.ExecuteInProcessResult:
 
 
 def ops_job_run(stack: Stack, end: int, instance: dg.DagsterInstance) -> dg.ExecuteInProcessResult:
+    from protoagg_dagster.archive.job import archive_kafka_batch
     from protoagg_dagster.archive.run_tags import range_run_config
-    from protoagg_dagster.jobs import archive_kafka_batch
 
     return archive_kafka_batch.execute_in_process(
         run_config=range_run_config(topic_of(stack), 0, 0, end),

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import psycopg
 
-from protoagg_dagster.jobs import archive_kafka_batch
+from protoagg_dagster.archive.job import archive_kafka_batch
 from protoagg_dagster.resources import GCSResource
 from tests.conftest import Services
 from tests.helpers import (
