@@ -22,10 +22,10 @@ from protoagg_dagster.core.formats import (
     always_base64,
     text_or_base64,
 )
+from protoagg_dagster.reading.verification import KafkaCheck, check_against_kafka
 from protoagg_dagster.resources.gcs import GCSResource
 from protoagg_dagster.resources.kafka import KafkaResource
 from protoagg_dagster.resources.postgres import PostgresResource
-from protoagg_dagster.verification import KafkaCheck, check_against_kafka
 
 
 def open_archive(url: str) -> BinaryIO:

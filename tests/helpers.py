@@ -31,9 +31,9 @@ from protoagg_dagster.core.archive_object import Piece, archive_compression, arc
 from protoagg_dagster.core.compression import decompressed
 from protoagg_dagster.core.framing import ArchivedRecord, iter_records
 from protoagg_dagster.core.planning import OffsetRange
+from protoagg_dagster.reading.verification import KafkaCheck, check_against_kafka
 from protoagg_dagster.resources import GCSResource, KafkaResource, PartitionLease, PostgresResource
 from protoagg_dagster.resources.settings import ArchiverSettings
-from protoagg_dagster.verification import KafkaCheck, check_against_kafka
 from tests.conftest import ROOT
 
 # Debian's programs that decompress a whole archive object to stdout, by codec.

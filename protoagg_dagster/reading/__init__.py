@@ -1,0 +1,1 @@
+"""Reading archives back: the streaming archive reader and verification (cat, verify)."""
