@@ -250,7 +250,7 @@ def _restore(args: argparse.Namespace) -> int:
 
 
 def _cat(args: argparse.Namespace) -> int:
-    from protoagg_dagster.archive_reader import BYTES_STYLES, cat_archive
+    from protoagg_dagster.reading.archive_reader import BYTES_STYLES, cat_archive
 
     cat_archive(
         args.url, sys.stdout, args.format, BYTES_STYLES["base64" if args.base64 else "text"]
@@ -259,20 +259,20 @@ def _cat(args: argparse.Namespace) -> int:
 
 
 def _dead_letters(args: argparse.Namespace) -> int:
-    from protoagg_dagster.archive_reader import list_dead_letters
+    from protoagg_dagster.reading.archive_reader import list_dead_letters
 
     list_dead_letters(args.url, sys.stdout, with_values=args.values)
     return 0
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from protoagg_dagster.archive_reader import verify_archive
+    from protoagg_dagster.reading.archive_reader import verify_archive
 
     report = verify_archive(args.url, args.format)
     print(report.summary())
     if not args.against_kafka:
         return 0 if report.ok else 1
-    from protoagg_dagster.archive_reader import check_url_against_kafka
+    from protoagg_dagster.reading.archive_reader import check_url_against_kafka
 
     check = check_url_against_kafka(args.url)
     print(check.summary())

@@ -16,12 +16,12 @@ from protoagg_dagster.archive.checks import FRAMING, evaluate_batch
 from protoagg_dagster.archive.job import archive_kafka_batch
 from protoagg_dagster.archive.ledger import latest_appended
 from protoagg_dagster.archive.run_tags import range_run_config
-from protoagg_dagster.archive_reader import cat_archive, list_dead_letters, verify_archive
 from protoagg_dagster.core.archive_object import COMPRESSION_METADATA_KEY
 from protoagg_dagster.core.compression import SUFFIXES
 from protoagg_dagster.core.formats import LogFormat
 from protoagg_dagster.core.framing import encode_records
 from protoagg_dagster.core.records import LogRecord
+from protoagg_dagster.reading.archive_reader import cat_archive, list_dead_letters, verify_archive
 from protoagg_dagster.resources import GCSResource
 from tests.helpers import (
     DECOMPRESSORS,

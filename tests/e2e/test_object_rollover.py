@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from protoagg_dagster.archive.store import sequence_blobs
-from protoagg_dagster.archive_reader import cat_archive, verify_archive
 from protoagg_dagster.core.archive_object import sequence_number
+from protoagg_dagster.reading.archive_reader import cat_archive, verify_archive
 from tests.conftest import Services
 from tests.helpers import (
     Stack,

@@ -14,11 +14,11 @@ import pytest
 from protoagg_dagster.archive.job import archive_kafka_batch
 from protoagg_dagster.archive.ledger import object_lock
 from protoagg_dagster.archive.run_tags import range_run_config
-from protoagg_dagster.archive_reader import verify_archive
 from protoagg_dagster.core import settings
 from protoagg_dagster.core.framing import iter_records
 from protoagg_dagster.core.records import parse_rfc3339
 from protoagg_dagster.core.settings import KAFKA_CLIENTS
+from protoagg_dagster.reading.archive_reader import verify_archive
 from protoagg_dagster.resources import GCSResource
 from tests.conftest import ROOT
 from tests.helpers import (

@@ -21,10 +21,10 @@ from kafka.structs import OffsetAndMetadata
 
 from protoagg_dagster.archive.assets import ARCHIVE_ASSET, topic_asset_key
 from protoagg_dagster.archive.ledger import read_progress
-from protoagg_dagster.archive_reader import cat_archive, verify_archive
 from protoagg_dagster.core.formats import parse_topics
 from protoagg_dagster.core.kafka_record import ArchivedKafkaRecord
 from protoagg_dagster.core.settings import KAFKA_CLIENTS
+from protoagg_dagster.reading.archive_reader import cat_archive, verify_archive
 from tests.helpers import (
     Stack,
     archived_records,
