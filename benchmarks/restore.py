@@ -4,7 +4,7 @@
         [--bootstrap HOST:PORT] [--gcs http://HOST:PORT] [--client kafka-python|confluent]
 
 An archive of ``--records`` records (16-byte keys, 125-byte values, one header, 3 partitions) is
-uploaded to the GCS emulator and restored by ``protoagg_dagster.restore.restore`` into a fresh
+uploaded to the GCS emulator and restored by ``protoagg_dagster.restore.writer.restore`` into a fresh
 3-partition topic, 20,000 records per transaction. The restore is then split into its parts,
 each timed alone on the same object: reading and decoding (``ArchiveFormat.decode``), the
 planning pass (decode plus shaping every record), and the rest (sending and committing).
@@ -34,7 +34,7 @@ from protoagg_dagster.core.restore import RestoreSpec  # noqa: E402
 from protoagg_dagster.producer import create_topic  # noqa: E402
 from protoagg_dagster.reading.archive_reader import open_archive_with_format  # noqa: E402
 from protoagg_dagster.resources import GCSResource, KafkaResource  # noqa: E402
-from protoagg_dagster.restore import list_sources, plan_restore, restore  # noqa: E402
+from protoagg_dagster.restore.writer import list_sources, plan_restore, restore  # noqa: E402
 
 BUCKET = "bench-restore"
 

@@ -10,7 +10,7 @@ from tqdm import tqdm
 from protoagg_dagster.core import settings
 from protoagg_dagster.core.restore import RestoreSpec, Selection, summary
 from protoagg_dagster.resources import KafkaResource
-from protoagg_dagster.restore import list_sources, plan_restore, restore
+from protoagg_dagster.restore.writer import list_sources, plan_restore, restore
 
 
 def spec_from_args(args: argparse.Namespace) -> RestoreSpec:

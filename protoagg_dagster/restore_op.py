@@ -12,7 +12,7 @@ from protoagg_dagster.core.errors import ArchiveFormatError, BackendError, Confi
 from protoagg_dagster.core.records import RecordRejected, parse_rfc3339
 from protoagg_dagster.core.restore import RestoreSpec, Selection, Tallies, summary
 from protoagg_dagster.resources import KafkaResource
-from protoagg_dagster.restore import TRANSACTION_RECORDS, list_sources, plan_restore, restore
+from protoagg_dagster.restore.writer import TRANSACTION_RECORDS, list_sources, plan_restore, restore
 
 
 class RestoreConfig(dg.Config):

@@ -9,7 +9,8 @@ import sys
 import time
 from typing import Any
 
-from protoagg_dagster import cli, restore
+from protoagg_dagster import cli
+from protoagg_dagster.restore import writer as restore
 
 PAUSE_SECONDS = 0.1
 _commit = restore._commit

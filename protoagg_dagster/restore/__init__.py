@@ -1,0 +1,1 @@
+"""Restore: archived records written back into Kafka exactly once (writer, op, job)."""
