@@ -5,7 +5,7 @@ from __future__ import annotations
 import dagster as dg
 
 from protoagg_dagster.archive.ops import append, consume, dedupe, encode
-from protoagg_dagster.restore_op import restore_records
+from protoagg_dagster.restore.op import restore_records
 
 
 @dg.job(
