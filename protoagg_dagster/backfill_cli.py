@@ -10,7 +10,7 @@ from dagster_graphql import DagsterGraphQLClient
 from tqdm import tqdm
 
 from protoagg_dagster.archive.ledger import begin_partition, read_progress
-from protoagg_dagster.backfill import follow, resolve_ranges, submit
+from protoagg_dagster.backfill.submit import follow, resolve_ranges, submit
 from protoagg_dagster.core import settings
 from protoagg_dagster.core.planning import OffsetRange, split_range
 from protoagg_dagster.resources import KafkaResource, PostgresResource

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from protoagg_dagster.backfill import resolve_ranges
+from protoagg_dagster.backfill.submit import resolve_ranges
 from protoagg_dagster.core.errors import ConfigError
 from protoagg_dagster.core.planning import OffsetRange, split_range
 from protoagg_dagster.resources import KafkaResource

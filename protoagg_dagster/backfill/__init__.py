@@ -1,0 +1,1 @@
+"""Backfill: offset or time ranges submitted as archive runs."""
