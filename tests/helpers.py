@@ -259,7 +259,7 @@ def append_from_threads(
 
 def restore_cmd(*args: str) -> list[str]:
     """``protoagg restore ARGS`` as a command line (the environment's settings apply)."""
-    return [sys.executable, "-m", "protoagg_dagster.cli", "restore", *args]
+    return [sys.executable, "-m", "protoagg_dagster.cli.main", "restore", *args]
 
 
 def run_restore(*args: str) -> subprocess.CompletedProcess[str]:

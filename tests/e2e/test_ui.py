@@ -315,7 +315,7 @@ def backfill(deployment: Deployment, start: int, end: int) -> subprocess.Complet
         [
             sys.executable,
             "-m",
-            "protoagg_dagster.cli",
+            "protoagg_dagster.cli.main",
             "backfill",
             "--topic",
             deployment.topic,

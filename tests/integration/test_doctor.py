@@ -206,7 +206,7 @@ def test_no_credentials_for_real_gcs_is_one_sentence_naming_both_ways_out(
         PROTOAGG_POSTGRES_DSN=good.postgres_dsn,
     )
     done = subprocess.run(
-        [sys.executable, "-m", "protoagg_dagster.cli", "doctor", "--dagster-yaml", LOCAL_YAML],
+        [sys.executable, "-m", "protoagg_dagster.cli.main", "doctor", "--dagster-yaml", LOCAL_YAML],
         env=env,
         capture_output=True,
         text=True,

@@ -9,7 +9,7 @@ import sys
 import time
 from typing import Any
 
-from protoagg_dagster import cli
+from protoagg_dagster.cli import main as cli
 from protoagg_dagster.restore import writer as restore
 
 PAUSE_SECONDS = 0.1

@@ -1,0 +1,1 @@
+"""The `protoagg` command, one module per verb group."""
