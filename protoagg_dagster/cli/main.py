@@ -280,7 +280,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    from protoagg_dagster.doctor import Deployment, diagnose
+    from protoagg_dagster.cli.doctor import Deployment, diagnose
     from protoagg_dagster.resources import GCSResource, KafkaResource
 
     dagster_yaml = args.dagster_yaml

@@ -13,8 +13,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from protoagg_dagster.cli.doctor import Deployment, Finding, diagnose
 from protoagg_dagster.core.archive_object import LAST_APPEND_KEY
-from protoagg_dagster.doctor import Deployment, Finding, diagnose
 from protoagg_dagster.resources import GCSResource, KafkaResource, PostgresResource
 from tests.conftest import ROOT, Services
 from tests.helpers import create_topic
