@@ -25,13 +25,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from protoagg_dagster.cli.produce import create_topic  # noqa: E402
 from protoagg_dagster.core import settings  # noqa: E402
 from protoagg_dagster.core.kafka_record import (  # noqa: E402
     ArchivedKafkaRecord,
     encode_kafka_records,
 )
 from protoagg_dagster.core.restore import RestoreSpec  # noqa: E402
-from protoagg_dagster.producer import create_topic  # noqa: E402
 from protoagg_dagster.reading.archive_reader import open_archive_with_format  # noqa: E402
 from protoagg_dagster.resources import GCSResource, KafkaResource  # noqa: E402
 from protoagg_dagster.restore.writer import list_sources, plan_restore, restore  # noqa: E402

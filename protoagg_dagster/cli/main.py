@@ -219,7 +219,7 @@ def _services(args: argparse.Namespace) -> int:
 
 
 def _produce(args: argparse.Namespace) -> int:
-    from protoagg_dagster.producer import produce_file
+    from protoagg_dagster.cli.produce import produce_file
 
     topic = args.topic or settings.split_list(settings.TOPICS.read())[0]
     sent = produce_file(args.file, topic, settings.KAFKA_BOOTSTRAP.read(), args.partitions)

@@ -16,6 +16,7 @@ from pathlib import Path
 from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 
+from protoagg_dagster.cli.produce import create_topic
 from protoagg_dagster.core import settings
 from protoagg_dagster.core.archive_object import TEMP_PREFIX, sequence_base
 from protoagg_dagster.core.errors import ArchiveFormatError, BackendError, ConfigError
@@ -32,7 +33,6 @@ from protoagg_dagster.core.restore import (
     progress_value,
     record_out,
 )
-from protoagg_dagster.producer import create_topic
 from protoagg_dagster.reading.archive_reader import open_archive_with_format
 from protoagg_dagster.resources.gcs import GCSResource
 from protoagg_dagster.resources.kafka import KafkaResource, TransactionalProducer
