@@ -244,7 +244,7 @@ def _backfill(args: argparse.Namespace) -> int:
 
 
 def _restore(args: argparse.Namespace) -> int:
-    from protoagg_dagster.restore_cli import run_restore
+    from protoagg_dagster.cli.restore import run_restore
 
     return run_restore(args)
 
