@@ -238,7 +238,7 @@ def _time_ms(text: str) -> int:
 
 
 def _backfill(args: argparse.Namespace) -> int:
-    from protoagg_dagster.backfill_cli import run_backfill
+    from protoagg_dagster.cli.backfill import run_backfill
 
     return run_backfill(args)
 
