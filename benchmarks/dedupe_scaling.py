@@ -67,7 +67,7 @@ from benchmarks.run_once import (  # noqa: E402
     require_service_args,
 )
 from protoagg_dagster.archive.dedupe_window import advance_window, partition_name  # noqa: E402
-from protoagg_dagster.archive.ledger import claim_batch, finish_batch  # noqa: E402
+from protoagg_dagster.archive.ledger import claim_batch, finish_batch, ledger_connection  # noqa: E402
 from protoagg_dagster.archive.ops import collector_paused  # noqa: E402
 from protoagg_dagster.core.planning import OffsetRange  # noqa: E402
 from protoagg_dagster.core.records import KafkaMessage, LogRecord, parse_messages  # noqa: E402
@@ -165,7 +165,7 @@ def layout(conn: psycopg.Connection, scenario: Scenario) -> dict[int, int]:
 def prepare(scenario: Scenario) -> None:
     """Create the schema and partitions, preload the ids, vacuum, analyze, checkpoint."""
     started = time.perf_counter()
-    with PostgresResource(dsn=scenario.dsn).get_connection() as conn:
+    with ledger_connection(PostgresResource(dsn=scenario.dsn)) as conn:
         loads = layout(conn, scenario)
         for day, n in loads.items():
             fill_partition(conn, day, n)
@@ -265,7 +265,7 @@ def claim_once(
     notices: list[str] = []
     with contextlib.ExitStack() as stack:
         t0 = time.perf_counter()
-        conn = stack.enter_context(PostgresResource(dsn=scenario.dsn).get_connection())
+        conn = stack.enter_context(ledger_connection(PostgresResource(dsn=scenario.dsn)))
         connect = time.perf_counter() - t0
         if explain:
             conn.add_notice_handler(lambda diag: notices.append(diag.message_primary or ""))

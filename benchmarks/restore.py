@@ -4,8 +4,8 @@
         [--bootstrap HOST:PORT] [--gcs http://HOST:PORT] [--client kafka-python|confluent]
 
 An archive of ``--records`` records (16-byte keys, 125-byte values, one header, 3 partitions) is
-uploaded to the GCS emulator and restored by ``protoagg_dagster.restore.writer.restore`` into a fresh
-3-partition topic, 20,000 records per transaction. The restore is then split into its parts,
+uploaded to the GCS emulator and restored by ``protoagg_dagster.restore.writer.restore`` into a
+fresh 3-partition topic, 20,000 records per transaction. The restore is then split into its parts,
 each timed alone on the same object: reading and decoding (``ArchiveFormat.decode``), the
 planning pass (decode plus shaping every record), and the rest (sending and committing).
 The table, then one JSON line ``{"benchmark": "restore", ...}`` (the last line of stdout).
@@ -25,13 +25,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from protoagg_dagster.cli.produce import create_topic  # noqa: E402
 from protoagg_dagster.core import settings  # noqa: E402
 from protoagg_dagster.core.kafka_record import (  # noqa: E402
     ArchivedKafkaRecord,
     encode_kafka_records,
 )
 from protoagg_dagster.core.restore import RestoreSpec  # noqa: E402
+from protoagg_dagster.kafka.admin import create_topic  # noqa: E402
 from protoagg_dagster.reading.archive_reader import open_archive_with_format  # noqa: E402
 from protoagg_dagster.resources import GCSResource, KafkaResource  # noqa: E402
 from protoagg_dagster.restore.writer import list_sources, plan_restore, restore  # noqa: E402
@@ -91,7 +91,7 @@ def main() -> None:
     url = f"gs://{BUCKET}/{token}/archive.pb"
     kafka = KafkaResource(bootstrap_servers=args.bootstrap, client=args.client)
     target = f"bench-restore-{token}"
-    create_topic(kafka, target, 3)
+    create_topic(kafka.get_admin(), target, 3)
     spec = RestoreSpec((url,), target)
 
     def decode() -> None:

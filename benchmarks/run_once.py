@@ -53,8 +53,9 @@ if str(ROOT) not in sys.path:
 
 from protoagg_dagster.archive.assets import ARCHIVE_ASSET  # noqa: E402
 from protoagg_dagster.archive.job import archive_kafka_batch  # noqa: E402
+from protoagg_dagster.archive.partition_lease import PartitionLease  # noqa: E402
 from protoagg_dagster.archive.run_tags import range_run_config  # noqa: E402
-from protoagg_dagster.resources import GCSResource, KafkaResource, PartitionLease, PostgresResource  # noqa: E402
+from protoagg_dagster.resources import GCSResource, KafkaResource, PostgresResource  # noqa: E402
 from protoagg_dagster.resources.settings import ArchiverSettings  # noqa: E402
 
 STEPS = ("consume", "dedupe", "encode", "append")

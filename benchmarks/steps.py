@@ -71,8 +71,10 @@ from protoagg_dagster.archive.ledger import (  # noqa: E402
     claim_batch,
     finish_batch,
     gap_before,
+    ledger_connection,
 )
 from protoagg_dagster.archive.ops import Claimed, Consumed, Encoded, collector_paused  # noqa: E402
+from protoagg_dagster.archive.partition_lease import PartitionLease  # noqa: E402
 from protoagg_dagster.archive.store import append_batch  # noqa: E402
 from protoagg_dagster.core.archive_object import Piece  # noqa: E402
 from protoagg_dagster.core.batch import FramedBatch, Row  # noqa: E402
@@ -80,7 +82,7 @@ from protoagg_dagster.core.formats import ArchiveFormat, LogFormat, RecordFormat
 from protoagg_dagster.core.planning import OffsetRange  # noqa: E402
 from protoagg_dagster.core.records import KafkaMessage  # noqa: E402
 from protoagg_dagster.kafka.reader import RangeRead, read_range  # noqa: E402
-from protoagg_dagster.resources import GCSResource, KafkaResource, PartitionLease, PostgresResource  # noqa: E402
+from protoagg_dagster.resources import GCSResource, KafkaResource, PostgresResource  # noqa: E402
 from protoagg_dagster.resources.settings import ArchiverSettings  # noqa: E402
 
 T = TypeVar("T")
@@ -289,11 +291,11 @@ def measure_batches(
     postgres = PostgresResource(dsn=dsn)
     # get_connection() connects and runs ensure_schema on entry (every op does, once per run):
     # the first creates the schema; time a second, warm one too
-    with Timed() as first_connect, postgres.get_connection():
+    with Timed() as first_connect, ledger_connection(postgres):
         pass
     with contextlib.ExitStack() as stack:
         with Timed() as warm_connect:
-            conn = stack.enter_context(postgres.get_connection())
+            conn = stack.enter_context(ledger_connection(postgres))
         bucket = gcs.writable_bucket()
         lock = gcs.bucket
         appended = 0

@@ -15,12 +15,14 @@ import dagster as dg
 
 from protoagg_dagster.archive.assets import archive_asset, topic_asset_specs
 from protoagg_dagster.archive.checks import build_archive_checks
-from protoagg_dagster.archive.job import archive_kafka_batch, restore_archive
+from protoagg_dagster.archive.job import archive_kafka_batch
+from protoagg_dagster.archive.partition_lease import PartitionLease
 from protoagg_dagster.archive.sensor import kafka_offsets_sensor
 from protoagg_dagster.archive.upkeep import archive_maintenance, maintain_archive
 from protoagg_dagster.core import settings
-from protoagg_dagster.resources import GCSResource, KafkaResource, PartitionLease, PostgresResource
+from protoagg_dagster.resources import GCSResource, KafkaResource, PostgresResource
 from protoagg_dagster.resources.settings import ArchiverSettings
+from protoagg_dagster.restore.job import restore_archive
 
 
 def _value(setting: settings.Setting) -> str | dg.EnvVar:

@@ -23,8 +23,10 @@ from protoagg_dagster.archive.ledger import (
     AppendLedger,
     archived_partitions,
     claim_batch,
+    ledger_connection,
     read_progress,
 )
+from protoagg_dagster.archive.partition_lease import PartitionLease
 from protoagg_dagster.archive.sensor import kafka_offsets_sensor
 from protoagg_dagster.archive.store import AppendResult, append_batch, sequence_blobs
 from protoagg_dagster.core.archive_object import Piece, archive_compression, archive_format
@@ -32,7 +34,7 @@ from protoagg_dagster.core.compression import decompressed
 from protoagg_dagster.core.framing import ArchivedRecord, iter_records
 from protoagg_dagster.core.planning import OffsetRange
 from protoagg_dagster.reading.verification import KafkaCheck, check_against_kafka
-from protoagg_dagster.resources import GCSResource, KafkaResource, PartitionLease, PostgresResource
+from protoagg_dagster.resources import GCSResource, KafkaResource, PostgresResource
 from protoagg_dagster.resources.settings import ArchiverSettings
 from tests.conftest import ROOT
 
@@ -209,7 +211,7 @@ def check_archive(stack: Stack) -> KafkaCheck:
     """The invariant checker over the stack's archive object and its topic."""
     base = stack.gcs.object_template
     members = [blob.name for blob in sequence_blobs(stack.gcs.get_bucket(), base)]
-    with stack.postgres.get_connection() as conn:
+    with ledger_connection(stack.postgres) as conn:
         partitions = archived_partitions(conn, members)
     consumer = stack.kafka.get_consumer()
     try:
@@ -239,7 +241,7 @@ def append_from_threads(
     def write(partition: int) -> dict[tuple[int, int], tuple[bytes, AppendResult]]:
         results = {}
         bucket = gcs.get_bucket()
-        with postgres.get_connection() as conn:
+        with ledger_connection(postgres) as conn:
             ledger = AppendLedger(conn, gcs.bucket)
             for n in range(pieces):
                 batch = OffsetRange(topic, partition, n, n + 1)

@@ -16,7 +16,12 @@ import dagster as dg
 from google.cloud import storage
 
 from protoagg_dagster.archive.assets import ARCHIVE_ASSET, topic_asset_key
-from protoagg_dagster.archive.ledger import AppendedBatch, latest_appended, offset_gaps
+from protoagg_dagster.archive.ledger import (
+    AppendedBatch,
+    latest_appended,
+    ledger_connection,
+    offset_gaps,
+)
 from protoagg_dagster.core.archive_object import archive_compression, archive_format
 from protoagg_dagster.core.compression import NONE, decompressed
 from protoagg_dagster.core.errors import ArchiveFormatError
@@ -162,7 +167,7 @@ def build_archive_checks(rules: Sequence[TopicRule]) -> dg.AssetChecksDefinition
         gcs: GCSResource, postgres: PostgresResource
     ) -> Iterator[dg.AssetCheckResult]:
         bucket = gcs.get_bucket()
-        with postgres.get_connection() as conn:
+        with ledger_connection(postgres) as conn:
             batches = latest_appended(conn)
             gaps = {
                 b.batch_id: offset_gaps(conn, b.batch.topic, b.batch.partition) for b in batches

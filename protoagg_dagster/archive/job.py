@@ -1,11 +1,10 @@
-"""The archive job (one bounded offset range of one partition per run) and the restore job."""
+"""The archive job: one bounded offset range of one partition per run."""
 
 from __future__ import annotations
 
 import dagster as dg
 
 from protoagg_dagster.archive.ops import append, consume, dedupe, encode
-from protoagg_dagster.restore.op import restore_records
 
 
 @dg.job(
@@ -18,12 +17,3 @@ from protoagg_dagster.restore.op import restore_records
 )
 def archive_kafka_batch() -> None:
     append(encode(dedupe(consume())))
-
-
-@dg.job(
-    executor_def=dg.in_process_executor,
-    description="Restore archived records into a Kafka topic, exactly once: the options of "
-    "`protoagg restore` as run config. Relaunching the same config continues where it stopped.",
-)
-def restore_archive() -> None:
-    restore_records()

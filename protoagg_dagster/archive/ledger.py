@@ -38,6 +38,7 @@ from protoagg_dagster.core.archive_object import (
 from protoagg_dagster.core.errors import BackendError
 from protoagg_dagster.core.formats import Claimable
 from protoagg_dagster.core.planning import OffsetRange
+from protoagg_dagster.resources.postgres import PostgresResource
 
 # Any constant works; it only has to be the same for every protoagg process.
 _SCHEMA_LOCK_ID = 0x70726F746F616767
@@ -133,6 +134,14 @@ SELECT to_regclass('archive_positions') IS NOT NULL
        WHERE attrelid = to_regclass('archive_batches')
          AND attname = 'dead_letters_appended' AND NOT attisdropped)
 """
+
+
+@contextmanager
+def ledger_connection(postgres: PostgresResource) -> Iterator[psycopg.Connection]:
+    """An autocommit connection to the dedupe database whose schema is ready."""
+    with postgres.get_connection() as conn:
+        ensure_schema(conn)
+        yield conn
 
 
 def ensure_schema(conn: psycopg.Connection) -> None:

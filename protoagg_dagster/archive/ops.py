@@ -27,7 +27,9 @@ from protoagg_dagster.archive.ledger import (
     claim_batch,
     finish_batch,
     gap_before,
+    ledger_connection,
 )
+from protoagg_dagster.archive.partition_lease import PartitionLease
 from protoagg_dagster.archive.run_tags import is_follow_up
 from protoagg_dagster.archive.store import AppendResult, append_batch
 from protoagg_dagster.core.archive_object import Piece, PieceRole, object_name
@@ -39,7 +41,7 @@ from protoagg_dagster.core.formats import ArchiveFormat, rule_for
 from protoagg_dagster.core.planning import OffsetRange
 from protoagg_dagster.core.records import TOMBSTONE, Rejection
 from protoagg_dagster.kafka.reader import RangeRead, RangeReader
-from protoagg_dagster.resources import GCSResource, KafkaResource, PartitionLease, PostgresResource
+from protoagg_dagster.resources import GCSResource, KafkaResource, PostgresResource
 from protoagg_dagster.resources.settings import ArchiverSettings
 
 P = ParamSpec("P")
@@ -164,7 +166,7 @@ def consume(
         wanted.topic, wanted.partition, archiver.max_message_bytes
     )
     started = time.perf_counter()
-    with postgres.get_connection() as conn:
+    with ledger_connection(postgres) as conn:
         archived_to = archived_position(conn, wanted.topic, wanted.partition)
     # The run before a follow-up stopped short (the byte limit) or failed: the sensor plans the
     # next range from the archived position, and this one would leave a gap.
@@ -247,7 +249,7 @@ def dedupe(
     destination = object_name(
         gcs.object_template, read.batch.topic, read.batch.partition, records.first_timestamp_ms
     )
-    with postgres.get_connection() as conn, collector_paused():
+    with ledger_connection(postgres) as conn, collector_paused():
         claim = claim_batch(
             conn,
             read.batch,
@@ -333,7 +335,7 @@ def append(
     checks: list[dg.AssetCheckEvaluation] = []
     if claim.batch_id is not None:
         bucket = gcs.writable_bucket()
-        with postgres.get_connection() as conn:
+        with ledger_connection(postgres) as conn:
             ledger = AppendLedger(conn, gcs.bucket)
 
             def append_once(

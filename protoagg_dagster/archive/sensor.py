@@ -4,8 +4,8 @@ Each tick lists the topics anew (a pattern entry picks up topics created since) 
 lag of every partition (messages and seconds behind the last stable offset, and the messages open
 transactions hold back) as an observation of the archive asset and of each topic entry's asset.
 It also fails STARTED runs whose worker is gone (their lease stays free; see
-``protoagg_dagster.archive.leases``), so that a deployment killed with its runs resumes every partition
-by itself.
+``protoagg_dagster.archive.leases``), so that a deployment killed with its runs resumes every
+partition by itself.
 """
 
 import datetime
@@ -26,6 +26,7 @@ from protoagg_dagster.archive.ledger import (
     AppendedBatch,
     PartitionProgress,
     latest_appended,
+    ledger_connection,
     read_progress,
 )
 from protoagg_dagster.archive.run_tags import (
@@ -124,7 +125,7 @@ def kafka_offsets_sensor(
         bounds = {
             topic: kafka.offset_bounds(topic, consumer) for topic in kafka.topic_list(consumer)
         }
-        with postgres.get_connection() as conn:
+        with ledger_connection(postgres) as conn:
             progress = {topic: read_progress(conn, topic) for topic in bounds}
             keys = {partition_key(t, p) for t, partitions in bounds.items() for p in partitions}
             taken = leases.held(conn, {leases.partition_lease(key) for key in keys})

@@ -9,7 +9,7 @@ import dagster as dg
 from pydantic import Field
 
 from protoagg_dagster.archive.dedupe_window import advance_window, epoch_day
-from protoagg_dagster.archive.ledger import forget_queued_uploads, stale_claims
+from protoagg_dagster.archive.ledger import forget_queued_uploads, ledger_connection, stale_claims
 from protoagg_dagster.archive.store import remove_orphaned_temp_objects
 from protoagg_dagster.resources import GCSResource, PostgresResource
 
@@ -38,7 +38,7 @@ def advance_dedupe_window(
     context: dg.OpExecutionContext, config: WindowConfig, postgres: PostgresResource
 ) -> None:
     """Start a new span of the dedupe window when due and drop spans that left the window."""
-    with postgres.get_connection() as conn:
+    with ledger_connection(postgres) as conn:
         change = advance_window(conn, epoch_day(), config.keep_days)
     context.log.info(
         f"dedupe window: claiming into the span that started on day {change.current_day}"
@@ -59,7 +59,7 @@ def remove_orphans(
     for name in removed:
         context.log.info(f"removed orphaned temporary object gs://{gcs.bucket}/{name}")
     context.log.info(f"cleanup: {len(removed)} orphaned temporary objects removed")
-    with postgres.get_connection() as conn:
+    with ledger_connection(postgres) as conn:
         forgotten = forget_queued_uploads(conn, time.time() - config.temp_older_than_seconds)
         stuck = stale_claims(conn, time.time() - config.stale_claim_seconds)
     context.log.info(f"cleanup: {forgotten} queue entries of dead runs' uploads forgotten")

@@ -9,7 +9,7 @@ import uuid
 from dagster_graphql import DagsterGraphQLClient
 from tqdm import tqdm
 
-from protoagg_dagster.archive.ledger import begin_partition, read_progress
+from protoagg_dagster.archive.ledger import begin_partition, ledger_connection, read_progress
 from protoagg_dagster.backfill.submit import follow, resolve_ranges, submit
 from protoagg_dagster.core import settings
 from protoagg_dagster.core.planning import OffsetRange, split_range
@@ -27,7 +27,7 @@ def run_backfill(args: argparse.Namespace) -> int:
         args.from_time,
         args.to_time,
     )
-    with PostgresResource(dsn=settings.POSTGRES_DSN.read()).get_connection() as conn:
+    with ledger_connection(PostgresResource(dsn=settings.POSTGRES_DSN.read())) as conn:
         for whole in wanted:
             begin_partition(conn, whole.topic, whole.partition, whole.start)
         progress = read_progress(conn, args.topic)

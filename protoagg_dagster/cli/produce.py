@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kafka.admin import NewTopic
-from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.errors import KafkaError
 
 from protoagg_dagster.core.errors import BackendError, ConfigError
+from protoagg_dagster.kafka.admin import create_topic
 from protoagg_dagster.resources.kafka import KafkaResource
 
 
@@ -17,7 +17,7 @@ def produce_file(path: Path, topic: str, bootstrap: str, partitions: int | None 
         raise ConfigError(f"{path} is not a file")
     kafka = KafkaResource(bootstrap_servers=bootstrap, topics=topic)
     if partitions is not None:
-        create_topic(kafka, topic, partitions)
+        create_topic(kafka.get_admin(), topic, partitions)
     producer = kafka.get_producer()
     sent = 0
     try:
@@ -33,22 +33,3 @@ def produce_file(path: Path, topic: str, bootstrap: str, partitions: int | None 
     finally:
         producer.close()
     return sent
-
-
-def create_topic(
-    kafka: KafkaResource, topic: str, partitions: int, configs: dict[str, str] | None = None
-) -> None:
-    """Create ``topic`` with ``partitions`` partitions (and ``configs``) unless it exists.
-
-    Replication is the cluster's default (-1), so a production cluster keeps its own policy.
-    """
-    admin = kafka.get_admin()
-    new = NewTopic(topic, partitions, replication_factor=-1, topic_configs=configs or {})
-    try:
-        admin.create_topics([new])
-    except TopicAlreadyExistsError:
-        pass
-    except KafkaError as exc:
-        raise BackendError(f"creating Kafka topic {topic!r} failed: {exc}") from exc
-    finally:
-        admin.close()

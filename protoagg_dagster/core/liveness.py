@@ -1,8 +1,8 @@
 """Deciding which STARTED runs are dead, from observations of their run leases.
 
 A live run holds its lease from just after it starts until just before it ends (see
-``protoagg_dagster.archive.leases``). A run is declared dead only when its lease was seen free at two
-observations at least ``grace`` seconds apart, none in between saw it held, and the run started
+``protoagg_dagster.archive.leases``). A run is declared dead only when its lease was seen free at
+two observations at least ``grace`` seconds apart, none in between saw it held, and the run started
 more than ``grace`` ago: one free sighting can be the moment before a run takes its lease or
 after it let go, never long enough for the grace period.
 """

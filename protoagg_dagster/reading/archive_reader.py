@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, TextIO
 
-from protoagg_dagster.archive.ledger import archived_partitions
+from protoagg_dagster.archive.ledger import archived_partitions, ledger_connection
 from protoagg_dagster.archive.store import open_sequence, sequence_blobs
 from protoagg_dagster.core import settings
 from protoagg_dagster.core.archive_object import LEGACY_FORMAT, archive_format
@@ -165,7 +165,7 @@ def check_url_against_kafka(url: str) -> KafkaCheck:
     )
     kafka = KafkaResource(bootstrap_servers=settings.KAFKA_BOOTSTRAP.read())
     members = [blob.name for blob in sequence_blobs(gcs.get_bucket(), name)]
-    with PostgresResource(dsn=settings.POSTGRES_DSN.read()).get_connection() as conn:
+    with ledger_connection(PostgresResource(dsn=settings.POSTGRES_DSN.read())) as conn:
         partitions = archived_partitions(conn, members)
     options = FormatOptions(
         settings.DEDUPE_KEY.read(),

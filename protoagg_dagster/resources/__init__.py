@@ -2,6 +2,6 @@
 
 from protoagg_dagster.resources.gcs import GCSResource
 from protoagg_dagster.resources.kafka import KafkaResource
-from protoagg_dagster.resources.postgres import PartitionLease, PostgresResource
+from protoagg_dagster.resources.postgres import PostgresResource
 
-__all__ = ["GCSResource", "KafkaResource", "PartitionLease", "PostgresResource"]
+__all__ = ["GCSResource", "KafkaResource", "PostgresResource"]

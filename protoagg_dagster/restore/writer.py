@@ -16,7 +16,6 @@ from pathlib import Path
 from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 
-from protoagg_dagster.cli.produce import create_topic
 from protoagg_dagster.core import settings
 from protoagg_dagster.core.archive_object import TEMP_PREFIX, sequence_base
 from protoagg_dagster.core.errors import ArchiveFormatError, BackendError, ConfigError
@@ -33,9 +32,11 @@ from protoagg_dagster.core.restore import (
     progress_value,
     record_out,
 )
+from protoagg_dagster.kafka.admin import create_topic
+from protoagg_dagster.kafka.producers import TransactionalProducer
 from protoagg_dagster.reading.archive_reader import open_archive_with_format
 from protoagg_dagster.resources.gcs import GCSResource
-from protoagg_dagster.resources.kafka import KafkaResource, TransactionalProducer
+from protoagg_dagster.resources.kafka import KafkaResource
 
 # Records per transaction: large enough that commits cost little, small enough that a crash
 # re-sends seconds of work at most.
@@ -150,7 +151,7 @@ def restore(
     plan, _ = plan_restore(urls, spec)
     partitions = _target_partitions(kafka, spec.to_topic, create_missing, plan.partitions_needed())
     check_partitions(spec.to_topic, partitions, plan, spec.partitioner)
-    create_topic(kafka, PROGRESS_TOPIC, 1, {"cleanup.policy": "compact"})
+    create_topic(kafka.get_admin(), PROGRESS_TOPIC, 1, {"cleanup.policy": "compact"})
     producer = kafka.get_transactional_producer(spec.transactional_id)
     result = RestoreResult()
     try:
@@ -283,5 +284,5 @@ def _target_partitions(kafka: KafkaResource, topic: str, create: bool, need: int
             f"target topic {topic!r} does not exist on {kafka.bootstrap_servers} (pass "
             f"--create-topic to create it with {need} partitions)"
         )
-    create_topic(kafka, topic, need)
+    create_topic(kafka.get_admin(), topic, need)
     return need

@@ -21,8 +21,9 @@ import dagster as dg
 from protoagg_dagster.archive import ops
 from protoagg_dagster.archive import store as archive_store
 from protoagg_dagster.archive.job import archive_kafka_batch
+from protoagg_dagster.archive.partition_lease import PartitionLease
 from protoagg_dagster.archive.run_tags import range_run_config
-from protoagg_dagster.resources import GCSResource, KafkaResource, PartitionLease, PostgresResource
+from protoagg_dagster.resources import GCSResource, KafkaResource, PostgresResource
 from protoagg_dagster.resources.settings import ArchiverSettings
 
 KINDS = {

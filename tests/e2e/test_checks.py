@@ -6,7 +6,7 @@ import dagster as dg
 
 from protoagg_dagster.archive.checks import FRAMING, NO_GAPS, UNIQUE_IDS, evaluate_batch
 from protoagg_dagster.archive.job import archive_kafka_batch
-from protoagg_dagster.archive.ledger import latest_appended
+from protoagg_dagster.archive.ledger import latest_appended, ledger_connection
 from protoagg_dagster.archive.run_tags import range_run_config
 from protoagg_dagster.core.formats import LogFormat
 from tests.helpers import Stack, create_topic, log_value, produce, topic_of
@@ -39,7 +39,7 @@ def test_each_batch_reports_passing_checks_and_a_corruption_is_caught(stack: Sta
     data = bytearray(blob.download_as_bytes())
     data[-30:-26] = b"\xff\xff\xff\x0f"  # a garbage length prefix inside the last batch
     bucket.blob(stack.gcs.object_template).upload_from_string(bytes(data))
-    with stack.postgres.get_connection() as conn:
+    with ledger_connection(stack.postgres) as conn:
         [latest] = latest_appended(conn)
     verdicts = {e.check_name: e.passed for e in evaluate_batch(bucket, latest, [], LogFormat())}
     assert verdicts[FRAMING] is False

@@ -14,7 +14,7 @@ import pytest
 
 from protoagg_dagster.archive.checks import FRAMING, evaluate_batch
 from protoagg_dagster.archive.job import archive_kafka_batch
-from protoagg_dagster.archive.ledger import latest_appended
+from protoagg_dagster.archive.ledger import latest_appended, ledger_connection
 from protoagg_dagster.archive.run_tags import range_run_config
 from protoagg_dagster.core.archive_object import COMPRESSION_METADATA_KEY
 from protoagg_dagster.core.compression import SUFFIXES
@@ -111,7 +111,7 @@ def test_a_compressed_archive_round_trips_and_standard_tools_read_it(
     assert check.ok, check.summary()
     assert (check.archived, check.dead_letters) == (250, 2)
     # The asset checks as run from the UI: the latest batch's member decompresses on its own.
-    with stack.postgres.get_connection() as conn:
+    with ledger_connection(stack.postgres) as conn:
         [latest] = latest_appended(conn)
     verdicts = evaluate_batch(bucket, latest, [], LogFormat(), compression=name)
     assert all(v.passed for v in verdicts)
@@ -133,7 +133,7 @@ def test_a_corrupt_member_is_located_in_the_object(stack: Stack, name: str) -> N
     bucket = stack.gcs.get_bucket()
     blob = bucket.get_blob(stack.gcs.object_template)
     assert blob is not None
-    with stack.postgres.get_connection() as conn:
+    with ledger_connection(stack.postgres) as conn:
         [latest] = latest_appended(conn)
     assert latest.object_size == blob.size
     member = latest.object_size - latest.appended_bytes

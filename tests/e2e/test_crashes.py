@@ -12,7 +12,7 @@ import signal
 import dagster as dg
 import pytest
 
-from protoagg_dagster.archive.ledger import read_progress
+from protoagg_dagster.archive.ledger import ledger_connection, read_progress
 from protoagg_dagster.archive.store import remove_orphaned_temp_objects
 from protoagg_dagster.core.archive_object import TEMP_PREFIX
 from tests.e2e.run_range import CRASH_POINTS
@@ -57,7 +57,7 @@ def test_crash_at_each_step_then_recovery_archives_exactly_once(
     records, _ = archive(stack)
     distinct = list(dict.fromkeys(json.loads(v)["logId"] for v in values))
     assert [r.log_id for r in records] == distinct
-    with stack.postgres.get_connection() as conn:
+    with ledger_connection(stack.postgres) as conn:
         progress = read_progress(conn, topic)[0]
     assert progress.pending is None
     assert progress.next_offset == len(values)
@@ -84,7 +84,7 @@ def test_record_format_crash_then_recovery_archives_every_offset_once(
 
     records = archived_records(stack)
     assert [(r.offset, r.value) for r in records] == list(enumerate(values))
-    with stack.postgres.get_connection() as conn:
+    with ledger_connection(stack.postgres) as conn:
         progress = read_progress(conn, topic)[0]
     assert progress.pending is None
     assert progress.next_offset == len(values)

@@ -17,7 +17,7 @@ from pathlib import Path
 import dagster as dg
 
 from protoagg_dagster.archive.job import archive_kafka_batch
-from protoagg_dagster.archive.ledger import archived_position
+from protoagg_dagster.archive.ledger import archived_position, ledger_connection
 from protoagg_dagster.archive.run_tags import FOLLOWS_TAG, range_run_config, range_tags
 from tests.conftest import Services
 from tests.helpers import (
@@ -101,7 +101,7 @@ def test_a_follow_up_of_a_range_not_archived_does_nothing_and_leaves_no_gap(
     assert follow_up.success
     assert follow_up.dagster_run.tags[FOLLOWS_TAG] == "100"
     assert any("follows a run that did not archive up to 100" in m for m in logs), logs
-    with stack.postgres.get_connection() as conn:
+    with ledger_connection(stack.postgres) as conn:
         assert archived_position(conn, topic, 0) is None  # no position was made up
     for start, end in ((0, 100), (100, 300)):
         result = archive_kafka_batch.execute_in_process(

@@ -12,6 +12,7 @@ from kafka import KafkaConsumer
 from protoagg_dagster.archive import leases
 from protoagg_dagster.archive.assets import ARCHIVE_ASSET, topic_asset_key
 from protoagg_dagster.archive.job import archive_kafka_batch
+from protoagg_dagster.archive.ledger import ledger_connection
 from protoagg_dagster.archive.run_tags import FOLLOWS_TAG, PARTITION_TAG
 from protoagg_dagster.archive.upkeep import maintain_archive
 from protoagg_dagster.core.archive_object import TEMP_PREFIX
@@ -210,6 +211,6 @@ def test_no_follow_up_after_a_run_of_unknown_range(stack: Stack) -> None:
     with dg.instance_for_test() as instance:
         first = tick(stack, instance, None)
         # Another deployment's run is seen only by the partition's lease.
-        with stack.postgres.get_connection() as conn:
+        with ledger_connection(stack.postgres) as conn:
             leases.hold(conn, leases.partition_lease(f"{topic}-0"), wait_seconds=0.0)
             assert launched(tick(stack, instance, first.cursor)) == []

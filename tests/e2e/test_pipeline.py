@@ -12,7 +12,7 @@ import dagster as dg
 import pytest
 
 from protoagg_dagster.archive.job import archive_kafka_batch
-from protoagg_dagster.archive.ledger import object_lock
+from protoagg_dagster.archive.ledger import ledger_connection, object_lock
 from protoagg_dagster.archive.run_tags import range_run_config
 from protoagg_dagster.core import settings
 from protoagg_dagster.core.framing import iter_records
@@ -126,7 +126,7 @@ def test_a_busy_partition_does_not_hold_up_another(stack: Stack, unique: str) ->
             instance=instance,
         ).success
 
-    with dg.instance_for_test() as instance, stack.postgres.get_connection() as holder:
+    with dg.instance_for_test() as instance, ledger_connection(stack.postgres) as holder:
         # Hold everything a partition-0 run holds mid-flight: its position row and its object.
         with holder.transaction():
             holder.execute(

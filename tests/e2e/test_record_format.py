@@ -20,7 +20,7 @@ from kafka.admin import NewTopic
 from kafka.structs import OffsetAndMetadata
 
 from protoagg_dagster.archive.assets import ARCHIVE_ASSET, topic_asset_key
-from protoagg_dagster.archive.ledger import read_progress
+from protoagg_dagster.archive.ledger import ledger_connection, read_progress
 from protoagg_dagster.core.formats import parse_topics
 from protoagg_dagster.core.kafka_record import ArchivedKafkaRecord
 from protoagg_dagster.core.settings import KAFKA_CLIENTS
@@ -233,7 +233,7 @@ def test_transactions_only_committed_records_and_open_ones_once_committed(
         assert sorted(archived_values(), key=values.index) == (
             values[0:5] + values[10:15] + values[20:25]
         )
-        with stack.postgres.get_connection() as conn:
+        with ledger_connection(stack.postgres) as conn:
             progress = read_progress(conn, topic)
         assert progress[1].next_offset == 5
         txn.commit_transaction()

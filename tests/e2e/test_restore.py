@@ -16,12 +16,12 @@ import pytest
 from kafka import KafkaConsumer, TopicPartition
 from kafka.partitioner.default import murmur2
 
-from protoagg_dagster.archive.job import restore_archive
 from protoagg_dagster.cli.produce import produce_file
 from protoagg_dagster.core.kafka_record import ArchivedKafkaRecord
 from protoagg_dagster.core.records import RecordRejected, parse_rfc3339
 from protoagg_dagster.core.settings import KAFKA_CLIENT, KAFKA_CLIENTS
 from protoagg_dagster.resources import GCSResource
+from protoagg_dagster.restore.job import restore_archive
 from tests.conftest import ROOT
 from tests.e2e.test_record_format import Row, binary, committed, create, producer
 from tests.helpers import (

@@ -7,6 +7,7 @@ import uuid
 import pytest
 from google.api_core import exceptions as gexc
 
+from protoagg_dagster.archive.ledger import ledger_connection
 from protoagg_dagster.core.errors import BackendError, ConfigError
 from protoagg_dagster.core.planning import OffsetRange
 from protoagg_dagster.core.settings import KAFKA_CLIENTS
@@ -58,7 +59,7 @@ def test_kafka_read_stops_early_at_the_byte_limit(
 
 
 def test_postgres_connection_creates_the_schema(postgres_dsn: str) -> None:
-    with PostgresResource(dsn=postgres_dsn).get_connection() as conn:
+    with ledger_connection(PostgresResource(dsn=postgres_dsn)) as conn:
         tables = {
             row[0]
             for row in conn.execute(
@@ -88,7 +89,7 @@ def test_postgres_wrong_password_is_one_clear_error(services: Services) -> None:
     bad = services.postgres_admin_dsn.replace(":postgres@", f":{uuid.uuid4().hex}@")
     with (
         pytest.raises(ConfigError, match="PROTOAGG_POSTGRES_DSN"),
-        PostgresResource(dsn=bad).get_connection(),
+        ledger_connection(PostgresResource(dsn=bad)),
     ):
         pass
 

@@ -13,6 +13,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from protoagg_dagster.archive.ledger import ledger_connection
 from protoagg_dagster.cli.doctor import Deployment, Finding, diagnose
 from protoagg_dagster.core.archive_object import LAST_APPEND_KEY
 from protoagg_dagster.resources import GCSResource, KafkaResource, PostgresResource
@@ -27,7 +28,7 @@ LOCAL_YAML = ROOT / "deploy" / "dagster.local.yaml"
 def good(services: Services, postgres_dsn: str, unique: str) -> Deployment:
     kafka = KafkaResource(bootstrap_servers=services.kafka_bootstrap, topics=f"doc-{unique}")
     create_topic(kafka, f"doc-{unique}", partitions=2)
-    with PostgresResource(dsn=postgres_dsn).get_connection():
+    with ledger_connection(PostgresResource(dsn=postgres_dsn)):
         pass  # creates the schema, as the first run would
     return Deployment(
         kafka=kafka,

@@ -13,6 +13,7 @@ import pytest
 from google.api_core import exceptions as gexc
 from google.cloud import storage
 
+from protoagg_dagster.archive.ledger import ledger_connection
 from protoagg_dagster.resources.gcs import GCSResource
 from tests.conftest import Services
 from tests.support.gcs_proxy import BucketPolicy, GcsProxy
@@ -175,7 +176,7 @@ def test_two_thousand_partitions_append_to_one_object_within_the_metadata_limit(
 
     proxy.mutation_interval = None  # the rate is not under test here: 2,000 appends at speed
     name, partitions = f"{unique}/log.pb", 2000
-    with PostgresResource(dsn=postgres_dsn).get_connection() as conn:
+    with ledger_connection(PostgresResource(dsn=postgres_dsn)) as conn:
         ledger = AppendLedger(conn, services.bucket)
         for partition in range(partitions):
             batch = OffsetRange(f"topic-with-a-long-name-{unique}", partition, 0, 1_000_000)
@@ -217,7 +218,7 @@ def test_writers_of_one_object_share_composes_of_at_most_32_sources(
     composes = proxy.count(kind="compose", status=200, object_name=name)
     assert 2 <= composes <= writers // 4, composes  # 40 pieces need two composes at the least
     assert proxy.count(status=400) == 0  # never more than 32 sources
-    with postgres.get_connection() as conn:
+    with ledger_connection(postgres) as conn:
         left = conn.execute(
             "SELECT count(*) FROM append_queue WHERE object_name = %s", (name,)
         ).fetchone()

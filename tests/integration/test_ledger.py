@@ -22,6 +22,7 @@ from protoagg_dagster.archive.ledger import (
     begin_partition,
     claim_batch,
     finish_batch,
+    ledger_connection,
     read_progress,
 )
 from protoagg_dagster.core.errors import BackendError
@@ -62,7 +63,7 @@ def run_threads(target: Callable[[int], None], args: Iterable[int]) -> None:
 def test_claim_keeps_first_occurrence_and_drops_archived_ids(postgres_dsn: str) -> None:
     pg = PostgresResource(dsn=postgres_dsn)
     a, b, c = new_ids(3)
-    with pg.get_connection() as conn:
+    with ledger_connection(pg) as conn:
         first = claim_batch(conn, OffsetRange("t", 0, 0, 3), records([a, b, a]), "o", None)
         assert [r.offset for r in first.kept] == [0, 1]
         assert first.duplicates == 1
@@ -76,7 +77,7 @@ def test_claim_keeps_first_occurrence_and_drops_archived_ids(postgres_dsn: str) 
 def test_rerun_of_an_archived_range_claims_nothing(postgres_dsn: str) -> None:
     pg = PostgresResource(dsn=postgres_dsn)
     ids = new_ids(4)
-    with pg.get_connection() as conn:
+    with ledger_connection(pg) as conn:
         claim = claim_batch(conn, OffsetRange("t", 0, 0, 4), records(ids), "o", None)
         assert claim.batch_id is not None
         finish_batch(conn, claim.batch_id, 1)
@@ -88,7 +89,7 @@ def test_rerun_of_an_archived_range_claims_nothing(postgres_dsn: str) -> None:
 def test_unfinished_claim_is_adopted_with_its_own_records(postgres_dsn: str) -> None:
     pg = PostgresResource(dsn=postgres_dsn)
     ids = new_ids(5)
-    with pg.get_connection() as conn:
+    with ledger_connection(pg) as conn:
         crashed = claim_batch(conn, OffsetRange("t", 0, 0, 5), records(ids), "o", "run-1")
         # The run died before appending: its claims must not hide its own records.
         retry = claim_batch(conn, OffsetRange("t", 0, 0, 5), records(ids), "other", "run-2")
@@ -101,7 +102,7 @@ def test_unfinished_claim_is_adopted_with_its_own_records(postgres_dsn: str) -> 
 
 def test_a_range_beyond_the_archived_position_is_refused(postgres_dsn: str) -> None:
     pg = PostgresResource(dsn=postgres_dsn)
-    with pg.get_connection() as conn:
+    with ledger_connection(pg) as conn:
         claim = claim_batch(conn, OffsetRange("t", 0, 0, 2), records(new_ids(2)), "o", None)
         assert claim.batch_id is not None
         finish_batch(conn, claim.batch_id, None)
@@ -119,7 +120,7 @@ def test_concurrent_claims_of_overlapping_ids_on_two_partitions_win_once(
 
     def claim(partition: int) -> None:
         mine = shared[partition::2] + shared  # some ids only here, all ids in both
-        with pg.get_connection() as conn:
+        with ledger_connection(pg) as conn:
             barrier.wait()
             result = claim_batch(
                 conn, OffsetRange("t", partition, 0, len(mine)), records(mine), "o", None
@@ -143,7 +144,7 @@ def test_a_claimer_that_meets_a_key_committed_mid_claim_leaves_it_to_its_winner(
     shared, only_first, only_second = new_ids(50), new_ids(50), new_ids(50)
     kept: dict[int, list[str]] = {}
     errors: list[BaseException] = []
-    with pg.get_connection() as first, pg.get_connection() as second:
+    with ledger_connection(pg) as first, ledger_connection(pg) as second:
         second_pid = second.info.backend_pid
 
         def claim_second() -> None:
@@ -206,7 +207,7 @@ def test_dedupe_window_remembers_ids_for_keep_days_in_at_most_two_spans(
 ) -> None:
     pg = PostgresResource(dsn=postgres_dsn)
     a, b = new_ids(3), new_ids(3)
-    with pg.get_connection() as conn:
+    with ledger_connection(pg) as conn:
         today = epoch_day()
         assert claimed(conn, a, 0) == a
         # The span is not keep_days old yet: claims keep going to it.
@@ -228,7 +229,7 @@ def test_a_window_of_day_partitions_keeps_deduplicating_and_drains(postgres_dsn:
     pg = PostgresResource(dsn=postgres_dsn)
     today = epoch_day()
     per_day = [new_ids(2) for _ in range(3)]
-    with pg.get_connection() as conn:
+    with ledger_connection(pg) as conn:
         for k, ids in enumerate(per_day):
             # What the per-day advance did every day: a partition per day, claims go to it.
             day = today - 2 + k
@@ -250,7 +251,7 @@ def test_a_window_of_day_partitions_keeps_deduplicating_and_drains(postgres_dsn:
 
 def test_advancing_the_window_waits_for_claims_in_flight(postgres_dsn: str) -> None:
     pg = PostgresResource(dsn=postgres_dsn)
-    with pg.get_connection() as claimer, pg.get_connection() as maintainer:
+    with ledger_connection(pg) as claimer, ledger_connection(pg) as maintainer:
         with claimer.transaction():
             claimer.execute("SELECT current_day FROM dedupe_window FOR SHARE")
             maintainer.execute("SET lock_timeout = '300ms'")
@@ -276,7 +277,7 @@ def test_many_claimers_of_overlapping_ids_agree_and_the_lowest_offset_wins(
 
     def claim(partition: int) -> None:
         mine = batches[partition]
-        with pg.get_connection() as conn:
+        with ledger_connection(pg) as conn:
             barrier.wait()
             result = claim_batch(
                 conn, OffsetRange("t", partition, 0, len(mine)), records(mine), "o", None
@@ -305,7 +306,7 @@ def test_claims_racing_a_span_switch_win_each_id_once_and_keep_it(postgres_dsn: 
 
     def claim(partition: int) -> None:
         rng = random.Random(partition)
-        with pg.get_connection() as conn:
+        with ledger_connection(pg) as conn:
             for n in range(rounds):
                 if n == rounds // 2:
                     halfway.wait(60)
@@ -320,14 +321,14 @@ def test_claims_racing_a_span_switch_win_each_id_once_and_keep_it(postgres_dsn: 
 
     def switch() -> None:
         halfway.wait(60)
-        with pg.get_connection() as conn:
+        with ledger_connection(pg) as conn:
             assert advance_window(conn, today + 7, keep_days=7).created
         switched.set()
 
     run_threads(lambda k: claim(k) if k < claimers else switch(), range(claimers + 1))
     winners = [i for p in range(claimers) for i in kept[p]]
     assert len(winners) == len(set(winners))
-    with pg.get_connection() as conn:
+    with ledger_connection(pg) as conn:
         spans = dict(
             conn.execute("SELECT day, count(*) FROM processed_logs GROUP BY day").fetchall()
         )
@@ -339,7 +340,7 @@ def test_claims_racing_a_span_switch_win_each_id_once_and_keep_it(postgres_dsn: 
 def test_an_unfinished_claim_is_adopted_after_its_span_was_succeeded(postgres_dsn: str) -> None:
     pg = PostgresResource(dsn=postgres_dsn)
     ids = new_ids(5)
-    with pg.get_connection() as conn:
+    with ledger_connection(pg) as conn:
         crashed = claim_batch(conn, OffsetRange("t", 0, 0, 5), records(ids + ids[:1]), "o", None)
         assert advance_window(conn, epoch_day() + 7, keep_days=7).created
         retry = claim_batch(conn, OffsetRange("t", 0, 0, 5), records(ids + ids[:1]), "o", None)
@@ -351,7 +352,7 @@ def test_a_stale_run_of_an_archived_range_is_done_even_while_a_later_batch_is_pe
     postgres_dsn: str,
 ) -> None:
     pg = PostgresResource(dsn=postgres_dsn)
-    with pg.get_connection() as conn:
+    with ledger_connection(pg) as conn:
         first = claim_batch(conn, OffsetRange("t", 0, 0, 5), records(new_ids(5)), "o", None)
         assert first.batch_id is not None
         finish_batch(conn, first.batch_id, None)
@@ -366,7 +367,7 @@ def test_a_range_run_before_its_predecessor_is_refused_once_the_start_is_known(
     # A backfill registers where the partition starts; a later range whose run goes first must not
     # become the archive's start and silently skip the range before it.
     pg = PostgresResource(dsn=postgres_dsn)
-    with pg.get_connection() as conn:
+    with ledger_connection(pg) as conn:
         begin_partition(conn, "t", 0, 0)
         with pytest.raises(BackendError, match="would leave a gap"):
             claim_batch(conn, OffsetRange("t", 0, 4, 8), records(new_ids(4), 4), "o", None)
@@ -383,7 +384,7 @@ def test_claims_roll_over_to_the_next_object_and_a_retry_keeps_its_object(
     pg = PostgresResource(dsn=postgres_dsn)
     base, topic = f"{uuid.uuid4().hex}/log.pb", f"t-{uuid.uuid4().hex}"
     objects = []
-    with pg.get_connection() as conn:
+    with ledger_connection(pg) as conn:
         for n in range(3):
             for partition in (0, 1):
                 batch = OffsetRange(topic, partition, 2 * n, 2 * n + 2)
@@ -414,7 +415,7 @@ def test_an_object_from_before_sequences_continues_from_the_size_the_ledger_know
 ) -> None:
     pg = PostgresResource(dsn=postgres_dsn)
     base, topic = f"{uuid.uuid4().hex}/log.pb", f"t-{uuid.uuid4().hex}"
-    with pg.get_connection() as conn:
+    with ledger_connection(pg) as conn:
         old = claim_batch(conn, OffsetRange(topic, 0, 0, 2), records(new_ids(2)), base, None)
         assert old.batch_id is not None
         conn.execute("DELETE FROM archive_sequences WHERE base_name = %s", (base,))
