@@ -6,9 +6,10 @@ test seconds of both cores; tests that only need *a* running deployment share th
 per session (the ``shared_deployment`` fixture of tests/e2e/conftest.py), and keep their data apart
 by names, never by restarts:
 
-* the deployment archives every topic whose name starts with ``shared-`` (a ``PROTOAGG_TOPICS``
-  pattern: the sensor lists topics at each tick, so a topic a test creates later is picked up);
-  :meth:`SharedDeployment.new_topic` gives a test its own;
+* the deployment archives every topic whose name starts with ``shared-<session>-`` (a
+  ``PROTOAGG_TOPICS`` pattern: the sensor lists topics at each tick, so a topic a test creates
+  later is picked up; the session's token leaves the topics of earlier sessions, which a local
+  broker keeps, alone); :meth:`SharedDeployment.new_topic` gives a test its own;
 * each topic has its own archive object, ``shared/{topic}/log.pb`` (one object for all of the
   topic's partitions), and its own rows in the ledger (one PostgreSQL database for the session,
   keyed by topic);
@@ -45,10 +46,8 @@ from tests.helpers import Stack, archived_to_end
 from tests.support.dagster_deployment import DagsterDeployment, RunSummary, run_summaries
 from tests.support.gcs_proxy import GcsProxy
 
-TOPIC_PREFIX = "shared-"
 BATCH = 1000
 SETTINGS = {
-    "PROTOAGG_TOPICS": f"/{TOPIC_PREFIX}.*/",
     "PROTOAGG_GCS_OBJECT": "shared/{topic}/log.pb",
     "PROTOAGG_BATCH_SIZE": str(BATCH),
     "PROTOAGG_MAX_BATCH_MESSAGES": str(BATCH),
@@ -64,10 +63,11 @@ class SharedDeployment:
     proxy: GcsProxy
     services: Services
     dsn: str
+    topic_prefix: str  # shared-<session>-
 
     def new_topic(self) -> str:
         """A topic name of the test's own that the deployment archives once it exists."""
-        return f"{TOPIC_PREFIX}{uuid.uuid4().hex[:10]}"
+        return f"{self.topic_prefix}{uuid.uuid4().hex[:10]}"
 
     def object_name(self, topic: str) -> str:
         return SETTINGS["PROTOAGG_GCS_OBJECT"].format(topic=topic)
@@ -135,13 +135,16 @@ class SharedDeployment:
 @contextmanager
 def shared_deployment(services: Services, home: Path) -> Iterator[SharedDeployment]:
     """Boot the shared deployment in ``home`` (a database of its own, a proxy); stop it after."""
-    name = f"t_shared_{uuid.uuid4().hex[:12]}"
+    session = uuid.uuid4().hex[:8]
+    topic_prefix = f"shared-{session}-"
+    name = f"t_shared_{session}"
     with psycopg.connect(services.postgres_admin_dsn, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     dsn = services.postgres_admin_dsn.rsplit("/", 1)[0] + f"/{name}"
     proxy = GcsProxy(services.gcs_url, mutation_interval=1.0)
     env = {
         **SETTINGS,
+        "PROTOAGG_TOPICS": f"/{topic_prefix}.*/",
         "PROTOAGG_KAFKA_BOOTSTRAP": services.kafka_bootstrap,
         "PROTOAGG_POSTGRES_DSN": dsn,
         "PROTOAGG_GCS_BUCKET": services.bucket,
@@ -150,7 +153,7 @@ def shared_deployment(services: Services, home: Path) -> Iterator[SharedDeployme
     deployment = DagsterDeployment("shared", home, env)
     try:
         deployment.start()
-        yield SharedDeployment(deployment, proxy, services, dsn)
+        yield SharedDeployment(deployment, proxy, services, dsn, topic_prefix)
     finally:
         deployment.stop()
         proxy.close()
