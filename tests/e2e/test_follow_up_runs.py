@@ -15,8 +15,6 @@ from __future__ import annotations
 import itertools
 import time
 
-import dagster as dg
-
 from protoagg_dagster.archive.job import archive_kafka_batch
 from protoagg_dagster.archive.ledger import archived_position, ledger_connection
 from protoagg_dagster.archive.run_tags import FOLLOWS_TAG, range_run_config, range_tags
@@ -26,6 +24,7 @@ from tests.helpers import (
     check_archive,
     create_topic,
     log_value,
+    memory_instance,
     produce,
     topic_of,
 )
@@ -74,7 +73,7 @@ def test_a_follow_up_of_a_range_not_archived_does_nothing_and_leaves_no_gap(
     create_topic(stack.kafka, topic)
     produce(stack.kafka, topic, [log_value(message=f"#{i}") for i in range(300)])
     resources = stack.resources()
-    with dg.instance_for_test() as instance:
+    with memory_instance() as instance:
         follow_up = archive_kafka_batch.execute_in_process(
             run_config=range_run_config(topic, 0, 100, 200),
             tags=range_tags(topic, 0, 100, 200, follows=True),

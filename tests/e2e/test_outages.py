@@ -21,7 +21,16 @@ from protoagg_dagster.resources import GCSResource, KafkaResource, PostgresResou
 from protoagg_dagster.services.kafka import KafkaService
 from protoagg_dagster.services.postgres import PostgresService
 from tests.conftest import Services
-from tests.helpers import Stack, archive, check_archive, create_topic, log_value, produce, topic_of
+from tests.helpers import (
+    Stack,
+    archive,
+    check_archive,
+    create_topic,
+    log_value,
+    memory_instance,
+    produce,
+    topic_of,
+)
 from tests.support.gcs_proxy import GcsProxy
 
 RETRY_EVENT = "STEP_UP_FOR_RETRY"
@@ -34,7 +43,7 @@ def free_port() -> int:
 
 
 def run_range(stack: Stack, end: int) -> dg.ExecuteInProcessResult:
-    with dg.instance_for_test() as instance:
+    with memory_instance() as instance:
         return ops_job_run(stack, end, instance)
 
 
