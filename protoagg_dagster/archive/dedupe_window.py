@@ -44,22 +44,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
-from protoagg_dagster.core.errors import ConfigError
 from protoagg_dagster.core.formats import Claimable
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS processed_logs (
-    log_id       uuid NOT NULL,
-    day          integer NOT NULL,
-    batch_id     bigint NOT NULL,
-    kafka_offset bigint NOT NULL,
-    PRIMARY KEY (log_id, day)
-) PARTITION BY LIST (day);
-CREATE TABLE IF NOT EXISTS dedupe_window (
-    singleton   boolean PRIMARY KEY DEFAULT true CHECK (singleton),
-    current_day integer NOT NULL
-);
-"""
 
 _PARTITION_PREFIX = "processed_logs_d"
 # The rows of ``_candidates(...)``'s two parameters.
@@ -110,17 +95,7 @@ def partition_name(day: int) -> str:
 
 
 def ensure_window(conn: psycopg.Connection, today: int) -> None:
-    """Create the tables and the current span's partition (inside the schema transaction)."""
-    kind = conn.execute(
-        "SELECT relkind FROM pg_class WHERE oid = to_regclass('processed_logs')"
-    ).fetchone()
-    if kind is not None and kind[0] != "p":
-        raise ConfigError(
-            "table processed_logs was created by an older protoagg (not partitioned by day): "
-            "ALTER TABLE processed_logs RENAME TO processed_logs_legacy, let protoagg create the "
-            "new table, then copy the ids you still want deduplicated into it"
-        )
-    conn.execute(SCHEMA)
+    """Start the window on ``today`` if it has no span yet (inside the schema's transaction)."""
     conn.execute(
         "INSERT INTO dedupe_window (current_day) VALUES (%s) ON CONFLICT DO NOTHING", (today,)
     )

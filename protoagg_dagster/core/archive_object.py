@@ -14,6 +14,7 @@ refused: it would make the object unreadable.
 
 from __future__ import annotations
 
+import json
 import re
 import string
 import time
@@ -177,6 +178,30 @@ def last_compose(metadata: Mapping[str, str] | None) -> list[Piece]:
     """The pieces the object's last compose appended, in object order, as its marker records."""
     raw = (metadata or {}).get(LAST_APPEND_KEY)
     return [_piece_of(marker) for marker in raw.split(",")] if raw else []
+
+
+def legacy_offsets(metadata: Mapping[str, str] | None) -> dict[str, int]:
+    """``topic/partition`` → offset after its last batch, as releases before the marker recorded.
+
+    Those releases composed a batch and then confirmed its claim in the ledger; a claim left
+    pending between the two is on the object exactly when this map covers its end. The map is
+    dropped by the first compose of a release with the marker (which records such claims first).
+    """
+    raw = (metadata or {}).get(LEGACY_OFFSETS_KEY)
+    if not raw:
+        return {}
+    try:
+        decoded = json.loads(raw)
+        return {str(key): int(value) for key, value in decoded.items()}
+    except (ValueError, AttributeError, TypeError) as exc:
+        raise ConfigError(
+            f"archive object metadata {LEGACY_OFFSETS_KEY!r} is not a map of offsets: {raw!r}"
+        ) from exc
+
+
+def legacy_covers(offsets: Mapping[str, int], batch: OffsetRange) -> bool:
+    """Whether a ``legacy_offsets`` map says ``batch`` was appended."""
+    return offsets.get(f"{batch.topic}/{batch.partition}", -1) >= batch.end
 
 
 def _piece_of(marker: str) -> Piece:
