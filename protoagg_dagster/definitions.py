@@ -60,12 +60,15 @@ archiver = ArchiverSettings(
     start_from=_value(settings.START_FROM),
     format=settings.FORMAT.read(),
     dedupe_key=settings.DEDUPE_KEY.read(),
+    dedupe_scope=settings.DEDUPE_SCOPE.read(),
     log_id_field=settings.LOG_ID_FIELD.read(),
     log_timestamp_field=settings.LOG_TIMESTAMP_FIELD.read(),
     log_message_field=settings.LOG_MESSAGE_FIELD.read(),
 )
-# A bad topic entry, format or dedupe key fails here, when the code location loads, not in a run.
+# A bad topic entry, format, dedupe key or scope fails here, when the code location loads, not in
+# a run.
 topic_rules = archiver.topic_formats(settings.TOPICS.read()).rules
+archiver.scope()
 
 defs = dg.Definitions(
     assets=[archive_asset, *topic_asset_specs(topic_rules)],

@@ -40,6 +40,7 @@ from protoagg_dagster.core.archive_object import (
     rolls_over,
     sequence_member,
 )
+from protoagg_dagster.core.dedupe_scope import TOPIC, Scope
 from protoagg_dagster.core.errors import BackendError
 from protoagg_dagster.core.formats import Claimable
 from protoagg_dagster.core.planning import OffsetRange
@@ -139,6 +140,7 @@ def claim_batch(
     run_id: str | None,
     estimated_bytes: int = 0,
     max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES,
+    scope: Scope = TOPIC,
 ) -> Claim:
     """Claim the new dedupe keys of ``records`` (offsets of ``batch``) in one short transaction.
 
@@ -151,7 +153,7 @@ def claim_batch(
     ``object_name`` is the first object of a numbered sequence (``sequence_member``): a new
     batch goes to its current member, or starts the next one when ``estimated_bytes`` would
     take the member past ``max_object_bytes``. The claim keeps the member, so a retry appends
-    to the same object.
+    to the same object. ``scope`` says what a key is a duplicate of (``core.dedupe_scope``).
     """
     with conn.transaction():
         begin_partition(conn, batch.topic, batch.partition, batch.start)
@@ -183,7 +185,7 @@ def claim_batch(
         )
         candidates = [r for r in records if r.offset >= effective.start]
         batch_id = _insert_batch(conn, effective, object_name, len(records), run_id)
-        claimed_offsets = claim_ids(conn, batch_id, candidates)
+        claimed_offsets = claim_ids(conn, batch_id, candidates, batch.topic, scope)
         # Last, so the sequence's row lock, which every partition of the object waits for, is
         # held for one statement and the commit rather than for all the id claims.
         object_name = _reserve_in_sequence(conn, object_name, estimated_bytes, max_object_bytes)
@@ -209,7 +211,7 @@ def _adopt(
         )
     adopted = OffsetRange(batch.topic, batch.partition, start, end)
     in_range = [r for r in records if r.offset < end]
-    own = own_claims(conn, batch_id, in_range)
+    own = own_claims(conn, batch_id, in_range, batch.topic)
     kept = tuple(r for r in in_range if r.dedupe_key is None or r.offset in own)
     return Claim(batch_id, adopted, object_name, kept, len(in_range) - len(kept), adopted=True)
 

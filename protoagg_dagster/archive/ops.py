@@ -36,6 +36,7 @@ from protoagg_dagster.core.archive_object import Piece, PieceRole, object_name
 from protoagg_dagster.core.batch import BatchBuilder, FramedBatch
 from protoagg_dagster.core.compression import NONE
 from protoagg_dagster.core.dead_letters import encode_envelopes
+from protoagg_dagster.core.dedupe_scope import Scope, described
 from protoagg_dagster.core.errors import ConfigError
 from protoagg_dagster.core.formats import ArchiveFormat, rule_for
 from protoagg_dagster.core.planning import OffsetRange
@@ -259,6 +260,7 @@ def dedupe(
             # What the kept frames can add to the object: at most all the frames.
             len(records.frames),
             gcs.max_object_bytes,
+            archiver.scope(),
         )
     # Only what the claimed range covers (an adopted or trimmed claim may be narrower).
     inside = [
@@ -403,7 +405,7 @@ def append(
         f"append: {appended} records, {len(claimed.dead_letters)} dead letters to "
         f"gs://{gcs.bucket}/{claim.object_name} in {seconds['append']:.2f} s"
     )
-    metadata = _batch_metadata(gcs.bucket, encoded, archived, appended, seconds)
+    metadata = _batch_metadata(gcs.bucket, archiver.scope(), encoded, archived, appended, seconds)
     for asset_key in claimed.assets:
         yield dg.AssetMaterialization(
             asset_key=asset_key, description=str(claim.batch), metadata=metadata
@@ -438,6 +440,7 @@ def dead_letter_object(gcs: GCSResource, claim: Claim) -> str:
 
 def _batch_metadata(
     bucket: str,
+    scope: Scope,
     encoded: Encoded,
     archived: AppendResult | None,
     appended: int,
@@ -458,6 +461,7 @@ def _batch_metadata(
         "object": f"gs://{bucket}/{claim.object_name}",
         "records_read": read_count,
         "duplicates_dropped": claim.duplicates,
+        "duplicate_means": described(scope, claim.batch.topic),
         "dead_letters": len(claimed.dead_letters),
         "dead_letters_by_reason": dg.JsonMetadataValue(dict(reasons)),
         "tombstones": claimed.tombstones,

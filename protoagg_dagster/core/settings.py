@@ -76,6 +76,12 @@ DEDUPE_KEY = Setting(
     "none",
     "record format: content dedupe key besides the offset: none|key|header:NAME|json:FIELD",
 )
+DEDUPE_SCOPE = Setting(
+    "PROTOAGG_DEDUPE_SCOPE",
+    "topic",
+    "what a dedupe key is a duplicate of: the same key from its own topic (topic) or from any "
+    "topic of the deployment (deployment)",
+)
 LOG_ID_FIELD = Setting("PROTOAGG_LOG_ID_FIELD", "logId", "log format: JSON field of the log id")
 LOG_TIMESTAMP_FIELD = Setting(
     "PROTOAGG_LOG_TIMESTAMP_FIELD",
@@ -161,6 +167,7 @@ ALL_SETTINGS: tuple[Setting, ...] = (
     TOPICS,
     FORMAT,
     DEDUPE_KEY,
+    DEDUPE_SCOPE,
     LOG_ID_FIELD,
     LOG_TIMESTAMP_FIELD,
     LOG_MESSAGE_FIELD,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dagster as dg
 from pydantic import Field
 
+from protoagg_dagster.core.dedupe_scope import Scope, parse_scope
 from protoagg_dagster.core.errors import ConfigError
 from protoagg_dagster.core.formats import FORMATS, LOG, FormatOptions, TopicFormats
 from protoagg_dagster.core.planning import BatchLimits
@@ -49,6 +50,11 @@ class ArchiverSettings(dg.ConfigurableResource):  # type: ignore[type-arg]
         description="record format: content dedupe besides the offset: none, key, header:NAME "
         "or json:FIELD (records without such a key are archived).",
     )
+    dedupe_scope: str = Field(
+        default="topic",
+        description="What a dedupe key is a duplicate of: the same key archived from its own "
+        "topic (topic) or from any topic of the deployment (deployment).",
+    )
     log_id_field: str = Field(default="logId", description="log format: JSON field of the id.")
     log_timestamp_field: str = Field(
         default="timestamp",
@@ -64,6 +70,9 @@ class ArchiverSettings(dg.ConfigurableResource):  # type: ignore[type-arg]
         return FormatOptions(
             self.dedupe_key, self.log_id_field, self.log_timestamp_field, self.log_message_field
         )
+
+    def scope(self) -> Scope:
+        return parse_scope(self.dedupe_scope)
 
     def topic_formats(self, topics: str) -> TopicFormats:
         """The format of each topic of ``topics`` (a PROTOAGG_TOPICS value)."""

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import psycopg
+from psycopg import sql
 
 from protoagg_dagster.core.errors import ConfigError
 
@@ -131,6 +132,31 @@ CREATE TABLE IF NOT EXISTS archive_sequences (
 );
 """
 
+
+def _span_scopes(conn: psycopg.Connection) -> None:
+    # Every key claimed so far was claimed for the whole deployment: the spans holding any are
+    # marked so, and topic-scoped claims look there too until those spans leave the window.
+    conn.execute(
+        "CREATE TABLE dedupe_span_scopes ("
+        "    day   integer NOT NULL,"
+        "    scope text NOT NULL CHECK (scope IN ('topic', 'deployment')),"
+        "    PRIMARY KEY (day, scope))"
+    )
+    spans = conn.execute(
+        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+        "WHERE i.inhparent = 'processed_logs'::regclass"
+    ).fetchall()
+    for (name,) in spans:
+        holds = conn.execute(
+            sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(sql.Identifier(name))
+        ).fetchone()
+        if holds is not None and holds[0]:
+            conn.execute(
+                "INSERT INTO dedupe_span_scopes (day, scope) VALUES (%s, 'deployment')",
+                (int(name.removeprefix("processed_logs_d")),),
+            )
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "ledger, positions and the day-partitioned dedupe window", _ledger),
     Migration(
@@ -142,5 +168,6 @@ MIGRATIONS: tuple[Migration, ...] = (
         3, "the append queue (one compose carries many partitions' pieces)", _sql(_APPEND_QUEUE)
     ),
     Migration(4, "numbered object sequences (PROTOAGG_MAX_OBJECT_BYTES)", _sql(_SEQUENCES)),
+    Migration(5, "dedupe scope per span (PROTOAGG_DEDUPE_SCOPE)", _span_scopes),
 )
 LATEST = MIGRATIONS[-1].version
