@@ -51,6 +51,7 @@ from psycopg import sql
 
 from protoagg_dagster.core.dedupe_scope import TOPIC, Scope, key_prefix
 from protoagg_dagster.core.formats import Claimable
+from protoagg_dagster.core.planning import OffsetRange
 
 _PARTITION_PREFIX = "processed_logs_d"
 _UNNESTED = (
@@ -240,6 +241,8 @@ class WindowChange:
     current_day: int
     created: bool
     dropped: tuple[str, ...]
+    # Spans that left the window but hold the ids of claims still pending, with those claims.
+    kept: tuple[tuple[str, tuple[OffsetRange, ...]], ...] = ()
 
 
 def advance_window(conn: psycopg.Connection, today: int, keep_days: int) -> WindowChange:
@@ -247,7 +250,9 @@ def advance_window(conn: psycopg.Connection, today: int, keep_days: int) -> Wind
 
     ``current_day`` of the result is the first day of the span claims go to. A span is dropped
     when ``keep_days`` days have passed since its successor started: until then a claim made
-    just before the switch may still be inside the window.
+    just before the switch may still be inside the window. A span that may hold the ids of a
+    claimed batch not yet appended is kept (``kept``) until that batch is: the run that adopts
+    the claim finds its records by those ids, and without them would drop every one.
     """
     if keep_days < 1:
         raise ValueError("keep_days must be at least 1")
@@ -267,11 +272,28 @@ def advance_window(conn: psycopg.Connection, today: int, keep_days: int) -> Wind
                 "WHERE i.inhparent = 'processed_logs'::regclass"
             ).fetchall()
         )
-        dropped = []
+        pending = _pending_claim_days(conn)
+        dropped, kept = [], []
         for start, successor in itertools.pairwise(starts):
             if successor <= current and today >= successor + keep_days:
                 name = partition_name(start)
+                # A claim went to the span current when it was made: one that started on or
+                # before its day and whose successor started on or after it.
+                needs = tuple(batch for batch, day in pending if start <= day <= successor)
+                if needs:
+                    kept.append((name, needs))
+                    continue
                 conn.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(name)))
                 conn.execute("DELETE FROM dedupe_span_scopes WHERE day = %s", (start,))
                 dropped.append(name)
-    return WindowChange(current, created, tuple(dropped))
+    return WindowChange(current, created, tuple(dropped), tuple(kept))
+
+
+def _pending_claim_days(conn: psycopg.Connection) -> list[tuple[OffsetRange, int]]:
+    """Each claimed batch not yet appended, with the epoch day it was claimed on."""
+    rows = conn.execute(
+        "SELECT topic, partition, start_offset, end_offset, "
+        "floor(extract(epoch FROM claimed_at) / 86400)::integer "
+        "FROM archive_batches WHERE state = 'claimed'"
+    ).fetchall()
+    return [(OffsetRange(t, p, a, b), int(day)) for t, p, a, b, day in rows]

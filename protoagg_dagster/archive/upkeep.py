@@ -45,6 +45,13 @@ def advance_dedupe_window(
         + (" (new span)" if change.created else "")
         + (f"; dropped {', '.join(change.dropped)}" if change.dropped else "; nothing to drop")
     )
+    for span, claims in change.kept:
+        # The adopting run finds a claim's records by its ids: dropping them would drop those.
+        context.log.warning(
+            f"dedupe window: {span} left the window but is kept: it holds the ids of "
+            f"{', '.join(map(str, claims))}, claimed and not yet appended; it is dropped once "
+            "they are (their runs keep failing: see the stuck claims below)"
+        )
 
 
 @dg.op
