@@ -70,6 +70,7 @@ class PartitionLease(dg.ConfigurableResource):  # type: ignore[type-arg]
         conn = self.postgres.connect(application_name=f"protoagg run {self._run_id}"[:63])
         try:
             leases.hold(conn, leases.run_lease(self._run_id), wait_seconds=0.0)
+            leases.record_taken(conn, self._run_id)
             leases.hold(conn, leases.partition_lease(self._partition), wait_seconds)
         except leases.LeaseTaken as exc:
             conn.close()

@@ -8,6 +8,7 @@ import time
 import dagster as dg
 from pydantic import Field
 
+from protoagg_dagster.archive import leases
 from protoagg_dagster.archive.dedupe_window import advance_window, epoch_day
 from protoagg_dagster.archive.ledger import forget_queued_uploads, ledger_connection, stale_claims
 from protoagg_dagster.archive.store import remove_orphaned_temp_objects
@@ -69,6 +70,8 @@ def remove_orphans(
     with ledger_connection(postgres) as conn:
         forgotten = forget_queued_uploads(conn, time.time() - config.temp_older_than_seconds)
         stuck = stale_claims(conn, time.time() - config.stale_claim_seconds)
+        # A run lives an hour at most (max_runtime_seconds): a day-old note is of no live run.
+        leases.forget_taken(conn, 86_400)
     context.log.info(f"cleanup: {forgotten} queue entries of dead runs' uploads forgotten")
     for batch in stuck:
         # The sensor relaunches a claimed range before anything else; one stuck for long means

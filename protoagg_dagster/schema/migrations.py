@@ -133,6 +133,14 @@ CREATE TABLE IF NOT EXISTS archive_sequences (
 """
 
 
+_RUN_LEASES = """
+CREATE TABLE run_leases (
+    run_id   text PRIMARY KEY,
+    taken_at timestamptz NOT NULL DEFAULT now()
+);
+"""
+
+
 def _span_scopes(conn: psycopg.Connection) -> None:
     # Every key claimed so far was claimed for the whole deployment: the spans holding any are
     # marked so, and topic-scoped claims look there too until those spans leave the window.
@@ -169,5 +177,6 @@ MIGRATIONS: tuple[Migration, ...] = (
     ),
     Migration(4, "numbered object sequences (PROTOAGG_MAX_OBJECT_BYTES)", _sql(_SEQUENCES)),
     Migration(5, "dedupe scope per span (PROTOAGG_DEDUPE_SCOPE)", _span_scopes),
+    Migration(6, "runs that have held their lease (liveness)", _sql(_RUN_LEASES)),
 )
 LATEST = MIGRATIONS[-1].version
