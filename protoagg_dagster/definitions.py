@@ -56,6 +56,7 @@ archiver = ArchiverSettings(
     max_batch_messages=settings.MAX_BATCH_MESSAGES.read_int(),
     max_batch_bytes=settings.MAX_BATCH_BYTES.read_int(),
     max_message_bytes=settings.MAX_MESSAGE_BYTES.read_int(),
+    max_frame_bytes=settings.MAX_FRAME_BYTES.read_int(),
     max_dead_letter_ratio=settings.MAX_DEAD_LETTER_RATIO.read_float(),
     start_from=_value(settings.START_FROM),
     format=settings.FORMAT.read(),

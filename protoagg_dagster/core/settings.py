@@ -128,6 +128,12 @@ MAX_OBJECT_BYTES = Setting(
 MAX_MESSAGE_BYTES = Setting(
     "PROTOAGG_MAX_MESSAGE_BYTES", str(1024 * 1024), "larger messages are rejected"
 )
+MAX_FRAME_BYTES = Setting(
+    "PROTOAGG_MAX_FRAME_BYTES",
+    str(64 * 1024 * 1024),
+    "largest archive frame: a record whose frame would be larger becomes a dead letter, and "
+    "readers refuse a larger length prefix as corrupt",
+)
 GCS_CREATE_BUCKET = Setting(
     "PROTOAGG_GCS_CREATE_BUCKET", "false", "create the bucket if it is missing (true/false)"
 )
@@ -181,6 +187,7 @@ ALL_SETTINGS: tuple[Setting, ...] = (
     MAX_BATCH_BYTES,
     MAX_OBJECT_BYTES,
     MAX_MESSAGE_BYTES,
+    MAX_FRAME_BYTES,
     GCS_CREATE_BUCKET,
     GCS_DEAD_LETTERS,
     MAX_DEAD_LETTER_RATIO,

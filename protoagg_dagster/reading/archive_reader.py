@@ -44,13 +44,24 @@ def open_archive_with_format(url: str, given: str | None = None) -> tuple[Binary
     """
     if not url.startswith("gs://"):
         local, _ = sniffed(Path(url).open("rb"))  # noqa: SIM115 (the caller closes it)
-        return local, FormatOptions().build(given or LEGACY_FORMAT)
+        return local, settings_options().build(given or LEGACY_FORMAT)
     bucket_name, _, object_name = url[len("gs://") :].partition("/")
     if not bucket_name or not object_name:
         raise ConfigError(f"{url!r} is not of the form gs://BUCKET/OBJECT")
     gcs = GCSResource(bucket=bucket_name, emulator_host=settings.STORAGE_EMULATOR_HOST.read())
     stream, blobs = open_sequence(gcs.get_client().bucket(bucket_name), object_name)
-    return stream, FormatOptions().build(given or archive_format(blobs[0].metadata))
+    return stream, settings_options().build(given or archive_format(blobs[0].metadata))
+
+
+def settings_options() -> FormatOptions:
+    """The format options of the environment's settings (PROTOAGG_DEDUPE_KEY, ...)."""
+    return FormatOptions(
+        settings.DEDUPE_KEY.read(),
+        settings.LOG_ID_FIELD.read(),
+        settings.LOG_TIMESTAMP_FIELD.read(),
+        settings.LOG_MESSAGE_FIELD.read(),
+        settings.MAX_FRAME_BYTES.read_int(),
+    )
 
 
 def cat_archive(
@@ -167,12 +178,7 @@ def check_url_against_kafka(url: str) -> KafkaCheck:
     members = [blob.name for blob in sequence_blobs(gcs.get_bucket(), name)]
     with ledger_connection(PostgresResource(dsn=settings.POSTGRES_DSN.read())) as conn:
         partitions = archived_partitions(conn, members)
-    options = FormatOptions(
-        settings.DEDUPE_KEY.read(),
-        settings.LOG_ID_FIELD.read(),
-        settings.LOG_TIMESTAMP_FIELD.read(),
-        settings.LOG_MESSAGE_FIELD.read(),
-    )
+    options = settings_options()
     consumer = kafka.get_consumer()
     try:
         return check_against_kafka(

@@ -8,6 +8,7 @@ from pydantic import Field
 from protoagg_dagster.core.dedupe_scope import Scope, parse_scope
 from protoagg_dagster.core.errors import ConfigError
 from protoagg_dagster.core.formats import FORMATS, LOG, FormatOptions, TopicFormats
+from protoagg_dagster.core.framing import MAX_FRAME_BYTES
 from protoagg_dagster.core.planning import BatchLimits
 from protoagg_dagster.core.records import RecordRejected, parse_rfc3339
 
@@ -29,6 +30,11 @@ class ArchiverSettings(dg.ConfigurableResource):  # type: ignore[type-arg]
     )
     max_message_bytes: int = Field(
         default=1024 * 1024, description="Larger messages are rejected as dead letters."
+    )
+    max_frame_bytes: int = Field(
+        default=MAX_FRAME_BYTES,
+        description="Largest archive frame: a record whose frame would be larger becomes a dead "
+        "letter (readers refuse larger frames as corrupt).",
     )
     max_dead_letter_ratio: float = Field(
         default=0.2,
@@ -68,7 +74,11 @@ class ArchiverSettings(dg.ConfigurableResource):  # type: ignore[type-arg]
 
     def format_options(self) -> FormatOptions:
         return FormatOptions(
-            self.dedupe_key, self.log_id_field, self.log_timestamp_field, self.log_message_field
+            self.dedupe_key,
+            self.log_id_field,
+            self.log_timestamp_field,
+            self.log_message_field,
+            self.max_frame_bytes,
         )
 
     def scope(self) -> Scope:
