@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,7 @@ from protoagg_dagster.core import settings
 from protoagg_dagster.core.archive_object import LEGACY_FORMAT, archive_format
 from protoagg_dagster.core.compression import sniffed
 from protoagg_dagster.core.dead_letters import iter_dead_letters
-from protoagg_dagster.core.errors import ArchiveFormatError, ConfigError
+from protoagg_dagster.core.errors import ArchiveFormatError, BackendError, ConfigError
 from protoagg_dagster.core.formats import (
     ArchiveFormat,
     FormatOptions,
@@ -160,6 +161,29 @@ def verify_archive(url: str, format_name: str | None = None) -> VerifyReport:
     return report
 
 
+def _ledger_partitions(url: str, members: list[str]) -> dict[str, int]:
+    """What the ledger says the object holds; a ConfigError saying what is needed otherwise.
+
+    Only the ledger knows which partitions (and up to which offset) an object holds: checked
+    against a database that did not archive it, the check would find nothing to account for
+    and report success.
+    """
+    given = settings.POSTGRES_DSN.env in os.environ
+    where = "PROTOAGG_POSTGRES_DSN" if given else "PROTOAGG_POSTGRES_DSN (unset: the local default)"
+    need = (
+        f"--against-kafka reads which partitions {url} holds from the archiver's ledger: set "
+        "PROTOAGG_POSTGRES_DSN to the database of the deployment that archived it"
+    )
+    try:
+        with ledger_connection(PostgresResource(dsn=settings.POSTGRES_DSN.read())) as conn:
+            partitions = archived_partitions(conn, members)
+    except BackendError as exc:
+        raise ConfigError(f"{need} ({where} cannot be reached: {exc})") from exc
+    if not partitions:
+        raise ConfigError(f"{need} (the database of {where} records no batch of it)")
+    return partitions
+
+
 def check_url_against_kafka(url: str) -> KafkaCheck:
     """``check_against_kafka`` for ``gs://BUCKET/OBJECT`` with the environment's settings."""
     if not url.startswith("gs://"):
@@ -176,8 +200,7 @@ def check_url_against_kafka(url: str) -> KafkaCheck:
     )
     kafka = KafkaResource(bootstrap_servers=settings.KAFKA_BOOTSTRAP.read())
     members = [blob.name for blob in sequence_blobs(gcs.get_bucket(), name)]
-    with ledger_connection(PostgresResource(dsn=settings.POSTGRES_DSN.read())) as conn:
-        partitions = archived_partitions(conn, members)
+    partitions = _ledger_partitions(url, members)
     options = settings_options()
     consumer = kafka.get_consumer()
     try:
