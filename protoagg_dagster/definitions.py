@@ -20,6 +20,7 @@ from protoagg_dagster.archive.partition_lease import PartitionLease
 from protoagg_dagster.archive.sensor import kafka_offsets_sensor
 from protoagg_dagster.archive.upkeep import archive_maintenance, maintain_archive
 from protoagg_dagster.core import settings
+from protoagg_dagster.core.archive_object import check_one_format_per_object
 from protoagg_dagster.resources import GCSResource, KafkaResource, PostgresResource
 from protoagg_dagster.resources.settings import ArchiverSettings
 from protoagg_dagster.restore.job import restore_archive
@@ -66,10 +67,14 @@ archiver = ArchiverSettings(
     log_timestamp_field=settings.LOG_TIMESTAMP_FIELD.read(),
     log_message_field=settings.LOG_MESSAGE_FIELD.read(),
 )
-# A bad topic entry, format, dedupe key or scope fails here, when the code location loads, not in
-# a run.
+# A bad topic entry, format, dedupe key or scope, or a template that would mix formats in one
+# object, fails here, when the code location loads, not in a run.
 topic_rules = archiver.topic_formats(settings.TOPICS.read()).rules
 archiver.scope()
+check_one_format_per_object(
+    settings.object_template(settings.GCS_OBJECT, codec.suffix),
+    {rule.format for rule in topic_rules},
+)
 
 defs = dg.Definitions(
     assets=[archive_asset, *topic_asset_specs(topic_rules)],

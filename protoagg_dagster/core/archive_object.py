@@ -18,7 +18,7 @@ import json
 import re
 import string
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -53,6 +53,24 @@ def validate_template(template: str, setting: str = "PROTOAGG_GCS_OBJECT") -> No
         )
     if template.startswith(TEMP_PREFIX):
         raise ConfigError(f"{setting} must not start with {TEMP_PREFIX!r} (reserved)")
+
+
+def check_one_format_per_object(
+    template: str, formats: Collection[str], setting: str = "PROTOAGG_GCS_OBJECT"
+) -> None:
+    """Refuse a template that would put topics of different formats into one object.
+
+    An object holds one format (its metadata records it): without ``{topic}`` every topic
+    shares the object, and the first append of the second format would fail in a run.
+    """
+    validate_template(template, setting)
+    fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    if len(set(formats)) > 1 and "topic" not in fields:
+        raise ConfigError(
+            f"{setting} {template!r} would put topics archived as {' and '.join(sorted(formats))} "
+            "into one object, which holds one format: put {topic} in it "
+            "(e.g. {topic}/{partition}.pb)"
+        )
 
 
 def object_name(

@@ -6,6 +6,7 @@ from protoagg_dagster.core.archive_object import (
     MAX_PIECES_PER_COMPOSE,
     Piece,
     archive_format,
+    check_one_format_per_object,
     last_compose,
     legacy_covers,
     legacy_offsets,
@@ -155,3 +156,23 @@ def test_the_offsets_map_of_releases_before_the_marker_says_which_claims_landed(
 def test_a_broken_offsets_map_is_named() -> None:
     with pytest.raises(ConfigError, match=LEGACY_OFFSETS_KEY):
         legacy_offsets({LEGACY_OFFSETS_KEY: "[1, 2"})
+
+
+@pytest.mark.parametrize(
+    ("template", "formats", "refused"),
+    [
+        ("log.pb", {"log", "record"}, True),
+        ("{partition}/{date}.pb", {"log", "record"}, True),
+        ("{topic}/{partition}.pb", {"log", "record"}, False),
+        ("log.pb", {"record"}, False),  # one format: one shared object is fine
+        ("log.pb", {"log"}, False),
+    ],
+)
+def test_a_template_mixing_formats_in_one_object_is_refused(
+    template: str, formats: set[str], refused: bool
+) -> None:
+    if refused:
+        with pytest.raises(ConfigError, match="put {topic} in it"):
+            check_one_format_per_object(template, formats)
+    else:
+        check_one_format_per_object(template, formats)
