@@ -26,6 +26,7 @@ from protoagg_dagster.core.restore import (
     RestoreSpec,
     Tallies,
     check_partitions,
+    kafka_python_refuses,
     log_out,
     parse_progress,
     progress_key,
@@ -133,6 +134,7 @@ def plan_restore(urls: list[str], spec: RestoreSpec) -> tuple[Tallies, ArchiveFo
             for _, partition, out in iter_selected(url, spec, 1):
                 if out is not None:
                     tallies.add(partition, _size(out))
+                    tallies.kafka_python_refuses += kafka_python_refuses(out)
     except ArchiveFormatError as exc:
         return tallies, ArchiveFormatError(f"{url}: {exc}")
     return tallies, None
@@ -152,7 +154,7 @@ def restore(
     partitions = _target_partitions(kafka, spec.to_topic, create_missing, plan.partitions_needed())
     check_partitions(spec.to_topic, partitions, plan, spec.partitioner)
     create_topic(kafka.get_admin(), PROGRESS_TOPIC, 1, {"cleanup.policy": "compact"})
-    producer = kafka.get_transactional_producer(spec.transactional_id)
+    producer = _producer(kafka, spec, plan)
     result = RestoreResult()
     try:
         # First fence any earlier run of this restore: its open transaction is settled
@@ -178,6 +180,17 @@ def restore(
     finally:
         producer.close(timeout=5)
     return result
+
+
+def _producer(kafka: KafkaResource, spec: RestoreSpec, plan: Tallies) -> TransactionalProducer:
+    """The restore's producer: librdkafka's when kafka-python would refuse a selected record.
+
+    One producer for the whole restore, so a rerun fences the same transactional id whichever
+    client wrote before.
+    """
+    if plan.kafka_python_refuses and kafka.client != "confluent":
+        kafka = KafkaResource(**{**kafka.model_dump(), "client": "confluent"})
+    return kafka.get_transactional_producer(spec.transactional_id)
 
 
 def _write(

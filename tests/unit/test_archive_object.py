@@ -172,7 +172,7 @@ def test_a_template_mixing_formats_in_one_object_is_refused(
     template: str, formats: set[str], refused: bool
 ) -> None:
     if refused:
-        with pytest.raises(ConfigError, match="put {topic} in it"):
+        with pytest.raises(ConfigError, match=r"put \{topic\} in it"):
             check_one_format_per_object(template, formats)
     else:
         check_one_format_per_object(template, formats)
