@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections import Counter
@@ -10,7 +11,7 @@ from pathlib import Path
 from typing import BinaryIO, TextIO
 
 from protoagg_dagster.archive.ledger import archived_partitions, ledger_connection
-from protoagg_dagster.archive.store import open_sequence, sequence_blobs
+from protoagg_dagster.archive.store import SequenceStream, open_sequence, sequence_blobs
 from protoagg_dagster.core import settings
 from protoagg_dagster.core.archive_object import LEGACY_FORMAT, archive_format
 from protoagg_dagster.core.compression import sniffed
@@ -52,6 +53,22 @@ def open_archive_with_format(url: str, given: str | None = None) -> tuple[Binary
     gcs = GCSResource(bucket=bucket_name, emulator_host=settings.STORAGE_EMULATOR_HOST.read())
     stream, blobs = open_sequence(gcs.get_client().bucket(bucket_name), object_name)
     return stream, settings_options().build(given or archive_format(blobs[0].metadata))
+
+
+def open_object_with_format(url: str) -> tuple[BinaryIO, ArchiveFormat]:
+    """One object of ``gs://BUCKET/OBJECT`` alone, never the rest of its sequence, and its format.
+
+    Restore keeps its progress per object: counted over a whole sequence, frames an older member
+    gains after a newer one exists (a rollover while partitions still append) would shift
+    every later count.
+    """
+    bucket_name, _, object_name = url[len("gs://") :].partition("/")
+    gcs = GCSResource(bucket=bucket_name, emulator_host=settings.STORAGE_EMULATOR_HOST.read())
+    blob = gcs.get_client().bucket(bucket_name).get_blob(object_name)
+    if blob is None:
+        raise BackendError(f"{url} does not exist")
+    stream = io.BufferedReader(SequenceStream([blob]), buffer_size=1024 * 1024)
+    return stream, settings_options().build(archive_format(blob.metadata))
 
 
 def settings_options() -> FormatOptions:
