@@ -216,6 +216,29 @@ def _adopt(
     return Claim(batch_id, adopted, object_name, kept, len(in_range) - len(kept), adopted=True)
 
 
+def dead_letter_member(
+    conn: psycopg.Connection, batch_id: int, base: str, size: int, max_object_bytes: int
+) -> str:
+    """The member of the dead-letter sequence ``base`` the batch's dead letters go to.
+
+    Chosen once, at the first append attempt, and kept on the batch: a retry must meet the
+    object an earlier attempt may have composed onto, or it would append them again.
+    """
+    with conn.transaction():
+        row = conn.execute(
+            "SELECT dead_letter_object FROM archive_batches WHERE batch_id = %s FOR UPDATE",
+            (batch_id,),
+        ).fetchone()
+        if row is not None and row[0] is not None:
+            return str(row[0])
+        name = _reserve_in_sequence(conn, base, size, max_object_bytes)
+        conn.execute(
+            "UPDATE archive_batches SET dead_letter_object = %s WHERE batch_id = %s",
+            (name, batch_id),
+        )
+    return name
+
+
 def _reserve_in_sequence(
     conn: psycopg.Connection, base: str, estimated_bytes: int, max_object_bytes: int
 ) -> str:

@@ -25,6 +25,7 @@ from protoagg_dagster.archive.ledger import (
     Claim,
     archived_position,
     claim_batch,
+    dead_letter_member,
     finish_batch,
     gap_before,
     ledger_connection,
@@ -363,12 +364,12 @@ def append(
 
             # Dead letters first: once the batch is confirmed nothing of it may be missing.
             if claimed.dead_letters:
-                append_once(
-                    dead_letter_object(gcs, claim),
-                    "dead_letters",
-                    gcs.codec().compress(encode_envelopes(claimed.dead_letters)),
-                    None,
-                )
+                letters = gcs.codec().compress(encode_envelopes(claimed.dead_letters))
+                member = dead_letter_member(
+                    conn, claim.batch_id, dead_letter_object(gcs, claim), len(letters),
+                    gcs.max_object_bytes,
+                )  # fmt: skip
+                append_once(member, "dead_letters", letters, None)
             # Appended even when empty (every record a duplicate), so the ledger records the
             # batch against its object like any other.
             archived = append_once(claim.object_name, "records", encoded.data, claimed.format.name)

@@ -178,5 +178,10 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(4, "numbered object sequences (PROTOAGG_MAX_OBJECT_BYTES)", _sql(_SEQUENCES)),
     Migration(5, "dedupe scope per span (PROTOAGG_DEDUPE_SCOPE)", _span_scopes),
     Migration(6, "runs that have held their lease (liveness)", _sql(_RUN_LEASES)),
+    Migration(
+        7,
+        "the dead-letter object of each batch (dead letters roll over like the archive)",
+        _sql("ALTER TABLE archive_batches ADD COLUMN dead_letter_object text"),
+    ),
 )
 LATEST = MIGRATIONS[-1].version

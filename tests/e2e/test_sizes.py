@@ -4,18 +4,23 @@ letters with the reason, never frames the readers would refuse."""
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 
 import dagster as dg
 import pytest
 
+from protoagg_dagster.archive.store import sequence_blobs
 from protoagg_dagster.core.dead_letters import iter_dead_letters
 from protoagg_dagster.core.errors import ArchiveFormatError
 from protoagg_dagster.core.formats import FormatOptions
+from protoagg_dagster.reading.archive_reader import list_dead_letters
+from protoagg_dagster.resources import GCSResource
 from tests.helpers import (
     Stack,
     archived_records,
     check_archive,
     create_topic,
+    log_value,
     produce,
     run_sensor_until_idle,
     topic_of,
@@ -67,3 +72,26 @@ def test_readers_refuse_a_frame_above_the_same_limit() -> None:
     for name in ("log", "record"):
         with pytest.raises(ArchiveFormatError, match=f"{LIMIT}-byte frame limit"):
             list(options.build(name).decode(io.BytesIO(oversized)))
+
+
+def test_dead_letter_objects_roll_over_like_archive_objects(stack: Stack) -> None:
+    topic = topic_of(stack)
+    stack = replace(stack, gcs=GCSResource(**{**stack.gcs.model_dump(), "max_object_bytes": 4000}))
+    create_topic(stack.kafka, topic)
+    # Four runs of 100 messages, each setting aside ten (about 2 KB of envelopes per run).
+    produce(
+        stack.kafka,
+        topic,
+        [b"not json %d" % i if i % 10 == 0 else log_value(second=i) for i in range(400)],
+    )
+    with dg.instance_for_test() as instance:
+        run_sensor_until_idle(stack, instance)
+    base = f"dead-letters/{topic}/0.jsonl"
+    members = [blob.name for blob in sequence_blobs(stack.gcs.get_bucket(), base)]
+    assert len(members) >= 2, members
+    assert all(blob.size <= 4000 for blob in sequence_blobs(stack.gcs.get_bucket(), base))
+    check = check_archive(stack)
+    assert check.ok, check.summary()
+    assert (check.archived, check.dead_letters) == (360, 40)
+    listing = io.StringIO()
+    assert list_dead_letters(f"gs://{stack.gcs.bucket}/{base}", listing, with_values=False) == 40
