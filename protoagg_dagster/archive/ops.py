@@ -365,10 +365,10 @@ def append(
             # Dead letters first: once the batch is confirmed nothing of it may be missing.
             if claimed.dead_letters:
                 letters = gcs.codec().compress(encode_envelopes(claimed.dead_letters))
+                base = dead_letter_object(gcs, claim)
                 member = dead_letter_member(
-                    conn, claim.batch_id, dead_letter_object(gcs, claim), len(letters),
-                    gcs.max_object_bytes,
-                )  # fmt: skip
+                    conn, claim.batch_id, base, len(letters), gcs.max_object_bytes
+                )
                 append_once(member, "dead_letters", letters, None)
             # Appended even when empty (every record a duplicate), so the ledger records the
             # batch against its object like any other.
