@@ -90,8 +90,14 @@ def librdkafka_config(client: KafkaClientSettings, tokens: TokenSource | None) -
 
 
 def _require(tokens: TokenSource | None) -> TokenSource:
+    """``tokens``, with a token in hand.
+
+    A provider that cannot give one fails here, in words, not inside a client that would retry
+    the login until its timeout.
+    """
     if tokens is None:  # KafkaClientSettings.check() refuses OAUTHBEARER without a provider
         raise ConfigError(f"SASL OAUTHBEARER needs {settings.KAFKA_OAUTH_PROVIDER.env}")
+    tokens.token()  # kept by the provider for the client's own call
     return tokens
 
 
@@ -257,7 +263,6 @@ def presented_certificate(host_port: str) -> str | None:
 _RD = confluent_kafka.KafkaError
 _RD_AUTHORIZATION = {
     _RD.TOPIC_AUTHORIZATION_FAILED: "READ and DESCRIBE (WRITE to produce) on the Topic",
-    _RD.GROUP_AUTHORIZATION_FAILED: "READ on the Group",
     _RD.CLUSTER_AUTHORIZATION_FAILED: "IDEMPOTENT_WRITE on the Cluster",
     _RD.TRANSACTIONAL_ID_AUTHORIZATION_FAILED: (
         "WRITE and DESCRIBE on the TransactionalId (prefix protoagg-restore-)"

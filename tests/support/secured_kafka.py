@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kafka import KafkaAdminClient
+from kafka.admin import NewTopic
 from kafka.admin._acls import (
     ACL,
     ACLOperation,
@@ -26,7 +27,9 @@ from kafka.admin._acls import (
 )
 from kafka.admin._users import UserScramCredentialUpsertion
 
+from protoagg_dagster.core.kafka_client import FIELD_SETTINGS
 from protoagg_dagster.core.restore import PROGRESS_TOPIC
+from protoagg_dagster.resources import KafkaResource
 from protoagg_dagster.services.kafka import KafkaService, SecuredListeners
 from tests.support.pki import Pki, make_pki
 
@@ -96,6 +99,20 @@ class SecuredKafka:
             "PROTOAGG_KAFKA_SSL_KEYFILE": str(self.pki.client_key),
             "PROTOAGG_KAFKA_SSL_KEY_PASSWORD": self.pki.client_key_password,
         }
+
+    def resource(self, env: dict[str, str], **fields: str) -> KafkaResource:
+        """The ``KafkaResource`` protoagg's settings ``env`` describe."""
+        values: dict[str, str] = {
+            name: env[setting.env] for name, setting in FIELD_SETTINGS.items() if setting.env in env
+        }
+        return KafkaResource(**{**values, **fields})
+
+    def create_topic(self, topic: str, partitions: int = 1) -> None:
+        admin = self.admin()
+        try:
+            admin.create_topics([NewTopic(topic, partitions, replication_factor=1)])
+        finally:
+            admin.close()
 
     def admin(self) -> KafkaAdminClient:
         return KafkaAdminClient(bootstrap_servers=self.admin_bootstrap, request_timeout_ms=10_000)
