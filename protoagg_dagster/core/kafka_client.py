@@ -22,6 +22,8 @@ SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER")
 OAUTH_PROVIDERS = ("gcp", "oidc")
 CLIENT_PREFIXES = ("kafka-python:", "librdkafka:")
+# What archiving needs on each topic (docs/operations.md, "Least privilege"): no group, no write.
+ARCHIVE_TOPIC_OPERATIONS = ("DESCRIBE", "READ")
 
 # The settings of KafkaClientSettings' fields, by field name: definitions.py wires each as an
 # EnvVar when set (so no secret is stored by Dagster), the CLI reads them from the environment.

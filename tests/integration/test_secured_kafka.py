@@ -15,10 +15,13 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
+from protoagg_dagster.cli.doctor import Deployment, Finding
+from protoagg_dagster.cli.doctor import _kafka as doctor_kafka
 from protoagg_dagster.core.errors import AccessRefused, BackendError, ConfigError
 from protoagg_dagster.core.planning import OffsetRange
 from protoagg_dagster.core.settings import KAFKA_CLIENTS
-from protoagg_dagster.resources import KafkaResource
+from protoagg_dagster.resources import GCSResource, KafkaResource
+from tests.conftest import Services
 from tests.helpers import log_value
 from tests.support.dagster_web import free_port
 from tests.support.secured_kafka import NOBODY, USER, SecuredKafka, unsecured_token
@@ -186,3 +189,31 @@ def test_oauthbearer_tokens_from_an_oidc_endpoint_log_both_clients_in(
     refused = secured_kafka.resource(wrong, topics=topic, client=client)
     with pytest.raises(AccessRefused, match=r"token endpoint .* refused the client credentials"):
         _read_offsets(refused, topic)
+
+
+def test_doctor_names_the_acls_a_principal_lacks(
+    secured_kafka: SecuredKafka, unique: str, services: Services
+) -> None:
+    topic = f"sec-{unique}"
+    secured_kafka.create_topic(topic)
+
+    def kafka_findings(env: dict[str, str]) -> list[Finding]:
+        deployment = Deployment(
+            kafka=secured_kafka.resource(env, topics=topic),
+            postgres_dsn="",
+            gcs=GCSResource(bucket=services.bucket, emulator_host=services.gcs_url),
+            linger_seconds=1.0,
+            dagster_yaml=None,
+        )
+        return list(doctor_kafka(deployment))
+
+    ok = kafka_findings(secured_kafka.scram_env())
+    assert [f.status for f in ok] == ["OK", "OK"]
+    assert f"User:{USER} may DESCRIBE and READ it" in ok[1].detail
+    answer, refused = kafka_findings(secured_kafka.scram_env(user=NOBODY))
+    assert answer.status == "OK"
+    assert (refused.status, refused.check) == ("FAIL", "kafka acl")
+    assert f"User:{NOBODY} may not DESCRIBE topic '{topic}'" in refused.detail
+    assert f"grant User:{NOBODY} DESCRIBE and READ on Topic '{topic}'" in refused.fix
+    [wrong] = kafka_findings(secured_kafka.scram_env(password="not-it"))
+    assert wrong.status == "FAIL" and "Kafka authentication failed" in wrong.detail
