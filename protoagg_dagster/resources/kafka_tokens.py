@@ -8,6 +8,7 @@ expires, so the many clients of a sensor tick or a run ask once.
 
 from __future__ import annotations
 
+import datetime
 import functools
 import threading
 import time
@@ -95,7 +96,9 @@ def gcp_token() -> tuple[str, float]:
             f"{settings.KAFKA_OAUTH_PROVIDER.env}=gcp needs a service account's credentials "
             "(the token names its email); these Application Default Credentials have none"
         )
-    expiry = credentials.expiry.timestamp() if credentials.expiry else time.time() + 300
+    # google-auth keeps the expiry as a naive datetime in UTC.
+    expires = credentials.expiry
+    expiry = expires.replace(tzinfo=datetime.UTC).timestamp() if expires else time.time() + 300
     return gcp_kafka_token(str(credentials.token), email, time.time(), expiry), expiry
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import datetime
 import json
 from typing import Any
 
@@ -15,6 +16,7 @@ from protoagg_dagster.core import kafka_client
 from protoagg_dagster.core.errors import AccessRefused, BackendError, ConfigError
 from protoagg_dagster.core.kafka_client import KafkaClientSettings, gcp_kafka_token
 from protoagg_dagster.kafka import clients
+from protoagg_dagster.resources import kafka_tokens
 from protoagg_dagster.resources.kafka_tokens import CachedToken
 
 BOOT = "broker-1:9093,broker-2:9093"
@@ -277,3 +279,37 @@ def test_a_refused_sensor_tick_logs_one_line_and_the_next_ticks_wait(
     clock[0] += 1
     failure.clear()
     assert evaluate(context) == "ran"  # an unreachable broker is asked again at the next tick
+
+
+class FakeCredentials:
+    """What google.auth.default() hands back for a service account."""
+
+    def __init__(self) -> None:
+        self.token: str | None = None
+        self.expiry: datetime.datetime | None = None
+        self.service_account_email = "archiver@proj.iam.gserviceaccount.com"
+
+    def refresh(self, _request: object) -> None:
+        self.token = "ya29.fresh"
+        self.expiry = datetime.datetime(2030, 1, 1, 12, 0)  # naive UTC, as google-auth keeps it
+
+
+def test_the_gcp_provider_wraps_application_default_credentials(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import google.auth
+
+    asked: list[object] = []
+
+    def default(scopes: list[str]) -> tuple[FakeCredentials, str]:
+        asked.append(scopes)
+        return FakeCredentials(), "proj"
+
+    monkeypatch.setattr(google.auth, "default", default)
+    token, expiry = kafka_tokens.gcp_token()
+    assert asked == [["https://www.googleapis.com/auth/cloud-platform"]]
+    header, claims, access = token.split(".")
+    assert _b64(header)["alg"] == "GOOG_OAUTH2_TOKEN"
+    assert _b64(claims)["sub"] == "archiver@proj.iam.gserviceaccount.com"
+    assert base64.urlsafe_b64decode(access + "=" * (-len(access) % 4)) == b"ya29.fresh"
+    assert expiry == _b64(claims)["exp"] == 1893499200.0  # 2030-01-01T12:00:00Z
