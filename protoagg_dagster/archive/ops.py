@@ -82,8 +82,12 @@ def _final_failure(exc: ConfigError) -> dg.Failure:
     """A failure retried neither by the op's retry policy nor by run retries."""
     # allow_retries=False covers the retry policy. Run retries re-run a run that failed in an op
     # unless the run's tag says not to; the daemon reads the tags when the run fails.
-    context = dg.OpExecutionContext.get()
-    context.instance.add_run_tags(context.run_id, {RETRY_ON_ASSET_OR_OP_FAILURE_TAG: "false"})
+    try:
+        context = dg.OpExecutionContext.get()
+    except dg.DagsterInvariantViolationError:  # the op called directly, outside any run
+        pass
+    else:
+        context.instance.add_run_tags(context.run_id, {RETRY_ON_ASSET_OR_OP_FAILURE_TAG: "false"})
     return dg.Failure(description=str(exc), allow_retries=False)
 
 
