@@ -240,6 +240,6 @@ def test_an_unreachable_broker_is_one_clear_error_with_librdkafka() -> None:
     )
     started = time.monotonic()
     # The reader waits for the brokers when it is made, not at its first read.
-    with pytest.raises(BackendError, match=r"no Kafka broker answers at 127\.0\.0\.1:1 .*BOOTSTRAP"):
+    with pytest.raises(BackendError, match=r"no Kafka broker answers at 127\.0\.0\.1:1 "):
         kafka.get_reader()
     assert time.monotonic() - started < 10
