@@ -4,8 +4,8 @@ Without this, every tick of a sensor whose Kafka refuses its password writes a ~
 traceback to the daemon's log, every few seconds, for as long as nobody fixes it. A refusal
 (``AccessRefused``) does not heal by asking again soon, so the ticks after one wait, doubling
 from ``FIRST_WAIT_SECONDS`` up to ``MAX_WAIT_SECONDS``; other failures of ours (an unreachable
-broker) are retried at the next tick as before. The waiting lives in the code server's memory:
-restarting it, as changing a setting does, tries again at once.
+broker) are retried at the next tick as before. The waiting lives in the code server's memory,
+per Kafka connection settings: changing a setting (or restarting the code server) asks at once.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any, ParamSpec
 import dagster as dg
 
 from protoagg_dagster.core.errors import AccessRefused, ProtoaggError
+from protoagg_dagster.resources import KafkaResource
 
 FIRST_WAIT_SECONDS = 10.0
 MAX_WAIT_SECONDS = 120.0
@@ -45,11 +46,12 @@ def one_line_failures(
     evaluate: Callable[P, dg.SensorResult],
 ) -> Callable[P, dg.SensorResult]:
     """Wrap a sensor's evaluation function (its first argument is the sensor's context)."""
-    backoff = Backoff()
+    backoffs: dict[object, Backoff] = {}
 
     @functools.wraps(evaluate)
     def tick(*args: P.args, **kwargs: P.kwargs) -> dg.SensorResult:
         context: Any = args[0] if args else kwargs["context"]
+        backoff = backoffs.setdefault(_connection(kwargs.get("kafka")), Backoff())
         now = time.monotonic()
         if now < backoff.until:
             return dg.SensorResult(
@@ -68,3 +70,11 @@ def one_line_failures(
         return result
 
     return tick
+
+
+def _connection(kafka: object) -> object:
+    """What the waiting is kept per: the Kafka connection settings, when they are valid."""
+    try:
+        return kafka.client_settings() if isinstance(kafka, KafkaResource) else None
+    except ProtoaggError:  # the evaluation itself raises it, and says it in one line
+        return None
