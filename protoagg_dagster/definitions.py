@@ -21,6 +21,7 @@ from protoagg_dagster.archive.sensor import kafka_offsets_sensor
 from protoagg_dagster.archive.upkeep import archive_maintenance, maintain_archive
 from protoagg_dagster.core import settings
 from protoagg_dagster.core.archive_object import check_one_format_per_object
+from protoagg_dagster.core.kafka_client import FIELD_SETTINGS, KafkaClientSettings
 from protoagg_dagster.resources import GCSResource, KafkaResource, PostgresResource
 from protoagg_dagster.resources.settings import ArchiverSettings
 from protoagg_dagster.restore.job import restore_archive
@@ -39,15 +40,18 @@ def _template(setting: settings.Setting) -> str | dg.EnvVar:
     return dg.EnvVar(setting.env) if setting.env in os.environ else setting.default + codec.suffix
 
 
-def _kafka_security() -> dict[str, Any]:
-    """SASL/SSL settings that are set, as EnvVars so no secret is stored or shown."""
-    optional = {
-        "sasl_mechanism": settings.KAFKA_SASL_MECHANISM,
-        "sasl_username": settings.KAFKA_SASL_USERNAME,
-        "sasl_password": settings.KAFKA_SASL_PASSWORD,
-        "ssl_cafile": settings.KAFKA_SSL_CAFILE,
-    }
-    return {field: dg.EnvVar(s.env) for field, s in optional.items() if os.environ.get(s.env)}
+def _kafka_connection() -> dict[str, Any]:
+    """Every Kafka connection setting, as an EnvVar when set: no secret is stored or shown."""
+    fields: dict[str, Any] = {"bootstrap_servers": settings.KAFKA_BOOTSTRAP.default}
+    fields.update(
+        {field: dg.EnvVar(s.env) for field, s in FIELD_SETTINGS.items() if os.environ.get(s.env)}
+    )
+    return fields
+
+
+# An impossible combination of Kafka settings (SASL without a password, a key without its
+# certificate, ...) fails here, when the code location loads, not in a run.
+KafkaClientSettings.from_environ().check()
 
 
 postgres = PostgresResource(dsn=_value(settings.POSTGRES_DSN))
@@ -88,11 +92,9 @@ defs = dg.Definitions(
         # grew).
         "io_manager": dg.mem_io_manager,
         "kafka": KafkaResource(
-            bootstrap_servers=_value(settings.KAFKA_BOOTSTRAP),
             topics=_value(settings.TOPICS),
-            security_protocol=_value(settings.KAFKA_SECURITY_PROTOCOL),
             client=_value(settings.KAFKA_CLIENT),
-            **_kafka_security(),
+            **_kafka_connection(),
         ),
         "postgres": postgres,
         "lease": PartitionLease(postgres=postgres),

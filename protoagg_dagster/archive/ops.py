@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar, cast
 
 import dagster as dg
+from dagster._core.storage.tags import RETRY_ON_ASSET_OR_OP_FAILURE_TAG
 from pydantic import Field
 
 from protoagg_dagster.archive.assets import ARCHIVE_ASSET, topic_asset_key
@@ -55,7 +56,8 @@ def fail_fast(step: Callable[P, R]) -> Callable[P, R]:
     """Turn configuration errors into failures Dagster does not retry.
 
     Transient errors (a broker or database restarting, GCS 503) are retried by the op's
-    RetryPolicy with backoff; retrying a wrong password or bucket name only delays the message.
+    RetryPolicy with backoff; retrying a wrong password, a missing ACL or a bucket name only
+    delays the message, so neither the op's retry policy nor run retries repeat those.
     """
     if inspect.isgeneratorfunction(step):
 
@@ -64,7 +66,7 @@ def fail_fast(step: Callable[P, R]) -> Callable[P, R]:
             try:
                 yield from cast(Iterator[Any], step(*args, **kwargs))
             except ConfigError as exc:
-                raise dg.Failure(description=str(exc), allow_retries=False) from exc
+                raise _final_failure(exc) from exc
 
         return cast(Callable[P, R], generator)
 
@@ -73,9 +75,22 @@ def fail_fast(step: Callable[P, R]) -> Callable[P, R]:
         try:
             return step(*args, **kwargs)
         except ConfigError as exc:
-            raise dg.Failure(description=str(exc), allow_retries=False) from exc
+            raise _final_failure(exc) from exc
 
     return plain
+
+
+def _final_failure(exc: ConfigError) -> dg.Failure:
+    """A failure retried neither by the op's retry policy nor by run retries."""
+    # allow_retries=False covers the retry policy. Run retries re-run a run that failed in an op
+    # unless the run's tag says not to; the daemon reads the tags when the run fails.
+    try:
+        context = dg.OpExecutionContext.get()
+    except dg.DagsterInvariantViolationError:  # the op called directly, outside any run
+        pass
+    else:
+        context.instance.add_run_tags(context.run_id, {RETRY_ON_ASSET_OR_OP_FAILURE_TAG: "false"})
+    return dg.Failure(description=str(exc), allow_retries=False)
 
 
 @contextlib.contextmanager

@@ -38,6 +38,7 @@ from protoagg_dagster.archive.run_tags import (
     run_partition,
     run_range,
 )
+from protoagg_dagster.archive.tick_backoff import one_line_failures
 from protoagg_dagster.core import settings
 from protoagg_dagster.core.errors import ConfigError, MissingCredentials
 from protoagg_dagster.core.formats import TopicRule, rule_for
@@ -105,6 +106,7 @@ class SensorCursor:
     description="Reads each partition's end offset and archived position, and launches a run "
     "for the next bounded range when batch_size messages wait or linger_seconds have passed.",
 )
+@one_line_failures
 def kafka_offsets_sensor(
     context: dg.SensorEvaluationContext,
     kafka: KafkaResource,

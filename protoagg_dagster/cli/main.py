@@ -235,7 +235,7 @@ def _produce(args: argparse.Namespace) -> int:
     from protoagg_dagster.cli.produce import produce_file
 
     topic = args.topic or settings.split_list(settings.TOPICS.read())[0]
-    sent = produce_file(args.file, topic, settings.KAFKA_BOOTSTRAP.read(), args.partitions)
+    sent = produce_file(args.file, topic, partitions=args.partitions)
     print(f"sent {sent} messages from {args.file} to topic {topic!r}")
     return 0
 
@@ -320,15 +320,7 @@ def _doctor(args: argparse.Namespace) -> int:
         dagster_yaml = Path(os.environ["DAGSTER_HOME"]) / "dagster.yaml"
     codec = settings.read_codec()
     deployment = Deployment(
-        kafka=KafkaResource(
-            bootstrap_servers=settings.KAFKA_BOOTSTRAP.read(),
-            topics=settings.TOPICS.read(),
-            security_protocol=settings.KAFKA_SECURITY_PROTOCOL.read(),
-            sasl_mechanism=settings.KAFKA_SASL_MECHANISM.read() or None,
-            sasl_username=settings.KAFKA_SASL_USERNAME.read() or None,
-            sasl_password=settings.KAFKA_SASL_PASSWORD.read() or None,
-            ssl_cafile=settings.KAFKA_SSL_CAFILE.read() or None,
-        ),
+        kafka=KafkaResource.from_env(),
         postgres_dsn=settings.POSTGRES_DSN.read(),
         gcs=GCSResource(
             bucket=settings.GCS_BUCKET.read(),

@@ -54,11 +54,50 @@ KAFKA_SECURITY_PROTOCOL = Setting(
     "PROTOAGG_KAFKA_SECURITY_PROTOCOL", "PLAINTEXT", "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL"
 )
 KAFKA_SASL_MECHANISM = Setting(
-    "PROTOAGG_KAFKA_SASL_MECHANISM", "", "e.g. PLAIN or SCRAM-SHA-512; empty: no SASL"
+    "PROTOAGG_KAFKA_SASL_MECHANISM",
+    "",
+    "PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 or OAUTHBEARER; empty: no SASL",
 )
 KAFKA_SASL_USERNAME = Setting("PROTOAGG_KAFKA_SASL_USERNAME", "", "SASL user name")
 KAFKA_SASL_PASSWORD = Setting("PROTOAGG_KAFKA_SASL_PASSWORD", "", "SASL password (a secret)")
-KAFKA_SSL_CAFILE = Setting("PROTOAGG_KAFKA_SSL_CAFILE", "", "CA bundle file for SSL")
+KAFKA_SSL_CAFILE = Setting(
+    "PROTOAGG_KAFKA_SSL_CAFILE", "", "CA bundle file for SSL; empty: the system's CA store"
+)
+KAFKA_SSL_CERTFILE = Setting(
+    "PROTOAGG_KAFKA_SSL_CERTFILE", "", "client certificate (PEM) for mutual TLS"
+)
+KAFKA_SSL_KEYFILE = Setting(
+    "PROTOAGG_KAFKA_SSL_KEYFILE", "", "client private key (PEM) for mutual TLS"
+)
+KAFKA_SSL_KEY_PASSWORD = Setting(
+    "PROTOAGG_KAFKA_SSL_KEY_PASSWORD", "", "password of an encrypted client key (a secret)"
+)
+KAFKA_SSL_CHECK_HOSTNAME = Setting(
+    "PROTOAGG_KAFKA_SSL_CHECK_HOSTNAME",
+    "true",
+    "check that the broker's certificate names the host connected to (false: warns)",
+)
+KAFKA_OAUTH_PROVIDER = Setting(
+    "PROTOAGG_KAFKA_OAUTH_PROVIDER",
+    "",
+    "OAUTHBEARER tokens from: gcp (Application Default Credentials, Google Cloud's managed "
+    "Kafka) or oidc (an OIDC client-credentials token endpoint)",
+)
+KAFKA_OAUTH_TOKEN_URL = Setting("PROTOAGG_KAFKA_OAUTH_TOKEN_URL", "", "oidc: the token endpoint")
+KAFKA_OAUTH_CLIENT_ID = Setting("PROTOAGG_KAFKA_OAUTH_CLIENT_ID", "", "oidc: client id")
+KAFKA_OAUTH_CLIENT_SECRET = Setting(
+    "PROTOAGG_KAFKA_OAUTH_CLIENT_SECRET", "", "oidc: client secret (a secret)"
+)
+KAFKA_OAUTH_SCOPE = Setting(
+    "PROTOAGG_KAFKA_OAUTH_SCOPE", "", "oidc: scopes to ask for, space separated"
+)
+KAFKA_PROPERTIES = Setting(
+    "PROTOAGG_KAFKA_PROPERTIES",
+    "",
+    "more client properties as a JSON object of Kafka's dotted names, e.g. "
+    '{"connections.max.idle.ms": 60000}; a "librdkafka:" or "kafka-python:" prefix gives one '
+    "to that client only",
+)
 KAFKA_CLIENTS = ("kafka-python", "confluent")
 KAFKA_CLIENT = Setting(
     "PROTOAGG_KAFKA_CLIENT",
@@ -169,6 +208,16 @@ ALL_SETTINGS: tuple[Setting, ...] = (
     KAFKA_SASL_USERNAME,
     KAFKA_SASL_PASSWORD,
     KAFKA_SSL_CAFILE,
+    KAFKA_SSL_CERTFILE,
+    KAFKA_SSL_KEYFILE,
+    KAFKA_SSL_KEY_PASSWORD,
+    KAFKA_SSL_CHECK_HOSTNAME,
+    KAFKA_OAUTH_PROVIDER,
+    KAFKA_OAUTH_TOKEN_URL,
+    KAFKA_OAUTH_CLIENT_ID,
+    KAFKA_OAUTH_CLIENT_SECRET,
+    KAFKA_OAUTH_SCOPE,
+    KAFKA_PROPERTIES,
     KAFKA_CLIENT,
     TOPICS,
     FORMAT,

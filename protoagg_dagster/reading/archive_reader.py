@@ -215,7 +215,7 @@ def check_url_against_kafka(url: str) -> KafkaCheck:
             settings.GCS_DEAD_LETTERS, settings.read_codec().suffix
         ),
     )
-    kafka = KafkaResource(bootstrap_servers=settings.KAFKA_BOOTSTRAP.read())
+    kafka = KafkaResource.from_env()
     members = [blob.name for blob in sequence_blobs(gcs.get_bucket(), name)]
     partitions = _ledger_partitions(url, members)
     options = settings_options()

@@ -180,7 +180,13 @@ def restore(
     plan, _ = plan_restore(urls, spec)
     partitions = _target_partitions(kafka, spec.to_topic, create_missing, plan.partitions_needed())
     check_partitions(spec.to_topic, partitions, plan, spec.partitioner)
-    create_topic(kafka.get_admin(), PROGRESS_TOPIC, 1, {"cleanup.policy": "compact"})
+    create_topic(
+        kafka.get_admin(),
+        PROGRESS_TOPIC,
+        1,
+        {"cleanup.policy": "compact"},
+        kafka.client_settings(),
+    )
     producer = _producer(kafka, spec, plan)
     result = RestoreResult()
     try:
@@ -198,6 +204,7 @@ def restore(
             lambda done, written, seconds: progress(done, written, seconds, plan.records),
         )
     except KafkaError as exc:
+        kafka.raise_refusal(exc, "")
         raise BackendError(f"restoring into {spec.to_topic!r} failed: {exc}") from exc
     except ArchiveFormatError as exc:
         raise ArchiveFormatError(
@@ -324,5 +331,5 @@ def _target_partitions(kafka: KafkaResource, topic: str, create: bool, need: int
             f"target topic {topic!r} does not exist on {kafka.bootstrap_servers} (pass "
             f"--create-topic to create it with {need} partitions)"
         )
-    create_topic(kafka.get_admin(), topic, need)
+    create_topic(kafka.get_admin(), topic, need, client=kafka.client_settings())
     return need
