@@ -1,0 +1,157 @@
+"""``protoagg query SQL``: DuckDB over the topic tables, each a view named after its topic.
+
+Each view reads the table's current metadata with DuckDB's Iceberg extension (installed as a
+package, pinned with DuckDB: nothing is downloaded at run time). ``--from``/``--to`` restrict
+every view to a time window, which DuckDB prunes to the files of those days.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.resources
+import json
+from collections.abc import Iterable, Sequence
+from typing import Any, TextIO
+from urllib.parse import urlsplit
+
+import duckdb
+
+from protoagg_dagster.core import settings
+from protoagg_dagster.core.errors import ConfigError
+from protoagg_dagster.core.formats import text_or_base64
+from protoagg_dagster.resources.iceberg import IcebergResource
+
+# Loaded in this order: iceberg needs avro (manifests) and httpfs (gs:// reads).
+_EXTENSIONS = ("httpfs", "avro", "iceberg")
+
+
+def iceberg_from_settings() -> IcebergResource:
+    return IcebergResource(
+        postgres_dsn=settings.POSTGRES_DSN.read(),
+        bucket=settings.GCS_BUCKET.read(),
+        warehouse_prefix=settings.ICEBERG_PREFIX.read(),
+        namespace=settings.ICEBERG_NAMESPACE.read(),
+        rest_uri=settings.ICEBERG_REST_URI.read(),
+        catalog_properties=settings.ICEBERG_CATALOG_PROPERTIES.read(),
+        emulator_host=settings.STORAGE_EMULATOR_HOST.read(),
+    )
+
+
+def parse_bound(text: str, end: bool) -> datetime.datetime:
+    """A ``--from``/``--to`` value: a date (a ``--to`` date includes that day) or a time."""
+    try:
+        if len(text) == 10:
+            day = datetime.date.fromisoformat(text)
+            start = datetime.datetime.combine(day, datetime.time(), datetime.UTC)
+            return start + datetime.timedelta(days=1) if end else start
+        moment = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ConfigError(
+            f"{text!r} is not a date (YYYY-MM-DD) or a time (e.g. 2026-11-01T08:00:00Z)"
+        ) from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=datetime.UTC)
+
+
+def connect(iceberg: IcebergResource) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection with the packaged extensions loaded and GCS reachable."""
+    db = duckdb.connect()
+    for name in _EXTENSIONS:
+        package = importlib.resources.files(f"duckdb_extension_{name}")
+        path = package / "extensions" / f"v{duckdb.__version__}" / f"{name}.duckdb_extension"
+        db.execute(f"LOAD '{path}'")
+    if iceberg.emulator_host:
+        endpoint = urlsplit(iceberg.emulator_host)
+        db.execute(
+            "CREATE SECRET (TYPE gcs, KEY_ID 'emulator', SECRET 'emulator', "
+            f"ENDPOINT '{endpoint.netloc}', URL_STYLE 'path', "
+            f"USE_SSL {'true' if endpoint.scheme == 'https' else 'false'})"
+        )
+    else:
+        db.execute("CREATE SECRET (TYPE gcs, PROVIDER credential_chain)")
+    return db
+
+
+def create_views(
+    db: duckdb.DuckDBPyConnection,
+    iceberg: IcebergResource,
+    start: datetime.datetime | None,
+    end: datetime.datetime | None,
+) -> list[str]:
+    """One view per table of the namespace, named after its topic; return the names."""
+    catalog = iceberg.get_catalog()
+    names = []
+    for identifier in catalog.list_tables(iceberg.namespace):
+        table = catalog.load_table(identifier)
+        name = identifier[-1]
+        where = []
+        if start is not None:
+            where.append(f"\"timestamp\" >= '{start.isoformat()}'::TIMESTAMPTZ")
+        if end is not None:
+            where.append(f"\"timestamp\" < '{end.isoformat()}'::TIMESTAMPTZ")
+        # A view's definition takes no parameters: the location is quoted as a literal.
+        location = table.metadata_location.replace("'", "''")
+        view = name.replace('"', '""')
+        db.execute(
+            f"CREATE VIEW \"{view}\" AS SELECT * FROM iceberg_scan('{location}')"
+            + (" WHERE " + " AND ".join(where) if where else "")
+        )
+        names.append(name)
+    return names
+
+
+def run_query(
+    sql: str,
+    out: TextIO,
+    start: datetime.datetime | None = None,
+    end: datetime.datetime | None = None,
+    as_json: bool = False,
+    iceberg: IcebergResource | None = None,
+) -> int:
+    """Run ``sql`` over the topic views and print the result; return the number of rows."""
+    iceberg = iceberg or iceberg_from_settings()
+    db = connect(iceberg)
+    try:
+        views = create_views(db, iceberg, start, end)
+    except duckdb.Error as exc:
+        raise ConfigError(f"cannot open the topic tables: {exc}") from exc
+    try:
+        result = db.execute(sql)
+    except duckdb.Error as exc:
+        raise ConfigError(f"{exc} (tables: {', '.join(views) or 'none yet'})") from exc
+    columns = [d[0] for d in result.description or ()]
+    rows = result.fetchall()
+    if as_json:
+        for row in rows:
+            out.write(json.dumps(dict(zip(columns, map(_json_value, row), strict=True))) + "\n")
+    else:
+        write_aligned(out, columns, [[_text(v) for v in row] for row in rows])
+    return len(rows)
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return text_or_base64(value)
+    if isinstance(value, datetime.datetime | datetime.date):
+        return value.isoformat()
+    if isinstance(value, list):
+        return [_json_value(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _json_value(v) for k, v in value.items()}
+    return value
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return "NULL"
+    if isinstance(value, str):
+        return value
+    return json.dumps(_json_value(value), ensure_ascii=False, default=str)
+
+
+def write_aligned(out: TextIO, columns: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
+    """Columns padded to their widest value, a rule under the header."""
+    rows = list(rows)
+    widths = [max([len(c), *(len(r[i]) for r in rows)]) for i, c in enumerate(columns)]
+    lines = [columns, ["-" * w for w in widths], *rows]
+    for line in lines:
+        out.write("  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip() + "\n")
