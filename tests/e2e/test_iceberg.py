@@ -27,7 +27,7 @@ import pytest
 from kafka import KafkaProducer
 from psycopg import sql
 
-from protoagg_dagster.cli.query import run_query
+from protoagg_dagster.cli.query import TopicTables, run_query
 from protoagg_dagster.core.archive_object import archive_compression, archive_format
 from protoagg_dagster.core.compression import decompressed
 from protoagg_dagster.core.formats import FormatOptions, parse_topics
@@ -259,7 +259,11 @@ def queried(pipeline: Pipeline, topic: str, day: int) -> list[tuple[Any, ...]]:
         start,
         start + datetime.timedelta(days=1),
         as_json=True,
-        iceberg=pipeline.iceberg,
+        tables=TopicTables(
+            pipeline.iceberg.postgres_dsn,
+            pipeline.iceberg.namespace,
+            pipeline.iceberg.emulator_host,
+        ),
     )
     rows = [json.loads(line) for line in out.getvalue().splitlines()]
     columns = {name: [r[name] for r in rows] for name in (rows[0] if rows else {})}
