@@ -81,13 +81,24 @@ def _iso(seconds: int) -> str:
 
 
 def ensure_table(catalog: Catalog, namespace: str, topic: str, format_name: str) -> Table:
-    """The topic's table, created (with its namespace) on first use."""
+    """The topic's table, created (with its namespace) on first use.
+
+    A column the format's layout gained since the table was made is added by an Iceberg schema
+    update: old days keep their files and read the new column as null.
+    """
     layout = layout_of(format_name)
     identifier = (namespace, topic)
     try:
-        return catalog.load_table(identifier)
+        table = catalog.load_table(identifier)
     except NoSuchTableError:
         pass
+    else:
+        have = {field.name for field in table.schema().fields}
+        if any(field.name not in have for field in layout.schema.fields):
+            with table.update_schema() as update:
+                update.union_by_name(layout.schema)
+            table = catalog.load_table(identifier)
+        return table
     catalog.create_namespace_if_not_exists(namespace)
     return catalog.create_table_if_not_exists(
         identifier,

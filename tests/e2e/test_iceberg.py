@@ -30,6 +30,7 @@ from psycopg import sql
 from protoagg_dagster.cli.query import TopicTables, run_query
 from protoagg_dagster.core.archive_object import archive_compression, archive_format
 from protoagg_dagster.core.compression import decompressed
+from protoagg_dagster.core.errors import ConfigError
 from protoagg_dagster.core.formats import FormatOptions, parse_topics
 from protoagg_dagster.core.table_days import day_key, parse_day
 from protoagg_dagster.iceberg.assets import ROW_COUNT, build_table_assets, table_asset_key
@@ -376,3 +377,18 @@ def _table_files(pipeline: Pipeline, topic: str) -> set[str]:
     bucket, _, prefix = location.removeprefix("gs://").partition("/")
     blobs = pipeline.stack.gcs.get_client().bucket(bucket).list_blobs(prefix=prefix + "/")
     return {f"gs://{bucket}/{blob.name}" for blob in blobs}
+
+
+def test_a_query_of_one_day_reads_only_that_days_files(pipeline: Pipeline) -> None:
+    # Last in the module: it breaks day 2 of the log table on purpose.
+    topic = pipeline.log_topic
+    expected = archived_day(pipeline, topic, DAY1)
+    table = pipeline.table(topic)
+    (day2_file, *_) = [
+        t.file.file_path for t in table.scan(row_filter=day_filter(DAY2)).plan_files()
+    ]
+    bucket, _, name = day2_file.removeprefix("gs://").partition("/")
+    pipeline.stack.gcs.get_client().bucket(bucket).blob(name).delete()
+    assert queried(pipeline, topic, DAY1) == expected
+    with pytest.raises(ConfigError):
+        queried(pipeline, topic, DAY2)
