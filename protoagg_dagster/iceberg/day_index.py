@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime
 import io
+import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -151,35 +152,56 @@ def index_batches(
     bucket: storage.Bucket,
     formats: dict[str, str],
     limit: int,
+    seconds: float | None = None,
 ) -> int:
     """Read up to ``limit`` unindexed batches of the topics in ``formats``; return how many.
 
-    Indexers take turns (an advisory lock), so sequence numbers become visible in order: a day
-    written from everything up to number S has seen every batch numbered S or below.
+    With ``seconds``, no batch is started after that long (a sensor tick has a time limit).
+
+    One transaction per batch, under an advisory lock that indexers take in turn, so sequence
+    numbers become visible in order: a day written from everything up to number S has seen
+    every batch numbered S or below.
     """
-    with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_INDEX_LOCK_ID,))
-        batches = unindexed(conn, sorted(formats), limit)
-        compressions: dict[str, str] = {}
-        for batch in batches:
-            days: Counter[int] = Counter()
-            newest: int | None = None
-            if batch.length:
-                with batch_stream(bucket, batch, compressions) as stream:
-                    for seconds in record_times(formats[batch.topic], stream):
-                        days[day_of(seconds)] += 1
-                        newest = seconds if newest is None or seconds > newest else newest
-            conn.execute(
-                "INSERT INTO iceberg_indexed (batch_id, topic, partition, newest) "
-                "VALUES (%s, %s, %s, to_timestamp(%s))",
-                (batch.batch_id, batch.topic, batch.partition, newest),
-            )
-            with conn.cursor().copy(
-                "COPY iceberg_batch_days (batch_id, day, records) FROM STDIN"
-            ) as copy:
-                for day, count in days.items():
-                    copy.write_row((batch.batch_id, _date(day), count))
-    return len(batches)
+    done = 0
+    compressions: dict[str, str] = {}
+    deadline = None if seconds is None else time.monotonic() + seconds
+    for batch in unindexed(conn, sorted(formats), limit):
+        if deadline is not None and time.monotonic() > deadline:
+            break
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_INDEX_LOCK_ID,))
+            seen = conn.execute(
+                "SELECT 1 FROM iceberg_indexed WHERE batch_id = %s", (batch.batch_id,)
+            ).fetchone()
+            if seen is not None:
+                continue  # another indexer read it meanwhile
+            _index_batch(conn, bucket, batch, formats[batch.topic], compressions)
+            done += 1
+    return done
+
+
+def _index_batch(
+    conn: psycopg.Connection,
+    bucket: storage.Bucket,
+    batch: LocatedBatch,
+    format_name: str,
+    compressions: dict[str, str],
+) -> None:
+    days: Counter[int] = Counter()
+    newest: int | None = None
+    if batch.length:
+        with batch_stream(bucket, batch, compressions) as stream:
+            for seconds in record_times(format_name, stream):
+                days[day_of(seconds)] += 1
+                newest = seconds if newest is None or seconds > newest else newest
+    conn.execute(
+        "INSERT INTO iceberg_indexed (batch_id, topic, partition, newest) "
+        "VALUES (%s, %s, %s, to_timestamp(%s))",
+        (batch.batch_id, batch.topic, batch.partition, newest),
+    )
+    with conn.cursor().copy("COPY iceberg_batch_days (batch_id, day, records) FROM STDIN") as copy:
+        for day, count in days.items():
+            copy.write_row((batch.batch_id, _date(day), count))
 
 
 def watermarks(conn: psycopg.Connection, topic: str) -> dict[int, int]:

@@ -24,8 +24,9 @@ from protoagg_dagster.iceberg.day_index import (
 from protoagg_dagster.resources import GCSResource, PostgresResource
 
 SENSOR_NAME = "iceberg_days_sensor"
-# Bounds one tick's work: batches read for the index, runs requested.
+# Bounds one tick's work: batches read for the index (Dagster gives a sensor 60 s), runs requested.
 BATCHES_PER_TICK = 200
+INDEX_SECONDS_PER_TICK = 20.0
 RUNS_PER_TICK = 20
 
 
@@ -48,7 +49,9 @@ def build_days_sensor(rules: tuple[TopicRule, ...], grace_seconds: int) -> dg.Se
             return
         with ledger_connection(postgres) as conn:
             ensure_index_schema(conn)
-            indexed = index_batches(conn, gcs.get_bucket(), formats, BATCHES_PER_TICK)
+            indexed = index_batches(
+                conn, gcs.get_bucket(), formats, BATCHES_PER_TICK, INDEX_SECONDS_PER_TICK
+            )
             plans = {topic: (day_states(conn, topic), watermarks(conn, topic)) for topic in formats}
         requested = 0
         for topic, (states, marks) in plans.items():

@@ -12,6 +12,7 @@ import base64
 import datetime
 import io
 import json
+import re
 import subprocess
 import sys
 import uuid
@@ -292,6 +293,11 @@ def test_days_the_archive_passed_are_written_with_exactly_the_archived_records(
     pipeline: Pipeline,
 ) -> None:
     topics = (pipeline.log_topic, pipeline.record_topic)
+    # The sources are what the fixture meant: hourly objects rolled over into sequences.
+    bucket = pipeline.stack.gcs.get_bucket()
+    names = [b.name for t in topics for b in bucket.list_blobs(prefix=f"{pipeline.prefix}/{t}/")]
+    assert all(re.search(r"/\d{4}-\d\d-\d\d/\d\d/\d+(\.\d{4})?\.pb$", n) for n in names), names
+    assert any(".0001.pb" in n for n in names), names
     assert pipeline.requested_days() == sorted(
         (topic, day_key(day)) for topic in topics for day in (DAY1, DAY2)
     )
