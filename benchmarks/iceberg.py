@@ -1,7 +1,7 @@
 """The Iceberg copy: rows/s per core, peak memory, table size, query time, commit time.
 
-    flock /tmp/protoagg-bench.lock .venv/bin/python benchmarks/iceberg.py [-n N] \
-        [--batch-records R] --admin-dsn postgresql://... --gcs http://... [--bucket B]
+    flock /tmp/protoagg-bench.lock .venv/bin/python benchmarks/iceberg.py [-n N] [--smoke] \
+        [--batch-records R] --admin-dsn postgresql://... --gcs http://... [--bucket B] [--keep]
 
 Prepares one UTC day (2026-11-01) of N log lines of 125 bytes (``compression.log_line``) as an
 archive would hold them: batches of R records (the archive's default largest run), each one
@@ -217,7 +217,8 @@ def query_seconds(spec: dict[str, Any], probe: str) -> tuple[float, str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("-n", type=int, default=1_000_000)
+    parser.add_argument("-n", type=int, default=10_000_000)
+    parser.add_argument("--smoke", action="store_true", help="50k records: it runs and prints")
     parser.add_argument("--batch-records", type=int, default=200_000)
     parser.add_argument("--admin-dsn", default=os.environ.get("PROTOAGG_BENCH_ADMIN_DSN"))
     parser.add_argument("--gcs", default=os.environ.get("STORAGE_EMULATOR_HOST"))
@@ -230,6 +231,8 @@ def main() -> int:
         stage = {"index": stage_index, "write": stage_write}[args.stage]
         print(json.dumps(stage(json.loads(args.spec))))
         return 0
+    if args.smoke:
+        args.n, args.batch_records = 50_000, 20_000
     if not args.admin_dsn or not args.gcs:
         parser.error("--admin-dsn and --gcs (or PROTOAGG_BENCH_ADMIN_DSN, STORAGE_EMULATOR_HOST)")
     unique = uuid.uuid4().hex[:8]

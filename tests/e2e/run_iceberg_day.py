@@ -15,7 +15,7 @@ from typing import Any
 
 from protoagg_dagster.archive.ledger import ledger_connection
 from protoagg_dagster.iceberg import writer
-from protoagg_dagster.iceberg.day_index import ensure_index_schema
+from protoagg_dagster.iceberg.day_index import ensure_index_schema, index_batches
 from protoagg_dagster.resources import GCSResource, PostgresResource
 from protoagg_dagster.resources.iceberg import IcebergResource
 
@@ -31,6 +31,7 @@ def main() -> int:
     gcs, iceberg = GCSResource(**spec["gcs"]), IcebergResource(**spec["iceberg"])
     with ledger_connection(PostgresResource(**spec["postgres"])) as conn:
         ensure_index_schema(conn)
+        index_batches(conn, gcs.get_bucket(), {spec["topic"]: spec["format"]}, 10_000)
         written = writer.write_day(
             conn,
             gcs.get_bucket(),
