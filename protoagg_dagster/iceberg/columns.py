@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Protocol
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from pyiceberg.partitioning import PartitionField, PartitionSpec
@@ -37,6 +38,7 @@ from protoagg_dagster.core.formats import LOG, RECORD
 from protoagg_dagster.core.framing import MESSAGE_REUSE, iter_frame_runs
 from protoagg_dagster.core.kafka_record import iter_kafka_records
 from protoagg_dagster.core.table_days import SECONDS_PER_DAY
+from protoagg_dagster.iceberg.log_frames import LogBlock, decode_log_frames
 from protoagg_dagster.pb.log_pb2 import ProtoLog
 from protoagg_dagster.pb.record_pb2 import KafkaRecord
 
@@ -153,65 +155,76 @@ def day_seconds(day: int) -> tuple[int, int]:
 @dataclass
 class LogColumns:
     day: int
-    log_ids: list[str] = field(default_factory=list)
-    seconds: list[int] = field(default_factory=list)
-    nanos: list[int] = field(default_factory=list)
-    messages: list[str] = field(default_factory=list)
-    partitions: list[int] = field(default_factory=list)
+    blocks: list[pa.Table] = field(default_factory=list)
+    buffered: int = 0
 
     @property
     def rows(self) -> int:
-        return len(self.log_ids)
+        return self.buffered
 
     def feed(self, stream: BinaryIO, partition: int, rows: int) -> Iterator[pa.Table]:
-        # The hot loop of a day's conversion (millions of records): frames are split per chunk
-        # and parsed into one reused message, renewed as framing.MESSAGE_REUSE explains.
         low, high = day_seconds(self.day)
-        message, uses = ProtoLog(), 0
         for buffer, spans in iter_frame_runs(stream):
-            view = memoryview(buffer)
-            ids, secs, nanos, messages = self.log_ids, self.seconds, self.nanos, self.messages
-            kept = 0
-            for start, stop in spans:
-                if uses == MESSAGE_REUSE:
-                    message, uses = ProtoLog(), 0
-                uses += 1
-                try:
-                    message.ParseFromString(view[start:stop])  # type: ignore[arg-type] # upb reads any buffer
-                except Exception as exc:  # upb raises a bare DecodeError subclass of Exception
-                    raise ArchiveFormatError(
-                        f"a {stop - start}-byte frame is not a ProtoLog ({exc})"
-                    ) from exc
-                stamp = message.timestamp
-                second = stamp.seconds
-                if low <= second < high:
-                    ids.append(message.logId)
-                    secs.append(second)
-                    nanos.append(stamp.nanos)
-                    messages.append(message.message)
-                    kept += 1
-                    if len(ids) >= rows:
-                        self.partitions.extend([partition] * kept)
-                        kept = 0
-                        yield self.take()
-                        ids, secs = self.log_ids, self.seconds
-                        nanos, messages = self.nanos, self.messages
-            self.partitions.extend([partition] * kept)
+            block = decode_log_frames(buffer, spans) or _decode_with_upb(buffer, spans)
+            keep = (block.seconds >= low) & (block.seconds < high)
+            kept = int(keep.sum())
+            if not kept:
+                continue
+            micros = block.seconds[keep] * 1_000_000 + block.nanos[keep] // 1000
+            mask = pa.array(keep)
+            self.blocks.append(
+                pa.Table.from_arrays(
+                    [
+                        block.log_ids.filter(mask),
+                        pa.array(micros, pa.int64()).cast(_UTC_MICROS),
+                        block.messages.filter(mask),
+                        pa.array(np.full(kept, partition, dtype=np.int32)),
+                        pa.nulls(kept, pa.int64()),
+                    ],
+                    schema=LOG_ARROW,
+                )
+            )
+            self.buffered += kept
+            while self.buffered >= rows:
+                yield self._take(rows)
 
     def take(self) -> pa.Table:
-        table = pa.Table.from_arrays(
-            [
-                pa.array(self.log_ids, pa.string()),
-                _utc_micros(self.seconds, self.nanos),
-                pa.array(self.messages, pa.string()),
-                pa.array(self.partitions, pa.int32()),
-                pa.nulls(len(self.log_ids), pa.int64()),
-            ],
-            schema=LOG_ARROW,
-        )
-        self.log_ids, self.seconds, self.nanos, self.messages = [], [], [], []
-        self.partitions = []
-        return table
+        return self._take(self.buffered)
+
+    def _take(self, rows: int) -> pa.Table:
+        buffered = pa.concat_tables(self.blocks) if self.blocks else LOG_ARROW.empty_table()
+        rest = buffered.slice(rows)
+        self.blocks = [rest] if rest.num_rows else []
+        self.buffered = rest.num_rows
+        return buffered.slice(0, rows)
+
+
+def _decode_with_upb(buffer: bytes, spans: list[tuple[int, int]]) -> LogBlock:
+    """A chunk decoded frame by frame (any valid ``ProtoLog`` layout), as ``decode_log_frames``."""
+    ids, seconds, nanos, messages = [], [], [], []
+    message, uses = ProtoLog(), 0
+    view = memoryview(buffer)
+    for start, stop in spans:
+        if uses == MESSAGE_REUSE:
+            message, uses = ProtoLog(), 0
+        uses += 1
+        try:
+            message.ParseFromString(view[start:stop])  # type: ignore[arg-type] # upb reads any buffer
+        except Exception as exc:  # upb raises a bare DecodeError subclass of Exception
+            raise ArchiveFormatError(
+                f"a {stop - start}-byte frame is not a ProtoLog ({exc})"
+            ) from exc
+        stamp = message.timestamp
+        ids.append(message.logId)
+        seconds.append(stamp.seconds)
+        nanos.append(stamp.nanos)
+        messages.append(message.message)
+    return LogBlock(
+        pa.array(ids, pa.string()),
+        np.array(seconds, dtype=np.int64),
+        np.array(nanos, dtype=np.int64),
+        pa.array(messages, pa.string()),
+    )
 
 
 @dataclass

@@ -2,6 +2,8 @@ import io
 
 import pyarrow as pa
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from protoagg_dagster.core.errors import ArchiveFormatError, ConfigError
 from protoagg_dagster.core.formats import LogFormat, RecordFormat
@@ -16,7 +18,8 @@ from protoagg_dagster.core.table_days import (
     parse_day,
     ready_through,
 )
-from protoagg_dagster.iceberg.columns import layout_of, record_times
+from protoagg_dagster.iceberg.columns import _decode_with_upb, layout_of, record_times
+from protoagg_dagster.iceberg.log_frames import decode_log_frames
 
 DAY = parse_day("2026-11-01")
 START = DAY * 86_400
@@ -117,3 +120,34 @@ def test_frame_runs_span_chunk_boundaries_and_refuse_a_truncated_end() -> None:
     assert list(record_times("log", io.BytesIO(data))) == [
         r.seconds for r in iter_records(io.BytesIO(data))
     ]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(-(2**40), 2**40),
+            st.integers(0, 999_999_999),
+            st.text(max_size=300),
+            st.sampled_from([36, 0, 35]),
+        ),
+        min_size=1,
+        max_size=40,
+    )
+)
+def test_the_numpy_decoder_equals_upb_or_declines(rows: list[tuple[int, int, str, int]]) -> None:
+    records = [
+        LogRecord(0, "a" * width, second, nanos, text) for second, nanos, text, width in rows
+    ]
+    data = LogFormat().encode(records)
+    ((buffer, spans),) = list(iter_frame_runs(io.BytesIO(data)))
+    fast = decode_log_frames(buffer, spans)
+    if any(width != 36 for *_, width in rows):
+        assert fast is None
+        return
+    assert fast is not None
+    slow = _decode_with_upb(buffer, spans)
+    assert fast.log_ids.to_pylist() == slow.log_ids.to_pylist()
+    assert fast.seconds.tolist() == slow.seconds.tolist() == [r.seconds for r in records]
+    assert fast.nanos.tolist() == slow.nanos.tolist() == [r.nanos for r in records]
+    assert fast.messages.to_pylist() == slow.messages.to_pylist() == [r.message for r in records]
