@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 from dataclasses import dataclass
 
+from google.api_core.exceptions import NotFound
 from google.cloud import storage
 from pyiceberg.table import Table
 
@@ -69,7 +70,10 @@ def clean_table(
         if path in referenced or young:
             kept += 1
             continue
-        blob.delete()
+        try:
+            blob.delete()
+        except NotFound:
+            continue  # another maintenance run deleted it first
         deleted += 1
     return TableCleaned(
         ".".join(table.name()), len(expired), len(table.metadata.snapshots), deleted, kept

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime
 import uuid
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -234,7 +235,9 @@ def _commit_replace(
     for _ in range(COMMIT_ATTEMPTS):
         table = catalog.load_table((namespace, topic))
         try:
-            with table.transaction() as transaction:
+            with table.transaction() as transaction, warnings.catch_warnings():
+                # A first write of a day deletes nothing, which pyiceberg warns about.
+                warnings.filterwarnings("ignore", "Delete operation did not match any records")
                 transaction.delete(day_filter(day))
                 if paths:
                     transaction.add_files(paths, check_duplicate_files=False)
