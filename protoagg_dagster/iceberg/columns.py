@@ -6,8 +6,8 @@ Log: ``log_id``, ``timestamp``, ``message``, ``partition`` (the batch's), ``offs
 of key string, value binary or null). Timestamps are UTC microseconds; the data files carry no
 field ids, the table's name mapping binds their columns.
 
-Decoding goes straight from the parsed frames to column lists, one day at a time: a record of
-another day is skipped, and the columns come out as Arrow tables of at most ``rows`` rows.
+Decoding goes straight from the frames to columns, one day at a time: a record of another day
+is skipped, and the columns come out as Arrow tables of ``rows`` rows (the last one fewer).
 """
 
 from __future__ import annotations
@@ -262,14 +262,6 @@ class RecordColumns:
             ],
             schema=RECORD_ARROW,
         )
-
-
-def _utc_micros(seconds: list[int], nanos: list[int]) -> pa.Array:
-    micros = pc.add(
-        pc.multiply(pa.array(seconds, pa.int64()), 1_000_000),
-        pc.divide(pa.array(nanos, pa.int64()), 1000),
-    )
-    return micros.cast(_UTC_MICROS)
 
 
 def record_times(format_name: str, stream: BinaryIO) -> Iterator[int]:
