@@ -25,6 +25,7 @@ from protoagg_dagster.archive.ledger import (
     Claim,
     archived_position,
     claim_batch,
+    dead_letter_member,
     finish_batch,
     gap_before,
     ledger_connection,
@@ -36,6 +37,7 @@ from protoagg_dagster.core.archive_object import Piece, PieceRole, object_name
 from protoagg_dagster.core.batch import BatchBuilder, FramedBatch
 from protoagg_dagster.core.compression import NONE
 from protoagg_dagster.core.dead_letters import encode_envelopes
+from protoagg_dagster.core.dedupe_scope import Scope, described
 from protoagg_dagster.core.errors import ConfigError
 from protoagg_dagster.core.formats import ArchiveFormat, rule_for
 from protoagg_dagster.core.planning import OffsetRange
@@ -259,6 +261,7 @@ def dedupe(
             # What the kept frames can add to the object: at most all the frames.
             len(records.frames),
             gcs.max_object_bytes,
+            archiver.scope(),
         )
     # Only what the claimed range covers (an adopted or trimmed claim may be narrower).
     inside = [
@@ -361,12 +364,12 @@ def append(
 
             # Dead letters first: once the batch is confirmed nothing of it may be missing.
             if claimed.dead_letters:
-                append_once(
-                    dead_letter_object(gcs, claim),
-                    "dead_letters",
-                    gcs.codec().compress(encode_envelopes(claimed.dead_letters)),
-                    None,
+                letters = gcs.codec().compress(encode_envelopes(claimed.dead_letters))
+                base = dead_letter_object(gcs, claim)
+                member = dead_letter_member(
+                    conn, claim.batch_id, base, len(letters), gcs.max_object_bytes
                 )
+                append_once(member, "dead_letters", letters, None)
             # Appended even when empty (every record a duplicate), so the ledger records the
             # batch against its object like any other.
             archived = append_once(claim.object_name, "records", encoded.data, claimed.format.name)
@@ -403,7 +406,7 @@ def append(
         f"append: {appended} records, {len(claimed.dead_letters)} dead letters to "
         f"gs://{gcs.bucket}/{claim.object_name} in {seconds['append']:.2f} s"
     )
-    metadata = _batch_metadata(gcs.bucket, encoded, archived, appended, seconds)
+    metadata = _batch_metadata(gcs.bucket, archiver.scope(), encoded, archived, appended, seconds)
     for asset_key in claimed.assets:
         yield dg.AssetMaterialization(
             asset_key=asset_key, description=str(claim.batch), metadata=metadata
@@ -438,6 +441,7 @@ def dead_letter_object(gcs: GCSResource, claim: Claim) -> str:
 
 def _batch_metadata(
     bucket: str,
+    scope: Scope,
     encoded: Encoded,
     archived: AppendResult | None,
     appended: int,
@@ -458,6 +462,7 @@ def _batch_metadata(
         "object": f"gs://{bucket}/{claim.object_name}",
         "records_read": read_count,
         "duplicates_dropped": claim.duplicates,
+        "duplicate_means": described(scope, claim.batch.topic),
         "dead_letters": len(claimed.dead_letters),
         "dead_letters_by_reason": dg.JsonMetadataValue(dict(reasons)),
         "tombstones": claimed.tombstones,
