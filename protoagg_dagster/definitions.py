@@ -1,4 +1,4 @@
-"""The single Definitions of protoagg: job, sensor, archive asset and resources.
+"""The single Definitions of protoagg: the archive's and the Iceberg tables' defs, resources.
 
 Connection settings come from their environment variable when it is set (``EnvVar``: resolved at
 run time, never shown in the UI), else from the local-services default in ``core.settings``.
@@ -22,7 +22,9 @@ from protoagg_dagster.archive.upkeep import archive_maintenance, maintain_archiv
 from protoagg_dagster.core import settings
 from protoagg_dagster.core.archive_object import check_one_format_per_object
 from protoagg_dagster.core.kafka_client import FIELD_SETTINGS, KafkaClientSettings
+from protoagg_dagster.iceberg.defs import build_iceberg_defs
 from protoagg_dagster.resources import GCSResource, KafkaResource, PostgresResource
+from protoagg_dagster.resources.iceberg import IcebergResource
 from protoagg_dagster.resources.settings import ArchiverSettings
 from protoagg_dagster.restore.job import restore_archive
 
@@ -80,7 +82,7 @@ check_one_format_per_object(
     {rule.format for rule in topic_rules},
 )
 
-defs = dg.Definitions(
+archive_defs = dg.Definitions(
     assets=[archive_asset, *topic_asset_specs(topic_rules)],
     asset_checks=[build_archive_checks(topic_rules)],
     jobs=[archive_kafka_batch, maintain_archive, restore_archive],
@@ -109,5 +111,15 @@ defs = dg.Definitions(
             emulator_host=_value(settings.STORAGE_EMULATOR_HOST),
         ),
         "archiver": archiver,
+        "iceberg": IcebergResource(
+            postgres_dsn=_value(settings.POSTGRES_DSN),
+            bucket=_value(settings.GCS_BUCKET),
+            warehouse_prefix=settings.ICEBERG_PREFIX.read(),
+            namespace=settings.ICEBERG_NAMESPACE.read(),
+            rest_uri=_value(settings.ICEBERG_REST_URI),
+            catalog_properties=_value(settings.ICEBERG_CATALOG_PROPERTIES),
+            emulator_host=_value(settings.STORAGE_EMULATOR_HOST),
+        ),
     },
 )
+defs = dg.Definitions.merge(archive_defs, build_iceberg_defs(topic_rules))

@@ -194,6 +194,15 @@ def _parser() -> argparse.ArgumentParser:
         help="the Dagster instance's dagster.yaml (default: $DAGSTER_HOME/dagster.yaml)",
     )
     doctor.set_defaults(handler=_doctor)
+
+    query = commands.add_parser(
+        "query", help="run SQL (DuckDB) over the topics' Iceberg tables, each named by its topic"
+    )
+    query.add_argument("sql", help="e.g. \"SELECT * FROM logs WHERE log_id = '...'\"")
+    query.add_argument("--from", dest="start", help="YYYY-MM-DD or a time: rows from then on")
+    query.add_argument("--to", dest="end", help="YYYY-MM-DD (that day included) or a time")
+    query.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    query.set_defaults(handler=_query)
     return parser
 
 
@@ -268,6 +277,15 @@ def _cat(args: argparse.Namespace) -> int:
     cat_archive(
         args.url, sys.stdout, args.format, BYTES_STYLES["base64" if args.base64 else "text"]
     )
+    return 0
+
+
+def _query(args: argparse.Namespace) -> int:
+    from protoagg_dagster.cli.query import parse_bound, run_query
+
+    start = parse_bound(args.start, end=False) if args.start else None
+    end = parse_bound(args.end, end=True) if args.end else None
+    run_query(args.sql, sys.stdout, start, end, as_json=args.json)
     return 0
 
 

@@ -200,6 +200,41 @@ SENSOR_INTERVAL_SECONDS = Setting(
 START_FROM = Setting(
     "PROTOAGG_START_FROM", "earliest", "where a never-archived partition starts: earliest|latest"
 )
+ICEBERG_NAMESPACE = Setting(
+    "PROTOAGG_ICEBERG_NAMESPACE", "protoagg", "Iceberg namespace of the topic tables"
+)
+ICEBERG_PREFIX = Setting(
+    "PROTOAGG_ICEBERG_PREFIX", "iceberg", "the tables' files go under gs://BUCKET/PREFIX/"
+)
+ICEBERG_REST_URI = Setting(
+    "PROTOAGG_ICEBERG_REST_URI",
+    "",
+    "REST catalog endpoint (BigLake metastore, Polaris, Lakekeeper); empty: the SQL catalog in"
+    " PostgreSQL (schema protoagg_iceberg)",
+)
+ICEBERG_CATALOG_PROPERTIES = Setting(
+    "PROTOAGG_ICEBERG_CATALOG_PROPERTIES",
+    "",
+    "more Iceberg catalog properties, KEY=VALUE comma separated (e.g. token=..., header.X=...)",
+)
+ICEBERG_START_DATE = Setting(
+    "PROTOAGG_ICEBERG_START_DATE", "2024-01-01", "first day (UTC) of the daily table partitions"
+)
+ICEBERG_GRACE_SECONDS = Setting(
+    "PROTOAGG_ICEBERG_GRACE_SECONDS",
+    "3600",
+    "a day is written once every partition archived records this far past its end",
+)
+ICEBERG_KEEP_SNAPSHOTS_HOURS = Setting(
+    "PROTOAGG_ICEBERG_KEEP_SNAPSHOTS_HOURS",
+    "168",
+    "table maintenance expires snapshots older than this (never the current one)",
+)
+ICEBERG_ORPHAN_AGE_SECONDS = Setting(
+    "PROTOAGG_ICEBERG_ORPHAN_AGE_SECONDS",
+    "3600",
+    "unreferenced table files younger than this are kept (a write may be about to commit)",
+)
 
 ALL_SETTINGS: tuple[Setting, ...] = (
     KAFKA_BOOTSTRAP,
@@ -244,6 +279,14 @@ ALL_SETTINGS: tuple[Setting, ...] = (
     SENSOR_INTERVAL_SECONDS,
     COMPRESSION,
     COMPRESSION_LEVEL,
+    ICEBERG_NAMESPACE,
+    ICEBERG_PREFIX,
+    ICEBERG_REST_URI,
+    ICEBERG_CATALOG_PROPERTIES,
+    ICEBERG_START_DATE,
+    ICEBERG_GRACE_SECONDS,
+    ICEBERG_KEEP_SNAPSHOTS_HOURS,
+    ICEBERG_ORPHAN_AGE_SECONDS,
 )
 
 
