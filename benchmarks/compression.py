@@ -47,15 +47,11 @@ from benchmarks.run_once import (  # noqa: E402
     require_service_args,
     run_archive,
 )
+from protoagg_dagster.archive.partition_lease import PartitionLease  # noqa: E402
 from protoagg_dagster.core.compression import Codec, decompressed  # noqa: E402
 from protoagg_dagster.core.framing import encode_records  # noqa: E402
 from protoagg_dagster.core.records import LogRecord  # noqa: E402
-from protoagg_dagster.resources import (  # noqa: E402
-    GCSResource,
-    KafkaResource,
-    PartitionLease,
-    PostgresResource,
-)
+from protoagg_dagster.resources import GCSResource, KafkaResource, PostgresResource  # noqa: E402
 from protoagg_dagster.resources.settings import ArchiverSettings  # noqa: E402
 
 LEVELS = (("none", None), ("gzip", 1), ("gzip", 6), ("gzip", 9), ("zstd", 1), ("zstd", 3))

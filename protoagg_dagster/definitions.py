@@ -1,4 +1,4 @@
-"""The single Definitions of protoagg: job, sensor, archive asset and resources.
+"""The single Definitions of protoagg: the archive's and the Iceberg tables' defs, resources.
 
 Connection settings come from their environment variable when it is set (``EnvVar``: resolved at
 run time, never shown in the UI), else from the local-services default in ``core.settings``.
@@ -20,7 +20,11 @@ from protoagg_dagster.archive.partition_lease import PartitionLease
 from protoagg_dagster.archive.sensor import kafka_offsets_sensor
 from protoagg_dagster.archive.upkeep import archive_maintenance, maintain_archive
 from protoagg_dagster.core import settings
+from protoagg_dagster.core.archive_object import check_one_format_per_object
+from protoagg_dagster.core.kafka_client import FIELD_SETTINGS, KafkaClientSettings
+from protoagg_dagster.iceberg.defs import build_iceberg_defs
 from protoagg_dagster.resources import GCSResource, KafkaResource, PostgresResource
+from protoagg_dagster.resources.iceberg import IcebergResource
 from protoagg_dagster.resources.settings import ArchiverSettings
 from protoagg_dagster.restore.job import restore_archive
 
@@ -38,15 +42,18 @@ def _template(setting: settings.Setting) -> str | dg.EnvVar:
     return dg.EnvVar(setting.env) if setting.env in os.environ else setting.default + codec.suffix
 
 
-def _kafka_security() -> dict[str, Any]:
-    """SASL/SSL settings that are set, as EnvVars so no secret is stored or shown."""
-    optional = {
-        "sasl_mechanism": settings.KAFKA_SASL_MECHANISM,
-        "sasl_username": settings.KAFKA_SASL_USERNAME,
-        "sasl_password": settings.KAFKA_SASL_PASSWORD,
-        "ssl_cafile": settings.KAFKA_SSL_CAFILE,
-    }
-    return {field: dg.EnvVar(s.env) for field, s in optional.items() if os.environ.get(s.env)}
+def _kafka_connection() -> dict[str, Any]:
+    """Every Kafka connection setting, as an EnvVar when set: no secret is stored or shown."""
+    fields: dict[str, Any] = {"bootstrap_servers": settings.KAFKA_BOOTSTRAP.default}
+    fields.update(
+        {field: dg.EnvVar(s.env) for field, s in FIELD_SETTINGS.items() if os.environ.get(s.env)}
+    )
+    return fields
+
+
+# An impossible combination of Kafka settings (SASL without a password, a key without its
+# certificate, ...) fails here, when the code location loads, not in a run.
+KafkaClientSettings.from_environ().check()
 
 
 postgres = PostgresResource(dsn=_value(settings.POSTGRES_DSN))
@@ -56,18 +63,26 @@ archiver = ArchiverSettings(
     max_batch_messages=settings.MAX_BATCH_MESSAGES.read_int(),
     max_batch_bytes=settings.MAX_BATCH_BYTES.read_int(),
     max_message_bytes=settings.MAX_MESSAGE_BYTES.read_int(),
+    max_frame_bytes=settings.MAX_FRAME_BYTES.read_int(),
     max_dead_letter_ratio=settings.MAX_DEAD_LETTER_RATIO.read_float(),
     start_from=_value(settings.START_FROM),
     format=settings.FORMAT.read(),
     dedupe_key=settings.DEDUPE_KEY.read(),
+    dedupe_scope=settings.DEDUPE_SCOPE.read(),
     log_id_field=settings.LOG_ID_FIELD.read(),
     log_timestamp_field=settings.LOG_TIMESTAMP_FIELD.read(),
     log_message_field=settings.LOG_MESSAGE_FIELD.read(),
 )
-# A bad topic entry, format or dedupe key fails here, when the code location loads, not in a run.
+# A bad topic entry, format, dedupe key or scope, or a template that would mix formats in one
+# object, fails here, when the code location loads, not in a run.
 topic_rules = archiver.topic_formats(settings.TOPICS.read()).rules
+archiver.scope()
+check_one_format_per_object(
+    settings.object_template(settings.GCS_OBJECT, codec.suffix),
+    {rule.format for rule in topic_rules},
+)
 
-defs = dg.Definitions(
+archive_defs = dg.Definitions(
     assets=[archive_asset, *topic_asset_specs(topic_rules)],
     asset_checks=[build_archive_checks(topic_rules)],
     jobs=[archive_kafka_batch, maintain_archive, restore_archive],
@@ -79,11 +94,9 @@ defs = dg.Definitions(
         # grew).
         "io_manager": dg.mem_io_manager,
         "kafka": KafkaResource(
-            bootstrap_servers=_value(settings.KAFKA_BOOTSTRAP),
             topics=_value(settings.TOPICS),
-            security_protocol=_value(settings.KAFKA_SECURITY_PROTOCOL),
             client=_value(settings.KAFKA_CLIENT),
-            **_kafka_security(),
+            **_kafka_connection(),
         ),
         "postgres": postgres,
         "lease": PartitionLease(postgres=postgres),
@@ -98,5 +111,15 @@ defs = dg.Definitions(
             emulator_host=_value(settings.STORAGE_EMULATOR_HOST),
         ),
         "archiver": archiver,
+        "iceberg": IcebergResource(
+            postgres_dsn=_value(settings.POSTGRES_DSN),
+            bucket=_value(settings.GCS_BUCKET),
+            warehouse_prefix=settings.ICEBERG_PREFIX.read(),
+            namespace=settings.ICEBERG_NAMESPACE.read(),
+            rest_uri=_value(settings.ICEBERG_REST_URI),
+            catalog_properties=_value(settings.ICEBERG_CATALOG_PROPERTIES),
+            emulator_host=_value(settings.STORAGE_EMULATOR_HOST),
+        ),
     },
 )
+defs = dg.Definitions.merge(archive_defs, build_iceberg_defs(topic_rules))

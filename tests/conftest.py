@@ -18,6 +18,7 @@ from psycopg import sql
 
 from protoagg_dagster.services.postgres import SUPERUSER, SUPERUSER_PASSWORD
 from protoagg_dagster.services.stack import Ports, exports_of, local_stack
+from tests.support.secured_kafka import SecuredKafka, start_secured_kafka
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,6 +60,23 @@ def services() -> Services:
         ),
         gcs_url=env["STORAGE_EMULATOR_HOST"],
     )
+
+
+def _secure_ports() -> tuple[int, int, int, int]:
+    """``PROTOAGG_TEST_SECURE_PORTS=SASL_SSL,MTLS,ADMIN,CONTROLLER``: the secured broker's."""
+    raw = os.environ.get("PROTOAGG_TEST_SECURE_PORTS", "19096,19097,19098,19099")
+    sasl, mtls, admin, controller = (int(part) for part in raw.split(","))
+    return sasl, mtls, admin, controller
+
+
+@pytest.fixture(scope="session")
+def secured_kafka(services: Services) -> Iterator[SecuredKafka]:
+    """A second broker with TLS, logins and ACLs (tests/support/secured_kafka.py), started once
+    by the first test that asks; stopped at the end of the session."""
+    state_dir = Path(os.environ.get("PROTOAGG_TEST_STATE_DIR", ROOT / ".protoagg" / "test"))
+    secured = start_secured_kafka((state_dir / "secured").resolve(), _secure_ports())
+    yield secured
+    secured.service.down()
 
 
 @pytest.fixture

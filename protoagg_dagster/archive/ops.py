@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar, cast
 
 import dagster as dg
+from dagster._core.storage.tags import RETRY_ON_ASSET_OR_OP_FAILURE_TAG
 from pydantic import Field
 
 from protoagg_dagster.archive.assets import ARCHIVE_ASSET, topic_asset_key
@@ -25,6 +26,7 @@ from protoagg_dagster.archive.ledger import (
     Claim,
     archived_position,
     claim_batch,
+    dead_letter_member,
     finish_batch,
     gap_before,
     ledger_connection,
@@ -36,6 +38,7 @@ from protoagg_dagster.core.archive_object import Piece, PieceRole, object_name
 from protoagg_dagster.core.batch import BatchBuilder, FramedBatch
 from protoagg_dagster.core.compression import NONE
 from protoagg_dagster.core.dead_letters import encode_envelopes
+from protoagg_dagster.core.dedupe_scope import Scope, described
 from protoagg_dagster.core.errors import ConfigError
 from protoagg_dagster.core.formats import ArchiveFormat, rule_for
 from protoagg_dagster.core.planning import OffsetRange
@@ -53,7 +56,8 @@ def fail_fast(step: Callable[P, R]) -> Callable[P, R]:
     """Turn configuration errors into failures Dagster does not retry.
 
     Transient errors (a broker or database restarting, GCS 503) are retried by the op's
-    RetryPolicy with backoff; retrying a wrong password or bucket name only delays the message.
+    RetryPolicy with backoff; retrying a wrong password, a missing ACL or a bucket name only
+    delays the message, so neither the op's retry policy nor run retries repeat those.
     """
     if inspect.isgeneratorfunction(step):
 
@@ -62,7 +66,7 @@ def fail_fast(step: Callable[P, R]) -> Callable[P, R]:
             try:
                 yield from cast(Iterator[Any], step(*args, **kwargs))
             except ConfigError as exc:
-                raise dg.Failure(description=str(exc), allow_retries=False) from exc
+                raise _final_failure(exc) from exc
 
         return cast(Callable[P, R], generator)
 
@@ -71,9 +75,22 @@ def fail_fast(step: Callable[P, R]) -> Callable[P, R]:
         try:
             return step(*args, **kwargs)
         except ConfigError as exc:
-            raise dg.Failure(description=str(exc), allow_retries=False) from exc
+            raise _final_failure(exc) from exc
 
     return plain
+
+
+def _final_failure(exc: ConfigError) -> dg.Failure:
+    """A failure retried neither by the op's retry policy nor by run retries."""
+    # allow_retries=False covers the retry policy. Run retries re-run a run that failed in an op
+    # unless the run's tag says not to; the daemon reads the tags when the run fails.
+    try:
+        context = dg.OpExecutionContext.get()
+    except dg.DagsterInvariantViolationError:  # the op called directly, outside any run
+        pass
+    else:
+        context.instance.add_run_tags(context.run_id, {RETRY_ON_ASSET_OR_OP_FAILURE_TAG: "false"})
+    return dg.Failure(description=str(exc), allow_retries=False)
 
 
 @contextlib.contextmanager
@@ -259,6 +276,7 @@ def dedupe(
             # What the kept frames can add to the object: at most all the frames.
             len(records.frames),
             gcs.max_object_bytes,
+            archiver.scope(),
         )
     # Only what the claimed range covers (an adopted or trimmed claim may be narrower).
     inside = [
@@ -361,12 +379,12 @@ def append(
 
             # Dead letters first: once the batch is confirmed nothing of it may be missing.
             if claimed.dead_letters:
-                append_once(
-                    dead_letter_object(gcs, claim),
-                    "dead_letters",
-                    gcs.codec().compress(encode_envelopes(claimed.dead_letters)),
-                    None,
+                letters = gcs.codec().compress(encode_envelopes(claimed.dead_letters))
+                base = dead_letter_object(gcs, claim)
+                member = dead_letter_member(
+                    conn, claim.batch_id, base, len(letters), gcs.max_object_bytes
                 )
+                append_once(member, "dead_letters", letters, None)
             # Appended even when empty (every record a duplicate), so the ledger records the
             # batch against its object like any other.
             archived = append_once(claim.object_name, "records", encoded.data, claimed.format.name)
@@ -403,7 +421,7 @@ def append(
         f"append: {appended} records, {len(claimed.dead_letters)} dead letters to "
         f"gs://{gcs.bucket}/{claim.object_name} in {seconds['append']:.2f} s"
     )
-    metadata = _batch_metadata(gcs.bucket, encoded, archived, appended, seconds)
+    metadata = _batch_metadata(gcs.bucket, archiver.scope(), encoded, archived, appended, seconds)
     for asset_key in claimed.assets:
         yield dg.AssetMaterialization(
             asset_key=asset_key, description=str(claim.batch), metadata=metadata
@@ -438,6 +456,7 @@ def dead_letter_object(gcs: GCSResource, claim: Claim) -> str:
 
 def _batch_metadata(
     bucket: str,
+    scope: Scope,
     encoded: Encoded,
     archived: AppendResult | None,
     appended: int,
@@ -458,6 +477,7 @@ def _batch_metadata(
         "object": f"gs://{bucket}/{claim.object_name}",
         "records_read": read_count,
         "duplicates_dropped": claim.duplicates,
+        "duplicate_means": described(scope, claim.batch.topic),
         "dead_letters": len(claimed.dead_letters),
         "dead_letters_by_reason": dg.JsonMetadataValue(dict(reasons)),
         "tombstones": claimed.tombstones,

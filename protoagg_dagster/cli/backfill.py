@@ -17,7 +17,7 @@ from protoagg_dagster.resources import KafkaResource, PostgresResource
 
 
 def run_backfill(args: argparse.Namespace) -> int:
-    kafka = KafkaResource(bootstrap_servers=settings.KAFKA_BOOTSTRAP.read(), topics=args.topic)
+    kafka = KafkaResource.from_env(topics=args.topic)
     wanted = resolve_ranges(
         kafka,
         args.topic,

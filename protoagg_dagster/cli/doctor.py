@@ -1,9 +1,10 @@
 """``protoagg doctor``: check a deployment end to end, one line per check, each with its fix.
 
-Checks Kafka (reachable, topics present), PostgreSQL (reachable, schema, rights), GCS
-(credentials, bucket present and writable by a probe upload and delete, bucket settings that make
-appends expensive or impossible), the object templates, and the Dagster instance's run queue (two
-runs per partition, looked at every second). Every check runs even when an earlier one fails.
+Checks Kafka (reachable and logged in, topics present, the principal's ACLs on them),
+PostgreSQL (reachable, schema, rights), GCS (credentials, the IAM permissions archiving needs,
+bucket present and writable by a probe upload and delete, bucket settings that make appends
+expensive or impossible), the object templates, and the Dagster instance's run queue (two runs
+per partition, looked at every second). Every check runs even when an earlier one fails.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ import yaml
 from google.api_core import exceptions as gexc
 from kafka.errors import KafkaError
 
+from protoagg_dagster import schema
 from protoagg_dagster.archive.run_tags import PARTITION_TAG
 from protoagg_dagster.archive.usage import operations_bill
 from protoagg_dagster.core.archive_object import TEMPLATE_FIELDS, validate_template
-from protoagg_dagster.core.errors import ProtoaggError
+from protoagg_dagster.core.errors import AccessRefused, ProtoaggError
+from protoagg_dagster.core.kafka_client import ARCHIVE_TOPIC_OPERATIONS
 from protoagg_dagster.core.storage_bill import (
     bill_findings,
     expected_appends_per_day,
@@ -32,6 +35,16 @@ from protoagg_dagster.resources import GCSResource, KafkaResource
 from protoagg_dagster.resources.postgres import _first_line
 
 Status = Literal["OK", "WARN", "FAIL"]
+UNKNOWN_TOPIC, TOPIC_AUTHORIZATION_FAILED = 3, 29  # Kafka's error codes
+# What archiving does to the bucket (docs/operations.md, "Least privilege"): read its settings;
+# list, read, create, compose (create + get) and replace or delete objects.
+ARCHIVE_GCS_PERMISSIONS = (
+    "storage.buckets.get",
+    "storage.objects.list",
+    "storage.objects.get",
+    "storage.objects.create",
+    "storage.objects.delete",
+)
 TABLES = ("archive_batches", "archive_positions", "processed_logs")
 PROBE_PREFIX = "_protoagg/doctor/"
 
@@ -74,28 +87,60 @@ def diagnose(deployment: Deployment) -> list[Finding]:
 def _kafka(d: Deployment) -> Iterator[Finding]:
     where = d.kafka.bootstrap_servers
     try:
-        consumer = d.kafka.get_consumer()
+        admin = d.kafka.get_admin()
     except ProtoaggError as exc:
-        yield Finding("FAIL", "kafka", str(exc), "check PROTOAGG_KAFKA_BOOTSTRAP and security")
+        # A refusal names its setting; only "unreachable" needs the general advice.
+        fix = (
+            "" if isinstance(exc, AccessRefused) else "check PROTOAGG_KAFKA_BOOTSTRAP and security"
+        )
+        yield Finding("FAIL", "kafka", str(exc), fix)
         return
     try:
-        present = consumer.topics()
-    except KafkaError as exc:
+        topics = d.kafka.topic_list()
+        described = {t["name"]: t for t in admin.describe_topics(topics)} if topics else {}
+    except (KafkaError, ProtoaggError) as exc:
         yield Finding("FAIL", "kafka", f"{where} does not answer: {exc}", "check the brokers")
         return
     finally:
-        consumer.close()
-    yield Finding("OK", "kafka", f"{where} answers")
-    for topic in d.kafka.topic_list():
-        if topic in present:
-            yield Finding("OK", "kafka topic", f"{topic!r} present")
-        else:
-            yield Finding(
-                "FAIL",
-                "kafka topic",
-                f"{topic!r} does not exist on {where}",
-                "create it, or fix PROTOAGG_TOPICS",
-            )
+        admin.close()
+    principal = d.kafka.client_settings().principal()
+    yield Finding("OK", "kafka", f"{where} answers {principal}")
+    for topic in topics:
+        yield _topic_access(topic, described.get(topic, {}), where, principal)
+
+
+def _topic_access(topic: str, described: dict[str, Any], where: str, principal: str) -> Finding:
+    """The topic exists and ``principal`` holds the ACLs archiving needs on it."""
+    code = described.get("error_code", UNKNOWN_TOPIC)
+    if code == TOPIC_AUTHORIZATION_FAILED:
+        return Finding(
+            "FAIL",
+            "kafka acl",
+            f"{principal} may not DESCRIBE topic {topic!r} on {where}",
+            f"grant {principal} {' and '.join(ARCHIVE_TOPIC_OPERATIONS)} on Topic {topic!r} "
+            "(docs/operations.md, Least privilege)",
+        )
+    if code != 0:
+        return Finding(
+            "FAIL",
+            "kafka topic",
+            f"{topic!r} does not exist on {where}",
+            "create it, or fix PROTOAGG_TOPICS",
+        )
+    # Kafka says which operations the principal may perform (KIP-430); nothing when no
+    # authorizer is configured (every operation is allowed) or from brokers before 2.3.
+    allowed = described.get("authorized_operations") or []
+    missing = [op for op in ARCHIVE_TOPIC_OPERATIONS if allowed and op not in allowed]
+    if missing:
+        return Finding(
+            "FAIL",
+            "kafka acl",
+            f"{principal} may not {' or '.join(missing)} topic {topic!r}",
+            f"grant {principal} {' and '.join(missing)} on Topic {topic!r} "
+            "(docs/operations.md, Least privilege)",
+        )
+    held = f"; {principal} may {' and '.join(ARCHIVE_TOPIC_OPERATIONS)} it" if allowed else ""
+    return Finding("OK", "kafka topic", f"{topic!r} present{held}")
 
 
 def _postgres(d: Deployment) -> Iterator[Finding]:
@@ -147,7 +192,7 @@ def _postgres(d: Deployment) -> Iterator[Finding]:
                 "GRANT them to the protoagg user",
             )
         elif not missing:
-            yield Finding("OK", "postgres schema", "tables present, rights sufficient")
+            yield _schema_version(conn)
         if not missing and not lacking:
             yield from _operations(conn)
 
@@ -159,6 +204,25 @@ def _operations(conn: psycopg.Connection) -> Iterator[Finding]:
         yield Finding("OK", "gcs bill", bill.line())
     else:
         yield Finding(finding.level, "gcs bill", finding.detail, finding.fix)
+
+
+def _schema_version(conn: psycopg.Connection) -> Finding:
+    reached = schema.version(conn)
+    if reached < schema.LATEST:
+        return Finding(
+            "WARN",
+            "postgres schema",
+            f"version {reached}, this protoagg's is {schema.LATEST}: the first run upgrades it",
+            "run `protoagg schema upgrade` before starting the new release's runs",
+        )
+    if reached > schema.LATEST:
+        return Finding(
+            "FAIL",
+            "postgres schema",
+            f"version {reached} is newer than this protoagg knows ({schema.LATEST})",
+            "run the protoagg release that upgraded the database, or a newer one",
+        )
+    return Finding("OK", "postgres schema", f"version {reached}, tables present, rights sufficient")
 
 
 def _templates(d: Deployment) -> Iterator[Finding]:
@@ -190,6 +254,7 @@ def _bucket(d: Deployment) -> Iterator[Finding]:
         fix = f"create {url} or fix PROTOAGG_GCS_BUCKET" if "does not exist" in str(exc) else ""
         yield Finding("FAIL", "gcs bucket", str(exc), fix)
         return
+    yield from _permissions(d, url)
     yield from _probe(d, url)
     archive = None
     if not any(f"{{{field}}}" in d.gcs.object_template for field in TEMPLATE_FIELDS):
@@ -214,6 +279,23 @@ def _bucket(d: Deployment) -> Iterator[Finding]:
             "gcs bucket settings",
             f"no soft delete, no versioning, {settings.storage_class}, no retention policy",
         )
+
+
+def _permissions(d: Deployment, url: str) -> Iterator[Finding]:
+    """The IAM permissions archiving needs on the bucket, as GCS's testIamPermissions tells."""
+    if d.gcs.emulator_host:
+        return  # the emulator has no IAM: every caller may do everything
+    bucket = d.gcs.get_client().bucket(d.gcs.bucket)
+    try:
+        granted = set(bucket.test_iam_permissions(list(ARCHIVE_GCS_PERMISSIONS)))
+    except gexc.GoogleAPIError as exc:
+        yield Finding("WARN", "gcs permissions", f"cannot test them on {url}: {exc}")
+        return
+    missing = [p for p in ARCHIVE_GCS_PERMISSIONS if p not in granted]
+    if missing:
+        yield Finding("FAIL", "gcs permissions", f"missing on {url}: {', '.join(missing)}", _ROLES)
+    else:
+        yield Finding("OK", "gcs permissions", f"{', '.join(ARCHIVE_GCS_PERMISSIONS)} on {url}")
 
 
 def _probe(d: Deployment, url: str) -> Iterator[Finding]:

@@ -173,6 +173,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     verify.set_defaults(handler=_verify)
 
+    schema = commands.add_parser(
+        "schema", help="show or upgrade the PostgreSQL schema (PROTOAGG_POSTGRES_DSN)"
+    )
+    schema.add_argument(
+        "action",
+        choices=["upgrade", "status"],
+        help="upgrade: apply the numbered migrations the database lacks (under a lock; runs "
+        "and `services up` do it too); status: the version reached",
+    )
+    schema.set_defaults(handler=_schema)
+
     doctor = commands.add_parser(
         "doctor", help="check Kafka, PostgreSQL, GCS and Dagster settings; one line per check"
     )
@@ -183,6 +194,15 @@ def _parser() -> argparse.ArgumentParser:
         help="the Dagster instance's dagster.yaml (default: $DAGSTER_HOME/dagster.yaml)",
     )
     doctor.set_defaults(handler=_doctor)
+
+    query = commands.add_parser(
+        "query", help="run SQL (DuckDB) over the topics' Iceberg tables, each named by its topic"
+    )
+    query.add_argument("sql", help="e.g. \"SELECT * FROM logs WHERE log_id = '...'\"")
+    query.add_argument("--from", dest="start", help="YYYY-MM-DD or a time: rows from then on")
+    query.add_argument("--to", dest="end", help="YYYY-MM-DD (that day included) or a time")
+    query.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    query.set_defaults(handler=_query)
     return parser
 
 
@@ -206,8 +226,10 @@ def _services(args: argparse.Namespace) -> int:
             service.up()
         for service in stack:
             print(service.describe())
+        exports = exports_of(stack)
+        print(upgrade_schema(exports["PROTOAGG_POSTGRES_DSN"]))
         print("\n# point protoagg and Dagster at these services:")
-        for name, value in exports_of(stack).items():
+        for name, value in exports.items():
             print(f"export {name}={shlex.quote(value)}")
     elif args.action == "down":
         for service in reversed(stack):
@@ -222,7 +244,7 @@ def _produce(args: argparse.Namespace) -> int:
     from protoagg_dagster.cli.produce import produce_file
 
     topic = args.topic or settings.split_list(settings.TOPICS.read())[0]
-    sent = produce_file(args.file, topic, settings.KAFKA_BOOTSTRAP.read(), args.partitions)
+    sent = produce_file(args.file, topic, partitions=args.partitions)
     print(f"sent {sent} messages from {args.file} to topic {topic!r}")
     return 0
 
@@ -258,6 +280,15 @@ def _cat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _query(args: argparse.Namespace) -> int:
+    from protoagg_dagster.cli.query import parse_bound, run_query
+
+    start = parse_bound(args.start, end=False) if args.start else None
+    end = parse_bound(args.end, end=True) if args.end else None
+    run_query(args.sql, sys.stdout, start, end, as_json=args.json)
+    return 0
+
+
 def _dead_letters(args: argparse.Namespace) -> int:
     from protoagg_dagster.reading.archive_reader import list_dead_letters
 
@@ -279,6 +310,25 @@ def _verify(args: argparse.Namespace) -> int:
     return 0 if report.ok and check.ok else 1
 
 
+def _schema(args: argparse.Namespace) -> int:
+    print(upgrade_schema(settings.POSTGRES_DSN.read(), only_status=args.action == "status"))
+    return 0
+
+
+def upgrade_schema(dsn: str, only_status: bool = False) -> str:
+    """Upgrade the database at ``dsn`` to this code's schema (or just look); say where it is."""
+    from protoagg_dagster import schema
+    from protoagg_dagster.archive.ledger import ensure_schema
+    from protoagg_dagster.resources import PostgresResource
+
+    with PostgresResource(dsn=dsn).connect() as conn:
+        applied = () if only_status else ensure_schema(conn)
+        reached = schema.version(conn)
+    steps = "".join(f"\n  applied {m.version}: {m.name}" for m in applied)
+    state = "current" if reached == schema.LATEST else f"behind: {schema.LATEST} is current"
+    return f"schema: version {reached} ({state}){steps}"
+
+
 def _doctor(args: argparse.Namespace) -> int:
     from protoagg_dagster.cli.doctor import Deployment, diagnose
     from protoagg_dagster.resources import GCSResource, KafkaResource
@@ -288,15 +338,7 @@ def _doctor(args: argparse.Namespace) -> int:
         dagster_yaml = Path(os.environ["DAGSTER_HOME"]) / "dagster.yaml"
     codec = settings.read_codec()
     deployment = Deployment(
-        kafka=KafkaResource(
-            bootstrap_servers=settings.KAFKA_BOOTSTRAP.read(),
-            topics=settings.TOPICS.read(),
-            security_protocol=settings.KAFKA_SECURITY_PROTOCOL.read(),
-            sasl_mechanism=settings.KAFKA_SASL_MECHANISM.read() or None,
-            sasl_username=settings.KAFKA_SASL_USERNAME.read() or None,
-            sasl_password=settings.KAFKA_SASL_PASSWORD.read() or None,
-            ssl_cafile=settings.KAFKA_SSL_CAFILE.read() or None,
-        ),
+        kafka=KafkaResource.from_env(),
         postgres_dsn=settings.POSTGRES_DSN.read(),
         gcs=GCSResource(
             bucket=settings.GCS_BUCKET.read(),

@@ -11,13 +11,18 @@ from protoagg_dagster.kafka.admin import create_topic
 from protoagg_dagster.resources.kafka import KafkaResource
 
 
-def produce_file(path: Path, topic: str, bootstrap: str, partitions: int | None = None) -> int:
-    """Send every non-empty line of ``path`` as one message; return how many were sent."""
+def produce_file(
+    path: Path, topic: str, bootstrap: str | None = None, partitions: int | None = None
+) -> int:
+    """Send every non-empty line of ``path`` as one message; return how many were sent.
+
+    Kafka is the environment's (``KafkaResource.from_env``), at ``bootstrap`` when given.
+    """
     if not path.is_file():
         raise ConfigError(f"{path} is not a file")
-    kafka = KafkaResource(bootstrap_servers=bootstrap, topics=topic)
+    kafka = KafkaResource.from_env(bootstrap, topics=topic)
     if partitions is not None:
-        create_topic(kafka.get_admin(), topic, partitions)
+        create_topic(kafka.get_admin(), topic, partitions, client=kafka.client_settings())
     producer = kafka.get_producer()
     sent = 0
     try:
@@ -29,7 +34,10 @@ def produce_file(path: Path, topic: str, bootstrap: str, partitions: int | None 
                     sent += 1
         producer.flush()
     except KafkaError as exc:
-        raise BackendError(f"producing to {topic!r} at {bootstrap} failed: {exc}") from exc
+        kafka.raise_refusal(exc, f"WRITE and DESCRIBE on Topic {topic!r}")
+        raise BackendError(
+            f"producing to {topic!r} at {kafka.bootstrap_servers} failed: {exc}"
+        ) from exc
     finally:
         producer.close()
     return sent

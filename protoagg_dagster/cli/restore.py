@@ -7,7 +7,6 @@ import sys
 
 from tqdm import tqdm
 
-from protoagg_dagster.core import settings
 from protoagg_dagster.core.restore import RestoreSpec, Selection, summary
 from protoagg_dagster.resources import KafkaResource
 from protoagg_dagster.restore.writer import list_sources, plan_restore, restore
@@ -35,10 +34,7 @@ def run_restore(args: argparse.Namespace) -> int:
         if bad_frame is not None:
             print(f"and stop at: {bad_frame}")
         return 0
-    kafka = KafkaResource(
-        bootstrap_servers=args.bootstrap or settings.KAFKA_BOOTSTRAP.read(),
-        client=settings.KAFKA_CLIENT.read(),
-    )
+    kafka = KafkaResource.from_env(bootstrap=args.bootstrap)
     bars: list[tqdm] = []  # type: ignore[type-arg]
 
     def progress(done: int, written: int, _seconds: float, total: int) -> None:

@@ -5,7 +5,8 @@ Dagster ops) can tell our actionable failures from bugs::
 
     ProtoaggError
     ├── ConfigError        a setting is missing, malformed or inconsistent; the message names it
-    │   └── MissingCredentials  real GCS without Application Default Credentials
+    │   ├── MissingCredentials  real GCS without Application Default Credentials
+    │   └── AccessRefused       a backend refused our credentials, certificate or permissions
     ├── ServiceError       a local service (Kafka, PostgreSQL, GCS emulator) cannot start or answer
     ├── BackendError       a backend call failed after retries (Kafka, PostgreSQL, GCS)
     │   └── FencedAppendError   another writer appended to the archive object first
@@ -25,6 +26,14 @@ class ConfigError(ProtoaggError):
 
 class MissingCredentials(ConfigError):
     """Real GCS was asked for but no Application Default Credentials were found."""
+
+
+class AccessRefused(ConfigError):
+    """A backend refused who we are (authentication, TLS) or what we may do (authorization).
+
+    A ``ConfigError``: waiting does not heal it, so nothing retries it; the message names the
+    setting or the permission to fix.
+    """
 
 
 class ServiceError(ProtoaggError):

@@ -18,6 +18,7 @@ from protoagg_dagster.core.records import LogRecord
 from protoagg_dagster.pb.log_pb2 import ProtoLog
 
 LENGTH = struct.Struct("<I")
+FRAME_HEADER_BYTES = LENGTH.size
 # A frame larger than this is treated as corruption rather than allocated: messages over the
 # configured size limit never reach the archive, and this bound is far above any sane limit.
 MAX_FRAME_BYTES = 64 * 1024 * 1024
@@ -165,6 +166,51 @@ def iter_located_frames(
         yield index, base + pos, buffer[pos + LENGTH.size : end]
         pos = end
         index += 1
+
+
+def iter_frame_runs(
+    stream: BinaryIO, max_frame_bytes: int = MAX_FRAME_BYTES, chunk_bytes: int = 8 * _READ_CHUNK
+) -> Iterator[tuple[bytes, list[tuple[int, int]]]]:
+    """Yield (buffer, payload spans) of the whole frames in each chunk read, in order.
+
+    For bulk readers that decode millions of frames: bounds checks and reads are paid per chunk
+    of ``chunk_bytes``, and no per-frame generator step or payload copy is made. A truncated
+    archive or an absurd length prefix is an ArchiveFormatError like ``iter_located_frames``'s.
+    """
+    buffer, base, index = b"", 0, 0
+    unpack = LENGTH.unpack_from
+    while True:
+        try:
+            chunk = stream.read(chunk_bytes)
+        except ArchiveFormatError as exc:
+            raise _frame_error(stream, index, base, str(exc)) from exc
+        if not chunk:
+            if buffer:
+                raise _frame_error(
+                    stream, index, base, f"truncated frame, {len(buffer)} bytes at the end"
+                )
+            return
+        buffer = buffer + chunk if buffer else chunk
+        spans: list[tuple[int, int]] = []
+        pos, end = 0, len(buffer)
+        while pos + LENGTH.size <= end:
+            (length,) = unpack(buffer, pos)
+            if length > max_frame_bytes:
+                raise _frame_error(
+                    stream,
+                    index + len(spans),
+                    base + pos,
+                    f"length prefix {length} exceeds the {max_frame_bytes}-byte frame limit",
+                )
+            stop = pos + LENGTH.size + length
+            if stop > end:
+                break
+            spans.append((pos + LENGTH.size, stop))
+            pos = stop
+        if spans:
+            yield buffer, spans
+        index += len(spans)
+        buffer, base = buffer[pos:], base + pos
 
 
 def _refill(

@@ -54,11 +54,50 @@ KAFKA_SECURITY_PROTOCOL = Setting(
     "PROTOAGG_KAFKA_SECURITY_PROTOCOL", "PLAINTEXT", "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL"
 )
 KAFKA_SASL_MECHANISM = Setting(
-    "PROTOAGG_KAFKA_SASL_MECHANISM", "", "e.g. PLAIN or SCRAM-SHA-512; empty: no SASL"
+    "PROTOAGG_KAFKA_SASL_MECHANISM",
+    "",
+    "PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 or OAUTHBEARER; empty: no SASL",
 )
 KAFKA_SASL_USERNAME = Setting("PROTOAGG_KAFKA_SASL_USERNAME", "", "SASL user name")
 KAFKA_SASL_PASSWORD = Setting("PROTOAGG_KAFKA_SASL_PASSWORD", "", "SASL password (a secret)")
-KAFKA_SSL_CAFILE = Setting("PROTOAGG_KAFKA_SSL_CAFILE", "", "CA bundle file for SSL")
+KAFKA_SSL_CAFILE = Setting(
+    "PROTOAGG_KAFKA_SSL_CAFILE", "", "CA bundle file for SSL; empty: the system's CA store"
+)
+KAFKA_SSL_CERTFILE = Setting(
+    "PROTOAGG_KAFKA_SSL_CERTFILE", "", "client certificate (PEM) for mutual TLS"
+)
+KAFKA_SSL_KEYFILE = Setting(
+    "PROTOAGG_KAFKA_SSL_KEYFILE", "", "client private key (PEM) for mutual TLS"
+)
+KAFKA_SSL_KEY_PASSWORD = Setting(
+    "PROTOAGG_KAFKA_SSL_KEY_PASSWORD", "", "password of an encrypted client key (a secret)"
+)
+KAFKA_SSL_CHECK_HOSTNAME = Setting(
+    "PROTOAGG_KAFKA_SSL_CHECK_HOSTNAME",
+    "true",
+    "check that the broker's certificate names the host connected to (false: warns)",
+)
+KAFKA_OAUTH_PROVIDER = Setting(
+    "PROTOAGG_KAFKA_OAUTH_PROVIDER",
+    "",
+    "OAUTHBEARER tokens from: gcp (Application Default Credentials, Google Cloud's managed "
+    "Kafka) or oidc (an OIDC client-credentials token endpoint)",
+)
+KAFKA_OAUTH_TOKEN_URL = Setting("PROTOAGG_KAFKA_OAUTH_TOKEN_URL", "", "oidc: the token endpoint")
+KAFKA_OAUTH_CLIENT_ID = Setting("PROTOAGG_KAFKA_OAUTH_CLIENT_ID", "", "oidc: client id")
+KAFKA_OAUTH_CLIENT_SECRET = Setting(
+    "PROTOAGG_KAFKA_OAUTH_CLIENT_SECRET", "", "oidc: client secret (a secret)"
+)
+KAFKA_OAUTH_SCOPE = Setting(
+    "PROTOAGG_KAFKA_OAUTH_SCOPE", "", "oidc: scopes to ask for, space separated"
+)
+KAFKA_PROPERTIES = Setting(
+    "PROTOAGG_KAFKA_PROPERTIES",
+    "",
+    "more client properties as a JSON object of Kafka's dotted names, e.g. "
+    '{"connections.max.idle.ms": 60000}; a "librdkafka:" or "kafka-python:" prefix gives one '
+    "to that client only",
+)
 KAFKA_CLIENTS = ("kafka-python", "confluent")
 KAFKA_CLIENT = Setting(
     "PROTOAGG_KAFKA_CLIENT",
@@ -75,6 +114,12 @@ DEDUPE_KEY = Setting(
     "PROTOAGG_DEDUPE_KEY",
     "none",
     "record format: content dedupe key besides the offset: none|key|header:NAME|json:FIELD",
+)
+DEDUPE_SCOPE = Setting(
+    "PROTOAGG_DEDUPE_SCOPE",
+    "topic",
+    "what a dedupe key is a duplicate of: the same key from its own topic (topic) or from any "
+    "topic of the deployment (deployment)",
 )
 LOG_ID_FIELD = Setting("PROTOAGG_LOG_ID_FIELD", "logId", "log format: JSON field of the log id")
 LOG_TIMESTAMP_FIELD = Setting(
@@ -122,6 +167,12 @@ MAX_OBJECT_BYTES = Setting(
 MAX_MESSAGE_BYTES = Setting(
     "PROTOAGG_MAX_MESSAGE_BYTES", str(1024 * 1024), "larger messages are rejected"
 )
+MAX_FRAME_BYTES = Setting(
+    "PROTOAGG_MAX_FRAME_BYTES",
+    str(64 * 1024 * 1024),
+    "largest archive frame: a record whose frame would be larger becomes a dead letter, and "
+    "readers refuse a larger length prefix as corrupt",
+)
 GCS_CREATE_BUCKET = Setting(
     "PROTOAGG_GCS_CREATE_BUCKET", "false", "create the bucket if it is missing (true/false)"
 )
@@ -149,6 +200,41 @@ SENSOR_INTERVAL_SECONDS = Setting(
 START_FROM = Setting(
     "PROTOAGG_START_FROM", "earliest", "where a never-archived partition starts: earliest|latest"
 )
+ICEBERG_NAMESPACE = Setting(
+    "PROTOAGG_ICEBERG_NAMESPACE", "protoagg", "Iceberg namespace of the topic tables"
+)
+ICEBERG_PREFIX = Setting(
+    "PROTOAGG_ICEBERG_PREFIX", "iceberg", "the tables' files go under gs://BUCKET/PREFIX/"
+)
+ICEBERG_REST_URI = Setting(
+    "PROTOAGG_ICEBERG_REST_URI",
+    "",
+    "REST catalog endpoint (BigLake metastore, Polaris, Lakekeeper); empty: the SQL catalog in"
+    " PostgreSQL (schema protoagg_iceberg)",
+)
+ICEBERG_CATALOG_PROPERTIES = Setting(
+    "PROTOAGG_ICEBERG_CATALOG_PROPERTIES",
+    "",
+    "more Iceberg catalog properties, KEY=VALUE comma separated (e.g. token=..., header.X=...)",
+)
+ICEBERG_START_DATE = Setting(
+    "PROTOAGG_ICEBERG_START_DATE", "2024-01-01", "first day (UTC) of the daily table partitions"
+)
+ICEBERG_GRACE_SECONDS = Setting(
+    "PROTOAGG_ICEBERG_GRACE_SECONDS",
+    "3600",
+    "a day is written once every partition archived records this far past its end",
+)
+ICEBERG_KEEP_SNAPSHOTS_HOURS = Setting(
+    "PROTOAGG_ICEBERG_KEEP_SNAPSHOTS_HOURS",
+    "168",
+    "table maintenance expires snapshots older than this (never the current one)",
+)
+ICEBERG_ORPHAN_AGE_SECONDS = Setting(
+    "PROTOAGG_ICEBERG_ORPHAN_AGE_SECONDS",
+    "3600",
+    "unreferenced table files younger than this are kept (a write may be about to commit)",
+)
 
 ALL_SETTINGS: tuple[Setting, ...] = (
     KAFKA_BOOTSTRAP,
@@ -157,10 +243,21 @@ ALL_SETTINGS: tuple[Setting, ...] = (
     KAFKA_SASL_USERNAME,
     KAFKA_SASL_PASSWORD,
     KAFKA_SSL_CAFILE,
+    KAFKA_SSL_CERTFILE,
+    KAFKA_SSL_KEYFILE,
+    KAFKA_SSL_KEY_PASSWORD,
+    KAFKA_SSL_CHECK_HOSTNAME,
+    KAFKA_OAUTH_PROVIDER,
+    KAFKA_OAUTH_TOKEN_URL,
+    KAFKA_OAUTH_CLIENT_ID,
+    KAFKA_OAUTH_CLIENT_SECRET,
+    KAFKA_OAUTH_SCOPE,
+    KAFKA_PROPERTIES,
     KAFKA_CLIENT,
     TOPICS,
     FORMAT,
     DEDUPE_KEY,
+    DEDUPE_SCOPE,
     LOG_ID_FIELD,
     LOG_TIMESTAMP_FIELD,
     LOG_MESSAGE_FIELD,
@@ -174,6 +271,7 @@ ALL_SETTINGS: tuple[Setting, ...] = (
     MAX_BATCH_BYTES,
     MAX_OBJECT_BYTES,
     MAX_MESSAGE_BYTES,
+    MAX_FRAME_BYTES,
     GCS_CREATE_BUCKET,
     GCS_DEAD_LETTERS,
     MAX_DEAD_LETTER_RATIO,
@@ -181,6 +279,14 @@ ALL_SETTINGS: tuple[Setting, ...] = (
     SENSOR_INTERVAL_SECONDS,
     COMPRESSION,
     COMPRESSION_LEVEL,
+    ICEBERG_NAMESPACE,
+    ICEBERG_PREFIX,
+    ICEBERG_REST_URI,
+    ICEBERG_CATALOG_PROPERTIES,
+    ICEBERG_START_DATE,
+    ICEBERG_GRACE_SECONDS,
+    ICEBERG_KEEP_SNAPSHOTS_HOURS,
+    ICEBERG_ORPHAN_AGE_SECONDS,
 )
 
 

@@ -13,8 +13,10 @@ import confluent_kafka
 from kafka import TopicPartition
 
 from protoagg_dagster.core.errors import BackendError, ConfigError
+from protoagg_dagster.core.kafka_client import KafkaClientSettings
 from protoagg_dagster.core.planning import OffsetRange
 from protoagg_dagster.core.records import KafkaMessage
+from protoagg_dagster.kafka.clients import LibrdkafkaErrors, librdkafka_refusal
 from protoagg_dagster.kafka.reader import (
     CHUNK_MESSAGES,
     ChunkSource,
@@ -39,34 +41,33 @@ class ConfluentReader:
 
     ``config`` is librdkafka's (``KafkaResource.confluent_consumer_config``): the consumer is
     group-less in effect (assigned, never subscribed or committed) and read_committed like
-    kafka-python's. ``request_timeout_s`` bounds each metadata or offset request.
+    kafka-python's. ``request_timeout_s`` bounds each metadata or offset request. ``client``
+    says what a refusal means (``kafka.clients``): the reader is ready, or refused, within
+    ``BOOTSTRAP_TIMEOUT_MS``.
     """
 
-    def __init__(self, config: dict[str, Any], request_timeout_s: float) -> None:
-        self._failure: confluent_kafka.KafkaError | None = None
-        self._last_error: confluent_kafka.KafkaError | None = None
+    def __init__(
+        self, config: dict[str, Any], request_timeout_s: float, client: KafkaClientSettings
+    ) -> None:
+        self._client = client
+        self._errors = LibrdkafkaErrors(client)
         try:
-            self._consumer = confluent_kafka.Consumer({**config, "error_cb": self._on_error})
+            self._consumer = confluent_kafka.Consumer({**config, "error_cb": self._errors})
         except (confluent_kafka.KafkaException, ValueError) as exc:
             raise ConfigError(f"the Kafka consumer cannot start: {exc}") from exc
         self._request_timeout_s = request_timeout_s
-
-    def _on_error(self, error: confluent_kafka.KafkaError) -> None:
-        """Note a client-wide error (a broker down, a failed login).
-
-        librdkafka retries transient ones by itself; a fatal one or a refused login ends the read
-        at its next step.
-        """
-        self._last_error = error
-        if error.fatal() or error.code() == confluent_kafka.KafkaError._AUTHENTICATION:
-            self._failure = error
+        try:
+            self._errors.await_brokers(self._consumer)
+        except BaseException:
+            self._consumer.close()
+            raise
 
     def _check(self) -> None:
-        if self._failure is not None:
-            raise BackendError(
-                f"Kafka refused the consumer: {self._failure.str()} (check the "
-                "PROTOAGG_KAFKA_SECURITY_PROTOCOL, _SASL_* and _SSL_CAFILE settings)"
-            )
+        """Raise a refusal librdkafka reported (a fatal error too: it ends the client)."""
+        self._errors.check()
+        failure = self._errors.last
+        if failure is not None and failure.fatal():
+            raise BackendError(f"the Kafka consumer failed: {failure.str()}")
 
     def read_chunks(
         self,
@@ -84,7 +85,11 @@ class ConfluentReader:
         topic, partition = wanted.topic, wanted.partition
         tp = confluent_kafka.TopicPartition(topic, partition)
         log_start, _ = self._call(
-            consumer.get_watermark_offsets, tp, timeout=self._request_timeout_s, cached=False
+            consumer.get_watermark_offsets,
+            tp,
+            timeout=self._request_timeout_s,
+            cached=False,
+            topic=topic,
         )
         start = max(wanted.start, log_start)
         end = wanted.end
@@ -96,6 +101,9 @@ class ConfluentReader:
             self._call(consumer.assign, [confluent_kafka.TopicPartition(topic, partition, start)])
         deadline = time.monotonic() + timeout_seconds
         eof = confluent_kafka.KafkaError._PARTITION_EOF
+        # librdkafka looks up the coordinator of the group it must be given, which it never
+        # joins or commits to; without an ACL on that group it says so once and reads on.
+        unused_group = confluent_kafka.KafkaError.GROUP_AUTHORIZATION_FAILED
         # KafkaMessage(...) runs a Python-level __new__; building the tuple directly takes about
         # half as long (timeit), and this loop is the reader's only Python work per message.
         build, message_type = tuple.__new__, KafkaMessage
@@ -107,7 +115,7 @@ class ConfluentReader:
                     wanted,
                     timeout_seconds,
                     position,
-                    self._last_error.str() if self._last_error is not None else "",
+                    self._errors.last.str() if self._errors.last is not None else "",
                 )
             polled = self._call(
                 consumer.consume,
@@ -118,7 +126,14 @@ class ConfluentReader:
             for message in polled:
                 error = message.error()
                 if error is not None:
+                    if error.code() == unused_group:
+                        continue
                     if error.code() != eof:
+                        refusal = librdkafka_refusal(
+                            self._client, error, f"READ on Topic {topic!r}"
+                        )
+                        if refusal is not None:
+                            raise refusal
                         raise BackendError(f"reading {wanted} failed: {error.str()}")
                     # The partition's (stable) end: every offset below it has been handed over.
                     position = max(position, message.offset() or 0)
@@ -211,12 +226,32 @@ class ConfluentReader:
     def close(self) -> None:
         self._consumer.close()
 
-    def _call(self, step: Any, *args: Any, **kwargs: Any) -> Any:
+    def _check_topic_access(self, topic: str) -> None:
+        """Raise a refusal when the principal may not describe ``topic``.
+
+        librdkafka answers an offset request on such a topic with "unknown partition".
+        """
+        try:
+            metadata = self._consumer.list_topics(topic, timeout=self._request_timeout_s)
+        except confluent_kafka.KafkaException:
+            return
+        found = metadata.topics.get(topic)
+        if found is not None and found.error is not None:
+            refusal = librdkafka_refusal(
+                self._client, found.error, f"READ and DESCRIBE on Topic {topic!r}"
+            )
+            if refusal is not None:
+                raise refusal
+
+    def _call(self, step: Any, *args: Any, topic: str | None = None, **kwargs: Any) -> Any:
+        """``step``; its failure as a refusal when it is one (``topic``: the one it asked of)."""
         try:
             return step(*args, **kwargs)
         except confluent_kafka.KafkaException as exc:
             self._check()
             error = exc.args[0] if exc.args else exc
+            if topic is not None:
+                self._check_topic_access(topic)
             text = error.str() if isinstance(error, confluent_kafka.KafkaError) else str(error)
             raise BackendError(
                 f"Kafka request failed: {text} (is PROTOAGG_KAFKA_BOOTSTRAP right and the broker "

@@ -7,6 +7,8 @@ from typing import Any, Protocol
 import confluent_kafka
 
 from protoagg_dagster.core.errors import BackendError
+from protoagg_dagster.core.kafka_client import KafkaClientSettings
+from protoagg_dagster.kafka.clients import LibrdkafkaErrors, librdkafka_refusal
 
 Headers = list[tuple[str, bytes | None]]
 
@@ -43,8 +45,11 @@ class ConfluentTransactionalProducer:
     fails the transaction's ``commit_transaction``, so no per-record callback is needed.
     """
 
-    def __init__(self, config: dict[str, Any]) -> None:
-        self._producer = confluent_kafka.Producer(config)
+    def __init__(self, config: dict[str, Any], client: KafkaClientSettings) -> None:
+        self._client = client
+        self._errors = LibrdkafkaErrors(client)
+        self._producer = confluent_kafka.Producer({**config, "error_cb": self._errors})
+        self._errors.await_brokers(self._producer)
 
     def init_transactions(self) -> None:
         self._call(self._producer.init_transactions)
@@ -81,6 +86,7 @@ class ConfluentTransactionalProducer:
                 # The local queue is full: let the sender drain it, then retry this record.
                 self._producer.poll(0.05)
             except confluent_kafka.KafkaException as exc:
+                self._raise_refusal(exc, f"WRITE on Topic {topic!r}")
                 raise BackendError(f"Kafka refused a record for {topic!r}: {exc}") from exc
         # Serves delivery reports so librdkafka's queue of them does not grow without bound.
         self._producer.poll(0)
@@ -91,9 +97,17 @@ class ConfluentTransactionalProducer:
     def close(self, timeout: float | None = None) -> None:
         self._producer.flush(-1 if timeout is None else timeout)
 
-    @staticmethod
-    def _call(step: Any) -> None:
+    def _call(self, step: Any) -> None:
         try:
             step()
         except confluent_kafka.KafkaException as exc:
+            self._raise_refusal(exc, "")
             raise BackendError(f"Kafka transaction step failed: {exc}") from exc
+
+    def _raise_refusal(self, exc: confluent_kafka.KafkaException, needs: str) -> None:
+        self._errors.check()
+        error = exc.args[0] if exc.args else None
+        if isinstance(error, confluent_kafka.KafkaError):
+            refusal = librdkafka_refusal(self._client, error, needs)
+            if refusal is not None:
+                raise refusal from exc

@@ -4,10 +4,15 @@
 archive read path (``get_reader``) and restore's transactional producer. The sensor's offset
 look-ups, verification, backfill and the admin calls stay on kafka-python: they handle a few
 requests per tick, not a message at a time.
+
+Every client, of either library, is configured from ``client_settings()`` (one
+``KafkaClientSettings``): the Dagster definitions build this resource with ``EnvVar`` secrets,
+the CLI with ``from_env()``.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -18,12 +23,20 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
 from pydantic import Field
 
-from protoagg_dagster.core.errors import BackendError, ConfigError
+from protoagg_dagster.core import settings
+from protoagg_dagster.core.errors import AccessRefused, BackendError, ConfigError
 from protoagg_dagster.core.formats import has_patterns, parse_topics, select_topics
-from protoagg_dagster.core.settings import KAFKA_CLIENTS, split_list
+from protoagg_dagster.core.kafka_client import FIELD_SETTINGS, KafkaClientSettings, not_authorized
+from protoagg_dagster.core.settings import KAFKA_CLIENTS
+from protoagg_dagster.kafka import clients
 from protoagg_dagster.kafka.confluent_reader import ConfluentReader
 from protoagg_dagster.kafka.producers import ConfluentTransactionalProducer, TransactionalProducer
 from protoagg_dagster.kafka.reader import KafkaPythonReader, RangeReader
+from protoagg_dagster.resources.kafka_tokens import token_source
+
+log = logging.getLogger(__name__)
+TOPIC_AUTHORIZATION_FAILED = 29  # Kafka's error code
+_warned: set[str] = set()
 
 
 class KafkaResource(dg.ConfigurableResource):  # type: ignore[type-arg]
@@ -38,10 +51,38 @@ class KafkaResource(dg.ConfigurableResource):  # type: ignore[type-arg]
     security_protocol: str = Field(
         default="PLAINTEXT", description="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL."
     )
-    sasl_mechanism: str | None = Field(default=None, description="e.g. PLAIN, SCRAM-SHA-512.")
+    # The security fields are KafkaClientSettings' (core.kafka_client), each the setting of
+    # FIELD_SETTINGS; secrets come as EnvVars, so Dagster stores and shows only their names.
+    sasl_mechanism: str | None = Field(
+        default=None, description="PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 or OAUTHBEARER."
+    )
     sasl_username: str | None = Field(default=None, description="SASL user name.")
     sasl_password: str | None = Field(default=None, description="SASL password (use an EnvVar).")
-    ssl_cafile: str | None = Field(default=None, description="CA bundle for SSL.")
+    ssl_cafile: str | None = Field(
+        default=None, description="CA bundle for SSL; unset: the system's CA store."
+    )
+    ssl_certfile: str | None = Field(default=None, description="Client certificate (mTLS).")
+    ssl_keyfile: str | None = Field(default=None, description="Client private key (mTLS).")
+    ssl_key_password: str | None = Field(
+        default=None, description="Password of the client key (use an EnvVar)."
+    )
+    ssl_check_hostname: str = Field(
+        default="true", description="Check the broker certificate's host name (true/false)."
+    )
+    oauth_provider: str | None = Field(
+        default=None, description="OAUTHBEARER token provider: gcp or oidc."
+    )
+    oauth_token_url: str | None = Field(default=None, description="oidc: token endpoint.")
+    oauth_client_id: str | None = Field(default=None, description="oidc: client id.")
+    oauth_client_secret: str | None = Field(
+        default=None, description="oidc: client secret (use an EnvVar)."
+    )
+    oauth_scope: str | None = Field(default=None, description="oidc: scopes, space separated.")
+    properties: str | None = Field(
+        default=None,
+        description="More client properties: a JSON object of Kafka's dotted names "
+        "(PROTOAGG_KAFKA_PROPERTIES).",
+    )
     request_timeout_ms: int = Field(default=30_000, description="Broker request timeout.")
     fetch_max_bytes: int = Field(
         default=64 * 1024 * 1024, description="Upper bound on one fetch response."
@@ -52,6 +93,28 @@ class KafkaResource(dg.ConfigurableResource):  # type: ignore[type-arg]
         "producer: kafka-python or confluent (librdkafka, several times fewer CPU microseconds "
         "per message).",
     )
+
+    @classmethod
+    def from_env(cls, bootstrap: str | None = None, topics: str | None = None) -> KafkaResource:
+        """The resource the environment's settings describe (the CLI's way; no Dagster)."""
+        values: dict[str, Any] = {name: s.read() for name, s in FIELD_SETTINGS.items()}
+        if bootstrap:
+            values["bootstrap_servers"] = bootstrap
+        return cls(
+            **values,
+            topics=topics if topics is not None else settings.TOPICS.read(),
+            client=settings.KAFKA_CLIENT.read(),
+        )
+
+    def client_settings(self) -> KafkaClientSettings:
+        """The checked settings every client is built from; warns once of an unsafe one."""
+        values = {name: getattr(self, name) or "" for name in KafkaClientSettings.field_names()}
+        client = KafkaClientSettings(**values)
+        for warning in client.check():
+            if warning not in _warned:
+                _warned.add(warning)
+                log.warning(warning)
+        return client
 
     def topic_list(self, consumer: KafkaConsumer | None = None) -> list[str]:
         """The topics to archive now: the named ones, and those the patterns match today.
@@ -84,22 +147,6 @@ class KafkaResource(dg.ConfigurableResource):  # type: ignore[type-arg]
         finally:
             fresh.close()
 
-    def _common(self) -> dict[str, Any]:
-        config: dict[str, Any] = {
-            "bootstrap_servers": split_list(self.bootstrap_servers),
-            "security_protocol": self.security_protocol,
-            "request_timeout_ms": self.request_timeout_ms,
-            "client_id": "protoagg",
-        }
-        optional = {
-            "sasl_mechanism": self.sasl_mechanism,
-            "sasl_plain_username": self.sasl_username,
-            "sasl_plain_password": self.sasl_password,
-            "ssl_cafile": self.ssl_cafile,
-        }
-        config.update({key: value for key, value in optional.items() if value is not None})
-        return config
-
     def get_consumer(self) -> KafkaConsumer:
         """A group-less consumer: offsets are chosen by assign + seek, never committed.
 
@@ -111,7 +158,11 @@ class KafkaResource(dg.ConfigurableResource):  # type: ignore[type-arg]
     def get_reader(self) -> RangeReader:
         """The archive read path's client (``client``), read_committed either way."""
         if self._client() == "confluent":
-            return ConfluentReader(self.confluent_consumer_config(), self.request_timeout_ms / 1000)
+            return ConfluentReader(
+                self.confluent_consumer_config(),
+                self.request_timeout_ms / 1000,
+                self.client_settings(),
+            )
         return KafkaPythonReader(self.get_consumer())
 
     def confluent_consumer_config(self) -> dict[str, Any]:
@@ -135,19 +186,11 @@ class KafkaResource(dg.ConfigurableResource):  # type: ignore[type-arg]
         }
 
     def _confluent_common(self) -> dict[str, Any]:
-        config: dict[str, Any] = {
-            "bootstrap.servers": self.bootstrap_servers,
-            "security.protocol": self.security_protocol,
+        client = self.client_settings()
+        return {
             "client.id": "protoagg",
+            **clients.librdkafka_config(client, token_source(client)),
         }
-        optional = {
-            "sasl.mechanism": self.sasl_mechanism,
-            "sasl.username": self.sasl_username,
-            "sasl.password": self.sasl_password,
-            "ssl.ca.location": self.ssl_cafile,
-        }
-        config.update({key: value for key, value in optional.items() if value is not None})
-        return config
 
     def _client(self) -> str:
         if self.client not in KAFKA_CLIENTS:
@@ -227,7 +270,7 @@ class KafkaResource(dg.ConfigurableResource):  # type: ignore[type-arg]
             "batch.size": 1024 * 1024,
         }
         try:
-            return ConfluentTransactionalProducer(config)
+            return ConfluentTransactionalProducer(config, self.client_settings())
         except confluent_kafka.KafkaException as exc:
             raise BackendError(f"the Kafka producer cannot start: {exc}") from exc
 
@@ -246,6 +289,7 @@ class KafkaResource(dg.ConfigurableResource):  # type: ignore[type-arg]
             try:
                 partitions = asked.partitions_for_topic(topic)
                 if not partitions:
+                    self._refuse_unauthorized(topic)
                     raise ConfigError(
                         f"Kafka topic {topic!r} does not exist on {self.bootstrap_servers} "
                         "(check PROTOAGG_TOPICS)"
@@ -255,13 +299,42 @@ class KafkaResource(dg.ConfigurableResource):  # type: ignore[type-arg]
                 ends = asked.end_offsets(tps)
                 return {tp.partition: (begins[tp], ends[tp]) for tp in tps}
             except KafkaError as exc:
+                self.raise_refusal(exc, f"READ and DESCRIBE on Topic {topic!r}")
                 raise BackendError(f"Kafka offsets of {topic!r} failed: {exc}") from exc
 
-    def _connect(self, factory: Any, **extra: Any) -> Any:
+    def _refuse_unauthorized(self, topic: str) -> None:
+        """Raise a refusal if ``topic`` looked absent only because we may not describe it."""
+        # A consumer's metadata leaves out the topics it may not describe, as if they did not
+        # exist; only a request naming the topic gets the broker's TOPIC_AUTHORIZATION_FAILED.
+        admin = self.get_admin()
         try:
-            return factory(**self._common(), **extra)
-        except KafkaError as exc:
-            raise BackendError(
-                f"no Kafka broker answers at {self.bootstrap_servers} "
-                "(check PROTOAGG_KAFKA_BOOTSTRAP, or start one with `protoagg services up`)"
-            ) from exc
+            described = admin.describe_topics([topic])
+        except KafkaError:
+            return
+        finally:
+            admin.close()
+        if any(d.get("error_code") == TOPIC_AUTHORIZATION_FAILED for d in described):
+            raise AccessRefused(
+                not_authorized(
+                    self.client_settings(),
+                    f"DESCRIBE and READ on Topic {topic!r}",
+                    "TOPIC_AUTHORIZATION_FAILED",
+                )
+            )
+
+    def raise_refusal(self, exc: BaseException, needs: str) -> None:
+        """Raise ``exc`` (kafka-python's) as a refusal if it is one; ``needs``: the ACL."""
+        refusal = clients.refusal_of(self.client_settings(), exc, needs)
+        if refusal is not None:
+            raise refusal from exc
+
+    def _connect(self, factory: Any, **extra: Any) -> Any:
+        client = self.client_settings()
+        return clients.connect(
+            client,
+            factory,
+            token_source(client),
+            request_timeout_ms=self.request_timeout_ms,
+            client_id="protoagg",
+            **extra,
+        )

@@ -104,13 +104,77 @@ logger.appinfo.level = WARN
 
 
 @dataclass(frozen=True)
+class SecuredListeners:
+    """Client listeners that need TLS and a login, with ACLs enforced (``StandardAuthorizer``).
+
+    ``sasl_port``: SASL_SSL with SCRAM-SHA-256, SCRAM-SHA-512, PLAIN (``plain_users``) and
+    OAUTHBEARER through the broker's unsecured-token validator (unsigned tokens: tests only).
+    ``mtls_port``: SSL with a required client certificate, whose CN is the principal's name.
+    ``keystore`` holds the broker's key and certificate chain, ``truststore`` the CA that signs
+    client certificates (both PEM). The service's own ``port`` stays PLAINTEXT, for the broker
+    itself and for administration: its User:ANONYMOUS is a super user, so it listens on loopback.
+    SCRAM users and ACLs are created through it (an admin client), not here.
+    """
+
+    sasl_port: int
+    mtls_port: int
+    keystore: Path
+    truststore: Path
+    plain_users: tuple[tuple[str, str], ...] = ()
+
+    def settings(self, host: str) -> dict[str, str]:
+        """server.properties entries on top of (and replacing some of) the plain broker's."""
+        plain = " ".join(f'user_{name}="{password}"' for name, password in self.plain_users)
+        login = "org.apache.kafka.common.security"
+        return {
+            "listeners": f"PLAINTEXT://{host}:{{port}},CONTROLLER://{host}:{{controller}},"
+            f"SASL://{host}:{self.sasl_port},MTLS://{host}:{self.mtls_port}",
+            "advertised.listeners": f"PLAINTEXT://{host}:{{port}},SASL://{host}:{self.sasl_port},"
+            f"MTLS://{host}:{self.mtls_port}",
+            "listener.security.protocol.map": (
+                "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SASL:SASL_SSL,MTLS:SSL"
+            ),
+            "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+            "super.users": "User:ANONYMOUS",
+            "allow.everyone.if.no.acl.found": "false",
+            "ssl.keystore.type": "PEM",
+            "ssl.keystore.location": str(self.keystore),
+            "ssl.truststore.type": "PEM",
+            "ssl.truststore.location": str(self.truststore),
+            "listener.name.mtls.ssl.client.auth": "required",
+            # CN=archiver,O=... is User:archiver, as a SASL login of that name would be.
+            "ssl.principal.mapping.rules": "RULE:^CN=([^,]*).*$/$1/,DEFAULT",
+            "listener.name.sasl.sasl.enabled.mechanisms": (
+                "SCRAM-SHA-512,SCRAM-SHA-256,PLAIN,OAUTHBEARER"
+            ),
+            "listener.name.sasl.scram-sha-512.sasl.jaas.config": (
+                f"{login}.scram.ScramLoginModule required;"
+            ),
+            "listener.name.sasl.scram-sha-256.sasl.jaas.config": (
+                f"{login}.scram.ScramLoginModule required;"
+            ),
+            "listener.name.sasl.plain.sasl.jaas.config": (
+                f"{login}.plain.PlainLoginModule required {plain};"
+            ),
+            "listener.name.sasl.oauthbearer.sasl.jaas.config": (
+                f"{login}.oauthbearer.OAuthBearerLoginModule required "
+                'unsecuredLoginStringClaim_sub="broker";'
+            ),
+        }
+
+
+@dataclass(frozen=True)
 class KafkaService:
-    """One broker+controller node listening on ``host:port`` (PLAINTEXT) and ``controller_port``."""
+    """One broker+controller node listening on ``host:port`` (PLAINTEXT) and ``controller_port``.
+
+    ``secured``: also TLS listeners with logins and ACLs (see ``SecuredListeners``).
+    """
 
     state_dir: Path
     port: int = 9094
     controller_port: int = 9095
     host: str = "127.0.0.1"
+    secured: SecuredListeners | None = None
     name: ClassVar[str] = "kafka"
 
     # -- paths -------------------------------------------------------------------------------
@@ -236,6 +300,14 @@ class KafkaService:
             # closed segment is compacted at once (tests/e2e/test_kafka_gaps.py waits for it).
             "log.cleaner.backoff.ms": "1000",
         }
+        if self.secured is not None:
+            extra = self.secured.settings(self.host)
+            settings.update(
+                {
+                    key: value.format(port=self.port, controller=self.controller_port)
+                    for key, value in extra.items()
+                }
+            )
         text = "# Written by protoagg on every start of the local Kafka.\n" + "".join(
             f"{key}={value}\n" for key, value in settings.items()
         )

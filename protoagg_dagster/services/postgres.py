@@ -59,6 +59,8 @@ class PostgresService:
     state_dir: Path
     port: int = 5432
     host: str = "127.0.0.1"
+    # (certificate chain, private key), PEM: the server also accepts TLS (sslmode=verify-full).
+    tls: tuple[Path, Path] | None = None
     name: ClassVar[str] = "postgres"
 
     @property
@@ -113,6 +115,7 @@ class PostgresService:
         self.cluster_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         if not (self.data_dir / "PG_VERSION").exists():
             self._initdb(user)
+        tls = self._install_tls()
         if user is not None:
             _chown_tree(self.cluster_dir, user)
         self.process.spawn(
@@ -131,6 +134,7 @@ class PostgresService:
                 "-c",
                 "fsync=on",
                 *(arg for name, value in SETTINGS.items() for arg in ("-c", f"{name}={value}")),
+                *(arg for name, value in tls.items() for arg in ("-c", f"{name}={value}")),
             ],
             user=user,
         )
@@ -156,6 +160,16 @@ class PostgresService:
 
     def exports(self) -> dict[str, str]:
         return {"PROTOAGG_POSTGRES_DSN": self.dsn}
+
+    def _install_tls(self) -> dict[str, str]:
+        """Copy the TLS files into the cluster: the server reads its key only if it owns it."""
+        if self.tls is None:
+            return {}
+        cert, key = self.cluster_dir / "server.crt", self.cluster_dir / "server.key"
+        shutil.copyfile(self.tls[0], cert)
+        shutil.copyfile(self.tls[1], key)
+        key.chmod(0o600)
+        return {"ssl": "on", "ssl_cert_file": str(cert), "ssl_key_file": str(key)}
 
     def _initdb(self, user: str | None) -> None:
         if self.data_dir.exists():

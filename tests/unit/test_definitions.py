@@ -21,9 +21,17 @@ def test_definitions_load_and_every_job_sensor_and_schedule_resolves() -> None:
         "archive_kafka_batch",
         "maintain_archive",
         "restore_archive",
+        "iceberg_tables",
+        "maintain_iceberg",
     }
-    assert [s.name for s in repo.sensor_defs] == ["kafka_offsets_sensor"]
-    assert [s.name for s in repo.schedule_defs] == ["archive_maintenance"]
+    assert sorted(s.name for s in repo.sensor_defs) == [
+        "iceberg_days_sensor",
+        "kafka_offsets_sensor",
+    ]
+    assert sorted(s.name for s in repo.schedule_defs) == [
+        "archive_maintenance",
+        "iceberg_maintenance",
+    ]
     assert set(repo.get_top_level_resources()) == {
         "io_manager",
         "kafka",
@@ -31,6 +39,7 @@ def test_definitions_load_and_every_job_sensor_and_schedule_resolves() -> None:
         "gcs",
         "archiver",
         "lease",
+        "iceberg",
     }
 
 
@@ -63,6 +72,7 @@ def test_each_topic_entry_is_its_own_asset_with_its_checks(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv(settings.TOPICS.env, "logs,orders.v1:record,/audit-.*/:record")
+    monkeypatch.setenv(settings.GCS_OBJECT.env, "{topic}/{partition}.pb")
     defs = load_definitions()
     dg.Definitions.validate_loadable(defs)
     graph = defs.resolve_asset_graph()
@@ -70,8 +80,26 @@ def test_each_topic_entry_is_its_own_asset_with_its_checks(
     assert {"kafka_archive", "kafka_archive_logs"} <= keys
     assert any(k.startswith("kafka_archive_orders_v1_") for k in keys)
     assert any(k.startswith("kafka_archive_re_audit___") for k in keys)
+    # A table per named topic, downstream of its archive; none for a pattern.
+    assert "iceberg/logs" in keys
+    (orders,) = [k for k in keys if k.startswith("iceberg/orders_v1_")]
+    assert {
+        k.to_user_string() for k in graph.get(dg.AssetKey.from_user_string(orders)).parent_keys
+    } == {next(k for k in keys if k.startswith("kafka_archive_orders_v1_"))}
+    assert not any(k.startswith("iceberg/") and "audit" in k for k in keys)
     checked = {key.asset_key.to_user_string() for key in graph.asset_check_keys}
     assert checked == keys
+
+
+def test_a_template_that_would_mix_formats_in_one_object_fails_at_load(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(settings.TOPICS.env, "logs,orders:record")
+    monkeypatch.delenv(settings.GCS_OBJECT.env, raising=False)
+    with pytest.raises(ConfigError, match=r"'log.pb' would put topics archived as log and record"):
+        load_definitions()
+    monkeypatch.setenv(settings.GCS_OBJECT.env, "{topic}/{date}.pb")
+    load_definitions()
 
 
 def test_an_invalid_topic_entry_fails_at_load(monkeypatch: pytest.MonkeyPatch) -> None:
