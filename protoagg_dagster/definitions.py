@@ -55,6 +55,7 @@ archiver = ArchiverSettings(
     linger_seconds=settings.LINGER_SECONDS.read_float(),
     max_batch_messages=settings.MAX_BATCH_MESSAGES.read_int(),
     max_batch_bytes=settings.MAX_BATCH_BYTES.read_int(),
+    max_partitions_per_run=settings.MAX_PARTITIONS_PER_RUN.read_int(),
     max_message_bytes=settings.MAX_MESSAGE_BYTES.read_int(),
     max_dead_letter_ratio=settings.MAX_DEAD_LETTER_RATIO.read_float(),
     start_from=_value(settings.START_FROM),

@@ -1,12 +1,13 @@
 """Leases: how anyone tells a live archive run from one whose worker is gone.
 
-A run holds two PostgreSQL *session-level* advisory locks for as long as it lives, on a connection
-of its own: its run lease (``run <run id>``), and its partition's lease (``partition
-<topic>-<partition>``), which keeps two runs of any deployments from working one partition at
-once. PostgreSQL drops the locks with the session, so a run killed with its whole deployment
-(SIGKILL, OOM, node loss) loses them within seconds (the session's TCP keepalives bound it when a
-host vanishes without closing its sockets), while a run that is merely slow keeps them, however
-long it takes. Dagster's run storage cannot tell the two apart: a dead run stays STARTED there.
+A run holds PostgreSQL *session-level* advisory locks for as long as it lives, on a connection
+of its own: its run lease (``run <run id>``), and the lease of each partition it archives
+(``partition <topic>-<partition>``), which keeps two runs of any deployments from working one
+partition at once. PostgreSQL drops the locks with the session, so a run killed with its whole
+deployment (SIGKILL, OOM, node loss) loses them within seconds (the session's TCP keepalives bound
+it when a host vanishes without closing its sockets), while a run that is merely slow keeps them,
+however long it takes. Dagster's run storage cannot tell the two apart: a dead run stays
+STARTED there.
 
 Whoever probes a lease takes it for the length of one transaction; a run starting at that moment
 waits for it (``pg_advisory_lock``), never fails.
@@ -49,7 +50,8 @@ def hold(conn: psycopg.Connection, name: str, wait_seconds: float) -> None:
     Waits up to ``wait_seconds`` for a holder to let go, then raises ``LeaseTaken``.
     """
     conn.execute(_KEEPALIVES)
-    conn.execute(f"SET lock_timeout = {int(wait_seconds * 1000)}")
+    # At least a millisecond: a lock_timeout of 0 would mean waiting forever.
+    conn.execute(f"SET lock_timeout = {max(int(wait_seconds * 1000), 1)}")
     try:
         conn.execute("SELECT pg_advisory_lock(hashtextextended(%s || %s, 0))", (_PREFIX, name))
     except psycopg.errors.LockNotAvailable as exc:

@@ -1,4 +1,6 @@
-"""The sensor that watches Kafka partitions and launches one run per bounded offset range.
+"""The sensor that watches Kafka partitions and launches runs of bounded offset ranges.
+
+A run archives the ranges of many partitions (``core.planning.plan_runs`` groups them).
 
 Each tick lists the topics anew (a pattern entry picks up topics created since) and records the
 lag of every partition (messages and seconds behind the last stable offset, and the messages open
@@ -30,19 +32,23 @@ from protoagg_dagster.archive.ledger import (
     read_progress,
 )
 from protoagg_dagster.archive.run_tags import (
-    PARTITION_TAG,
     RANGE_TAG,
     partition_key,
-    range_run_config,
-    range_tags,
-    run_partition,
-    run_range,
+    ranges_run_config,
+    ranges_tags,
+    run_ranges,
 )
 from protoagg_dagster.core import settings
 from protoagg_dagster.core.errors import ConfigError, MissingCredentials
 from protoagg_dagster.core.formats import TopicRule, rule_for
 from protoagg_dagster.core.liveness import StartedRun, judge
-from protoagg_dagster.core.planning import OffsetRange, PartitionView, plan_batch
+from protoagg_dagster.core.planning import (
+    OffsetRange,
+    PartitionView,
+    RunBatch,
+    plan_runs,
+    run_group,
+)
 from protoagg_dagster.core.storage_bill import bill_findings, expected_appends_per_day
 from protoagg_dagster.kafka.reader import offsets_at_time, timestamps_at
 from protoagg_dagster.resources import GCSResource, KafkaResource, PostgresResource
@@ -56,7 +62,7 @@ DEAD_AFTER_SECONDS = 20.0
 
 @dataclass
 class SensorCursor:
-    """Per partition: backlog clocks and resolved first offsets; and the bucket check done.
+    """Per run group: the backlog clock; per partition: resolved first offsets; the bucket check.
 
     ``bill_checked`` says the bucket's settings were read for what appends cost (first tick).
     Only a convenience: the ledger's archived position is the truth, so a lost cursor costs at
@@ -130,7 +136,12 @@ def kafka_offsets_sensor(
             keys = {partition_key(t, p) for t, partitions in bounds.items() for p in partitions}
             taken = leases.held(conn, {leases.partition_lease(key) for key in keys})
             _fail_dead_runs(context, conn, unfinished, cursor, now)
-            biggest = max(latest_appended(conn), key=lambda b: b.object_size or 0, default=None)
+            # Once per cursor: it reads every partition's last batch.
+            biggest = (
+                None
+                if cursor.bill_checked
+                else max(latest_appended(conn), key=lambda b: b.object_size or 0, default=None)
+            )
         # A partition whose lease is taken has a live run, maybe another deployment's (whose
         # range this sensor cannot know, so it launches nothing after it).
         for key in keys:
@@ -144,16 +155,17 @@ def kafka_offsets_sensor(
                 # Every run would fail the same way: say it once per tick, launch nothing.
                 return dg.SensorResult(skip_reason=str(exc), cursor=cursor.dumps())
             cursor.bill_checked = True
-        requests: list[dg.RunRequest] = []
         behind: dict[TopicPartition, tuple[int, int]] = {}  # next offset, messages behind
         held: dict[TopicPartition, int] = {}  # messages of open transactions, past the stable end
         marks = kafka.topics_high_watermarks({t: sorted(b) for t, b in bounds.items()})
+        views: list[PartitionView] = []
         for topic, known in progress.items():
             for partition, end in marks[topic].items():
                 held[TopicPartition(topic, partition)] = max(end - bounds[topic][partition][1], 0)
             starts = _next_offsets(
                 consumer, topic, bounds[topic], known, cursor, archiver.start_choice()
             )
+            group = run_group(gcs.object_template, topic)
             for partition, (_, log_end) in bounds[topic].items():
                 key = partition_key(topic, partition)
                 state = known.get(partition)
@@ -165,17 +177,19 @@ def kafka_offsets_sensor(
                     pending=state.pending if state is not None else None,
                     in_flight=in_flight.get(key, NONE_IN_FLIGHT).runs,
                     in_flight_end=in_flight.get(key, NONE_IN_FLIGHT).end,
-                    backlog_since=cursor.backlog_since.get(key),
+                    group=group,
                 )
+                views.append(view)
                 behind[TopicPartition(topic, partition)] = (
                     view.next_offset,
                     max(log_end - view.next_offset, 0),
                 )
-                plan = plan_batch(view, limits, now)
-                _remember(cursor.backlog_since, key, plan.backlog_since)
-                if plan.launch is not None:
-                    context.log.info(f"launching {plan.launch}: {plan.reason}")
-                    requests.append(_run_request(context.instance, plan.launch, plan.follows))
+        plan = plan_runs(views, cursor.backlog_since, limits, now)
+        cursor.backlog_since = plan.backlog_since
+        requests = []
+        for run in plan.runs:
+            context.log.info(f"launching {run}: {run.reason}")
+            requests.append(_run_request(context.instance, run))
         oldest = timestamps_at(
             consumer, {tp: offset for tp, (offset, lag) in behind.items() if lag > 0}
         )
@@ -257,15 +271,13 @@ def _next_offsets(
     return result
 
 
-def _run_request(
-    instance: dg.DagsterInstance, batch: OffsetRange, follows: bool = False
-) -> dg.RunRequest:
-    # A range relaunched after a failed run needs a fresh run key: Dagster skips a known one.
-    attempts = instance.get_runs_count(filters=dg.RunsFilter(tags={RANGE_TAG: batch.run_key}))
+def _run_request(instance: dg.DagsterInstance, run: RunBatch) -> dg.RunRequest:
+    # Ranges relaunched after a failed run need a fresh run key: Dagster skips a known one.
+    attempts = instance.get_runs_count(filters=dg.RunsFilter(tags={RANGE_TAG: run.run_key}))
     return dg.RunRequest(
-        run_key=batch.run_key if attempts == 0 else f"{batch.run_key}-retry{attempts}",
-        run_config=range_run_config(batch.topic, batch.partition, batch.start, batch.end),
-        tags=range_tags(batch.topic, batch.partition, batch.start, batch.end, follows),
+        run_key=run.run_key if attempts == 0 else f"{run.run_key}-retry{attempts}",
+        run_config=ranges_run_config(run.ranges),
+        tags=ranges_tags(run.ranges, run.run_key, run.follows),
     )
 
 
@@ -281,19 +293,14 @@ NONE_IN_FLIGHT = InFlight(0, None)
 
 
 def _runs_in_flight(unfinished: Sequence[dg.RunRecord]) -> dict[str, InFlight]:
+    """Per partition: its unfinished runs and where the last of their ranges ends."""
     found: dict[str, InFlight] = {}
     for record in unfinished:
-        run = record.dagster_run
-        key = _partition_of(run)
-        if key is None:
-            continue
-        target = run_range(run)
-        before = found.get(key, NONE_IN_FLIGHT)
-        if target is None or (before.runs and before.end is None):
-            end = None
-        else:
-            end = max(target[3], before.end or 0)
-        found[key] = InFlight(before.runs + 1, end)
+        for target in run_ranges(record.dagster_run):
+            key = partition_key(target.topic, target.partition)
+            before = found.get(key, NONE_IN_FLIGHT)
+            end = None if before.runs and before.end is None else max(target.end, before.end or 0)
+            found[key] = InFlight(before.runs + 1, end)
     return found
 
 
@@ -352,13 +359,6 @@ def _lag_observation(
     return dg.AssetObservation(asset_key=asset_key, metadata=metadata)
 
 
-def _remember(clocks: dict[str, float], key: str, since: float | None) -> None:
-    if since is None:
-        clocks.pop(key, None)
-    else:
-        clocks[key] = since
-
-
 # Queued and not-yet-started runs count: launching the same range again while one waits in the
 # run queue would only queue a twin.
 NOT_FINISHED = [
@@ -370,14 +370,6 @@ NOT_FINISHED = [
 ]
 
 
-def _partition_of(run: dg.DagsterRun) -> str | None:
-    """``topic-partition`` of a run: its tag, or its run config (Launchpad runs have no tags)."""
-    if PARTITION_TAG in run.tags:
-        return run.tags[PARTITION_TAG]
-    target = run_partition(run)
-    return partition_key(*target) if target is not None else None
-
-
 def _fail_dead_runs(
     context: dg.SensorEvaluationContext,
     conn: psycopg.Connection,
@@ -386,26 +378,28 @@ def _fail_dead_runs(
     now: float,
 ) -> None:
     """Fail each STARTED run whose lease has stayed free: its worker died without a word."""
-    started: dict[str, tuple[str, int]] = {}
+    started: dict[str, list[OffsetRange]] = {}
     watched: list[StartedRun] = []
     for record in unfinished:
         run = record.dagster_run
-        target = run_partition(run)
-        if run.status == dg.DagsterRunStatus.STARTED and record.start_time and target:
-            started[run.run_id] = target
+        targets = run_ranges(run)
+        if run.status == dg.DagsterRunStatus.STARTED and record.start_time and targets:
+            started[run.run_id] = targets
             watched.append(StartedRun(run.run_id, leases.run_lease(run.run_id), record.start_time))
     alive = leases.held(conn, [run.lease for run in watched])
     verdict = judge(watched, alive, cursor.lease_free_since, now, DEAD_AFTER_SECONDS)
     cursor.lease_free_since = verdict.free_since
     for run_id, since in verdict.dead.items():
-        topic, partition = started[run_id]
+        held = ", ".join(f"{r.topic}/{r.partition}" for r in started[run_id][:5])
+        more = len(started[run_id]) - 5
         current = context.instance.get_run_by_id(run_id)
         # Finished between the query and now: its lease was free because it was done.
         if current is None or current.status != dg.DagsterRunStatus.STARTED:
             continue
         free_at = datetime.datetime.fromtimestamp(since, datetime.UTC).strftime("%H:%M:%S UTC")
         message = (
-            f"worker gone: lock of {topic}/{partition} free since {free_at} "
+            f"worker gone: lock of its run ({held}{f' and {more} more' if more > 0 else ''}) "
+            f"free since {free_at} "
             f"({now - since:.0f} s, lease {leases.run_lease(run_id)!r}); the run's process died "
             "(its deployment was killed or its host lost). Marked failed so the partition "
             "resumes; the next run of this range finishes whatever the dead one claimed."

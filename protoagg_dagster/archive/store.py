@@ -21,7 +21,7 @@ import io
 import random
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Protocol
 
@@ -95,6 +95,15 @@ class AppendResult:
     compose_attempts: int
 
 
+@dataclass(frozen=True)
+class PieceData:
+    """One piece to append: its batch's range, the piece and its bytes."""
+
+    batch: OffsetRange
+    piece: Piece
+    data: bytes
+
+
 def append_batch(
     bucket: storage.Bucket,
     object_name: str,
@@ -107,16 +116,59 @@ def append_batch(
     format_name: str | None = None,
     compression: str = NONE,
 ) -> AppendResult:
-    """Append ``data`` (``piece`` of ``batch``) to ``object_name`` exactly once.
+    """Append ``data`` (``piece`` of ``batch``) to ``object_name`` exactly once."""
+    [result] = append_pieces(
+        bucket,
+        object_name,
+        [PieceData(batch, piece, data)],
+        ledger,
+        max_attempts,
+        sleep,
+        format_name,
+        compression,
+    )
+    return result
 
-    The upload happens first, outside the object's lock (held only around read-and-compose).
-    Returns ``appended=False`` when the ledger or the object's marker shows the piece there
-    already (an earlier attempt appended it). ``format_name`` is recorded in the object's
-    metadata, and an object of another format is refused (ConfigError); None (dead letters)
-    records and checks none. ``compression`` is the codec ``data`` is compressed with,
-    recorded and checked the same way.
+
+def append_pieces(
+    bucket: storage.Bucket,
+    object_name: str,
+    pieces: Sequence[PieceData],
+    ledger: PieceLedger,
+    max_attempts: int = 20,
+    sleep: Callable[[float], None] = time.sleep,
+    format_name: str | None = None,
+    compression: str = NONE,
+) -> list[AppendResult]:
+    """Append each of ``pieces`` to ``object_name`` exactly once; one result per piece.
+
+    Every piece is uploaded and queued first, outside the object's lock (held only around
+    read-and-compose): the first compose then carries up to MAX_PIECES_PER_COMPOSE of them, and
+    the rest find their piece landed. A result has ``appended=False`` when the ledger or the
+    object's marker shows the piece there already (an earlier attempt appended it).
+    ``format_name`` is recorded in the object's metadata, and an object of another format is
+    refused (ConfigError); None (dead letters) records and checks none. ``compression`` is the
+    codec the data is compressed with, recorded and checked the same way.
     """
-    temp = bucket.blob(temp_object_name(batch, uuid.uuid4().hex))
+    queued: list[Queued] = []
+    try:
+        for part in pieces:
+            temp = _upload(bucket, temp_object_name(part.batch, uuid.uuid4().hex), part.data)
+            own = Queued(part.piece, temp.name, format_name, compression)
+            ledger.enqueue(object_name, own)
+            queued.append(own)
+        return [
+            _compose_until_landed(bucket, object_name, own, ledger, max_attempts, sleep)
+            for own in queued
+        ]
+    finally:
+        for own in queued:
+            ledger.dequeue(own)
+            _delete_quietly(bucket.blob(own.temp_name))
+
+
+def _upload(bucket: storage.Bucket, name: str, data: bytes) -> storage.Blob:
+    temp = bucket.blob(name)
     try:
         temp.upload_from_string(data, content_type=CONTENT_TYPE, if_generation_match=0)
     except gexc.PreconditionFailed:
@@ -130,25 +182,28 @@ def append_batch(
             f"cannot write to gs://{bucket.name} with these credentials (needs "
             f"roles/storage.objectUser): {exc.message}"
         ) from exc
-    own = Queued(piece, temp.name, format_name, compression)
-    ledger.enqueue(object_name, own)
-    try:
-        for attempt in range(1, max_attempts + 1):
-            with ledger.locked(object_name):
-                outcome = _compose_queued(bucket, object_name, own, ledger, sleep)
-            if isinstance(outcome, AppendResult):
-                return AppendResult(
-                    outcome.appended, outcome.generation, outcome.object_size, attempt
-                )
-            # Another writer (another partition, or a twin of this run) appended first.
-            sleep(min(2.0, 0.05 * 2**attempt) * random.random())
-        raise FencedAppendError(
-            f"gs://{bucket.name}/{object_name}: lost the compose race {max_attempts} times in a "
-            "row; too many writers share this object (use {partition} in PROTOAGG_GCS_OBJECT)"
-        )
-    finally:
-        ledger.dequeue(own)
-        _delete_quietly(temp)
+    return temp
+
+
+def _compose_until_landed(
+    bucket: storage.Bucket,
+    object_name: str,
+    own: Queued,
+    ledger: PieceLedger,
+    max_attempts: int,
+    sleep: Callable[[float], None],
+) -> AppendResult:
+    for attempt in range(1, max_attempts + 1):
+        with ledger.locked(object_name):
+            outcome = _compose_queued(bucket, object_name, own, ledger, sleep)
+        if isinstance(outcome, AppendResult):
+            return AppendResult(outcome.appended, outcome.generation, outcome.object_size, attempt)
+        # Another writer (another partition, or a twin of this run) appended first.
+        sleep(min(2.0, 0.05 * 2**attempt) * random.random())
+    raise FencedAppendError(
+        f"gs://{bucket.name}/{object_name}: lost the compose race {max_attempts} times in a "
+        "row; too many writers share this object (use {partition} in PROTOAGG_GCS_OBJECT)"
+    )
 
 
 def _compose_queued(

@@ -109,9 +109,18 @@ BATCH_SIZE = Setting("PROTOAGG_BATCH_SIZE", "500", "launch a run once this many 
 LINGER_SECONDS = Setting(
     "PROTOAGG_LINGER_SECONDS", "15", "...or once the oldest waiting message is this old"
 )
-MAX_BATCH_MESSAGES = Setting("PROTOAGG_MAX_BATCH_MESSAGES", "200000", "most messages one run reads")
+MAX_BATCH_MESSAGES = Setting(
+    "PROTOAGG_MAX_BATCH_MESSAGES", "200000", "most messages one run reads (all its ranges)"
+)
 MAX_BATCH_BYTES = Setting(
-    "PROTOAGG_MAX_BATCH_BYTES", str(128 * 1024 * 1024), "most value bytes one run reads"
+    "PROTOAGG_MAX_BATCH_BYTES",
+    str(128 * 1024 * 1024),
+    "most value bytes one run reads (all its ranges)",
+)
+MAX_PARTITIONS_PER_RUN = Setting(
+    "PROTOAGG_MAX_PARTITIONS_PER_RUN",
+    "64",
+    "most partitions whose ranges one run archives (ranges of one topic, or of one shared object)",
 )
 MAX_OBJECT_BYTES = Setting(
     "PROTOAGG_MAX_OBJECT_BYTES",
@@ -172,6 +181,7 @@ ALL_SETTINGS: tuple[Setting, ...] = (
     LINGER_SECONDS,
     MAX_BATCH_MESSAGES,
     MAX_BATCH_BYTES,
+    MAX_PARTITIONS_PER_RUN,
     MAX_OBJECT_BYTES,
     MAX_MESSAGE_BYTES,
     GCS_CREATE_BUCKET,

@@ -21,10 +21,15 @@ class ArchiverSettings(dg.ConfigurableResource):  # type: ignore[type-arg]
         default=15.0, description="...or once the oldest waiting message has waited this long."
     )
     max_batch_messages: int = Field(
-        default=200_000, description="Most messages one run reads (bounds its memory)."
+        default=200_000,
+        description="Most messages one run reads, all its ranges together (bounds its memory).",
     )
     max_batch_bytes: int = Field(
-        default=128 * 1024 * 1024, description="Most value bytes one run reads (bounds memory)."
+        default=128 * 1024 * 1024,
+        description="Most value bytes one run reads, all its ranges together (bounds memory).",
+    )
+    max_partitions_per_run: int = Field(
+        default=64, description="Most partitions whose ranges one run archives."
     )
     max_message_bytes: int = Field(
         default=1024 * 1024, description="Larger messages are rejected as dead letters."
@@ -75,6 +80,7 @@ class ArchiverSettings(dg.ConfigurableResource):  # type: ignore[type-arg]
             linger_seconds=self.linger_seconds,
             max_batch_messages=self.max_batch_messages,
             max_batch_bytes=self.max_batch_bytes,
+            max_partitions_per_run=self.max_partitions_per_run,
         )
 
     def start_choice(self) -> str | int:

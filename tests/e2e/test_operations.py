@@ -33,11 +33,7 @@ from tests.helpers import (
 
 
 def launched(result: dg.SensorResult) -> list[tuple[int, int]]:
-    ranges = []
-    for request in result.run_requests or []:
-        config = request.run_config["ops"]["consume"]["config"]
-        ranges.append((config["start_offset"], config["end_offset"]))
-    return ranges
+    return [r for request in result.run_requests or [] for r in launched_ranges(request)]
 
 
 def test_fresh_sensor_with_start_from_latest_skips_history(stack: Stack) -> None:
@@ -119,18 +115,23 @@ def test_a_tick_over_several_topics_asks_kafka_through_two_consumers(
     with dg.instance_for_test() as instance:
         result = tick(several, instance, None)
     assert sorted(opened) == ["read_committed", "read_uncommitted"]
-    assert sorted(
-        (r.tags[PARTITION_TAG], *launched_range(r)) for r in result.run_requests or []
-    ) == [(f"many-{unique}-{name}-0", 0, 3) for name in "abc"]
+    # Their object names no topic: the ranges of every topic share one run.
+    [request] = result.run_requests or []
+    assert PARTITION_TAG not in request.tags
+    assert sorted(launched_ranges(request, with_topic=True)) == [
+        (f"many-{unique}-{name}", 0, 0, 3) for name in "abc"
+    ]
     metadata = result.asset_events[0].metadata
     assert metadata["lag_messages"].value == 9
     assert metadata[f"lag_messages[many-{unique}-a/1]"].value == 0
     assert metadata["open_transaction_messages"].value == 0
 
 
-def launched_range(request: dg.RunRequest) -> tuple[int, int]:
-    config = request.run_config["ops"]["consume"]["config"]
-    return config["start_offset"], config["end_offset"]
+def launched_ranges(request: dg.RunRequest, with_topic: bool = False) -> list[Any]:
+    ranges = request.run_config["ops"]["consume"]["config"]["ranges"]
+    if with_topic:
+        return [(r["topic"], r["partition"], r["start_offset"], r["end_offset"]) for r in ranges]
+    return [(r["start_offset"], r["end_offset"]) for r in ranges]
 
 
 def test_maintenance_removes_orphans_and_advances_the_window(stack: Stack, unique: str) -> None:
@@ -176,7 +177,7 @@ def test_a_run_not_yet_started_counts_as_in_flight(stack: Stack) -> None:
         second = tick(stack, instance, first.cursor)
         assert launched(second) == [(100, 150)]
         [follow_up] = second.run_requests or []
-        assert follow_up.tags[FOLLOWS_TAG] == "100"
+        assert follow_up.tags[FOLLOWS_TAG] == "true"
         instance.create_run_for_job(
             archive_kafka_batch,
             run_config=follow_up.run_config,

@@ -48,7 +48,7 @@ def test_the_lease_of_a_killed_process_is_free_at_once(postgres_dsn: str) -> Non
             sys.executable,
             "-c",
             "import sys, time, psycopg\n"
-            "from protoagg_dagster import leases\n"
+            "from protoagg_dagster.archive import leases\n"
             "conn = psycopg.connect(sys.argv[1], autocommit=True)\n"
             "leases.hold(conn, 't-0', 5)\n"
             "print('held', flush=True)\n"
