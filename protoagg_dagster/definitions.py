@@ -17,6 +17,7 @@ from protoagg_dagster.archive.assets import archive_asset, topic_asset_specs
 from protoagg_dagster.archive.checks import build_archive_checks
 from protoagg_dagster.archive.job import archive_kafka_batch
 from protoagg_dagster.archive.partition_lease import PartitionLease
+from protoagg_dagster.archive.run_retention import retention_job, retention_schedule
 from protoagg_dagster.archive.sensor import kafka_offsets_sensor
 from protoagg_dagster.archive.upkeep import archive_maintenance, maintain_archive
 from protoagg_dagster.core import settings
@@ -68,11 +69,16 @@ archiver = ArchiverSettings(
 # A bad topic entry, format or dedupe key fails here, when the code location loads, not in a run.
 topic_rules = archiver.topic_formats(settings.TOPICS.read()).rules
 
+# Dagster keeps every run and event forever unless something deletes them.
+prune_dagster_runs = retention_job(
+    settings.KEEP_RUNS_DAYS.read_float(), settings.KEEP_FAILED_RUNS_DAYS.read_float()
+)
+
 defs = dg.Definitions(
     assets=[archive_asset, *topic_asset_specs(topic_rules)],
     asset_checks=[build_archive_checks(topic_rules)],
-    jobs=[archive_kafka_batch, maintain_archive, restore_archive],
-    schedules=[archive_maintenance],
+    jobs=[archive_kafka_batch, maintain_archive, prune_dagster_runs, restore_archive],
+    schedules=[archive_maintenance, retention_schedule(prune_dagster_runs)],
     sensors=[kafka_offsets_sensor],
     resources={
         # Op outputs stay in memory: the default filesystem IO manager pickled every batch to

@@ -69,15 +69,22 @@ def still_held(conn: psycopg.Connection) -> bool:
     return True
 
 
+# Leases probed per transaction: each probe takes a lock for the transaction's length, and
+# PostgreSQL's shared lock table holds about max_locks_per_transaction x max_connections (6,400
+# with the defaults) for all sessions together.
+PROBE_CHUNK = 1000
+
+
 def held(conn: psycopg.Connection, names: Iterable[str]) -> set[str]:
     """Which of the leases ``names`` some live session holds right now."""
     wanted = sorted(set(names))
-    if not wanted:
-        return set()
-    with conn.transaction():
-        rows = conn.execute(
-            "SELECT name FROM unnest(%s::text[]) AS name "
-            "WHERE NOT pg_try_advisory_xact_lock(hashtextextended(%s || name, 0))",
-            (wanted, _PREFIX),
-        ).fetchall()
-    return {row[0] for row in rows}
+    found: set[str] = set()
+    for first in range(0, len(wanted), PROBE_CHUNK):
+        with conn.transaction():
+            rows = conn.execute(
+                "SELECT name FROM unnest(%s::text[]) AS name "
+                "WHERE NOT pg_try_advisory_xact_lock(hashtextextended(%s || name, 0))",
+                (wanted[first : first + PROBE_CHUNK], _PREFIX),
+            ).fetchall()
+        found |= {row[0] for row in rows}
+    return found

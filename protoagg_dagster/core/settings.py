@@ -155,6 +155,14 @@ SENSOR_INTERVAL_SECONDS = Setting(
     "2",
     "least seconds between two evaluations of kafka_offsets_sensor (the daemon looks every 5 s)",
 )
+KEEP_RUNS_DAYS = Setting(
+    "PROTOAGG_KEEP_RUNS_DAYS",
+    "14",
+    "finished archive runs older than this many days are deleted from Dagster with their events",
+)
+KEEP_FAILED_RUNS_DAYS = Setting(
+    "PROTOAGG_KEEP_FAILED_RUNS_DAYS", "60", "failed runs are kept this many days"
+)
 START_FROM = Setting(
     "PROTOAGG_START_FROM", "earliest", "where a never-archived partition starts: earliest|latest"
 )
@@ -189,6 +197,8 @@ ALL_SETTINGS: tuple[Setting, ...] = (
     MAX_DEAD_LETTER_RATIO,
     START_FROM,
     SENSOR_INTERVAL_SECONDS,
+    KEEP_RUNS_DAYS,
+    KEEP_FAILED_RUNS_DAYS,
     COMPRESSION,
     COMPRESSION_LEVEL,
 )

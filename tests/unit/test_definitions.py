@@ -20,10 +20,16 @@ def test_definitions_load_and_every_job_sensor_and_schedule_resolves() -> None:
     assert {job.name for job in repo.get_all_jobs()} >= {
         "archive_kafka_batch",
         "maintain_archive",
+        "prune_dagster_runs",
         "restore_archive",
     }
     assert [s.name for s in repo.sensor_defs] == ["kafka_offsets_sensor"]
-    assert [s.name for s in repo.schedule_defs] == ["archive_maintenance"]
+    assert sorted(s.name for s in repo.schedule_defs) == [
+        "archive_maintenance",
+        "dagster_run_retention",
+    ]
+    retention = next(s for s in repo.schedule_defs if s.name == "dagster_run_retention")
+    assert retention.default_status == dg.DefaultScheduleStatus.RUNNING
     assert set(repo.get_top_level_resources()) == {
         "io_manager",
         "kafka",
