@@ -13,7 +13,8 @@ settings into a fresh PostgreSQL database and a fresh object name.
 Reported: the archive runs launched, seconds from the daemon's start until every partition is
 archived (the ledger's positions at the end offsets, nothing claimed), and the growth of
 Dagster's own storage (DAGSTER_HOME: run, event-log and schedule databases, and the runs'
-compute logs; not our daemon.log) once every run has finished, per archived message. Run it
+compute logs; not our daemon.log) once every run has finished, over a fresh DAGSTER_HOME's,
+per archived message. Run it
 from the tree whose code is measured (the issue-23 before/after pair runs it from each commit).
 
 The table, then one JSON line ``{"benchmark": "partition_burst", ...}`` (the last line of stdout).
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 import uuid
@@ -46,6 +48,7 @@ from benchmarks.e2e_dagster import (  # noqa: E402
 )
 from benchmarks.run_once import code_version, make_values  # noqa: E402
 from tests.support.dagster_deployment import (  # noqa: E402
+    INSTANCE_YAML,
     DagsterDeployment,
     run_summaries,
     settled,
@@ -61,6 +64,16 @@ def storage_bytes(home: Path) -> dict[str, int]:
         kind = "compute_logs" if "logs" in path.relative_to(home).parts[:1] else "storage"
         sizes[kind] += path.stat().st_size
     return sizes
+
+
+def empty_home_bytes(home: Path) -> int:
+    """What a fresh DAGSTER_HOME with its storages created holds, before any run."""
+    home.mkdir(parents=True)
+    shutil.copyfile(INSTANCE_YAML, home / "dagster.yaml")
+    with DagsterDeployment("empty", home, {}).instance():
+        pass
+    sizes = storage_bytes(home)
+    return sizes["storage"] + sizes["compute_logs"]
 
 
 def main() -> int:
@@ -110,7 +123,8 @@ def main() -> int:
             deployment.stop()
         runs = [r for r in run_summaries(deployment) if r.job_name == "archive_kafka_batch"]
         sizes = storage_bytes(home)
-    total = sizes["storage"] + sizes["compute_logs"]
+    empty = empty_home_bytes(home.with_name(home.name + "-empty"))
+    total = sizes["storage"] + sizes["compute_logs"] - empty
     result.update(
         {
             "archived_s": archived_s,
@@ -119,6 +133,7 @@ def main() -> int:
             "distinct_messages": distinct,
             "dagster_storage_bytes": sizes["storage"],
             "dagster_compute_log_bytes": sizes["compute_logs"],
+            "dagster_empty_home_bytes": empty,
             "dagster_bytes_per_message": total / n,
         }
     )
@@ -130,7 +145,8 @@ def main() -> int:
     )
     print(f"  Dagster storage            {sizes['storage'] / 1e6:.2f} MB")
     print(f"  Dagster compute logs       {sizes['compute_logs'] / 1e6:.2f} MB")
-    print(f"  per archived message       {total / n:,.0f} B")
+    print(f"  an empty DAGSTER_HOME      {empty / 1e6:.2f} MB (not counted below)")
+    print(f"  growth per archived message {total / n:,.0f} B")
     print(json.dumps(result))
     return 0 if archived_s is not None else 1
 

@@ -27,6 +27,7 @@ from protoagg_dagster.archive.job import archive_kafka_batch
 from protoagg_dagster.archive.ledger import (
     AppendedBatch,
     PartitionProgress,
+    begin_partition,
     latest_appended,
     ledger_connection,
     read_progress,
@@ -62,39 +63,42 @@ DEAD_AFTER_SECONDS = 20.0
 
 @dataclass
 class SensorCursor:
-    """Per run group: the backlog clock; per partition: resolved first offsets; the bucket check.
+    """Backlog clocks per run group, liveness clocks per run, and what was checked when.
 
-    ``bill_checked`` says the bucket's settings were read for what appends cost (first tick).
-    Only a convenience: the ledger's archived position is the truth, so a lost cursor costs at
-    most one extra linger period (and, for ``start_from=latest``, a new look at the log end).
+    ``bill_checked``: the bucket's settings were read for what appends cost (first tick);
+    ``observed_at``: when the lag was last observed. Dagster stores the cursor at every tick,
+    so it holds nothing per partition: its size grows with run groups (topics) and runs in
+    flight, not with partitions. Only a convenience: the ledger's archived positions are the
+    truth (a partition's first offset, when ``start_from`` is not ``earliest``, is written
+    there at once), so a lost cursor costs at most one extra linger period.
     """
 
     backlog_since: dict[str, float]
-    start_at: dict[str, int]
     # Per STARTED run whose lease was last seen free: since when (a lost cursor restarts the
     # clock, which only delays declaring a dead run dead).
     lease_free_since: dict[str, float]
     bill_checked: bool = False
+    observed_at: float = 0.0
 
     @classmethod
     def loads(cls, text: str | None) -> "SensorCursor":
         if not text:
-            return cls({}, {}, {})
+            return cls({}, {})
         raw = json.loads(text)
         return cls(
             dict(raw.get("backlog_since", {})),
-            dict(raw.get("start_at", {})),
             dict(raw.get("lease_free_since", {})),
             bool(raw.get("bill_checked", False)),
+            float(raw.get("observed_at", 0.0)),
         )
 
     def dumps(self) -> str:
         return json.dumps(
             {
                 "backlog_since": self.backlog_since,
-                "start_at": self.start_at,
                 "lease_free_since": self.lease_free_since,
                 "bill_checked": self.bill_checked,
+                "observed_at": self.observed_at,
             },
             sort_keys=True,
         )
@@ -159,11 +163,12 @@ def kafka_offsets_sensor(
         held: dict[TopicPartition, int] = {}  # messages of open transactions, past the stable end
         marks = kafka.topics_high_watermarks({t: sorted(b) for t, b in bounds.items()})
         views: list[PartitionView] = []
+        first_offsets: list[tuple[str, int, int]] = []
         for topic, known in progress.items():
             for partition, end in marks[topic].items():
                 held[TopicPartition(topic, partition)] = max(end - bounds[topic][partition][1], 0)
             starts = _next_offsets(
-                consumer, topic, bounds[topic], known, cursor, archiver.start_choice()
+                consumer, topic, bounds[topic], known, archiver.start_choice(), first_offsets
             )
             group = run_group(gcs.object_template, topic)
             for partition, (_, log_end) in bounds[topic].items():
@@ -184,22 +189,29 @@ def kafka_offsets_sensor(
                     view.next_offset,
                     max(log_end - view.next_offset, 0),
                 )
+        if first_offsets:
+            # A partition's first offset (start_from latest or a time) is resolved once and kept
+            # in the ledger, where the first run's claim would have put it.
+            with ledger_connection(postgres) as conn, conn.transaction():
+                for topic, partition, offset in first_offsets:
+                    begin_partition(conn, topic, partition, offset)
         plan = plan_runs(views, cursor.backlog_since, limits, now)
         cursor.backlog_since = plan.backlog_since
         requests = []
         for run in plan.runs:
             context.log.info(f"launching {run}: {run.reason}")
             requests.append(_run_request(context.instance, run))
-        oldest = timestamps_at(
-            consumer, {tp: offset for tp, (offset, lag) in behind.items() if lag > 0}
-        )
+        observations: list[dg.AssetObservation] = []
+        if bill or now - cursor.observed_at >= archiver.lag_observation_seconds:
+            shown = _most_behind(behind, held)
+            oldest = timestamps_at(
+                consumer, {tp: behind[tp][0] for tp in shown if behind[tp][1] > 0}
+            )
+            observations = _lag_observations(rules, behind, shown, oldest, held, now, bill)
+            cursor.observed_at = now
     finally:
         consumer.close()
-    return dg.SensorResult(
-        run_requests=requests,
-        cursor=cursor.dumps(),
-        asset_events=_lag_observations(rules, behind, oldest, held, now, bill),
-    )
+    return dg.SensorResult(run_requests=requests, cursor=cursor.dumps(), asset_events=observations)
 
 
 def _storage_bill(
@@ -239,23 +251,24 @@ def _next_offsets(
     topic: str,
     bounds: dict[int, tuple[int, int]],
     known: dict[int, PartitionProgress],
-    cursor: SensorCursor,
     start_from: str | int,
+    first_offsets: list[tuple[str, int, int]],
 ) -> dict[int, int]:
-    """The first offset to archive per partition: the ledger's position, else ``start_from``."""
+    """The first offset to archive per partition: the ledger's position, else ``start_from``.
+
+    The partitions resolved by ``latest`` or a time are added to ``first_offsets``, to be kept.
+    """
     result: dict[int, int] = {}
     unresolved = []
     for partition, (log_start, log_end) in bounds.items():
         state = known.get(partition)
-        key = f"{topic}-{partition}"
         if state is not None and state.next_offset is not None:
             result[partition] = state.next_offset
-        elif key in cursor.start_at:
-            result[partition] = cursor.start_at[key]
         elif start_from == "earliest":
             result[partition] = log_start
         elif start_from == "latest":
             result[partition] = log_end
+            first_offsets.append((topic, partition, log_end))
         else:
             unresolved.append(partition)
     if unresolved:
@@ -265,9 +278,7 @@ def _next_offsets(
         )
         for tp, offset in found.items():
             result[tp.partition] = offset if offset is not None else bounds[tp.partition][1]
-    for partition, offset in result.items():
-        if known.get(partition) is None or known[partition].next_offset is None:
-            cursor.start_at[f"{topic}-{partition}"] = offset
+            first_offsets.append((topic, tp.partition, result[tp.partition]))
     return result
 
 
@@ -304,15 +315,33 @@ def _runs_in_flight(unfinished: Sequence[dg.RunRecord]) -> dict[str, InFlight]:
     return found
 
 
+# Partitions named in a lag observation, the most behind first: an observation is stored
+# whole, so its size must not grow with the partitions.
+OBSERVED_PARTITIONS = 20
+
+
+def _most_behind(
+    behind: dict[TopicPartition, tuple[int, int]], held: dict[TopicPartition, int]
+) -> set[TopicPartition]:
+    """The OBSERVED_PARTITIONS partitions most behind (messages, then open transactions)."""
+    ranked = sorted(behind, key=lambda tp: (-behind[tp][1], -held.get(tp, 0), tp))
+    return set(ranked[:OBSERVED_PARTITIONS])
+
+
 def _lag_observations(
     rules: tuple[TopicRule, ...],
     behind: dict[TopicPartition, tuple[int, int]],
+    shown: set[TopicPartition],
     oldest: dict[TopicPartition, int],
     held: dict[TopicPartition, int],
     now: float,
     bill: dict[str, dg.MetadataValue],
 ) -> list[dg.AssetObservation]:
-    """One observation for the whole archive (with the bill, if any), one per topic entry."""
+    """One observation for the whole archive (with the bill, if any), one per topic entry.
+
+    The totals cover every partition; the partitions named one by one, and the oldest waiting
+    message, only the OBSERVED_PARTITIONS most behind.
+    """
     mine: dict[dg.AssetKey, list[TopicPartition]] = {ARCHIVE_ASSET: sorted(behind)}
     for tp in sorted(behind):
         rule = rule_for(rules, tp.topic)
@@ -322,6 +351,7 @@ def _lag_observations(
         _lag_observation(
             key,
             {tp: behind[tp] for tp in tps},
+            shown,
             oldest,
             held,
             now,
@@ -334,6 +364,7 @@ def _lag_observations(
 def _lag_observation(
     asset_key: dg.AssetKey,
     behind: dict[TopicPartition, tuple[int, int]],
+    shown: set[TopicPartition],
     oldest: dict[TopicPartition, int],
     held: dict[TopicPartition, int],
     now: float,
@@ -347,6 +378,8 @@ def _lag_observation(
         "open_transaction_messages": dg.IntMetadataValue(sum(held.get(tp, 0) for tp in behind)),
     }
     for tp, (_, lag) in sorted(behind.items()):
+        if tp not in shown:
+            continue
         metadata[f"lag_messages[{tp.topic}/{tp.partition}]"] = dg.IntMetadataValue(lag)
         metadata[f"lag_seconds[{tp.topic}/{tp.partition}]"] = dg.FloatMetadataValue(
             round(seconds.get(tp, 0.0), 1)

@@ -31,6 +31,11 @@ class ArchiverSettings(dg.ConfigurableResource):  # type: ignore[type-arg]
     max_partitions_per_run: int = Field(
         default=64, description="Most partitions whose ranges one run archives."
     )
+    lag_observation_seconds: float = Field(
+        default=60.0,
+        description="Least seconds between two lag observations of the sensor (each one is "
+        "stored by Dagster for good).",
+    )
     max_message_bytes: int = Field(
         default=1024 * 1024, description="Larger messages are rejected as dead letters."
     )

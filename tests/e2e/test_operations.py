@@ -47,8 +47,26 @@ def test_fresh_sensor_with_start_from_latest_skips_history(stack: Stack) -> None
         first = tick(latest, instance, None)
         assert launched(first) == []
         produce(stack.kafka, topic, [log_value() for _ in range(20)])
-        second = tick(latest, instance, first.cursor)
+        # The start is kept in the ledger, not the cursor: a lost cursor does not skip more.
+        second = tick(latest, instance, None)
     assert launched(second) == [(30, 50)]
+
+
+def test_the_cursor_does_not_grow_with_partitions(stack: Stack) -> None:
+    topic = topic_of(stack)
+    create_topic(stack.kafka, topic, partitions=300)
+    producer = stack.kafka.get_producer()
+    for p in range(300):
+        producer.send(topic, value=log_value(), partition=p)
+    producer.flush()
+    producer.close()
+    # 300 partitions with a backlog, lingering: one clock for the topic, none per partition.
+    lingering = replace(stack, archiver=ArchiverSettings(linger_seconds=3600))
+    with dg.instance_for_test() as instance:
+        first = tick(lingering, instance, None)
+        second = tick(lingering, instance, first.cursor)
+    assert launched(second) == []
+    assert second.cursor is not None and len(second.cursor) < 200, second.cursor
 
 
 def test_fresh_sensor_with_start_from_a_time_starts_at_that_message(stack: Stack) -> None:
