@@ -146,3 +146,67 @@ def bill_findings(
             )
         )
     return findings
+
+
+# GCS list prices in USD (a single region, e.g. us-central1): storage per GiB-month and class A
+# operations (uploads, composes; deletes are free) per 10,000, by storage class.
+STORAGE_USD_PER_GIB_MONTH = {
+    "STANDARD": 0.020,
+    "NEARLINE": 0.010,
+    "COLDLINE": 0.004,
+    "ARCHIVE": 0.0012,
+}
+CLASS_A_USD_PER_10K = {"STANDARD": 0.05, "NEARLINE": 0.10, "COLDLINE": 0.20, "ARCHIVE": 0.50}
+DAYS_PER_MONTH = 30
+
+
+@dataclass(frozen=True)
+class OperationsBill:
+    """What a month of appending at the current rate costs in operations, next to storage.
+
+    ``uploads`` and ``composes`` are per day (the ledger's last day); ``stored_bytes`` is the
+    archive's size now.
+    """
+
+    uploads: float
+    composes: float
+    stored_bytes: int
+    storage_class: str = "STANDARD"
+
+    @property
+    def class_a_per_month(self) -> float:
+        return (self.uploads + self.composes) * DAYS_PER_MONTH
+
+    @property
+    def operations_usd(self) -> float:
+        price = CLASS_A_USD_PER_10K.get(self.storage_class.upper(), CLASS_A_USD_PER_10K["STANDARD"])
+        return self.class_a_per_month / 10_000 * price
+
+    @property
+    def storage_usd(self) -> float:
+        price = STORAGE_USD_PER_GIB_MONTH.get(
+            self.storage_class.upper(), STORAGE_USD_PER_GIB_MONTH["STANDARD"]
+        )
+        return self.stored_bytes / GIB * price
+
+    def line(self) -> str:
+        return (
+            f"{self.uploads:,.0f} uploads and {self.composes:,.0f} composes a day: "
+            f"{self.class_a_per_month:,.0f} class A operations a month, about "
+            f"${self.operations_usd:,.2f}; {self.stored_bytes / GIB:,.2f} GiB stored "
+            f"({self.storage_class}), about ${self.storage_usd:,.2f} a month"
+        )
+
+
+def operations_finding(bill: OperationsBill) -> BillFinding | None:
+    """A warning when a month of operations costs more than a month of the archive's storage."""
+    if bill.operations_usd <= bill.storage_usd:
+        return None
+    return BillFinding(
+        "WARN",
+        "operations",
+        f"operations cost more than storage: {bill.line()}",
+        "fewer, larger appends: raise PROTOAGG_LINGER_SECONDS or PROTOAGG_BATCH_SIZE, keep "
+        "PROTOAGG_MAX_PARTITIONS_PER_RUN high, and prefer an object template shared by many "
+        "partitions (no {partition}): a run uploads and composes once per object",
+    )
