@@ -5,10 +5,11 @@
 
 For each size: topics of at most 1,000 partitions each (matched by one PROTOAGG_TOPICS pattern),
 one message in every partition, a fresh PostgreSQL database; the sensor evaluated in process with
-the default settings (linger 15 s: the ticks measured plan and launch nothing, as most ticks of
-a quiet cluster) against a test instance. Reported per size: the first tick (it also reads the
-bucket's settings), the median and slowest of the next ``--ticks``, the cursor's size, and one
-tick with linger 0, which launches every partition (runs created by the tick's return). Dagster
+the default settings but a linger of an hour (the ticks measured plan and launch nothing, as
+most ticks of a quiet cluster) against a test instance. Reported per size: the first tick (it
+also reads the bucket's settings), the median and slowest of the next ``--ticks``, the cursor's
+size, and one tick with linger 0, which launches every partition (at most max_runs_per_tick
+runs). Dagster
 gives a sensor evaluation 60 s by default (``DAGSTER_SENSOR_GRPC_TIMEOUT_SECONDS``).
 
 The table, then one JSON line ``{"benchmark": "sensor_tick", ...}`` (the last line of stdout).
@@ -80,7 +81,8 @@ def measure(svc: Any, partitions: int, ticks: int) -> dict[str, Any]:
             "gcs": GCSResource(
                 bucket=svc.bucket, object_template=f"bench-tick/{token}.pb", emulator_host=svc.gcs
             ),
-            "archiver": ArchiverSettings(),
+            # Lingering for an hour: the measured ticks plan and launch nothing.
+            "archiver": ArchiverSettings(linger_seconds=3600),
         }
         first, result = tick(resources, instance, None)
         cursor = result.cursor

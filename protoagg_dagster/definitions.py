@@ -57,6 +57,7 @@ archiver = ArchiverSettings(
     max_batch_messages=settings.MAX_BATCH_MESSAGES.read_int(),
     max_batch_bytes=settings.MAX_BATCH_BYTES.read_int(),
     max_partitions_per_run=settings.MAX_PARTITIONS_PER_RUN.read_int(),
+    max_runs_per_tick=settings.MAX_RUNS_PER_TICK.read_int(),
     max_message_bytes=settings.MAX_MESSAGE_BYTES.read_int(),
     max_dead_letter_ratio=settings.MAX_DEAD_LETTER_RATIO.read_float(),
     start_from=_value(settings.START_FROM),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -47,6 +48,9 @@ class BatchLimits:
     max_batch_messages: int = 200_000
     max_batch_bytes: int = 128 * 1024 * 1024
     max_partitions_per_run: int = 64
+    # Runs one tick launches at most, whatever the number of partitions: what does not fit
+    # stays due and goes at the next tick, the ranges most behind first.
+    max_runs_per_tick: int = 16
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -60,6 +64,8 @@ class BatchLimits:
             raise ConfigError(f"linger_seconds must be >= 0, got {self.linger_seconds}")
         if self.max_batch_bytes < 1024:
             raise ConfigError(f"max_batch_bytes must be at least 1024, got {self.max_batch_bytes}")
+        if self.max_runs_per_tick < 1:
+            raise ConfigError(f"max_runs_per_tick must be at least 1, got {self.max_runs_per_tick}")
         if self.max_partitions_per_run < 1:
             raise ConfigError(
                 f"max_partitions_per_run must be at least 1, got {self.max_partitions_per_run}"
@@ -179,15 +185,18 @@ def plan_runs(
     max_partitions_per_run`` runs per group, not one per partition. The clock is one per group:
     the time the sensor first saw a backlog in it, so the cursor stays small whatever the
     number of partitions. Follow-ups go in runs of their own, which wait for their partitions'
-    leases; a range larger than what is left of a run's message budget starts the next run.
+    leases; a range larger than what is left of a run's message budget starts the next run. A
+    tick launches at most ``max_runs_per_tick`` runs, the largest first; the rest stay due.
     """
     candidates: dict[str, list[Candidate]] = {}
     for view in views:
         found = next_range(view, limits)
         if found is not None:
             candidates.setdefault(view.group, []).append(found)
-    runs: list[RunBatch] = []
+    runs: list[tuple[str, RunBatch]] = []
     clocks: dict[str, float] = {}
+    # Ties between equally far behind partitions go round over the ticks, so none waits for ever.
+    turn = int(now / max(limits.linger_seconds, 1.0))
     for group, waiting in sorted(candidates.items()):
         since = backlog_since.get(group, now)
         full = any(c.due for c in waiting)
@@ -196,21 +205,42 @@ def plan_runs(
             continue
         reason = "batch full" if full else f"lingered {now - since:.1f} s"
         for follows in (False, True):
-            ranges = [c.batch for c in waiting if c.follows is follows]
+            ranges = _in_turn(
+                [c.batch for c in waiting if c.follows is follows],
+                turn * limits.max_partitions_per_run,
+            )
             runs += [
-                RunBatch(
-                    chunk, follows, reason + ("; follows the runs in flight" if follows else "")
+                (
+                    group,
+                    RunBatch(
+                        chunk, follows, reason + ("; follows the runs in flight" if follows else "")
+                    ),
                 )
                 for chunk in _pack(ranges, limits)
             ]
-    return RunsPlan(tuple(runs), clocks)
+    runs.sort(key=lambda found: -found[1].messages)
+    for group, _ in runs[limits.max_runs_per_tick :]:
+        # Left for the next tick, still due.
+        clocks[group] = backlog_since.get(group, now - limits.linger_seconds)
+    return RunsPlan(tuple(run for _, run in runs[: limits.max_runs_per_tick]), clocks)
+
+
+def _in_turn(ranges: list[OffsetRange], shift: int) -> list[OffsetRange]:
+    """The ranges most behind first; among equally long ones, starting ``shift`` further on."""
+    ordered: list[OffsetRange] = []
+    by_size = sorted(ranges, key=lambda r: (-r.size, r.topic, r.partition))
+    for _, same in itertools.groupby(by_size, key=lambda r: r.size):
+        tied = list(same)
+        start = shift % len(tied)
+        ordered += tied[start:] + tied[:start]
+    return ordered
 
 
 def _pack(ranges: Sequence[OffsetRange], limits: BatchLimits) -> list[tuple[OffsetRange, ...]]:
-    """Consecutive chunks of ``ranges`` within a run's partition and message bounds."""
+    """Consecutive chunks of ``ranges`` (in their order) within a run's bounds."""
     chunks: list[tuple[OffsetRange, ...]] = []
     chunk: list[OffsetRange] = []
-    for batch in sorted(ranges, key=lambda r: (r.topic, r.partition)):
+    for batch in ranges:
         if chunk and (
             len(chunk) == limits.max_partitions_per_run
             or sum(r.size for r in chunk) + batch.size > limits.max_batch_messages

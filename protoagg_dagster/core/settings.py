@@ -122,6 +122,11 @@ MAX_PARTITIONS_PER_RUN = Setting(
     "64",
     "most partitions whose ranges one run archives (ranges of one topic, or of one shared object)",
 )
+MAX_RUNS_PER_TICK = Setting(
+    "PROTOAGG_MAX_RUNS_PER_TICK",
+    "16",
+    "most archive runs one sensor tick launches; the rest go at the next tick, most behind first",
+)
 MAX_OBJECT_BYTES = Setting(
     "PROTOAGG_MAX_OBJECT_BYTES",
     str(256 * 2**30),
@@ -190,6 +195,7 @@ ALL_SETTINGS: tuple[Setting, ...] = (
     MAX_BATCH_MESSAGES,
     MAX_BATCH_BYTES,
     MAX_PARTITIONS_PER_RUN,
+    MAX_RUNS_PER_TICK,
     MAX_OBJECT_BYTES,
     MAX_MESSAGE_BYTES,
     GCS_CREATE_BUCKET,

@@ -31,6 +31,10 @@ class ArchiverSettings(dg.ConfigurableResource):  # type: ignore[type-arg]
     max_partitions_per_run: int = Field(
         default=64, description="Most partitions whose ranges one run archives."
     )
+    max_runs_per_tick: int = Field(
+        default=16,
+        description="Most archive runs one sensor tick launches; the rest go at the next tick.",
+    )
     lag_observation_seconds: float = Field(
         default=60.0,
         description="Least seconds between two lag observations of the sensor (each one is "
@@ -86,6 +90,7 @@ class ArchiverSettings(dg.ConfigurableResource):  # type: ignore[type-arg]
             max_batch_messages=self.max_batch_messages,
             max_batch_bytes=self.max_batch_bytes,
             max_partitions_per_run=self.max_partitions_per_run,
+            max_runs_per_tick=self.max_runs_per_tick,
         )
 
     def start_choice(self) -> str | int:

@@ -162,11 +162,37 @@ def test_a_run_stays_within_the_message_budget_and_follow_ups_run_apart() -> Non
         view(partition=2, end_offset=5000, in_flight=1, in_flight_end=1000),
     ]
     plan = plan_runs(views, {}, LIMITS, now=1.0)
-    assert [(starts(r), r.follows) for r in plan.runs] == [
+    assert sorted((starts(r), r.follows) for r in plan.runs) == [
         ([(0, 0, 900)], False),
         ([(1, 0, 200)], False),
         ([(2, 1000, 2000)], True),
     ]
+
+
+def test_a_tick_launches_at_most_max_runs_per_tick_the_most_behind_first() -> None:
+    limits = BatchLimits(
+        batch_size=100, linger_seconds=15, max_batch_messages=1000, max_partitions_per_run=2,
+        max_runs_per_tick=2,
+    )  # fmt: skip
+    views = [view(partition=p, end_offset=10 + p, group="logs") for p in range(10)]
+    plan = plan_runs(views, {"logs": 80.0}, limits, now=100.0)
+    assert [starts(r) for r in plan.runs] == [[(9, 0, 19), (8, 0, 18)], [(7, 0, 17), (6, 0, 16)]]
+    # The rest stays due: the next tick launches it without another linger.
+    assert plan.backlog_since == {"logs": 80.0}
+    left = [v for v in views if v.partition < 6]
+    assert len(plan_runs(left, plan.backlog_since, limits, now=101.0).runs) == 2
+
+
+def test_equally_far_behind_partitions_take_turns_over_the_ticks() -> None:
+    limits = BatchLimits(linger_seconds=15, max_partitions_per_run=4, max_runs_per_tick=1)
+    views = [view(partition=p, end_offset=1, group="logs") for p in range(40)]
+    first = {
+        p
+        for t in range(0, 300, 15)
+        for r in plan_runs(views, {"logs": -100.0}, limits, now=float(t)).runs
+        for p, _, _ in starts(r)
+    }
+    assert first == set(range(40))
 
 
 def test_run_keys_tell_groups_apart() -> None:
