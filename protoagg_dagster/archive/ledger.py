@@ -539,30 +539,3 @@ def archived_position(conn: psycopg.Connection, topic: str, partition: int) -> i
         (topic, partition),
     ).fetchone()
     return None if row is None else int(row[0])
-
-
-@dataclass(frozen=True)
-class AppendRate:
-    """The ledger's last day of appends: uploads (one per run and object) and composes."""
-
-    uploads: int
-    composes: int
-    stored_bytes: int
-
-
-def append_rate(conn: psycopg.Connection) -> AppendRate:
-    """Appends of the last 24 hours, and the archive's size (every object's last known size).
-
-    A run uploads each object's pieces once (records; dead letters apart), and a compose makes
-    one generation of one object.
-    """
-    row = conn.execute(
-        "SELECT count(DISTINCT (run_id, object_name)), count(DISTINCT (object_name, generation)) "
-        "FROM archive_batches WHERE state = 'appended' AND appended_at > now() - interval '1 day'"
-    ).fetchone()
-    size = conn.execute(
-        "SELECT COALESCE(sum(size), 0) FROM (SELECT max(object_size) AS size "
-        "FROM archive_batches WHERE state = 'appended' GROUP BY object_name) sizes"
-    ).fetchone()
-    assert row is not None and size is not None
-    return AppendRate(int(row[0]), int(row[1]), int(size[0]))

@@ -19,16 +19,10 @@ import yaml
 from google.api_core import exceptions as gexc
 from kafka.errors import KafkaError
 
-from protoagg_dagster.archive.ledger import append_rate
 from protoagg_dagster.archive.run_tags import BACKFILL_PARTITION_TAG
 from protoagg_dagster.core.archive_object import TEMPLATE_FIELDS, validate_template
 from protoagg_dagster.core.errors import ProtoaggError
-from protoagg_dagster.core.storage_bill import (
-    OperationsBill,
-    bill_findings,
-    expected_appends_per_day,
-    operations_finding,
-)
+from protoagg_dagster.core.storage_bill import bill_findings, expected_appends_per_day
 from protoagg_dagster.resources import GCSResource, KafkaResource
 from protoagg_dagster.resources.postgres import _first_line
 
@@ -204,25 +198,6 @@ def _bucket(d: Deployment) -> Iterator[Finding]:
             "gcs bucket settings",
             f"no soft delete, no versioning, {settings.storage_class}, no retention policy",
         )
-    yield from _operations(d, settings.storage_class)
-
-
-def _operations(d: Deployment, storage_class: str) -> Iterator[Finding]:
-    """Class A operations a month at the ledger's last day's rate, next to storage."""
-    try:
-        with psycopg.connect(d.postgres_dsn, connect_timeout=10, autocommit=True) as conn:
-            rate = append_rate(conn)
-    except psycopg.errors.UndefinedTable:
-        return  # nothing archived yet: the postgres check says so
-    except psycopg.Error as exc:
-        yield Finding("WARN", "gcs operations", f"not estimated: {_first_line(exc)}")
-        return
-    bill = OperationsBill(rate.uploads, rate.composes, rate.stored_bytes, storage_class)
-    finding = operations_finding(bill)
-    if finding is None:
-        yield Finding("OK", "gcs operations", bill.line())
-    else:
-        yield Finding(finding.level, "gcs " + finding.setting, finding.detail, finding.fix)
 
 
 def _probe(d: Deployment, url: str) -> Iterator[Finding]:

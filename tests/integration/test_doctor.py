@@ -218,19 +218,3 @@ def test_no_credentials_for_real_gcs_is_one_sentence_naming_both_ways_out(
     [line] = [line for line in done.stdout.splitlines() if line.startswith("FAIL")]
     assert line.startswith("FAIL gcs credentials: no Google Cloud credentials")
     assert "STORAGE_EMULATOR_HOST" in line and "Application Default Credentials" in line
-
-
-def test_operations_that_cost_more_than_storage_are_a_warning(good: Deployment) -> None:
-    assert _by_check(diagnose(good))["gcs operations"].status == "OK"  # nothing appended yet
-    with psycopg.connect(good.postgres_dsn, autocommit=True) as conn:
-        # A day of 2,000 runs, each its own upload and compose, onto a 1 MB object.
-        conn.execute(
-            "INSERT INTO archive_batches (topic, partition, start_offset, end_offset, "
-            "object_name, state, records, claimed, run_id, generation, object_size, appended_at) "
-            "SELECT 't', 0, n, n + 1, 'log.pb', 'appended', 1, 1, 'run-' || n, n, n * 500, "
-            "now() - interval '1 hour' FROM generate_series(1, 2000) AS n"
-        )
-    finding = _by_check(diagnose(good))["gcs operations"]
-    assert finding.status == "WARN"
-    assert "2,000 uploads and 2,000 composes a day" in finding.detail
-    assert "120,000 class A operations a month" in finding.detail

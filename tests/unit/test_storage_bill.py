@@ -8,10 +8,8 @@ from protoagg_dagster.core.storage_bill import (
     GIB,
     BucketSettings,
     ObjectSettings,
-    OperationsBill,
     bill_findings,
     expected_appends_per_day,
-    operations_finding,
     replaced_copies_gib_days,
 )
 
@@ -78,37 +76,3 @@ def test_retention_policy_and_hold_are_failures() -> None:
         ("FAIL", "object hold"),
     ]
     assert "locked retention policy of 86400 s" in findings[0].detail
-
-
-@pytest.mark.parametrize(
-    ("uploads", "composes", "stored_gib", "storage_class", "warns"),
-    [
-        # One run per partition every 15 s at 1,000 partitions, each its own upload and compose.
-        (5_760_000, 5_760_000, 100, "STANDARD", True),
-        # Runs of 64 partitions, one shared object: 16 uploads per linger period still cost
-        # more than 100 GiB of storage (about $28 against $2 a month)...
-        (92_160, 92_160, 100, "STANDARD", True),
-        # ...and one upload and one compose every 15 s cost less.
-        (5_760, 5_760, 100, "STANDARD", False),
-        (0, 0, 0, "STANDARD", False),
-        # Colder classes bill operations higher and storage lower.
-        (10_000, 10_000, 100, "ARCHIVE", True),
-    ],
-)
-def test_operations_warn_when_they_cost_more_than_storage(
-    uploads: float, composes: float, stored_gib: float, storage_class: str, warns: bool
-) -> None:
-    bill = OperationsBill(uploads, composes, int(stored_gib * GIB), storage_class)
-    assert bill.class_a_per_month == (uploads + composes) * 30
-    finding = operations_finding(bill)
-    assert (finding is not None) is warns
-    if finding is not None:
-        assert finding.level == "WARN" and "operations cost more than storage" in finding.detail
-        assert "PROTOAGG_MAX_PARTITIONS_PER_RUN" in finding.fix
-
-
-def test_the_operations_bill_in_dollars() -> None:
-    bill = OperationsBill(10_000, 10_000, 50 * GIB)
-    assert bill.operations_usd == pytest.approx(600_000 / 10_000 * 0.05)
-    assert bill.storage_usd == pytest.approx(50 * 0.020)
-    assert "20,000 composes" not in bill.line() and "600,000 class A" in bill.line()
