@@ -20,9 +20,14 @@ from google.api_core import exceptions as gexc
 from kafka.errors import KafkaError
 
 from protoagg_dagster.archive.run_tags import BACKFILL_PARTITION_TAG
+from protoagg_dagster.archive.usage import operations_bill
 from protoagg_dagster.core.archive_object import TEMPLATE_FIELDS, validate_template
 from protoagg_dagster.core.errors import ProtoaggError
-from protoagg_dagster.core.storage_bill import bill_findings, expected_appends_per_day
+from protoagg_dagster.core.storage_bill import (
+    bill_findings,
+    expected_appends_per_day,
+    operations_finding,
+)
 from protoagg_dagster.resources import GCSResource, KafkaResource
 from protoagg_dagster.resources.postgres import _first_line
 
@@ -143,6 +148,17 @@ def _postgres(d: Deployment) -> Iterator[Finding]:
             )
         elif not missing:
             yield Finding("OK", "postgres schema", "tables present, rights sufficient")
+        if not missing and not lacking:
+            yield from _operations(conn)
+
+
+def _operations(conn: psycopg.Connection) -> Iterator[Finding]:
+    bill = operations_bill(conn)
+    finding = operations_finding(bill)
+    if finding is None:
+        yield Finding("OK", "gcs bill", bill.line())
+    else:
+        yield Finding(finding.level, "gcs bill", finding.detail, finding.fix)
 
 
 def _templates(d: Deployment) -> Iterator[Finding]:

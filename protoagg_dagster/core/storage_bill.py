@@ -1,4 +1,4 @@
-"""What appending by compose costs on a bucket's settings: pure estimates and the fixes.
+"""What appending by compose costs on a bucket's settings and in operations: pure estimates.
 
 Every compose replaces the destination object. Soft delete keeps each replaced generation for its
 retention (7 days by default), object versioning keeps it until a lifecycle rule deletes it, and
@@ -16,6 +16,12 @@ DAY_SECONDS = 86_400
 # Minimum storage durations (days): deleting or replacing earlier bills the rest.
 EARLY_DELETION_DAYS = {"NEARLINE": 30, "COLDLINE": 90, "ARCHIVE": 365}
 HOURLY_TEMPLATE = "{topic}/{date}/{hour}/{partition}.pb"
+# List prices of a Standard bucket in a US region (2026): storage per GiB-month, and class A
+# operations (uploads, composes; deletes are free) per 1,000. Other classes and regions differ;
+# the comparison of the two, which is what the warning is about, moves much less.
+STORAGE_USD_PER_GIB_MONTH = 0.020
+CLASS_A_USD_PER_1000 = 0.005
+DAYS_PER_MONTH = 30
 
 
 @dataclass(frozen=True)
@@ -146,3 +152,50 @@ def bill_findings(
             )
         )
     return findings
+
+
+@dataclass(frozen=True)
+class OperationsBill:
+    """A month of the archive's GCS bill at the current rate: bytes stored and class A operations.
+
+    Each append is one upload of a temporary object and one compose (its delete is free); a run
+    that appends several partitions' ranges to one object uploads and composes once for them.
+    """
+
+    stored_bytes: int
+    uploads_per_day: float
+    composes_per_day: float
+
+    @property
+    def class_a_per_month(self) -> float:
+        return (self.uploads_per_day + self.composes_per_day) * DAYS_PER_MONTH
+
+    @property
+    def operations_usd(self) -> float:
+        return self.class_a_per_month / 1000 * CLASS_A_USD_PER_1000
+
+    @property
+    def storage_usd(self) -> float:
+        return self.stored_bytes / GIB * STORAGE_USD_PER_GIB_MONTH
+
+    def line(self) -> str:
+        return (
+            f"{self.stored_bytes / GIB:,.2f} GiB stored: ${self.storage_usd:,.2f} a month; "
+            f"{self.class_a_per_month:,.0f} class A operations a month at the last day's rate "
+            f"({self.uploads_per_day:,.0f} uploads + {self.composes_per_day:,.0f} composes a "
+            f"day): ${self.operations_usd:,.2f}"
+        )
+
+
+def operations_finding(bill: OperationsBill) -> BillFinding | None:
+    """A warning when the month's operations cost more than the month's storage."""
+    if bill.operations_usd <= bill.storage_usd:
+        return None
+    return BillFinding(
+        "WARN",
+        "operations",
+        f"operations cost more than storage: {bill.line()}",
+        "append less often and more at a time: a longer PROTOAGG_LINGER_SECONDS, more messages "
+        "a run, and objects shared by the partitions of a topic (an object template without "
+        "{partition}), whose ranges a run appends in one upload and compose",
+    )

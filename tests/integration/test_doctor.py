@@ -14,8 +14,10 @@ import pytest
 from psycopg import sql
 
 from protoagg_dagster.archive.ledger import ledger_connection
+from protoagg_dagster.archive.usage import operations_bill
 from protoagg_dagster.cli.doctor import Deployment, Finding, diagnose
 from protoagg_dagster.core.archive_object import LAST_APPEND_KEY
+from protoagg_dagster.core.storage_bill import OperationsBill
 from protoagg_dagster.resources import GCSResource, KafkaResource, PostgresResource
 from tests.conftest import ROOT, Services
 from tests.helpers import create_topic
@@ -218,3 +220,48 @@ def test_no_credentials_for_real_gcs_is_one_sentence_naming_both_ways_out(
     [line] = [line for line in done.stdout.splitlines() if line.startswith("FAIL")]
     assert line.startswith("FAIL gcs credentials: no Google Cloud credentials")
     assert "STORAGE_EMULATOR_HOST" in line and "Application Default Credentials" in line
+
+
+def _appended(
+    conn: psycopg.Connection, run: str, obj: str, generation: int, size: int, dead: bool = False
+) -> None:
+    conn.execute(
+        "INSERT INTO archive_batches (topic, partition, start_offset, end_offset, object_name, "
+        "state, records, claimed, run_id, generation, object_size, appended_at, "
+        "dead_letters_appended) VALUES ('t', 0, 0, 1, %s, 'appended', 1, 1, %s, %s, %s, "
+        "now() - interval '1 hour', %s)",
+        (obj, run, generation, size, dead),
+    )
+
+
+def test_the_bill_counts_operations_and_warns_when_they_cost_more_than_storage(
+    good: Deployment,
+) -> None:
+    with psycopg.connect(good.postgres_dsn, autocommit=True) as conn:
+        # Run r1 appended two partitions' ranges to a.pb in one piece and compose (generation 1)
+        # and one range to b.pb with dead letters; run r2 one range to a.pb (generation 2).
+        _appended(conn, "r1", "a.pb", 1, 100)
+        _appended(conn, "r1", "a.pb", 1, 100)
+        _appended(conn, "r1", "b.pb", 7, 50, dead=True)
+        _appended(conn, "r2", "a.pb", 2, 300)
+    bill = operations_bill_of(good)
+    # 3 uploads + 1 dead-letter upload, 3 composes + 1 dead-letter compose in the last hour
+    # (measured over at least the hour since the oldest), 350 bytes stored.
+    assert bill.stored_bytes == 350
+    assert bill.uploads_per_day == pytest.approx(4 * 24, rel=0.01)
+    assert bill.composes_per_day == pytest.approx(4 * 24, rel=0.01)
+    finding = _by_check(diagnose(good))["gcs bill"]
+    # 350 bytes cost nothing to store; ~5,760 operations a month cost ~3 cents.
+    assert finding.status == "WARN"
+    assert "operations cost more than storage" in finding.detail
+
+
+def test_a_fresh_ledger_bills_nothing(good: Deployment) -> None:
+    finding = _by_check(diagnose(good))["gcs bill"]
+    assert finding.status == "OK"
+    assert "0 class A operations a month" in finding.detail
+
+
+def operations_bill_of(d: Deployment) -> OperationsBill:
+    with psycopg.connect(d.postgres_dsn, autocommit=True) as conn:
+        return operations_bill(conn)

@@ -8,8 +8,10 @@ from protoagg_dagster.core.storage_bill import (
     GIB,
     BucketSettings,
     ObjectSettings,
+    OperationsBill,
     bill_findings,
     expected_appends_per_day,
+    operations_finding,
     replaced_copies_gib_days,
 )
 
@@ -76,3 +78,30 @@ def test_retention_policy_and_hold_are_failures() -> None:
         ("FAIL", "object hold"),
     ]
     assert "locked retention policy of 86400 s" in findings[0].detail
+
+
+@pytest.mark.parametrize(
+    ("stored_gib", "uploads", "composes", "warns"),
+    [
+        # 100 GiB for $2.00 a month; 2 × 86,400 × 30 operations for $25.92 a month.
+        (100, 86_400, 86_400, True),
+        # The same archive appended once a minute: 2 × 1,440 × 30 operations, $0.43.
+        (100, 1_440, 1_440, False),
+        # A young archive: even an append a minute costs more than 1 GiB stored ($0.02).
+        (1, 1_440, 1_440, True),
+        (0, 0, 0, False),
+    ],
+)
+def test_operations_warn_only_when_they_cost_more_than_storage(
+    stored_gib: int, uploads: float, composes: float, warns: bool
+) -> None:
+    bill = OperationsBill(stored_gib * GIB, uploads, composes)
+    assert bill.class_a_per_month == (uploads + composes) * 30
+    assert bill.operations_usd == pytest.approx(bill.class_a_per_month / 1000 * 0.005)
+    assert bill.storage_usd == pytest.approx(stored_gib * 0.020)
+    finding = operations_finding(bill)
+    assert (finding is not None) is warns
+    if finding is not None:
+        assert finding.level == "WARN"
+        assert f"{bill.class_a_per_month:,.0f} class A operations a month" in finding.detail
+        assert "{partition}" in finding.fix
