@@ -149,7 +149,7 @@ def consume(
     finally:
         if reader is not None:
             reader.close()
-    failures.raise_if_all_failed()
+    failures.raise_if_all_failed(len(config.ranges))
     elapsed = time.perf_counter() - started
     messages = sum(p.records.messages for p in parts)
     asked = {(r.topic, r.partition): r.end for r in config.offset_ranges()}
@@ -253,7 +253,7 @@ def dedupe(
                 ]
                 dead_letters = tuple(r for r in inside if r.reason != TOMBSTONE)
                 parts.append(Claimed(part, claim, dead_letters, len(inside) - len(dead_letters)))
-    failures.raise_if_all_failed()
+    failures.raise_if_all_failed(len(consumed.parts))
     elapsed = time.perf_counter() - started
     adopted = [str(p.claim.batch) for p in parts if p.claim.adopted]
     context.log.info(
@@ -359,7 +359,7 @@ def append(
         for name, parts in by_object.items():
             with failures.each([p.claimed.claim.batch for p in parts]):
                 appended += _append_records(conn, gcs, bucket, ledger, name, parts)
-    failures.raise_if_all_failed()
+    failures.raise_if_all_failed(len(encoded.parts))
     failed = encoded.failed + tuple(failures.failed)
     seconds = {**encoded.seconds, "append": time.perf_counter() - started}
     records = sum(a.records for a in appended)

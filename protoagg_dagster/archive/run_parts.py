@@ -131,7 +131,6 @@ class RangeFailures:
         self.step = step
         self.context = context
         self.failed: list[Failed] = []
-        self.succeeded = 0
         self._first: BaseException | None = None
 
     @contextlib.contextmanager
@@ -149,11 +148,10 @@ class RangeFailures:
                 f"{self.step}: {len(batches)} range(s) failed, the others go on: "
                 f"{', '.join(map(str, batches))}: {exc}"
             )
-        else:
-            self.succeeded += 1
 
-    def raise_if_all_failed(self) -> None:
-        if self._first is not None and self.succeeded == 0:
+    def raise_if_all_failed(self, ranges: int) -> None:
+        """Re-raise the first error if all ``ranges`` the step was given failed."""
+        if self._first is not None and len(self.failed) >= ranges:
             raise self._first
 
 
