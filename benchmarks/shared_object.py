@@ -1,11 +1,11 @@
 """msg/s against partition count when every partition appends to one object at GCS's write rate.
 
-Runs ``tests/e2e/test_shared_object_rate.py`` (one ``dagster-daemon`` deployment with default
-settings, fake-gcs-server behind the test proxy allowing one mutation per second per object name)
-for 1, 8 and 32 partitions of 1,000 messages each, then 1, 8 and 32 writers appending 8 batches
-each as fast as they can (the sustained case: composes shared by the partitions' pieces), and
-prints one table per part, then the rows as one JSON line. The test starts the services itself
-(or uses those of PROTOAGG_TEST_PORTS).
+Runs ``tests/e2e/test_shared_object_rate.py`` (the tests' shared ``dagster-daemon`` deployment,
+runs of 1,000 messages, fake-gcs-server behind the test proxy allowing one mutation per second per
+object name) for 1, 8 and 32 partitions of 1,000 messages each, then 1, 8 and 32 writers appending
+8 batches each as fast as they can (the sustained case: composes shared by the partitions'
+pieces), and prints one table per part, then the rows as one JSON line. The test starts the
+services itself (or uses those of PROTOAGG_TEST_PORTS).
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from protoagg_dagster.archive.run_retention import retention_job, retention_sche
 from protoagg_dagster.archive.sensor import kafka_offsets_sensor
 from protoagg_dagster.archive.upkeep import archive_maintenance, maintain_archive
 from protoagg_dagster.core import settings
+from protoagg_dagster.core.archive_object import check_one_format_per_object
 from protoagg_dagster.resources import GCSResource, KafkaResource, PostgresResource
 from protoagg_dagster.resources.settings import ArchiverSettings
 from protoagg_dagster.restore.job import restore_archive
@@ -59,16 +60,24 @@ archiver = ArchiverSettings(
     max_partitions_per_run=settings.MAX_PARTITIONS_PER_RUN.read_int(),
     max_runs_per_tick=settings.MAX_RUNS_PER_TICK.read_int(),
     max_message_bytes=settings.MAX_MESSAGE_BYTES.read_int(),
+    max_frame_bytes=settings.MAX_FRAME_BYTES.read_int(),
     max_dead_letter_ratio=settings.MAX_DEAD_LETTER_RATIO.read_float(),
     start_from=_value(settings.START_FROM),
     format=settings.FORMAT.read(),
     dedupe_key=settings.DEDUPE_KEY.read(),
+    dedupe_scope=settings.DEDUPE_SCOPE.read(),
     log_id_field=settings.LOG_ID_FIELD.read(),
     log_timestamp_field=settings.LOG_TIMESTAMP_FIELD.read(),
     log_message_field=settings.LOG_MESSAGE_FIELD.read(),
 )
-# A bad topic entry, format or dedupe key fails here, when the code location loads, not in a run.
+# A bad topic entry, format, dedupe key or scope, or a template that would mix formats in one
+# object, fails here, when the code location loads, not in a run.
 topic_rules = archiver.topic_formats(settings.TOPICS.read()).rules
+archiver.scope()
+check_one_format_per_object(
+    settings.object_template(settings.GCS_OBJECT, codec.suffix),
+    {rule.format for rule in topic_rules},
+)
 
 # Dagster keeps every run and event forever unless something deletes them.
 prune_dagster_runs = retention_job(

@@ -28,6 +28,11 @@ Pruning drops whole partitions, so the per-batch cost does not grow with the arc
 Candidates travel as two text parameters unnested on the server: as fast as a temp table filled
 by ``COPY`` (measured), one round trip less, and no TEMP privilege needed.
 
+Scope (``core.dedupe_scope``): a topic-scoped claim stores each key digested with its topic, a
+deployment-scoped one the key itself. ``dedupe_span_scopes`` records which scopes each span
+holds keys of; while a span holds keys of the other scope, a claim also probes the key in that
+form there, so changing the scope (or upgrading from before scopes) never archives an id twice.
+
 Tables of the day-partitioned versions need no migration: their partitions are spans of one day,
 probed like any older span until they are dropped ``keep_days`` days after their successor began.
 
@@ -44,59 +49,66 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
-from protoagg_dagster.core.errors import ConfigError
+from protoagg_dagster.core.dedupe_scope import TOPIC, Scope, key_prefix
 from protoagg_dagster.core.formats import Claimable
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS processed_logs (
-    log_id       uuid NOT NULL,
-    day          integer NOT NULL,
-    batch_id     bigint NOT NULL,
-    kafka_offset bigint NOT NULL,
-    PRIMARY KEY (log_id, day)
-) PARTITION BY LIST (day);
-CREATE TABLE IF NOT EXISTS dedupe_window (
-    singleton   boolean PRIMARY KEY DEFAULT true CHECK (singleton),
-    current_day integer NOT NULL
-);
-"""
+from protoagg_dagster.core.planning import OffsetRange
 
 _PARTITION_PREFIX = "processed_logs_d"
-# The rows of ``_candidates(...)``'s two parameters.
-_CANDIDATES = (
+_UNNESTED = (
     "unnest(string_to_array(%(keys)s, ',')::uuid[], string_to_array(%(offsets)s, ',')::bigint[])"
-    " AS c (log_id, kafka_offset)"
+    " AS u (key, kafka_offset)"
 )
+# A key as a topic-scoped claim stores it: the key digested with its topic (key_prefix). MD5 here
+# is no defence, only a spread of 128 bits, computed in C next to the probe it feeds.
+_SCOPED = "md5(%(prefix)s || u.key::text)::uuid"
 
 
-# Inserting in log_id order makes concurrent claimers of overlapping ids take their row locks in
-# the same order, so they wait for each other instead of deadlocking. Sorting before the probes
-# (the outer ORDER BY is then already satisfied) makes consecutive probes descend through the same
-# inner index pages, which stay in the CPU's cache. DISTINCT ON keeps a key's lowest offset.
-_SORTED = f"(SELECT * FROM {_CANDIDATES} ORDER BY c.log_id, c.kafka_offset) AS c"
-# The usual claim: keys found in no live span, inserted plainly. Cheaper than ON CONFLICT, whose
-# speculative insertion costs each row an extra index descent, a lock and a WAL record (measured
-# in docs/benchmarks.md); a key a concurrent claimer commits meanwhile raises a unique violation.
-_CLAIM_NEW = (
-    "INSERT INTO processed_logs (log_id, day, batch_id, kafka_offset) "
-    "SELECT DISTINCT ON (c.log_id) c.log_id, %(day)s, %(batch)s, c.kafka_offset "
-    f"FROM {_SORTED} "
-    "WHERE NOT EXISTS (SELECT 1 FROM processed_logs p "
-    "                  WHERE p.log_id = c.log_id AND p.day <= %(day)s) "
-    "ORDER BY c.log_id, c.kafka_offset "
-    "RETURNING kafka_offset"
-)
-# The claim when that happened: the older spans never receive rows, so their anti-join cannot
-# race; the current span's check is ON CONFLICT, where concurrent claimers agree on one winner.
-_CLAIM_CONTESTED = (
-    "INSERT INTO processed_logs (log_id, day, batch_id, kafka_offset) "
-    "SELECT c.log_id, %(day)s, %(batch)s, c.kafka_offset "
-    f"FROM {_SORTED} "
-    "WHERE NOT EXISTS (SELECT 1 FROM processed_logs p "
-    "                  WHERE p.log_id = c.log_id AND p.day < %(day)s) "
-    "ORDER BY c.log_id, c.kafka_offset "
-    "ON CONFLICT (log_id, day) DO NOTHING RETURNING kafka_offset"
-)
+def _candidates_sql(scope: Scope, transition: bool) -> str:
+    """The candidates as rows ``c (log_id, kafka_offset[, other])``, sorted.
+
+    ``log_id`` is the key as this scope stores it; ``other`` (during a transition) as the other
+    scope stored it, for spans that hold keys claimed in that scope.
+
+    Inserting in log_id order makes concurrent claimers of overlapping ids take their row locks
+    in the same order, so they wait for each other instead of deadlocking. Sorting before the
+    probes (the outer ORDER BY is then already satisfied) makes consecutive probes descend
+    through the same inner index pages, which stay in the CPU's cache.
+    """
+    mine, other = (_SCOPED, "u.key") if scope == TOPIC else ("u.key", _SCOPED)
+    also = f", {other} AS other" if transition else ""
+    return f"(SELECT {mine} AS log_id, u.kafka_offset{also} FROM {_UNNESTED} ORDER BY 1, 2) AS c"
+
+
+def _claim_sql(scope: Scope, transition: bool, contested: bool) -> str:
+    """The claim's INSERT.
+
+    Usually (not ``contested``) keys found in no live span are inserted plainly: cheaper than ON
+    CONFLICT, whose speculative insertion costs each row an extra index descent, a lock and a
+    WAL record (measured in docs/benchmarks.md); a key a concurrent claimer commits meanwhile
+    raises a unique violation. Then the claim is made again ``contested``: the older spans never
+    receive rows, so their anti-join cannot race; the current span's check is ON CONFLICT,
+    where concurrent claimers agree on one winner. DISTINCT ON (or ON CONFLICT) keeps a key's
+    lowest offset. During a scope ``transition`` a key is also looked up as the other scope
+    stored it, in the spans holding such keys.
+    """
+    spans = "p.day < %(day)s" if contested else "p.day <= %(day)s"
+    also = (
+        "AND NOT EXISTS (SELECT 1 FROM processed_logs p "
+        "                WHERE p.log_id = c.other AND p.day = ANY(%(other_days)s)) "
+        if transition
+        else ""
+    )
+    return (
+        "INSERT INTO processed_logs (log_id, day, batch_id, kafka_offset) "
+        + ("SELECT " if contested else "SELECT DISTINCT ON (c.log_id) ")
+        + "c.log_id, %(day)s, %(batch)s, c.kafka_offset "
+        f"FROM {_candidates_sql(scope, transition)} "
+        f"WHERE NOT EXISTS (SELECT 1 FROM processed_logs p WHERE p.log_id = c.log_id AND {spans}) "
+        f"{also}"
+        "ORDER BY c.log_id, c.kafka_offset "
+        + ("ON CONFLICT (log_id, day) DO NOTHING " if contested else "")
+        + "RETURNING kafka_offset"
+    )
 
 
 def epoch_day(now: float | None = None) -> int:
@@ -110,17 +122,7 @@ def partition_name(day: int) -> str:
 
 
 def ensure_window(conn: psycopg.Connection, today: int) -> None:
-    """Create the tables and the current span's partition (inside the schema transaction)."""
-    kind = conn.execute(
-        "SELECT relkind FROM pg_class WHERE oid = to_regclass('processed_logs')"
-    ).fetchone()
-    if kind is not None and kind[0] != "p":
-        raise ConfigError(
-            "table processed_logs was created by an older protoagg (not partitioned by day): "
-            "ALTER TABLE processed_logs RENAME TO processed_logs_legacy, let protoagg create the "
-            "new table, then copy the ids you still want deduplicated into it"
-        )
-    conn.execute(SCHEMA)
+    """Start the window on ``today`` if it has no span yet (inside the schema's transaction)."""
     conn.execute(
         "INSERT INTO dedupe_window (current_day) VALUES (%s) ON CONFLICT DO NOTHING", (today,)
     )
@@ -141,12 +143,18 @@ def _create_partition(conn: psycopg.Connection, day: int) -> bool:
     return True
 
 
-def claim_ids(conn: psycopg.Connection, batch_id: int, records: Sequence[Claimable]) -> set[int]:
+def claim_ids(
+    conn: psycopg.Connection,
+    batch_id: int,
+    records: Sequence[Claimable],
+    topic: str,
+    scope: Scope = TOPIC,
+) -> set[int]:
     """Claim each record's dedupe key for ``batch_id`` (inside the caller's transaction).
 
-    Returns the offsets whose claim won: for each key new to the window, its first occurrence
-    (repeats inside ``records`` lose to the lowest offset in the same statement). Records without
-    a key are skipped: the caller keeps them.
+    Returns the offsets whose claim won: for each key new to the window in ``scope`` (within
+    ``topic``, or anywhere), its first occurrence (repeats inside ``records`` lose to the lowest
+    offset in the same statement). Records without a key are skipped: the caller keeps them.
     """
     keyed = [r for r in records if r.dedupe_key is not None]
     if not keyed:
@@ -155,40 +163,63 @@ def claim_ids(conn: psycopg.Connection, batch_id: int, records: Sequence[Claimab
     # jit_above_cost; compiling costs more than it saves for a statement run once. The anti-join
     # must probe each span's index per candidate: a span holds orders of magnitude more ids than
     # a batch, but the planner, misled by a young span's statistics or the candidates' estimate,
-    # may hash or merge the whole span instead (a 275k-id span: 70 ms against 5). One round trip.
+    # may hash or merge the whole span instead (a 275k-id span: 70 ms against 5). One round trip,
+    # which also finds the spans holding keys of the other scope and whether the current one is
+    # marked as holding this scope's.
     row = conn.execute(
-        "SELECT current_day, set_config('jit', 'off', true), "
-        "set_config('enable_hashjoin', 'off', true), set_config('enable_mergejoin', 'off', true) "
-        "FROM dedupe_window FOR SHARE"
+        "SELECT w.current_day, set_config('jit', 'off', true), "
+        "set_config('enable_hashjoin', 'off', true), set_config('enable_mergejoin', 'off', true), "
+        "ARRAY(SELECT s.day FROM dedupe_span_scopes s WHERE s.scope <> %(scope)s), "
+        "EXISTS (SELECT 1 FROM dedupe_span_scopes s "
+        "        WHERE s.day = w.current_day AND s.scope = %(scope)s) "
+        "FROM dedupe_window w FOR SHARE OF w",
+        {"scope": scope},
     ).fetchone()
     assert row is not None
-    params = {"day": int(row[0]), "batch": batch_id, **_candidates(keyed)}
+    day, other_days, marked = int(row[0]), list(row[4]), bool(row[5])
+    if not marked:
+        # Once per span and scope: later claims of the other scope know to look here too.
+        conn.execute(
+            "INSERT INTO dedupe_span_scopes (day, scope) VALUES (%s, %s) ON CONFLICT DO NOTHING",
+            (day, scope),
+        )
+    params = {
+        "day": day,
+        "batch": batch_id,
+        "prefix": key_prefix(topic),
+        "other_days": other_days,
+        **_candidates(keyed),
+    }
+    transition = bool(other_days)
     try:
         with conn.transaction():
-            rows = conn.execute(_CLAIM_NEW, params).fetchall()
+            rows = conn.execute(_claim_sql(scope, transition, contested=False), params).fetchall()
     except psycopg.errors.UniqueViolation:
         # A concurrent claimer committed one of these keys after this statement's snapshot
         # (the only way a key can pass the anti-join and still be taken): claim again, letting
         # ON CONFLICT skip the keys it finds taken.
-        rows = conn.execute(_CLAIM_CONTESTED, params).fetchall()
+        rows = conn.execute(_claim_sql(scope, transition, contested=True), params).fetchall()
     return {offset for (offset,) in rows}
 
 
-def own_claims(conn: psycopg.Connection, batch_id: int, records: Sequence[Claimable]) -> set[int]:
+def own_claims(
+    conn: psycopg.Connection, batch_id: int, records: Sequence[Claimable], topic: str
+) -> set[int]:
     """Offsets of ``records`` whose key ``batch_id`` claimed (records without a key are skipped).
 
-    Looked up by logId in every live span (the claim may predate the current one): an index on
-    batch_id would cost every claim an extra index insert.
+    Looked up by key in every live span (the claim may predate the current one), in either
+    scope's form (the claim may predate a change of scope or the upgrade that brought scopes):
+    an index on batch_id would cost every claim an extra index insert.
     """
     keyed = [r for r in records if r.dedupe_key is not None]
     if not keyed:
         return set()
     rows = conn.execute(
-        "SELECT c.kafka_offset "
-        f"FROM {_CANDIDATES} "
-        "JOIN processed_logs p ON p.log_id = c.log_id AND p.kafka_offset = c.kafka_offset "
-        "AND p.batch_id = %(batch)s",
-        {"batch": batch_id, **_candidates(keyed)},
+        "SELECT u.kafka_offset "
+        f"FROM {_UNNESTED} "
+        f"JOIN processed_logs p ON p.log_id IN (u.key, {_SCOPED}) "
+        "AND p.kafka_offset = u.kafka_offset AND p.batch_id = %(batch)s",
+        {"batch": batch_id, "prefix": key_prefix(topic), **_candidates(keyed)},
     ).fetchall()
     return {offset for (offset,) in rows}
 
@@ -210,6 +241,8 @@ class WindowChange:
     current_day: int
     created: bool
     dropped: tuple[str, ...]
+    # Spans that left the window but hold the ids of claims still pending, with those claims.
+    kept: tuple[tuple[str, tuple[OffsetRange, ...]], ...] = ()
 
 
 def advance_window(conn: psycopg.Connection, today: int, keep_days: int) -> WindowChange:
@@ -217,7 +250,9 @@ def advance_window(conn: psycopg.Connection, today: int, keep_days: int) -> Wind
 
     ``current_day`` of the result is the first day of the span claims go to. A span is dropped
     when ``keep_days`` days have passed since its successor started: until then a claim made
-    just before the switch may still be inside the window.
+    just before the switch may still be inside the window. A span that may hold the ids of a
+    claimed batch not yet appended is kept (``kept``) until that batch is: the run that adopts
+    the claim finds its records by those ids, and without them would drop every one.
     """
     if keep_days < 1:
         raise ValueError("keep_days must be at least 1")
@@ -237,10 +272,28 @@ def advance_window(conn: psycopg.Connection, today: int, keep_days: int) -> Wind
                 "WHERE i.inhparent = 'processed_logs'::regclass"
             ).fetchall()
         )
-        dropped = []
+        pending = _pending_claim_days(conn)
+        dropped, kept = [], []
         for start, successor in itertools.pairwise(starts):
             if successor <= current and today >= successor + keep_days:
                 name = partition_name(start)
+                # A claim went to the span current when it was made: one that started on or
+                # before its day and whose successor started on or after it.
+                needs = tuple(batch for batch, day in pending if start <= day <= successor)
+                if needs:
+                    kept.append((name, needs))
+                    continue
                 conn.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(name)))
+                conn.execute("DELETE FROM dedupe_span_scopes WHERE day = %s", (start,))
                 dropped.append(name)
-    return WindowChange(current, created, tuple(dropped))
+    return WindowChange(current, created, tuple(dropped), tuple(kept))
+
+
+def _pending_claim_days(conn: psycopg.Connection) -> list[tuple[OffsetRange, int]]:
+    """Each claimed batch not yet appended, with the epoch day it was claimed on."""
+    rows = conn.execute(
+        "SELECT topic, partition, start_offset, end_offset, "
+        "floor(extract(epoch FROM claimed_at) / 86400)::integer "
+        "FROM archive_batches WHERE state = 'claimed'"
+    ).fetchall()
+    return [(OffsetRange(t, p, a, b), int(day)) for t, p, a, b, day in rows]

@@ -88,3 +88,28 @@ def held(conn: psycopg.Connection, names: Iterable[str]) -> set[str]:
             ).fetchall()
         found |= {row[0] for row in rows}
     return found
+
+
+def record_taken(conn: psycopg.Connection, run_id: str) -> None:
+    """Note that the run has held its lease: from now on a free lease means it is gone."""
+    conn.execute("INSERT INTO run_leases (run_id) VALUES (%s) ON CONFLICT DO NOTHING", (run_id,))
+
+
+def ever_taken(conn: psycopg.Connection, run_ids: Iterable[str]) -> set[str]:
+    """Which of the runs have held their lease at some moment (``record_taken``)."""
+    wanted = sorted(set(run_ids))
+    if not wanted:
+        return set()
+    rows = conn.execute(
+        "SELECT run_id FROM run_leases WHERE run_id = ANY(%s)", (wanted,)
+    ).fetchall()
+    return {row[0] for row in rows}
+
+
+def forget_taken(conn: psycopg.Connection, older_than_seconds: float) -> int:
+    """Drop the notes of runs that took their lease long ago (they have ended since)."""
+    cursor = conn.execute(
+        "DELETE FROM run_leases WHERE taken_at < now() - make_interval(secs => %s)",
+        (older_than_seconds,),
+    )
+    return cursor.rowcount

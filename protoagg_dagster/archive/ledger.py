@@ -12,94 +12,41 @@ Tables:
 - ``append_queue``: uploaded pieces waiting for a compose of their object (``archive_store``),
   one row per upload, removed by its writer once it knows where the piece landed.
 
+Their DDL is the numbered migrations of ``protoagg_dagster.schema``.
+
 A claimed batch whose run died is *adopted* by the next run of that partition: its claims are its
 own, so the same records are appended (or found already appended, via the object's metadata).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 
+from protoagg_dagster import schema
 from protoagg_dagster.archive.dedupe_window import claim_ids, ensure_window, epoch_day, own_claims
 from protoagg_dagster.core.archive_object import (
     DEFAULT_MAX_OBJECT_BYTES,
     Landed,
     Piece,
+    PieceRole,
     Queued,
+    legacy_covers,
     role_of,
     rolls_over,
     sequence_member,
     upload_of_row,
 )
+from protoagg_dagster.core.dedupe_scope import TOPIC, Scope
 from protoagg_dagster.core.errors import BackendError
 from protoagg_dagster.core.formats import Claimable
 from protoagg_dagster.core.planning import OffsetRange
 from protoagg_dagster.resources.postgres import PostgresResource
-
-# Any constant works; it only has to be the same for every protoagg process.
-_SCHEMA_LOCK_ID = 0x70726F746F616767
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS archive_batches (
-    batch_id     bigserial PRIMARY KEY,
-    topic        text NOT NULL,
-    partition    integer NOT NULL,
-    start_offset bigint NOT NULL,
-    end_offset   bigint NOT NULL,
-    object_name  text NOT NULL,
-    state        text NOT NULL CHECK (state IN ('claimed', 'appended')),
-    records      integer NOT NULL,
-    claimed      integer NOT NULL,
-    run_id       text,
-    generation   bigint,
-    appended_bytes bigint,
-    object_size  bigint,
-    claimed_at   timestamptz NOT NULL DEFAULT now(),
-    appended_at  timestamptz
-);
-CREATE INDEX IF NOT EXISTS archive_batches_partition
-    ON archive_batches (topic, partition, start_offset);
-CREATE UNIQUE INDEX IF NOT EXISTS archive_batches_one_claimed
-    ON archive_batches (topic, partition) WHERE state = 'claimed';
-ALTER TABLE archive_batches
-    ADD COLUMN IF NOT EXISTS dead_letters_appended boolean NOT NULL DEFAULT false;
-CREATE INDEX IF NOT EXISTS archive_batches_object
-    ON archive_batches (object_name, topic, partition) WHERE state = 'appended';
-CREATE TABLE IF NOT EXISTS append_queue (
-    temp_name   text PRIMARY KEY,
-    queued      bigserial,
-    bucket      text NOT NULL,
-    object_name text NOT NULL,
-    batch_id    bigint NOT NULL,
-    role        text NOT NULL,
-    size        bigint NOT NULL,
-    format      text,
-    compression text NOT NULL,
-    generation  bigint,
-    piece_end   bigint,
-    landed      boolean NOT NULL DEFAULT false,
-    queued_at   timestamptz NOT NULL DEFAULT now()
-);
-CREATE INDEX IF NOT EXISTS append_queue_waiting
-    ON append_queue (bucket, object_name, queued) WHERE NOT landed;
-CREATE INDEX IF NOT EXISTS append_queue_piece ON append_queue (batch_id, role);
-CREATE TABLE IF NOT EXISTS archive_sequences (
-    base_name   text PRIMARY KEY,
-    member      integer NOT NULL,
-    member_bytes bigint NOT NULL
-);
-CREATE TABLE IF NOT EXISTS archive_positions (
-    topic       text NOT NULL,
-    partition   integer NOT NULL,
-    next_offset bigint NOT NULL,
-    PRIMARY KEY (topic, partition)
-);
-"""
+from protoagg_dagster.schema import Migration
 
 
 @dataclass(frozen=True)
@@ -124,19 +71,6 @@ class PartitionProgress:
     pending: OffsetRange | None
 
 
-# True when the newest objects of SCHEMA exist (extend it with whatever SCHEMA gains).
-_SCHEMA_READY = """
-SELECT to_regclass('archive_positions') IS NOT NULL
-   AND to_regclass('archive_batches_object') IS NOT NULL
-   AND to_regclass('append_queue_piece') IS NOT NULL
-   AND to_regclass('archive_sequences') IS NOT NULL
-   AND EXISTS (
-       SELECT 1 FROM pg_attribute
-       WHERE attrelid = to_regclass('archive_batches')
-         AND attname = 'dead_letters_appended' AND NOT attisdropped)
-"""
-
-
 @contextmanager
 def ledger_connection(postgres: PostgresResource) -> Iterator[psycopg.Connection]:
     """An autocommit connection to the dedupe database whose schema is ready."""
@@ -145,19 +79,22 @@ def ledger_connection(postgres: PostgresResource) -> Iterator[psycopg.Connection
         yield conn
 
 
-def ensure_schema(conn: psycopg.Connection) -> None:
-    """Create the tables once; concurrent callers serialise on an advisory lock.
+def ensure_schema(conn: psycopg.Connection) -> tuple[Migration, ...]:
+    """Bring the database to this code's schema version; return the migrations it applied.
 
-    The DDL runs only when something is missing: ``ALTER TABLE`` and ``CREATE INDEX`` lock
-    ``archive_batches`` even when there is nothing to do, and appenders updating it inside their
-    object lock then deadlocked with a run that was merely connecting.
+    One cheap query when the schema is current. Otherwise the upgrade (``protoagg_dagster.schema``)
+    runs under its advisory lock, and the dedupe window gets its current span, in one transaction:
+    concurrent callers wait for the first and find nothing left to do. DDL never runs on a
+    current schema: ``ALTER TABLE`` and ``CREATE INDEX`` lock ``archive_batches`` even when there
+    is nothing to do, and appenders updating it inside their object lock deadlocked with a run
+    that was merely connecting.
     """
+    if schema.is_current(conn):
+        return ()
     with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK_ID,))
-        ready = conn.execute(_SCHEMA_READY).fetchone()
-        if ready is None or not ready[0]:
-            conn.execute(SCHEMA)
+        applied = schema.upgrade(conn)
         ensure_window(conn, epoch_day())
+    return applied
 
 
 def read_progress(conn: psycopg.Connection, topic: str) -> dict[int, PartitionProgress]:
@@ -204,6 +141,7 @@ def claim_batch(
     run_id: str | None,
     estimated_bytes: int = 0,
     max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES,
+    scope: Scope = TOPIC,
 ) -> Claim:
     """Claim the new dedupe keys of ``records`` (offsets of ``batch``) in one short transaction.
 
@@ -216,7 +154,7 @@ def claim_batch(
     ``object_name`` is the first object of a numbered sequence (``sequence_member``): a new
     batch goes to its current member, or starts the next one when ``estimated_bytes`` would
     take the member past ``max_object_bytes``. The claim keeps the member, so a retry appends
-    to the same object.
+    to the same object. ``scope`` says what a key is a duplicate of (``core.dedupe_scope``).
     """
     with conn.transaction():
         begin_partition(conn, batch.topic, batch.partition, batch.start)
@@ -248,7 +186,7 @@ def claim_batch(
         )
         candidates = [r for r in records if r.offset >= effective.start]
         batch_id = _insert_batch(conn, effective, object_name, len(records), run_id)
-        claimed_offsets = claim_ids(conn, batch_id, candidates)
+        claimed_offsets = claim_ids(conn, batch_id, candidates, batch.topic, scope)
         # Last, so the sequence's row lock, which every partition of the object waits for, is
         # held for one statement and the commit rather than for all the id claims.
         object_name = _reserve_in_sequence(conn, object_name, estimated_bytes, max_object_bytes)
@@ -274,9 +212,32 @@ def _adopt(
         )
     adopted = OffsetRange(batch.topic, batch.partition, start, end)
     in_range = [r for r in records if r.offset < end]
-    own = own_claims(conn, batch_id, in_range)
+    own = own_claims(conn, batch_id, in_range, batch.topic)
     kept = tuple(r for r in in_range if r.dedupe_key is None or r.offset in own)
     return Claim(batch_id, adopted, object_name, kept, len(in_range) - len(kept), adopted=True)
+
+
+def dead_letter_member(
+    conn: psycopg.Connection, batch_id: int, base: str, size: int, max_object_bytes: int
+) -> str:
+    """The member of the dead-letter sequence ``base`` the batch's dead letters go to.
+
+    Chosen once, at the first append attempt, and kept on the batch: a retry must meet the
+    object an earlier attempt may have composed onto, or it would append them again.
+    """
+    with conn.transaction():
+        row = conn.execute(
+            "SELECT dead_letter_object FROM archive_batches WHERE batch_id = %s FOR UPDATE",
+            (batch_id,),
+        ).fetchone()
+        if row is not None and row[0] is not None:
+            return str(row[0])
+        name = _reserve_in_sequence(conn, base, size, max_object_bytes)
+        conn.execute(
+            "UPDATE archive_batches SET dead_letter_object = %s WHERE batch_id = %s",
+            (name, batch_id),
+        )
+    return name
 
 
 def _reserve_in_sequence(
@@ -458,6 +419,38 @@ class AppendLedger:
             "WHERE batch_id = %s AND role = %s AND NOT landed",
             (landed.generation, landed.end, piece.batch_id, piece.role),
         )
+
+    def record_legacy(
+        self,
+        object_name: str,
+        role: PieceRole,
+        offsets: Mapping[str, int],
+        generation: int | None,
+    ) -> None:
+        if role == "dead_letters":
+            # The dead-letter object's name is not in the ledger; its offsets map names the
+            # partitions whose dead letters it holds.
+            rows = self.conn.execute(
+                "SELECT batch_id, topic, partition, start_offset, end_offset FROM archive_batches "
+                "WHERE state = 'claimed' AND NOT dead_letters_appended"
+            ).fetchall()
+        else:
+            rows = self.conn.execute(
+                "SELECT batch_id, topic, partition, start_offset, end_offset FROM archive_batches "
+                "WHERE state = 'claimed' AND object_name = %s",
+                (object_name,),
+            ).fetchall()
+        for batch_id, *batch in rows:
+            if not legacy_covers(offsets, OffsetRange(*batch)):
+                continue
+            if role == "dead_letters":
+                self.conn.execute(
+                    "UPDATE archive_batches SET dead_letters_appended = true WHERE batch_id = %s",
+                    (batch_id,),
+                )
+            else:
+                # Where its frames end is unknown (later batches may follow on the object).
+                finish_batch(self.conn, batch_id, generation)
 
 
 def archived_partitions(conn: psycopg.Connection, object_names: Sequence[str]) -> dict[str, int]:

@@ -27,6 +27,7 @@ from protoagg_dagster.archive.ledger import (
     Claim,
     archived_position,
     claim_batch,
+    dead_letter_member,
     finish_batch,
     gap_before,
     ledger_connection,
@@ -227,6 +228,7 @@ def dedupe(
     consumed: ConsumedRun,
     postgres: PostgresResource,
     gcs: GCSResource,
+    archiver: ArchiverSettings,
     lease: PartitionLease,
 ) -> ClaimedRun:
     """Claim each range and each new dedupe key in PostgreSQL; drop keys seen before."""
@@ -241,7 +243,7 @@ def dedupe(
             with failures.each([batch]):
                 if not lease.holds(batch.topic, batch.partition):
                     raise LeaseTaken(f"lost the lease of {batch.topic}[{batch.partition}]")
-                claim = _claim(context, conn, gcs, part)
+                claim = _claim(context, conn, gcs, archiver, part)
                 if claim.nothing_to_do:
                     done += 1
                     continue
@@ -277,7 +279,11 @@ def dedupe(
 
 
 def _claim(
-    context: dg.OpExecutionContext, conn: psycopg.Connection, gcs: GCSResource, part: Consumed
+    context: dg.OpExecutionContext,
+    conn: psycopg.Connection,
+    gcs: GCSResource,
+    archiver: ArchiverSettings,
+    part: Consumed,
 ) -> Claim:
     batch = part.read.batch
     destination = object_name(
@@ -293,6 +299,7 @@ def _claim(
             # What the kept frames can add to the object: at most all the frames.
             len(part.records.frames),
             gcs.max_object_bytes,
+            archiver.scope(),
         )
 
 
@@ -369,7 +376,13 @@ def append(
         + (f"; {len(failed)} ranges failed, a later run archives them" if failed else "")
     )
     yield from run_events(
-        gcs.bucket, encoded, appended, failed, seconds, evaluate_run(bucket, appended)
+        gcs.bucket,
+        archiver.scope(),
+        encoded,
+        appended,
+        failed,
+        seconds,
+        evaluate_run(bucket, appended),
     )
     permanent = [f for f in failed if f.permanent]
     if permanent:
@@ -391,9 +404,13 @@ def _append_dead_letters(
         return
     assert claim.batch_id is not None
     data = gcs.codec().compress(encode_envelopes(claimed.dead_letters))
+    # Dead-letter objects roll over like archive objects; the batch keeps its member.
+    member = dead_letter_member(
+        ledger.conn, claim.batch_id, dead_letter_object(gcs, claim), len(data), gcs.max_object_bytes
+    )
     append_batch(
         bucket,
-        dead_letter_object(gcs, claim),
+        member,
         claim.batch,
         Piece(claim.batch_id, "dead_letters", len(data)),
         data,

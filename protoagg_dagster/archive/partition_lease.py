@@ -9,6 +9,7 @@ import psycopg
 from pydantic import Field, PrivateAttr
 
 from protoagg_dagster.archive import leases
+from protoagg_dagster.archive.ledger import ensure_schema
 from protoagg_dagster.archive.run_tags import partition_key, queued_behind, run_ranges
 from protoagg_dagster.resources.postgres import PostgresResource
 
@@ -89,6 +90,8 @@ class PartitionLease(dg.ConfigurableResource):  # type: ignore[type-arg]
         conn = self.postgres.connect(application_name=f"protoagg run {self._run_id}"[:63])
         try:
             leases.hold(conn, leases.run_lease(self._run_id), wait_seconds=0.0)
+            ensure_schema(conn)  # the run's first connection may meet a database never used
+            leases.record_taken(conn, self._run_id)
         except BaseException:
             conn.close()
             raise

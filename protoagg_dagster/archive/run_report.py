@@ -14,10 +14,12 @@ import dagster as dg
 
 from protoagg_dagster.archive.assets import ARCHIVE_ASSET
 from protoagg_dagster.archive.run_parts import Appended, EncodedRun, Failed
+from protoagg_dagster.core.dedupe_scope import Scope, described
 
 
 def run_events(
     bucket: str,
+    scope: Scope,
     encoded: EncodedRun,
     appended: Sequence[Appended],
     failed: Sequence[Failed],
@@ -33,13 +35,14 @@ def run_events(
         yield dg.AssetMaterialization(
             asset_key=key,
             description=f"{len(mine)} ranges",
-            metadata=run_metadata(bucket, mine, failed, seconds, encoded.done),
+            metadata=run_metadata(bucket, scope, mine, failed, seconds, encoded.done),
         )
     yield from checks
 
 
 def run_metadata(
     bucket: str,
+    scope: Scope,
     appended: Sequence[Appended],
     failed: Sequence[Failed],
     seconds: dict[str, float],
@@ -71,6 +74,9 @@ def run_metadata(
         "objects": dg.JsonMetadataValue(objects[:20]),
         "records_read": read_count,
         "duplicates_dropped": sum(c.claim.duplicates for c in claimed),
+        "duplicate_means": described(
+            scope, ", ".join(sorted({c.claim.batch.topic for c in claimed}))
+        ),
         "dead_letters": sum(len(c.dead_letters) for c in claimed),
         "dead_letters_by_reason": dg.JsonMetadataValue(dict(reasons)),
         "tombstones": sum(c.tombstones for c in claimed),

@@ -59,6 +59,10 @@ from protoagg_dagster.resources.settings import ArchiverSettings
 # goes without it (between RUN_START and taking it, between letting go and RUN_SUCCESS: well
 # under a second), short against "resume within a minute" after a restart.
 DEAD_AFTER_SECONDS = 20.0
+# The same for a run that has not yet taken its lease: it is still starting up, which a starved
+# CPU stretched past 20 s (a live run was failed and retried). It has claimed nothing, so only its
+# own range waits if it did die; Dagster's max_runtime_seconds still ends one that hangs.
+STARTUP_GRACE_SECONDS = 300.0
 
 
 @dataclass
@@ -412,15 +416,23 @@ def _fail_dead_runs(
 ) -> None:
     """Fail each STARTED run whose lease has stayed free: its worker died without a word."""
     started: dict[str, list[OffsetRange]] = {}
-    watched: list[StartedRun] = []
+    start_times: dict[str, float] = {}
     for record in unfinished:
         run = record.dagster_run
         targets = run_ranges(run)
         if run.status == dg.DagsterRunStatus.STARTED and record.start_time and targets:
             started[run.run_id] = targets
-            watched.append(StartedRun(run.run_id, leases.run_lease(run.run_id), record.start_time))
-    alive = leases.held(conn, [run.lease for run in watched])
-    verdict = judge(watched, alive, cursor.lease_free_since, now, DEAD_AFTER_SECONDS)
+            start_times[run.run_id] = record.start_time
+    alive = leases.held(conn, [leases.run_lease(run_id) for run_id in started])
+    free = [run_id for run_id in started if leases.run_lease(run_id) not in alive]
+    took = leases.ever_taken(conn, free)
+    watched = [
+        StartedRun(run_id, leases.run_lease(run_id), start_times[run_id], run_id in took)
+        for run_id in started
+    ]
+    verdict = judge(
+        watched, alive, cursor.lease_free_since, now, DEAD_AFTER_SECONDS, STARTUP_GRACE_SECONDS
+    )
     cursor.lease_free_since = verdict.free_since
     for run_id, since in verdict.dead.items():
         held = ", ".join(f"{r.topic}/{r.partition}" for r in started[run_id][:5])

@@ -22,7 +22,7 @@ import io
 import random
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Protocol
 
@@ -40,6 +40,7 @@ from protoagg_dagster.core.archive_object import (
     Queued,
     archive_compression,
     last_compose,
+    legacy_offsets,
     metadata_after_compose,
     piece_ends,
     sequence_number,
@@ -82,6 +83,20 @@ class PieceLedger(Protocol):
 
     def record(self, piece: Piece, landed: Landed) -> None:
         """The piece is on the object; every queued upload of it is marked landed."""
+        ...
+
+    def record_legacy(
+        self,
+        object_name: str,
+        role: PieceRole,
+        offsets: Mapping[str, int],
+        generation: int | None,
+    ) -> None:
+        """Record the pending claims a release before the marker appended to the object.
+
+        ``offsets`` is the object's ``legacy_offsets`` map: a claim of ``role`` on this object
+        whose partition it covers to the claim's end is there.
+        """
         ...
 
 
@@ -233,7 +248,7 @@ def _compose_queued(
     """
     current = bucket.get_blob(object_name)
     if current is not None:
-        _record_last_compose(current, ledger)
+        _record_last_compose(current, object_name, own.pieces[0].role, ledger)
     landed = ledger.landed(own)
     if landed is not None:
         return {
@@ -294,10 +309,21 @@ def _compose_queued(
     }
 
 
-def _record_last_compose(current: storage.Blob, ledger: PieceLedger) -> None:
-    """Record the pieces of a compose that landed but whose writer died before recording them."""
+def _record_last_compose(
+    current: storage.Blob, object_name: str, role: PieceRole, ledger: PieceLedger
+) -> None:
+    """Record the pieces of a compose that landed but whose writer died before recording them.
+
+    An object last written by a release before the marker says so by its offsets map instead,
+    which this compose is about to drop: its claims are recorded from the map first.
+    """
     pieces = last_compose(current.metadata)
-    if not pieces or current.size is None:
+    if not pieces:
+        offsets = legacy_offsets(current.metadata)
+        if offsets:
+            ledger.record_legacy(object_name, role, offsets, current.generation)
+        return
+    if current.size is None:
         return
     for piece, end in zip(pieces, piece_ends(current.size, pieces), strict=True):
         if not ledger.is_appended(piece):

@@ -8,6 +8,7 @@ import time
 import dagster as dg
 from pydantic import Field
 
+from protoagg_dagster.archive import leases
 from protoagg_dagster.archive.dedupe_window import advance_window, epoch_day
 from protoagg_dagster.archive.ledger import forget_queued_uploads, ledger_connection, stale_claims
 from protoagg_dagster.archive.store import remove_orphaned_temp_objects
@@ -45,6 +46,13 @@ def advance_dedupe_window(
         + (" (new span)" if change.created else "")
         + (f"; dropped {', '.join(change.dropped)}" if change.dropped else "; nothing to drop")
     )
+    for span, claims in change.kept:
+        # The adopting run finds a claim's records by its ids: dropping them would drop those.
+        context.log.warning(
+            f"dedupe window: {span} left the window but is kept: it holds the ids of "
+            f"{', '.join(map(str, claims))}, claimed and not yet appended; it is dropped once "
+            "they are (their runs keep failing: see the stuck claims below)"
+        )
 
 
 @dg.op
@@ -62,6 +70,8 @@ def remove_orphans(
     with ledger_connection(postgres) as conn:
         forgotten = forget_queued_uploads(conn, time.time() - config.temp_older_than_seconds)
         stuck = stale_claims(conn, time.time() - config.stale_claim_seconds)
+        # A run lives an hour at most (max_runtime_seconds): a day-old note is of no live run.
+        leases.forget_taken(conn, 86_400)
     context.log.info(f"cleanup: {forgotten} queue entries of dead runs' uploads forgotten")
     for batch in stuck:
         # The sensor relaunches a claimed range before anything else; one stuck for long means

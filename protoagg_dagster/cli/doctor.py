@@ -19,6 +19,7 @@ import yaml
 from google.api_core import exceptions as gexc
 from kafka.errors import KafkaError
 
+from protoagg_dagster import schema
 from protoagg_dagster.archive.run_tags import BACKFILL_PARTITION_TAG
 from protoagg_dagster.archive.usage import operations_bill
 from protoagg_dagster.core.archive_object import TEMPLATE_FIELDS, validate_template
@@ -147,7 +148,7 @@ def _postgres(d: Deployment) -> Iterator[Finding]:
                 "GRANT them to the protoagg user",
             )
         elif not missing:
-            yield Finding("OK", "postgres schema", "tables present, rights sufficient")
+            yield _schema_version(conn)
         if not missing and not lacking:
             yield from _operations(conn)
 
@@ -159,6 +160,25 @@ def _operations(conn: psycopg.Connection) -> Iterator[Finding]:
         yield Finding("OK", "gcs bill", bill.line())
     else:
         yield Finding(finding.level, "gcs bill", finding.detail, finding.fix)
+
+
+def _schema_version(conn: psycopg.Connection) -> Finding:
+    reached = schema.version(conn)
+    if reached < schema.LATEST:
+        return Finding(
+            "WARN",
+            "postgres schema",
+            f"version {reached}, this protoagg's is {schema.LATEST}: the first run upgrades it",
+            "run `protoagg schema upgrade` before starting the new release's runs",
+        )
+    if reached > schema.LATEST:
+        return Finding(
+            "FAIL",
+            "postgres schema",
+            f"version {reached} is newer than this protoagg knows ({schema.LATEST})",
+            "run the protoagg release that upgraded the database, or a newer one",
+        )
+    return Finding("OK", "postgres schema", f"version {reached}, tables present, rights sufficient")
 
 
 def _templates(d: Deployment) -> Iterator[Finding]:

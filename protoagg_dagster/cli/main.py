@@ -173,6 +173,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     verify.set_defaults(handler=_verify)
 
+    schema = commands.add_parser(
+        "schema", help="show or upgrade the PostgreSQL schema (PROTOAGG_POSTGRES_DSN)"
+    )
+    schema.add_argument(
+        "action",
+        choices=["upgrade", "status"],
+        help="upgrade: apply the numbered migrations the database lacks (under a lock; runs "
+        "and `services up` do it too); status: the version reached",
+    )
+    schema.set_defaults(handler=_schema)
+
     doctor = commands.add_parser(
         "doctor", help="check Kafka, PostgreSQL, GCS and Dagster settings; one line per check"
     )
@@ -206,8 +217,10 @@ def _services(args: argparse.Namespace) -> int:
             service.up()
         for service in stack:
             print(service.describe())
+        exports = exports_of(stack)
+        print(upgrade_schema(exports["PROTOAGG_POSTGRES_DSN"]))
         print("\n# point protoagg and Dagster at these services:")
-        for name, value in exports_of(stack).items():
+        for name, value in exports.items():
             print(f"export {name}={shlex.quote(value)}")
     elif args.action == "down":
         for service in reversed(stack):
@@ -277,6 +290,25 @@ def _verify(args: argparse.Namespace) -> int:
     check = check_url_against_kafka(args.url)
     print(check.summary())
     return 0 if report.ok and check.ok else 1
+
+
+def _schema(args: argparse.Namespace) -> int:
+    print(upgrade_schema(settings.POSTGRES_DSN.read(), only_status=args.action == "status"))
+    return 0
+
+
+def upgrade_schema(dsn: str, only_status: bool = False) -> str:
+    """Upgrade the database at ``dsn`` to this code's schema (or just look); say where it is."""
+    from protoagg_dagster import schema
+    from protoagg_dagster.archive.ledger import ensure_schema
+    from protoagg_dagster.resources import PostgresResource
+
+    with PostgresResource(dsn=dsn).connect() as conn:
+        applied = () if only_status else ensure_schema(conn)
+        reached = schema.version(conn)
+    steps = "".join(f"\n  applied {m.version}: {m.name}" for m in applied)
+    state = "current" if reached == schema.LATEST else f"behind: {schema.LATEST} is current"
+    return f"schema: version {reached} ({state}){steps}"
 
 
 def _doctor(args: argparse.Namespace) -> int:

@@ -14,10 +14,11 @@ refused: it would make the object unreadable.
 
 from __future__ import annotations
 
+import json
 import re
 import string
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -57,6 +58,24 @@ def validate_template(template: str, setting: str = "PROTOAGG_GCS_OBJECT") -> No
         )
     if template.startswith(TEMP_PREFIX):
         raise ConfigError(f"{setting} must not start with {TEMP_PREFIX!r} (reserved)")
+
+
+def check_one_format_per_object(
+    template: str, formats: Collection[str], setting: str = "PROTOAGG_GCS_OBJECT"
+) -> None:
+    """Refuse a template that would put topics of different formats into one object.
+
+    An object holds one format (its metadata records it): without ``{topic}`` every topic
+    shares the object, and the first append of the second format would fail in a run.
+    """
+    validate_template(template, setting)
+    fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    if len(set(formats)) > 1 and "topic" not in fields:
+        raise ConfigError(
+            f"{setting} {template!r} would put topics archived as {' and '.join(sorted(formats))} "
+            "into one object, which holds one format: put {topic} in it "
+            "(e.g. {topic}/{partition}.pb)"
+        )
 
 
 def object_name(
@@ -217,6 +236,30 @@ def last_compose(metadata: Mapping[str, str] | None) -> list[Piece]:
     """The pieces the object's last compose appended, in object order, as its marker records."""
     raw = (metadata or {}).get(LAST_APPEND_KEY)
     return [_piece_of(marker) for marker in raw.split(",")] if raw else []
+
+
+def legacy_offsets(metadata: Mapping[str, str] | None) -> dict[str, int]:
+    """``topic/partition`` → offset after its last batch, as releases before the marker recorded.
+
+    Those releases composed a batch and then confirmed its claim in the ledger; a claim left
+    pending between the two is on the object exactly when this map covers its end. The map is
+    dropped by the first compose of a release with the marker (which records such claims first).
+    """
+    raw = (metadata or {}).get(LEGACY_OFFSETS_KEY)
+    if not raw:
+        return {}
+    try:
+        decoded = json.loads(raw)
+        return {str(key): int(value) for key, value in decoded.items()}
+    except (ValueError, AttributeError, TypeError) as exc:
+        raise ConfigError(
+            f"archive object metadata {LEGACY_OFFSETS_KEY!r} is not a map of offsets: {raw!r}"
+        ) from exc
+
+
+def legacy_covers(offsets: Mapping[str, int], batch: OffsetRange) -> bool:
+    """Whether a ``legacy_offsets`` map says ``batch`` was appended."""
+    return offsets.get(f"{batch.topic}/{batch.partition}", -1) >= batch.end
 
 
 def _piece_of(marker: str) -> Piece:

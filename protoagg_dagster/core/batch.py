@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
+from protoagg_dagster.core.framing import FRAME_HEADER_BYTES, MAX_FRAME_BYTES
 from protoagg_dagster.core.records import KafkaMessage, RecordRejected, Rejection
 
 # Appends one message's frame to the buffer and returns its dedupe key (``key_width`` characters
@@ -137,11 +138,36 @@ def _row_of(batch: FramedBatch, index: int) -> Row:
     return batch.row_type(index)
 
 
+def frame_too_large(message: KafkaMessage, size: int, limit: int) -> Rejection:
+    """The rejection of a record whose frame would pass the frame-size limit."""
+    return Rejection(
+        message,
+        "frame_too_large",
+        f"its frame would be {size} bytes > PROTOAGG_MAX_FRAME_BYTES {limit}, which readers refuse",
+    )
+
+
+def might_pass_frame_limit(message: KafkaMessage, limit: int) -> bool:
+    """Whether the record's frame could pass ``limit``: its bytes plus what framing adds."""
+    raw = len(message.value or b"") + len(message.key or b"") + len(message.topic)
+    raw += sum(len(name) + len(value or b"") for name, value in message.headers)
+    # Field tags, lengths, offsets, timestamps and per-header overhead: far below this.
+    return raw + 1024 + 16 * len(message.headers) > limit
+
+
 class BatchBuilder:
     """Parses messages chunk by chunk into a ``FramedBatch`` with one format's ``FrameWriter``."""
 
-    def __init__(self, topic: str, partition: int, write: FrameWriter, key_width: int) -> None:
+    def __init__(
+        self,
+        topic: str,
+        partition: int,
+        write: FrameWriter,
+        key_width: int,
+        max_frame_bytes: int = MAX_FRAME_BYTES,
+    ) -> None:
         self._topic = topic
+        self._max_frame_bytes = max_frame_bytes
         self._partition = partition
         self._write = write
         self._key_width = key_width
@@ -162,11 +188,19 @@ class BatchBuilder:
         frames, ends, offsets, keys = self._frames, self._ends, self._offsets, []
         write, rejections = self._write, self._rejections
         blank = " " * self._key_width
+        limit = self._max_frame_bytes
         for message in messages:
+            before = len(frames)
             try:
                 key = write(message, frames)
             except RecordRejected as exc:
                 rejections.append(Rejection(message, exc.reason, exc.detail))
+                continue
+            size = len(frames) - before - FRAME_HEADER_BYTES
+            if size > limit:
+                # Readers refuse a longer frame as corrupt: it would be archived unreadable.
+                rejections.append(frame_too_large(message, size, limit))
+                del frames[before:]
                 continue
             ends.append(len(frames))
             offsets.append(message.offset)

@@ -21,9 +21,15 @@ from typing import Any, BinaryIO, Protocol
 
 import orjson
 
-from protoagg_dagster.core.batch import BatchBuilder
+from protoagg_dagster.core.batch import BatchBuilder, frame_too_large, might_pass_frame_limit
 from protoagg_dagster.core.errors import ConfigError
-from protoagg_dagster.core.framing import ProtoLogFrames, encode_records, iter_records
+from protoagg_dagster.core.framing import (
+    FRAME_HEADER_BYTES,
+    MAX_FRAME_BYTES,
+    ProtoLogFrames,
+    encode_records,
+    iter_records,
+)
 from protoagg_dagster.core.kafka_record import (
     ArchivedKafkaRecord,
     KafkaRecordFrames,
@@ -105,6 +111,36 @@ class ArchiveFormat(Protocol):
         """A decoded record as a JSON object (``protoagg cat``)."""
 
 
+def _within_frame_limit(
+    records: list[Any],
+    rejections: list[Rejection],
+    encode: Callable[[Iterable[Any]], bytes],
+    max_frame_bytes: int,
+    messages: Sequence[KafkaMessage],
+) -> tuple[list[Any], list[Rejection]]:
+    """``parse``'s records and rejections with records too large to frame moved to the latter.
+
+    The same rule as the batch builder's (``frame_too_large``), so the checker expects exactly
+    the dead letters the archiver made.
+    """
+    large = {m.offset: m for m in messages if might_pass_frame_limit(m, max_frame_bytes)}
+    if not large:
+        return records, rejections
+    kept, refused = [], list(rejections)
+    for record in records:
+        if record.offset not in large:
+            kept.append(record)
+            continue
+        size = len(encode([record])) - FRAME_HEADER_BYTES
+        if size > max_frame_bytes:
+            refused.append(frame_too_large(large[record.offset], size, max_frame_bytes))
+        else:
+            kept.append(record)
+    if len(refused) > len(rejections):
+        refused.sort(key=lambda r: r.message.offset)
+    return kept, refused
+
+
 @dataclass(frozen=True)
 class LogFormat:
     """JSON log values as ``ProtoLog`` frames, byte for byte the reference tool's."""
@@ -112,11 +148,13 @@ class LogFormat:
     fields: LogFields = DEFAULT_FIELDS
     name: str = LOG
     identity_names_place: bool = False
+    max_frame_bytes: int = MAX_FRAME_BYTES
 
     def parse(
         self, messages: Sequence[KafkaMessage], max_bytes: int
     ) -> tuple[list[Any], list[Rejection]]:
-        return parse_messages(messages, max_bytes, self.fields)
+        records, rejections = parse_messages(messages, max_bytes, self.fields)
+        return _within_frame_limit(records, rejections, self.encode, self.max_frame_bytes, messages)
 
     def encode(self, records: Iterable[Any]) -> bytes:
         return encode_records(records)
@@ -132,10 +170,12 @@ class LogFormat:
             append(out, record)
             return record.log_id.lower()
 
-        return BatchBuilder(topic, partition, write, key_width=UUID_TEXT_WIDTH)
+        return BatchBuilder(
+            topic, partition, write, key_width=UUID_TEXT_WIDTH, max_frame_bytes=self.max_frame_bytes
+        )
 
     def decode(self, stream: BinaryIO) -> Iterator[Any]:
-        return iter_records(stream)
+        return iter_records(stream, self.max_frame_bytes)
 
     def identity(self, record: Any) -> str:
         # The logId (a record of a FramedBatch has no other field). PostgreSQL's uuid (the
@@ -206,11 +246,16 @@ class DedupeKey:
 
 @dataclass(frozen=True)
 class RecordFormat:
-    """Every Kafka record, whole, as a ``KafkaRecord`` frame; nothing is ever rejected."""
+    """Every Kafka record, whole, as a ``KafkaRecord`` frame.
+
+    Only a record whose frame would pass ``max_frame_bytes`` is rejected: readers refuse larger
+    frames as corrupt.
+    """
 
     dedupe: DedupeKey = DedupeKey()
     name: str = RECORD
     identity_names_place: bool = True
+    max_frame_bytes: int = MAX_FRAME_BYTES
 
     def parse(
         self, messages: Sequence[KafkaMessage], max_bytes: int
@@ -231,7 +276,7 @@ class RecordFormat:
         if self.dedupe.kind != "none":
             digest = self.dedupe.digest
             records = [r._replace(dedupe_key=digest(r)) for r in records]
-        return records, []
+        return _within_frame_limit(records, [], self.encode, self.max_frame_bytes, messages)
 
     def encode(self, records: Iterable[Any]) -> bytes:
         return encode_kafka_records(records)
@@ -244,18 +289,26 @@ class RecordFormat:
                 append(out, message)
                 return None
 
-            return BatchBuilder(topic, partition, write, key_width=0)
+            return BatchBuilder(
+                topic, partition, write, key_width=0, max_frame_bytes=self.max_frame_bytes
+            )
         digest = self.dedupe.digest
 
         def write_keyed(message: KafkaMessage, out: bytearray) -> str | None:
             append(out, message)
             return digest(message)
 
-        return BatchBuilder(topic, partition, write_keyed, key_width=DIGEST_TEXT_WIDTH)
+        return BatchBuilder(
+            topic,
+            partition,
+            write_keyed,
+            key_width=DIGEST_TEXT_WIDTH,
+            max_frame_bytes=self.max_frame_bytes,
+        )
 
     def decode(self, stream: BinaryIO) -> Iterator[Any]:
         digest = self.dedupe.digest if self.dedupe.kind != "none" else None
-        return iter_kafka_records(stream, digest)
+        return iter_kafka_records(stream, digest, self.max_frame_bytes)
 
     def identity(self, record: Any) -> str:
         return f"{record.topic}/{record.partition}@{record.offset}"
@@ -303,6 +356,7 @@ class FormatOptions:
     log_id_field: str = "logId"
     log_timestamp_field: str = "timestamp"
     log_message_field: str = "message"
+    max_frame_bytes: int = MAX_FRAME_BYTES
 
     def build(self, name: str) -> ArchiveFormat:
         """The format called ``name``; ConfigError for an unknown one or a bad setting."""
@@ -316,9 +370,10 @@ class FormatOptions:
                 if not value.strip():
                     raise ConfigError(f"{setting} must name a JSON field, got {value!r}")
             return LogFormat(
-                LogFields(self.log_id_field, self.log_timestamp_field, self.log_message_field)
+                LogFields(self.log_id_field, self.log_timestamp_field, self.log_message_field),
+                max_frame_bytes=self.max_frame_bytes,
             )
-        return RecordFormat(DedupeKey.parse(self.dedupe_key))
+        return RecordFormat(DedupeKey.parse(self.dedupe_key), max_frame_bytes=self.max_frame_bytes)
 
 
 @dataclass(frozen=True)

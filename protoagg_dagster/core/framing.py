@@ -18,6 +18,7 @@ from protoagg_dagster.core.records import LogRecord
 from protoagg_dagster.pb.log_pb2 import ProtoLog
 
 LENGTH = struct.Struct("<I")
+FRAME_HEADER_BYTES = LENGTH.size
 # A frame larger than this is treated as corruption rather than allocated: messages over the
 # configured size limit never reach the archive, and this bound is far above any sane limit.
 MAX_FRAME_BYTES = 64 * 1024 * 1024

@@ -5,6 +5,11 @@ A live run holds its lease from just after it starts until just before it ends (
 two observations at least ``grace`` seconds apart, none in between saw it held, and the run started
 more than ``grace`` ago: one free sighting can be the moment before a run takes its lease or
 after it let go, never long enough for the grace period.
+
+A run that has never taken its lease is judged with ``startup_grace`` instead: between its
+RUN_START and taking the lease it only starts up (imports, resources), which a starved CPU can
+stretch far beyond ``grace``, and it has claimed nothing, so only its own retry waits. A run
+that did take its lease and lost it is dead after ``grace``, however young.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ class StartedRun:
     run_id: str
     lease: str
     started_at: float  # epoch seconds
+    took_lease: bool = True  # whether it is known to have held its lease at some moment
 
 
 @dataclass(frozen=True)
@@ -32,6 +38,7 @@ def judge(
     free_since: Mapping[str, float],
     now: float,
     grace: float,
+    startup_grace: float | None = None,
 ) -> Verdict:
     """The runs whose worker is gone, and the free-since clocks of the ones still watched."""
     dead: dict[str, float] = {}
@@ -41,6 +48,7 @@ def judge(
             continue
         since = free_since.get(run.run_id, now)
         watching[run.run_id] = since
-        if now - since >= grace and now - run.started_at >= grace:
+        wait = grace if run.took_lease or startup_grace is None else max(grace, startup_grace)
+        if now - since >= wait and now - run.started_at >= wait:
             dead[run.run_id] = since
     return Verdict(dead, watching)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Literal, NoReturn
+from typing import Literal
 
 import orjson
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -86,11 +86,6 @@ class RestoreSpec:
 
 def record_out(record: ArchivedKafkaRecord, spec: RestoreSpec, partitions: int) -> OutRecord:
     """A record-format record as sent to the target: the original, in its chosen partition."""
-    # Kafka allows both, but kafka-python's producer refuses to send them: say which record.
-    if record.key is None and record.value is None:
-        _unsendable(record, "a null key and a null value")
-    if any(value is None for _, value in record.headers):
-        _unsendable(record, "a header with a null value")
     headers: Headers = list(record.headers)
     if spec.source_headers:
         headers += zip(
@@ -102,11 +97,14 @@ def record_out(record: ArchivedKafkaRecord, spec: RestoreSpec, partitions: int) 
     return partition, record.key, record.value, headers, record.timestamp_ms
 
 
-def _unsendable(record: ArchivedKafkaRecord, what: str) -> NoReturn:
-    raise ConfigError(
-        f"{record.topic}/{record.partition}@{record.offset} has {what}, which kafka-python "
-        "cannot produce; restore a selection that leaves it out"
-    )
+def kafka_python_refuses(out: OutRecord) -> bool:
+    """Whether kafka-python's producer refuses the record.
+
+    It refuses a null key with a null value, and a header with a null value: both legal Kafka
+    records, which librdkafka sends.
+    """
+    _, key, value, headers, _ = out
+    return (key is None and value is None) or any(v is None for _, v in headers)
 
 
 def log_out(record: ArchivedRecord, spec: RestoreSpec) -> OutRecord:
@@ -166,6 +164,8 @@ class Tallies:
     """Per source partition (-1 for log archives, which carry none)."""
 
     by_partition: dict[int, PartitionTally] = field(default_factory=dict)
+    # Records only librdkafka can send (``kafka_python_refuses``).
+    kafka_python_refuses: int = 0
 
     def add(self, partition: int, size: int, now: float | None = None) -> None:
         self.by_partition.setdefault(partition, PartitionTally()).add(size, now)

@@ -76,6 +76,12 @@ DEDUPE_KEY = Setting(
     "none",
     "record format: content dedupe key besides the offset: none|key|header:NAME|json:FIELD",
 )
+DEDUPE_SCOPE = Setting(
+    "PROTOAGG_DEDUPE_SCOPE",
+    "topic",
+    "what a dedupe key is a duplicate of: the same key from its own topic (topic) or from any "
+    "topic of the deployment (deployment)",
+)
 LOG_ID_FIELD = Setting("PROTOAGG_LOG_ID_FIELD", "logId", "log format: JSON field of the log id")
 LOG_TIMESTAMP_FIELD = Setting(
     "PROTOAGG_LOG_TIMESTAMP_FIELD",
@@ -136,6 +142,12 @@ MAX_OBJECT_BYTES = Setting(
 MAX_MESSAGE_BYTES = Setting(
     "PROTOAGG_MAX_MESSAGE_BYTES", str(1024 * 1024), "larger messages are rejected"
 )
+MAX_FRAME_BYTES = Setting(
+    "PROTOAGG_MAX_FRAME_BYTES",
+    str(64 * 1024 * 1024),
+    "largest archive frame: a record whose frame would be larger becomes a dead letter, and "
+    "readers refuse a larger length prefix as corrupt",
+)
 GCS_CREATE_BUCKET = Setting(
     "PROTOAGG_GCS_CREATE_BUCKET", "false", "create the bucket if it is missing (true/false)"
 )
@@ -183,6 +195,7 @@ ALL_SETTINGS: tuple[Setting, ...] = (
     TOPICS,
     FORMAT,
     DEDUPE_KEY,
+    DEDUPE_SCOPE,
     LOG_ID_FIELD,
     LOG_TIMESTAMP_FIELD,
     LOG_MESSAGE_FIELD,
@@ -198,6 +211,7 @@ ALL_SETTINGS: tuple[Setting, ...] = (
     MAX_RUNS_PER_TICK,
     MAX_OBJECT_BYTES,
     MAX_MESSAGE_BYTES,
+    MAX_FRAME_BYTES,
     GCS_CREATE_BUCKET,
     GCS_DEAD_LETTERS,
     MAX_DEAD_LETTER_RATIO,

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import io
 import json
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, TextIO
 
 from protoagg_dagster.archive.ledger import archived_partitions, ledger_connection
-from protoagg_dagster.archive.store import open_sequence, sequence_blobs
+from protoagg_dagster.archive.store import SequenceStream, open_sequence, sequence_blobs
 from protoagg_dagster.core import settings
 from protoagg_dagster.core.archive_object import LEGACY_FORMAT, archive_format
 from protoagg_dagster.core.compression import sniffed
 from protoagg_dagster.core.dead_letters import iter_dead_letters
-from protoagg_dagster.core.errors import ArchiveFormatError, ConfigError
+from protoagg_dagster.core.errors import ArchiveFormatError, BackendError, ConfigError
 from protoagg_dagster.core.formats import (
     ArchiveFormat,
     FormatOptions,
@@ -44,13 +46,40 @@ def open_archive_with_format(url: str, given: str | None = None) -> tuple[Binary
     """
     if not url.startswith("gs://"):
         local, _ = sniffed(Path(url).open("rb"))  # noqa: SIM115 (the caller closes it)
-        return local, FormatOptions().build(given or LEGACY_FORMAT)
+        return local, settings_options().build(given or LEGACY_FORMAT)
     bucket_name, _, object_name = url[len("gs://") :].partition("/")
     if not bucket_name or not object_name:
         raise ConfigError(f"{url!r} is not of the form gs://BUCKET/OBJECT")
     gcs = GCSResource(bucket=bucket_name, emulator_host=settings.STORAGE_EMULATOR_HOST.read())
     stream, blobs = open_sequence(gcs.get_client().bucket(bucket_name), object_name)
-    return stream, FormatOptions().build(given or archive_format(blobs[0].metadata))
+    return stream, settings_options().build(given or archive_format(blobs[0].metadata))
+
+
+def open_object_with_format(url: str) -> tuple[BinaryIO, ArchiveFormat]:
+    """One object of ``gs://BUCKET/OBJECT`` alone, never the rest of its sequence, and its format.
+
+    Restore keeps its progress per object: counted over a whole sequence, frames an older member
+    gains after a newer one exists (a rollover while partitions still append) would shift
+    every later count.
+    """
+    bucket_name, _, object_name = url[len("gs://") :].partition("/")
+    gcs = GCSResource(bucket=bucket_name, emulator_host=settings.STORAGE_EMULATOR_HOST.read())
+    blob = gcs.get_client().bucket(bucket_name).get_blob(object_name)
+    if blob is None:
+        raise BackendError(f"{url} does not exist")
+    stream = io.BufferedReader(SequenceStream([blob]), buffer_size=1024 * 1024)
+    return stream, settings_options().build(archive_format(blob.metadata))
+
+
+def settings_options() -> FormatOptions:
+    """The format options of the environment's settings (PROTOAGG_DEDUPE_KEY, ...)."""
+    return FormatOptions(
+        settings.DEDUPE_KEY.read(),
+        settings.LOG_ID_FIELD.read(),
+        settings.LOG_TIMESTAMP_FIELD.read(),
+        settings.LOG_MESSAGE_FIELD.read(),
+        settings.MAX_FRAME_BYTES.read_int(),
+    )
 
 
 def cat_archive(
@@ -149,6 +178,29 @@ def verify_archive(url: str, format_name: str | None = None) -> VerifyReport:
     return report
 
 
+def _ledger_partitions(url: str, members: list[str]) -> dict[str, int]:
+    """What the ledger says the object holds; a ConfigError saying what is needed otherwise.
+
+    Only the ledger knows which partitions (and up to which offset) an object holds: checked
+    against a database that did not archive it, the check would find nothing to account for
+    and report success.
+    """
+    given = settings.POSTGRES_DSN.env in os.environ
+    where = "PROTOAGG_POSTGRES_DSN" if given else "PROTOAGG_POSTGRES_DSN (unset: the local default)"
+    need = (
+        f"--against-kafka reads which partitions {url} holds from the archiver's ledger: set "
+        "PROTOAGG_POSTGRES_DSN to the database of the deployment that archived it"
+    )
+    try:
+        with ledger_connection(PostgresResource(dsn=settings.POSTGRES_DSN.read())) as conn:
+            partitions = archived_partitions(conn, members)
+    except BackendError as exc:
+        raise ConfigError(f"{need} ({where} cannot be reached: {exc})") from exc
+    if not partitions:
+        raise ConfigError(f"{need} (the database of {where} records no batch of it)")
+    return partitions
+
+
 def check_url_against_kafka(url: str) -> KafkaCheck:
     """``check_against_kafka`` for ``gs://BUCKET/OBJECT`` with the environment's settings."""
     if not url.startswith("gs://"):
@@ -165,14 +217,8 @@ def check_url_against_kafka(url: str) -> KafkaCheck:
     )
     kafka = KafkaResource(bootstrap_servers=settings.KAFKA_BOOTSTRAP.read())
     members = [blob.name for blob in sequence_blobs(gcs.get_bucket(), name)]
-    with ledger_connection(PostgresResource(dsn=settings.POSTGRES_DSN.read())) as conn:
-        partitions = archived_partitions(conn, members)
-    options = FormatOptions(
-        settings.DEDUPE_KEY.read(),
-        settings.LOG_ID_FIELD.read(),
-        settings.LOG_TIMESTAMP_FIELD.read(),
-        settings.LOG_MESSAGE_FIELD.read(),
-    )
+    partitions = _ledger_partitions(url, members)
+    options = settings_options()
     consumer = kafka.get_consumer()
     try:
         return check_against_kafka(

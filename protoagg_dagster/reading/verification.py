@@ -19,7 +19,7 @@ from typing import Any, BinaryIO
 from google.cloud import storage
 from kafka import KafkaConsumer
 
-from protoagg_dagster.archive.store import open_sequence
+from protoagg_dagster.archive.store import open_sequence, sequence_blobs
 from protoagg_dagster.core.archive_object import archive_compression, archive_format, object_name
 from protoagg_dagster.core.compression import decompressed
 from protoagg_dagster.core.dead_letters import iter_dead_letters
@@ -172,11 +172,11 @@ def _check_partition(
     letters_name = object_name(
         dead_letter_template, wanted.topic, wanted.partition, 0, "PROTOAGG_GCS_DEAD_LETTERS"
     )
-    letters_blob = bucket.get_blob(letters_name)
     lettered = set()
-    if letters_blob is not None:
+    # Dead letters roll over like the archive: the object and its numbered members.
+    for letters_blob in sequence_blobs(bucket, letters_name):
         with _read_through(letters_blob) as lines:
-            lettered = {d.message.offset for d in iter_dead_letters(lines)}
+            lettered |= {d.message.offset for d in iter_dead_letters(lines)}
     records, rejections = archive.parse(read.messages, max_message_bytes)
     for rejection in rejections:
         where = f"{wanted.topic}[{wanted.partition}]@{rejection.message.offset}"

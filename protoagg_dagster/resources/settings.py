@@ -5,8 +5,10 @@ from __future__ import annotations
 import dagster as dg
 from pydantic import Field
 
+from protoagg_dagster.core.dedupe_scope import Scope, parse_scope
 from protoagg_dagster.core.errors import ConfigError
 from protoagg_dagster.core.formats import FORMATS, LOG, FormatOptions, TopicFormats
+from protoagg_dagster.core.framing import MAX_FRAME_BYTES
 from protoagg_dagster.core.planning import BatchLimits
 from protoagg_dagster.core.records import RecordRejected, parse_rfc3339
 
@@ -43,6 +45,11 @@ class ArchiverSettings(dg.ConfigurableResource):  # type: ignore[type-arg]
     max_message_bytes: int = Field(
         default=1024 * 1024, description="Larger messages are rejected as dead letters."
     )
+    max_frame_bytes: int = Field(
+        default=MAX_FRAME_BYTES,
+        description="Largest archive frame: a record whose frame would be larger becomes a dead "
+        "letter (readers refuse larger frames as corrupt).",
+    )
     max_dead_letter_ratio: float = Field(
         default=0.2,
         description="A run whose share of dead letters exceeds this fails (after archiving).",
@@ -63,6 +70,11 @@ class ArchiverSettings(dg.ConfigurableResource):  # type: ignore[type-arg]
         description="record format: content dedupe besides the offset: none, key, header:NAME "
         "or json:FIELD (records without such a key are archived).",
     )
+    dedupe_scope: str = Field(
+        default="topic",
+        description="What a dedupe key is a duplicate of: the same key archived from its own "
+        "topic (topic) or from any topic of the deployment (deployment).",
+    )
     log_id_field: str = Field(default="logId", description="log format: JSON field of the id.")
     log_timestamp_field: str = Field(
         default="timestamp",
@@ -76,8 +88,15 @@ class ArchiverSettings(dg.ConfigurableResource):  # type: ignore[type-arg]
 
     def format_options(self) -> FormatOptions:
         return FormatOptions(
-            self.dedupe_key, self.log_id_field, self.log_timestamp_field, self.log_message_field
+            self.dedupe_key,
+            self.log_id_field,
+            self.log_timestamp_field,
+            self.log_message_field,
+            self.max_frame_bytes,
         )
+
+    def scope(self) -> Scope:
+        return parse_scope(self.dedupe_scope)
 
     def topic_formats(self, topics: str) -> TopicFormats:
         """The format of each topic of ``topics`` (a PROTOAGG_TOPICS value)."""

@@ -16,6 +16,7 @@ from pathlib import Path
 from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 
+from protoagg_dagster.archive.store import sequence_blobs
 from protoagg_dagster.core import settings
 from protoagg_dagster.core.archive_object import TEMP_PREFIX, sequence_base
 from protoagg_dagster.core.errors import ArchiveFormatError, BackendError, ConfigError
@@ -26,6 +27,7 @@ from protoagg_dagster.core.restore import (
     RestoreSpec,
     Tallies,
     check_partitions,
+    kafka_python_refuses,
     log_out,
     parse_progress,
     progress_key,
@@ -34,7 +36,10 @@ from protoagg_dagster.core.restore import (
 )
 from protoagg_dagster.kafka.admin import create_topic
 from protoagg_dagster.kafka.producers import TransactionalProducer
-from protoagg_dagster.reading.archive_reader import open_archive_with_format
+from protoagg_dagster.reading.archive_reader import (
+    open_archive_with_format,
+    open_object_with_format,
+)
 from protoagg_dagster.resources.gcs import GCSResource
 from protoagg_dagster.resources.kafka import KafkaResource
 
@@ -61,7 +66,12 @@ class RestoreResult:
 
 
 def list_sources(sources: tuple[str, ...]) -> list[str]:
-    """Each SOURCE as object urls: ``gs://B/PREFIX/`` is every archive object under it by name."""
+    """Each SOURCE as the urls of single objects, in order.
+
+    ``gs://B/PREFIX/`` is every archive object under it by name; an archive object that is the
+    first of a numbered sequence (``log.pb``, ``log.0001.pb``, ...) stands for its members, in
+    sequence order. Each object keeps its own progress (``open_object_with_format``).
+    """
     urls: list[str] = []
     for source in sources:
         if not source.startswith("gs://"):
@@ -71,8 +81,20 @@ def list_sources(sources: tuple[str, ...]) -> list[str]:
         elif source.endswith("/"):
             urls.extend(_objects_under(source))
         else:
-            urls.append(source)
+            urls.extend(_members(source))
     return urls
+
+
+def _members(url: str) -> list[str]:
+    """The objects of the sequence ``url`` names first, or ``url`` itself if it is a member."""
+    bucket_name, _, name = url[len("gs://") :].partition("/")
+    if sequence_base(name) is not None:
+        return [url]
+    gcs = GCSResource(bucket=bucket_name, emulator_host=settings.STORAGE_EMULATOR_HOST.read())
+    blobs = sequence_blobs(gcs.get_bucket(), name)
+    if not blobs:
+        raise BackendError(f"{url} does not exist")
+    return [f"gs://{bucket_name}/{blob.name}" for blob in blobs]
 
 
 def _objects_under(prefix_url: str) -> list[str]:
@@ -89,16 +111,22 @@ def _objects_under(prefix_url: str) -> list[str]:
         raise BackendError(f"listing {prefix_url} failed: {exc}") from exc
     if not names:
         raise ConfigError(f"{prefix_url} holds no archive objects")
-    # A numbered member (log.0001.pb) is read as part of its sequence's first object (log.pb).
+    # A numbered member (log.0001.pb) comes right after its sequence's first object (log.pb).
     listed = set(names)
-    return [f"gs://{bucket_name}/{name}" for name in names if sequence_base(name) not in listed]
+    return [
+        member
+        for name in names
+        if sequence_base(name) not in listed
+        for member in _members(f"gs://{bucket_name}/{name}")
+    ]
 
 
 def iter_selected(
     url: str, spec: RestoreSpec, partitions: int
 ) -> Iterator[tuple[int, int, OutRecord | None]]:
     """(frame number, source partition, record to send or None if not selected) of one object."""
-    stream, archive = open_archive_with_format(url)
+    local = not url.startswith("gs://")
+    stream, archive = open_archive_with_format(url) if local else open_object_with_format(url)
     selection = spec.selection
     with stream:
         if archive.name == RECORD:
@@ -133,6 +161,7 @@ def plan_restore(urls: list[str], spec: RestoreSpec) -> tuple[Tallies, ArchiveFo
             for _, partition, out in iter_selected(url, spec, 1):
                 if out is not None:
                     tallies.add(partition, _size(out))
+                    tallies.kafka_python_refuses += kafka_python_refuses(out)
     except ArchiveFormatError as exc:
         return tallies, ArchiveFormatError(f"{url}: {exc}")
     return tallies, None
@@ -152,7 +181,7 @@ def restore(
     partitions = _target_partitions(kafka, spec.to_topic, create_missing, plan.partitions_needed())
     check_partitions(spec.to_topic, partitions, plan, spec.partitioner)
     create_topic(kafka.get_admin(), PROGRESS_TOPIC, 1, {"cleanup.policy": "compact"})
-    producer = kafka.get_transactional_producer(spec.transactional_id)
+    producer = _producer(kafka, spec, plan)
     result = RestoreResult()
     try:
         # First fence any earlier run of this restore: its open transaction is settled
@@ -178,6 +207,17 @@ def restore(
     finally:
         producer.close(timeout=5)
     return result
+
+
+def _producer(kafka: KafkaResource, spec: RestoreSpec, plan: Tallies) -> TransactionalProducer:
+    """The restore's producer: librdkafka's when kafka-python would refuse a selected record.
+
+    One producer for the whole restore, so a rerun fences the same transactional id whichever
+    client wrote before.
+    """
+    if plan.kafka_python_refuses and kafka.client != "confluent":
+        kafka = KafkaResource(**{**kafka.model_dump(), "client": "confluent"})
+    return kafka.get_transactional_producer(spec.transactional_id)
 
 
 def _write(

@@ -1,6 +1,9 @@
-"""Fixtures of the end-to-end tests: a full set of resources isolated per test."""
+"""Fixtures of the end-to-end tests: a full set of resources isolated per test, and the session's
+shared Dagster deployment (tests/support/shared_deployment.py)."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import pytest
 
@@ -8,6 +11,17 @@ from protoagg_dagster.resources import GCSResource, KafkaResource, PostgresResou
 from protoagg_dagster.resources.settings import ArchiverSettings
 from tests.conftest import Services
 from tests.helpers import Stack
+from tests.support.shared_deployment import SharedDeployment, shared_deployment
+
+
+@pytest.fixture(scope="session")
+def shared(
+    services: Services, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[SharedDeployment]:
+    """One ``dagster-daemon`` for the session's tests that do not kill it; a test keeps its data
+    apart with a topic of its own (``shared.new_topic()``)."""
+    with shared_deployment(services, tmp_path_factory.mktemp("shared") / "home") as deployment:
+        yield deployment
 
 
 @pytest.fixture

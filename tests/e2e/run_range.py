@@ -71,7 +71,8 @@ def main() -> int:
         CRASH_POINTS[spec["crash_at"]]()
     resources = {name: KINDS[name](**fields) for name, fields in spec["resources"].items()}
     ranges = [OffsetRange(*r) for r in spec["ranges"]]
-    with dg.instance_for_test() as instance:
+    # In memory, as tests.helpers.memory_instance: no SQLite files to build in every process.
+    with dg.DagsterInstance.ephemeral() as instance:
         result = archive_kafka_batch.execute_in_process(
             run_config=ranges_run_config(ranges),
             resources=resources,

@@ -7,7 +7,6 @@ import json
 import uuid
 from dataclasses import replace
 
-import dagster as dg
 import pytest
 
 from protoagg_dagster.archive.job import archive_kafka_batch
@@ -20,6 +19,7 @@ from tests.helpers import (
     check_archive,
     create_topic,
     log_value,
+    memory_instance,
     run_sensor_until_idle,
     topic_of,
 )
@@ -81,7 +81,7 @@ def test_each_bad_message_becomes_a_dead_letter_and_good_ones_are_archived(stack
         ),
     )
     cases = produce_mixed(small, topic)
-    with dg.instance_for_test() as instance:
+    with memory_instance() as instance:
         runs = run_sensor_until_idle(small, instance)
     assert runs == 3  # 25 offsets in runs of at most 10
     bucket = stack.gcs.get_bucket()
@@ -120,7 +120,7 @@ def test_a_topic_of_junk_fails_the_run_loudly_but_keeps_every_message(stack: Sta
         producer.send(topic, value=value, partition=0)
     producer.flush()
     producer.close()
-    with dg.instance_for_test() as instance:
+    with memory_instance() as instance:
         result = archive_kafka_batch.execute_in_process(
             run_config=range_run_config(topic, 0, 0, 20),
             resources=stack.resources(),

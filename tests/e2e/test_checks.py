@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import dagster as dg
-
 from protoagg_dagster.archive.checks import FRAMING, NO_GAPS, UNIQUE_IDS, evaluate_batch
 from protoagg_dagster.archive.job import archive_kafka_batch
 from protoagg_dagster.archive.ledger import latest_appended, ledger_connection
 from protoagg_dagster.archive.run_tags import range_run_config
 from protoagg_dagster.core.formats import LogFormat
-from tests.helpers import Stack, create_topic, log_value, produce, topic_of
+from tests.helpers import Stack, create_topic, log_value, memory_instance, produce, topic_of
 
 
 def test_each_batch_reports_passing_checks_and_a_corruption_is_caught(stack: Stack) -> None:
     topic = topic_of(stack)
     create_topic(stack.kafka, topic)
     produce(stack.kafka, topic, [log_value() for _ in range(40)])
-    with dg.instance_for_test() as instance:
+    with memory_instance() as instance:
         for start, end in ((0, 20), (20, 40)):
             result = archive_kafka_batch.execute_in_process(
                 run_config=range_run_config(topic, 0, start, end),

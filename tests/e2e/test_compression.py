@@ -9,7 +9,6 @@ import subprocess
 from dataclasses import replace
 from pathlib import Path
 
-import dagster as dg
 import pytest
 
 from protoagg_dagster.archive.checks import FRAMING, evaluate_batch
@@ -30,6 +29,7 @@ from tests.helpers import (
     check_archive,
     create_topic,
     log_value,
+    memory_instance,
     produce,
     run_in_subprocess,
     run_sensor_until_idle,
@@ -73,7 +73,7 @@ def test_a_compressed_archive_round_trips_and_standard_tools_read_it(
     sent = values(250)
     # Two dead letters, in their own compressed object.
     produce(stack.kafka, topic, [*sent[:120], b"not json", b"{}", *sent[120:]])
-    with dg.instance_for_test() as instance:
+    with memory_instance() as instance:
         assert run_sensor_until_idle(stack, instance) >= 3
 
     bucket = stack.gcs.get_bucket()
@@ -123,7 +123,7 @@ def test_a_corrupt_member_is_located_in_the_object(stack: Stack, name: str) -> N
     topic = topic_of(stack)
     create_topic(stack.kafka, topic)
     produce(stack.kafka, topic, values(200))
-    with dg.instance_for_test() as instance:
+    with memory_instance() as instance:
         for start, end in ((0, 100), (100, 200)):
             assert archive_kafka_batch.execute_in_process(
                 run_config=range_run_config(topic, 0, start, end),
@@ -168,7 +168,7 @@ def test_killed_after_compose_a_compressed_archive_is_still_exactly_once(
 
     crashed = run_in_subprocess(stack, topic, 0, 0, 70, crash_at="after_compose")
     assert crashed.wait(timeout=180) == -signal.SIGKILL
-    with dg.instance_for_test() as instance:
+    with memory_instance() as instance:
         run_sensor_until_idle(stack, instance)
 
     records, _ = archive(stack)
@@ -191,7 +191,7 @@ def test_changing_the_compression_of_an_existing_object_fails_saying_what_to_do(
     topic = topic_of(stack)
     create_topic(stack.kafka, topic)
     produce(stack.kafka, topic, values(40))
-    with dg.instance_for_test() as instance:
+    with memory_instance() as instance:
         assert archive_kafka_batch.execute_in_process(
             run_config=range_run_config(topic, 0, 0, 20),
             resources=stack.resources(),

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import signal
 
-import dagster as dg
 import pytest
 
 from protoagg_dagster.archive.ledger import ledger_connection, read_progress
@@ -23,6 +22,7 @@ from tests.helpers import (
     check_archive,
     create_topic,
     log_value,
+    memory_instance,
     produce,
     run_in_subprocess,
     run_sensor_until_idle,
@@ -45,7 +45,7 @@ def test_crash_at_each_step_then_recovery_archives_exactly_once(
     crashed = run_in_subprocess(stack, topic, 0, 0, 70, crash_at=crash_at)
     assert crashed.wait(timeout=180) == -signal.SIGKILL
 
-    with dg.instance_for_test() as instance:
+    with memory_instance() as instance:
         run_sensor_until_idle(stack, instance)
 
     bucket = stack.gcs.get_bucket()
@@ -79,7 +79,7 @@ def test_record_format_crash_then_recovery_archives_every_offset_once(
 
     crashed = run_in_subprocess(stack, topic, 0, 0, 70, crash_at=crash_at)
     assert crashed.wait(timeout=180) == -signal.SIGKILL
-    with dg.instance_for_test() as instance:
+    with memory_instance() as instance:
         run_sensor_until_idle(stack, instance)
 
     records = archived_records(stack)

@@ -1,9 +1,10 @@
 """Follow-up runs: the sensor launches a partition's next range while the run before it works.
 
-Through ``dagster-daemon`` with the local run queue (two runs per partition): a backlog of
-several batches, uploads slowed by the proxy so each run works for seconds. The next run must be
-created before the one it follows has ended, start its work only after that one's work ended
-(the partition's lease), and the archive must hold each id once, in offset order.
+Through the session's shared ``dagster-daemon`` (tests/support/shared_deployment.py) with the
+local run queue (two runs per partition): a backlog of several batches, the topic's uploads slowed
+by the proxy so each run works for seconds. The next run must be created before the one it
+follows has ended, start its work only after that one's work ended (the partition's lease), and
+the archive must hold each id once, in offset order.
 
 In process: a follow-up whose predecessor did not archive up to its start (failed, or stopped
 short at the byte limit) does nothing and succeeds, and the partition resumes without a gap.
@@ -12,65 +13,47 @@ short at the byte limit) does nothing and succeeds, and the partition resumes wi
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
-
-import dagster as dg
+import time
 
 from protoagg_dagster.archive.job import archive_kafka_batch
 from protoagg_dagster.archive.ledger import archived_position, ledger_connection
 from protoagg_dagster.archive.run_tags import FOLLOWS_TAG, range_run_config, range_tags
-from tests.conftest import Services
 from tests.helpers import (
     Stack,
-    archive_with_daemon,
     archived_records,
     check_archive,
     create_topic,
     log_value,
+    memory_instance,
     produce,
     topic_of,
 )
-from tests.support.dagster_deployment import DagsterDeployment, run_summaries
-from tests.support.gcs_proxy import GcsProxy
+from tests.support.shared_deployment import BATCH, SharedDeployment
 
-MESSAGES = 4000
-MAX_BATCH = 1000
+MESSAGES = 4000  # four runs of the shared deployment's 1,000 messages
 UPLOAD_SECONDS = 4.0
 
 
 def test_the_next_range_starts_up_while_a_run_works_and_takes_over_when_it_ends(
-    stack: Stack, services: Services, postgres_dsn: str, tmp_path: Path
+    shared: SharedDeployment,
 ) -> None:
-    topic = stack.kafka.topic_list()[0]
+    topic = shared.new_topic()
+    stack = shared.stack(topic)
+    # Before the first message: every upload of the topic's runs takes seconds.
+    shared.proxy.stall_next(
+        100, UPLOAD_SECONDS, kind="upload", object_prefix=shared.temp_prefix(topic)
+    )
+    started = time.monotonic()
     create_topic(stack.kafka, topic)
     values = [log_value(message=f"#{i}", second=i) for i in range(MESSAGES)]
     assert produce(stack.kafka, topic, values) == MESSAGES
-    proxy = GcsProxy(services.gcs_url)
-    url = proxy.start()
-    proxy.stall_next(100, UPLOAD_SECONDS, kind="upload")
-    env = {
-        "PROTOAGG_KAFKA_BOOTSTRAP": services.kafka_bootstrap,
-        "PROTOAGG_TOPICS": topic,
-        "PROTOAGG_POSTGRES_DSN": postgres_dsn,
-        "PROTOAGG_GCS_BUCKET": services.bucket,
-        "PROTOAGG_GCS_OBJECT": stack.gcs.object_template,
-        "PROTOAGG_MAX_BATCH_MESSAGES": str(MAX_BATCH),
-        "STORAGE_EMULATOR_HOST": url,
-    }
-    deployment = DagsterDeployment("follow", tmp_path / "follow", env)
-    try:
-        archive_with_daemon(deployment, postgres_dsn, topic, 1, MESSAGES, 600.0)
-    finally:
-        proxy.close()
-    runs = sorted(
-        (r for r in run_summaries(deployment) if r.job_name == "archive_kafka_batch"),
-        key=lambda r: r.created_time,
-    )
+    shared.wait_archived(topic, 1, MESSAGES, 600.0, started)
+    runs = sorted(shared.runs(topic), key=lambda r: r.created_time)
     for run in runs:
         print(run.line(runs[0].created_time))
     assert [r for r in runs if r.status != "SUCCESS"] == []
     worked = [r for r in runs if r.materializations]
-    assert len(worked) == MESSAGES // MAX_BATCH
+    assert len(worked) == MESSAGES // BATCH
     # Each later range was created while the run before it was still working...
     early = [b for a, b in itertools.pairwise(worked) if a.work_end and b.created_time < a.work_end]
     assert early, "no run was launched while the one before it worked"
@@ -90,7 +73,7 @@ def test_a_follow_up_of_a_range_not_archived_does_nothing_and_leaves_no_gap(
     create_topic(stack.kafka, topic)
     produce(stack.kafka, topic, [log_value(message=f"#{i}") for i in range(300)])
     resources = stack.resources()
-    with dg.instance_for_test() as instance:
+    with memory_instance() as instance:
         follow_up = archive_kafka_batch.execute_in_process(
             run_config=range_run_config(topic, 0, 100, 200),
             tags=range_tags(topic, 0, 100, 200, follows=True),

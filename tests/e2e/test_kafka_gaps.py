@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 
-import dagster as dg
 import pytest
 from kafka import KafkaProducer, TopicPartition
 
@@ -20,6 +19,7 @@ from tests.helpers import (
     archived_records,
     check_archive,
     log_value,
+    memory_instance,
     produce,
     run_sensor_until_idle,
     with_client,
@@ -57,7 +57,7 @@ def test_a_compacted_topic_is_archived_as_compaction_left_it(
     sent.close()
     before = committed(stack, topic)
     assert len(before) < 200, "the broker did not compact within two minutes"
-    with dg.instance_for_test() as instance:
+    with memory_instance() as instance:
         run_sensor_until_idle(stack, instance)
     archived = rows_of(archived_records(stack))
     # Compaction may go on meanwhile: the archive holds a superset of what is left now, in order.
@@ -78,7 +78,7 @@ def test_offsets_deleted_before_they_were_read_are_accounted(
     stack = with_topics(with_client(stack, client), topic, max_batch_messages=30, batch_size=30)
     create(stack, topic)
     produce(stack.kafka, topic, [log_value() for _ in range(30)])
-    with dg.instance_for_test() as instance:
+    with memory_instance() as instance:
         run_sensor_until_idle(stack, instance)
         # Offsets 30..49 are deleted from the log's start (DeleteRecords, as retention does to old
         # segments) before any run reads them.

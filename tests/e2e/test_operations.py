@@ -25,6 +25,7 @@ from tests.helpers import (
     Stack,
     create_topic,
     log_value,
+    memory_instance,
     produce,
     tick,
     topic_of,
@@ -43,7 +44,7 @@ def test_fresh_sensor_with_start_from_latest_skips_history(stack: Stack) -> None
     latest = replace(
         stack, archiver=ArchiverSettings(batch_size=10, linger_seconds=0, start_from="latest")
     )
-    with dg.instance_for_test() as instance:
+    with memory_instance() as instance:
         first = tick(latest, instance, None)
         assert launched(first) == []
         produce(stack.kafka, topic, [log_value() for _ in range(20)])
@@ -85,7 +86,7 @@ def test_fresh_sensor_with_start_from_a_time_starts_at_that_message(stack: Stack
             batch_size=5, linger_seconds=0, start_from=format_rfc3339(1_790_000_025, 0)
         ),
     )
-    with dg.instance_for_test() as instance:
+    with memory_instance() as instance:
         result = tick(at_25, instance, None)
     assert launched(result) == [(25, 40)]
 
@@ -95,7 +96,7 @@ def test_each_tick_observes_the_lag_of_every_partition(stack: Stack) -> None:
     create_topic(stack.kafka, topic, partitions=2)
     produce(stack.kafka, topic, [log_value() for _ in range(7)], partition=1)
     waiting = replace(stack, archiver=ArchiverSettings(batch_size=100, linger_seconds=3600))
-    with dg.instance_for_test() as instance:
+    with memory_instance() as instance:
         result = tick(waiting, instance, None)
     assert launched(result) == []
     whole, own = result.asset_events
@@ -130,7 +131,7 @@ def test_a_tick_over_several_topics_asks_kafka_through_two_consumers(
         create_topic(several.kafka, f"many-{unique}-{name}", partitions=partitions)
         produce(several.kafka, f"many-{unique}-{name}", [log_value() for _ in range(3)])
     monkeypatch.setattr(kafka_resource, "KafkaConsumer", CountedConsumer)
-    with dg.instance_for_test() as instance:
+    with memory_instance() as instance:
         result = tick(several, instance, None)
     assert sorted(opened) == ["read_committed", "read_uncommitted"]
     # Their object names no topic: the ranges of every topic share one run.
@@ -160,7 +161,7 @@ def test_maintenance_removes_orphans_and_advances_the_window(stack: Stack, uniqu
     bucket = gcs.writable_bucket()
     orphan = f"{TEMP_PREFIX}{unique}/0/0-10-deadbeef"
     bucket.blob(orphan).upload_from_string(b"left behind by a dead run")
-    with dg.instance_for_test() as instance:
+    with memory_instance() as instance:
         result = maintain_archive.execute_in_process(
             run_config={
                 "ops": {
@@ -181,7 +182,7 @@ def test_a_run_not_yet_started_counts_as_in_flight(stack: Stack) -> None:
     topic = topic_of(stack)
     create_topic(stack.kafka, topic)
     produce(stack.kafka, topic, [log_value() for _ in range(150)])
-    with dg.instance_for_test() as instance:
+    with memory_instance() as instance:
         first = tick(stack, instance, None)
         [request] = first.run_requests or []
         assert launched(first) == [(0, 100)]
@@ -211,7 +212,7 @@ def test_a_run_launched_without_tags_counts_as_in_flight(stack: Stack) -> None:
     topic = topic_of(stack)
     create_topic(stack.kafka, topic)
     produce(stack.kafka, topic, [log_value() for _ in range(150)])
-    with dg.instance_for_test() as instance:
+    with memory_instance() as instance:
         first = tick(stack, instance, None)
         [request] = first.run_requests or []
         # As from the Launchpad: the same config, no protoagg tags; its range is in the config.
@@ -227,7 +228,7 @@ def test_no_follow_up_after_a_run_of_unknown_range(stack: Stack) -> None:
     topic = topic_of(stack)
     create_topic(stack.kafka, topic)
     produce(stack.kafka, topic, [log_value() for _ in range(150)])
-    with dg.instance_for_test() as instance:
+    with memory_instance() as instance:
         first = tick(stack, instance, None)
         # Another deployment's run is seen only by the partition's lease.
         with ledger_connection(stack.postgres) as conn:

@@ -21,7 +21,16 @@ from protoagg_dagster.resources import GCSResource, KafkaResource, PostgresResou
 from protoagg_dagster.services.kafka import KafkaService
 from protoagg_dagster.services.postgres import PostgresService
 from tests.conftest import Services
-from tests.helpers import Stack, archive, check_archive, create_topic, log_value, produce, topic_of
+from tests.helpers import (
+    Stack,
+    archive,
+    check_archive,
+    create_topic,
+    log_value,
+    memory_instance,
+    produce,
+    topic_of,
+)
 from tests.support.gcs_proxy import GcsProxy
 
 RETRY_EVENT = "STEP_UP_FOR_RETRY"
@@ -34,7 +43,7 @@ def free_port() -> int:
 
 
 def run_range(stack: Stack, end: int) -> dg.ExecuteInProcessResult:
-    with dg.instance_for_test() as instance:
+    with memory_instance() as instance:
         return ops_job_run(stack, end, instance)
 
 
@@ -82,12 +91,22 @@ def own_postgres(tmp_path: Path) -> Iterator[PostgresService]:
     service.down()
 
 
-@pytest.fixture
-def own_kafka(tmp_path: Path) -> Iterator[KafkaService]:
-    service = KafkaService(tmp_path / "kafka", port=free_port(), controller_port=free_port())
+@pytest.fixture(scope="module")
+def kafka_to_restart(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaService]:
+    """One dedicated broker for the module's restart tests (a broker's start costs seconds):
+    each test restarts it under its own topic."""
+    service = KafkaService(
+        tmp_path_factory.mktemp("kafka"), port=free_port(), controller_port=free_port()
+    )
     service.up()
     yield service
     service.down()
+
+
+@pytest.fixture
+def own_kafka(kafka_to_restart: KafkaService) -> KafkaService:
+    kafka_to_restart.up()  # a no-op unless the test before left it down
+    return kafka_to_restart
 
 
 def test_postgres_restart_mid_run_is_retried_and_archives_once(

@@ -27,6 +27,7 @@ from tests.helpers import (
     check_archive,
     create_topic,
     log_value,
+    memory_instance,
     produce,
     run_in_subprocess,
     run_sensor_until_idle,
@@ -52,7 +53,7 @@ def test_examples_and_a_redelivery_are_archived_once_in_offset_order(stack: Stac
     create_topic(stack.kafka, topic)
     first = [line.rstrip(b"\n") for line in EXAMPLES.read_bytes().splitlines() if line.strip()]
     produce(stack.kafka, topic, first)
-    with dg.instance_for_test() as instance:
+    with memory_instance() as instance:
         runs_first = run_sensor_until_idle(stack, instance)
         # A second delivery: some earlier logIds again (redelivered), then new messages.
         second = first[5:40] + [log_value(message=f"new {i}") for i in range(30)]
@@ -74,7 +75,7 @@ def test_re_executing_a_finished_run_appends_nothing(stack: Stack) -> None:
     create_topic(stack.kafka, topic)
     produce(stack.kafka, topic, [log_value() for _ in range(60)])
     config = range_run_config(topic, 0, 0, 60)
-    with dg.instance_for_test() as instance:
+    with memory_instance() as instance:
         assert archive_kafka_batch.execute_in_process(
             run_config=config, resources=stack.resources(), instance=instance
         ).success
@@ -99,7 +100,7 @@ def test_overlapping_runs_in_parallel_archive_each_id_once(stack: Stack) -> None
     codes = [run.wait(timeout=180) for run in runs]
     # A run that meets another's unfinished, larger claim fails and is retried; at least one wins.
     assert 0 in codes
-    with dg.instance_for_test() as instance:
+    with memory_instance() as instance:
         run_sensor_until_idle(stack, instance)
     records, url = archive(stack)
     assert [r.log_id for r in records] == [json.loads(v)["logId"] for v in values]
@@ -126,7 +127,7 @@ def test_a_busy_partition_does_not_hold_up_another(stack: Stack, unique: str) ->
             instance=instance,
         ).success
 
-    with dg.instance_for_test() as instance, ledger_connection(stack.postgres) as holder:
+    with memory_instance() as instance, ledger_connection(stack.postgres) as holder:
         # Hold everything a partition-0 run holds mid-flight: its position row and its object.
         with holder.transaction():
             holder.execute(
@@ -160,7 +161,7 @@ def test_an_all_duplicate_batch_still_moves_the_objects_offsets(stack: Stack) ->
     values = [log_value() for _ in range(20)]
     produce(stack.kafka, topic, values)
     produce(stack.kafka, topic, values)  # redelivered whole: the second batch appends nothing
-    with dg.instance_for_test() as instance:
+    with memory_instance() as instance:
         for start, end in ((0, 20), (20, 40)):
             assert archive_kafka_batch.execute_in_process(
                 run_config=range_run_config(topic, 0, start, end),
@@ -198,7 +199,7 @@ def test_the_kafka_client_setting_picks_the_client_that_reads_each_run(
     import protoagg_dagster.definitions as module
 
     defs = importlib.reload(module).defs
-    with dg.instance_for_test() as instance:
+    with memory_instance() as instance:
         result = defs.get_job_def("archive_kafka_batch").execute_in_process(
             run_config=range_run_config(topic, 0, 0, 150), instance=instance
         )

@@ -12,7 +12,6 @@ import json
 import random
 import uuid
 
-import dagster as dg
 import orjson
 import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
@@ -30,6 +29,7 @@ from tests.helpers import (
     archived_records,
     check_archive,
     log_value,
+    memory_instance,
     run_sensor_until_idle,
     tick,
     with_client,
@@ -123,7 +123,7 @@ def test_any_topic_is_archived_byte_for_byte(stack: Stack, unique: str, client: 
     sent.flush()
     sent.close()
 
-    with dg.instance_for_test() as instance:
+    with memory_instance() as instance:
         run_sensor_until_idle(stack, instance)
 
     records = archived_records(stack)
@@ -165,7 +165,7 @@ def test_log_append_time_topic_keeps_the_broker_timestamp(stack: Stack, unique: 
         sent.send(topic, value=b"v%d" % i, timestamp_ms=1_000_000_000_000)
     sent.flush()
     sent.close()
-    with dg.instance_for_test() as instance:
+    with memory_instance() as instance:
         run_sensor_until_idle(stack, instance)
     records = archived_records(stack)
     assert rows_of(records) == committed(stack, topic)
@@ -213,7 +213,7 @@ def test_transactions_only_committed_records_and_open_ones_once_committed(
             return [by_id[r.log_id] for r in records]
         return [r.value for r in sorted(records, key=lambda r: (r.partition, r.offset))]
 
-    with dg.instance_for_test() as instance:
+    with memory_instance() as instance:
         run_sensor_until_idle(stack, instance)
         # The open transaction holds partition 0 back, tick after tick; partition 1 is done.
         cursor = None
@@ -272,7 +272,7 @@ def test_dedupe_keys_drop_repeats_and_keep_records_without_a_key(
         sent.send(topic, partition=0, value=b"\xffnot json", headers=[("other", b"x")])
     sent.flush()
     sent.close()
-    with dg.instance_for_test() as instance:
+    with memory_instance() as instance:
         run_sensor_until_idle(stack, instance)
     offsets = [r.offset for r in archived_records(stack)]
     assert offsets == [0, 1, 3, 6, 7]
@@ -302,7 +302,7 @@ def test_log_format_with_the_users_own_fields(
         sent.send(topic, value=value, partition=0, timestamp_ms=1_767_225_600_123)
     sent.flush()
     sent.close()
-    with dg.instance_for_test() as instance:
+    with memory_instance() as instance:
         run_sensor_until_idle(stack, instance)
     records = archived_records(stack)
     assert [r.log_id for r in records] == ids
@@ -322,7 +322,7 @@ def test_a_pattern_archives_topics_created_after_start(stack: Stack, unique: str
     sent = producer(stack)
     sent.send(f"pat-{unique}-a", value=b"first")
     sent.flush()
-    with dg.instance_for_test() as instance:
+    with memory_instance() as instance:
         run_sensor_until_idle(stack, instance)
         assert [r.value for r in archived_records(stack)] == [b"first"]
         create(stack, f"pat-{unique}-b")

@@ -11,7 +11,6 @@ import sys
 import time
 from dataclasses import replace
 
-import dagster as dg
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 from kafka.partitioner.default import murmur2
@@ -27,6 +26,7 @@ from tests.e2e.test_record_format import Row, binary, committed, create, produce
 from tests.helpers import (
     Stack,
     archived_records,
+    memory_instance,
     run_restore,
     run_sensor_until_idle,
     with_topics,
@@ -68,7 +68,7 @@ def record_topic(
         )
     sent.flush()
     sent.close()
-    with dg.instance_for_test() as instance:
+    with memory_instance() as instance:
         run_sensor_until_idle(stack, instance)
     return stack
 
@@ -88,11 +88,15 @@ def written(stack: Stack, topic: str) -> int:
     """Records written to ``topic`` so far, committed or not (the high watermarks' sum)."""
     consumer = KafkaConsumer(bootstrap_servers=stack.kafka.bootstrap_servers)
     try:
-        partitions = consumer.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in partitions]
-        return sum(consumer.end_offsets(tps).values()) if tps else 0
+        return written_by(consumer, topic)
     finally:
         consumer.close()
+
+
+def written_by(consumer: KafkaConsumer, topic: str) -> int:
+    partitions = consumer.partitions_for_topic(topic) or set()
+    tps = [TopicPartition(topic, p) for p in partitions]
+    return sum(consumer.end_offsets(tps).values()) if tps else 0
 
 
 def contents(rows: list[Row]) -> list[tuple[object, ...]]:
@@ -109,12 +113,19 @@ def kill_when_written(stack: Stack, topic: str, at_least: int, args: list[str]) 
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 120
-    while process.poll() is None and written(stack, topic) < at_least:
-        assert time.monotonic() < deadline, "restore wrote nothing for two minutes"
-    running = process.poll() is None
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    # One consumer asks for the high watermarks again and again: a new consumer per look took
+    # the CPU the restore needed.
+    consumer = KafkaConsumer(bootstrap_servers=stack.kafka.bootstrap_servers)
+    try:
+        deadline = time.monotonic() + 120
+        while process.poll() is None and written_by(consumer, topic) < at_least:
+            assert time.monotonic() < deadline, "restore wrote nothing for two minutes"
+            time.sleep(0.02)
+        running = process.poll() is None
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    finally:
+        consumer.close()
     return running
 
 
@@ -145,7 +156,7 @@ def test_restore_killed_mid_way_and_rerun_writes_every_record_once(
     # Archiving the restored topic gives the same records (its offsets are its own).
     rearchive = with_topics(stack, f"{target}:record")
     rearchive = replace(rearchive, gcs=object_named(stack, f"{unique}/again.pb"))
-    with dg.instance_for_test() as instance:
+    with memory_instance() as instance:
         run_sensor_until_idle(rearchive, instance)
 
     def same(records: list[ArchivedKafkaRecord]) -> list[tuple[object, ...]]:
@@ -214,7 +225,7 @@ def test_log_round_trip_with_the_examples_and_dry_run(stack: Stack, unique: str)
     source = f"rlog-{unique}"
     stack = with_topics(stack, source)
     sent = produce_file(EXAMPLES, source, stack.kafka.bootstrap_servers, partitions=1)
-    with dg.instance_for_test() as instance:
+    with memory_instance() as instance:
         run_sensor_until_idle(stack, instance)
     target = f"rlog-out-{unique}"
     archived = len(archived_records(stack))
@@ -296,7 +307,7 @@ def test_restore_archive_job_restores_once_with_per_partition_metadata(
     target = f"rjob-out-{unique}"
     config = {"sources": [url_of(stack)], "to_topic": target, "create_topic": True}
     run_config = {"ops": {"restore_records": {"config": config}}}
-    with dg.instance_for_test() as instance:
+    with memory_instance() as instance:
         first = restore_archive.execute_in_process(
             run_config=run_config, resources={"kafka": stack.kafka}, instance=instance
         )

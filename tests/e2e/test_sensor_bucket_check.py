@@ -5,13 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import dagster as dg
 import pytest
 
 from protoagg_dagster.archive.assets import ARCHIVE_ASSET
 from protoagg_dagster.resources import GCSResource
 from tests.conftest import Services
-from tests.helpers import Stack, create_topic, log_value, produce, tick, topic_of
+from tests.helpers import Stack, create_topic, log_value, memory_instance, produce, tick, topic_of
 from tests.support.gcs_proxy import BucketPolicy, GcsProxy
 
 
@@ -31,7 +30,7 @@ def test_first_tick_warns_about_soft_delete_with_the_estimate(
     create_topic(stack.kafka, topic_of(stack))
     produce(stack.kafka, topic_of(stack), [log_value() for _ in range(5)])
     proxy = GcsProxy(services.gcs_url)
-    with proxy as url, dg.instance_for_test() as instance:
+    with proxy as url, memory_instance() as instance:
         proxy.present_bucket(services.bucket, BucketPolicy(soft_delete_seconds=7 * 86400))
         via_proxy = _with_gcs_at(stack, url)
         first = tick(via_proxy, instance, None)
@@ -55,7 +54,7 @@ def test_no_credentials_for_real_gcs_is_one_sentence_and_no_runs(
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "gcloud"))
     real_gcs = _with_gcs_at(stack, "")
-    with dg.instance_for_test() as instance:
+    with memory_instance() as instance:
         result = tick(real_gcs, instance, None)
     assert result.run_requests == []
     assert result.skip_reason is not None

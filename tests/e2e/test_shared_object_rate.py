@@ -1,9 +1,11 @@
-"""Many partitions, one object, GCS's write rate: default settings through ``dagster-daemon``.
+"""Many partitions, one object, GCS's write rate, through ``dagster-daemon``.
 
-The default template ``log.pb`` is written by every partition. The proxy in front of the emulator
-allows one mutation per second per object name (429 beyond it, like GCS). Every run must succeed
-(no failed run, no step retry), the archive must hold each id once, and the throughput is printed
-(``benchmarks/shared_object`` collects it for docs/benchmarks.md).
+The session's shared deployment (tests/support/shared_deployment.py) writes each topic to one
+object, ``shared/{topic}/log.pb``, whatever the partition, as the default template ``log.pb`` does.
+Its proxy in front of the emulator allows one mutation per second per object name (429 beyond it,
+like GCS). Every run must succeed (no failed run, no step retry), the archive must hold each id
+once, and the throughput is printed (``benchmarks/shared_object`` collects it for
+docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -11,64 +13,43 @@ from __future__ import annotations
 import json
 import os
 import time
-from pathlib import Path
 
 import pytest
 
 from protoagg_dagster.resources import GCSResource, PostgresResource
 from tests.conftest import Services
-from tests.helpers import (
-    Stack,
-    archive_with_daemon,
-    check_archive,
-    create_topic,
-    log_value,
-    produce,
-)
-from tests.support.dagster_deployment import DagsterDeployment, run_summaries
+from tests.helpers import check_archive, create_topic, log_value, produce
 from tests.support.gcs_proxy import GcsProxy
+from tests.support.shared_deployment import SharedDeployment
 
-PER_PARTITION = 1000  # two runs per partition at the default batch size of 500
+PER_PARTITION = 1000  # one run per partition: the shared deployment's runs are 1,000 messages
 DEADLINE_SECONDS = 600.0
 
 
 @pytest.mark.parametrize("partitions", [1, 8, 32])
 def test_partitions_sharing_one_object_archive_at_gcs_write_rate(
-    stack: Stack, services: Services, postgres_dsn: str, tmp_path: Path, partitions: int
+    shared: SharedDeployment, partitions: int
 ) -> None:
-    topic = stack.kafka.topic_list()[0]
+    topic = shared.new_topic()
+    stack = shared.stack(topic)
+    name = shared.object_name(topic)
+    started = time.monotonic()
     create_topic(stack.kafka, topic, partitions=partitions)
     for p in range(partitions):
         produce(stack.kafka, topic, [log_value() for _ in range(PER_PARTITION)], partition=p)
-    proxy = GcsProxy(services.gcs_url, mutation_interval=1.0)
-    url = proxy.start()
-    env = {
-        "PROTOAGG_KAFKA_BOOTSTRAP": services.kafka_bootstrap,
-        "PROTOAGG_TOPICS": topic,
-        "PROTOAGG_POSTGRES_DSN": postgres_dsn,
-        "PROTOAGG_GCS_BUCKET": services.bucket,
-        "PROTOAGG_GCS_OBJECT": stack.gcs.object_template,  # one object for every partition
-        "STORAGE_EMULATOR_HOST": url,
-    }
-    deployment = DagsterDeployment("rate", tmp_path / "rate", env)
-    try:
-        elapsed = archive_with_daemon(
-            deployment, postgres_dsn, topic, partitions, PER_PARTITION, DEADLINE_SECONDS
-        )
-    finally:
-        proxy.close()
-    runs = [r for r in run_summaries(deployment) if r.job_name == "archive_kafka_batch"]
+    elapsed = shared.wait_archived(topic, partitions, PER_PARTITION, DEADLINE_SECONDS, started)
+    runs = shared.runs(topic)
     assert [r for r in runs if r.status != "SUCCESS" or r.step_retries] == []
     check = check_archive(stack)
     assert check.ok, check.summary()
     assert (check.offsets, check.archived) == (partitions * PER_PARTITION,) * 2
-    composes = proxy.count(kind="compose", status=200, object_name=stack.gcs.object_template)
     result = {
         "partitions": partitions,
         "messages": partitions * PER_PARTITION,
         "runs": len(runs),
-        "composes": composes,
-        "compose_429": proxy.count(kind="compose", status=429),
+        "composes": shared.proxy.count(kind="compose", status=200, object_name=name),
+        "compose_429": shared.proxy.count(kind="compose", status=429, object_name=name),
+        # From the topic's creation (the daemon is up already) to every partition archived.
         "seconds": round(elapsed, 1),
         "messages_per_second": round(partitions * PER_PARTITION / elapsed, 1),
     }

@@ -182,10 +182,10 @@ def test_a_claimer_that_meets_a_key_committed_mid_claim_leaves_it_to_its_winner(
 
 
 def claimed(
-    conn: psycopg.Connection, ids: list[str], first_offset: int, topic: str = "t"
+    conn: psycopg.Connection, ids: list[str], first_offset: int, partition: int = 0
 ) -> list[str]:
-    """Claim ``ids`` as the next batch of partition 0 of ``topic``, finish it, return its keeps."""
-    batch = OffsetRange(topic, 0, first_offset, first_offset + len(ids))
+    """Claim ``ids`` as the next batch of ``partition`` of topic t, finish it, return its keeps."""
+    batch = OffsetRange("t", partition, first_offset, first_offset + len(ids))
     claim = claim_batch(conn, batch, records(ids, first_offset), "o", None)
     assert claim.batch_id is not None
     finish_batch(conn, claim.batch_id, None)
@@ -334,7 +334,7 @@ def test_claims_racing_a_span_switch_win_each_id_once_and_keep_it(postgres_dsn: 
         )
         assert set(spans) == {today, today + 7} and sum(spans.values()) == len(winners)
         # Both spans are probed: nothing claimed on either side of the switch wins again.
-        assert claimed(conn, winners, 0, topic="again") == []
+        assert claimed(conn, winners, 0, partition=claimers) == []
 
 
 def test_an_unfinished_claim_is_adopted_after_its_span_was_succeeded(postgres_dsn: str) -> None:

@@ -284,6 +284,8 @@ class _Match:
     kind: str | None = None
     path_contains: str | None = None
     object_name: str | None = None
+    # Every object whose name starts with it, e.g. one test's uploads on a shared deployment.
+    object_prefix: str | None = None
 
     def __call__(self, req: _Request) -> bool:
         return (
@@ -294,6 +296,10 @@ class _Match:
             )
             and (
                 self.object_name is None or (req.key is not None and req.key[1] == self.object_name)
+            )
+            and (
+                self.object_prefix is None
+                or (req.key is not None and req.key[1].startswith(self.object_prefix))
             )
         )
 
@@ -564,6 +570,7 @@ class GcsProxy:
         kind: str | None = None,
         path_contains: str | None = None,
         object_name: str | None = None,
+        object_prefix: str | None = None,
         after: bool = False,
     ) -> None:
         """Delay the next ``n`` matching requests by ``seconds``, then carry on normally.
@@ -572,7 +579,7 @@ class GcsProxy:
         after the client timed out and retried: preconditions are checked when it arrives);
         with ``after=True`` the emulator acts at once and only the response is late.
         """
-        match = _Match(method, kind, path_contains, object_name)
+        match = _Match(method, kind, path_contains, object_name, object_prefix)
         self._add(_Rule(match, n, "stall", seconds=seconds, after=after))
 
     def hold(

@@ -7,6 +7,7 @@ want to exercise.
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from contextlib import AbstractContextManager, nullcontext
 
 from protoagg_dagster.core.archive_object import Landed, Piece, PieceRole, Queued
@@ -58,3 +59,12 @@ class MemoryLedger:
                 for index, own in enumerate(queued.pieces):
                     if own.key == piece.key:
                         self._landed.setdefault((queued.temp_name, index), landed)
+
+    def record_legacy(
+        self,
+        object_name: str,
+        role: PieceRole,
+        offsets: Mapping[str, int],
+        generation: int | None,
+    ) -> None:
+        """No claims of releases before the marker live in memory."""

@@ -9,7 +9,10 @@ from protoagg_dagster.core.archive_object import (
     Piece,
     Queued,
     archive_format,
+    check_one_format_per_object,
     last_compose,
+    legacy_covers,
+    legacy_offsets,
     metadata_after_compose,
     object_name,
     piece_ends,
@@ -148,3 +151,45 @@ def test_a_batch_rolls_over_only_when_it_would_pass_the_limit_of_a_non_empty_obj
     assert not rolls_over(0, 10**6, 100)  # an oversized batch still goes somewhere
     assert not rolls_over(60, 40, 100)
     assert rolls_over(60, 41, 100)
+
+
+@pytest.mark.parametrize(
+    ("legacy_map", "batch", "covered"),
+    [
+        ('{"t/0": 20, "t/1": 5}', OffsetRange("t", 0, 10, 20), True),  # composed, not confirmed
+        ('{"t/0": 25}', OffsetRange("t", 0, 10, 20), True),
+        ('{"t/0": 10}', OffsetRange("t", 0, 10, 20), False),  # its compose never happened
+        ('{"t/1": 20}', OffsetRange("t", 0, 10, 20), False),  # another partition's entry
+        (None, OffsetRange("t", 0, 10, 20), False),  # an object of a release with the marker
+    ],
+)
+def test_the_offsets_map_of_releases_before_the_marker_says_which_claims_landed(
+    legacy_map: str | None, batch: OffsetRange, covered: bool
+) -> None:
+    metadata = {} if legacy_map is None else {LEGACY_OFFSETS_KEY: legacy_map}
+    assert legacy_covers(legacy_offsets(metadata), batch) is covered
+
+
+def test_a_broken_offsets_map_is_named() -> None:
+    with pytest.raises(ConfigError, match=LEGACY_OFFSETS_KEY):
+        legacy_offsets({LEGACY_OFFSETS_KEY: "[1, 2"})
+
+
+@pytest.mark.parametrize(
+    ("template", "formats", "refused"),
+    [
+        ("log.pb", {"log", "record"}, True),
+        ("{partition}/{date}.pb", {"log", "record"}, True),
+        ("{topic}/{partition}.pb", {"log", "record"}, False),
+        ("log.pb", {"record"}, False),  # one format: one shared object is fine
+        ("log.pb", {"log"}, False),
+    ],
+)
+def test_a_template_mixing_formats_in_one_object_is_refused(
+    template: str, formats: set[str], refused: bool
+) -> None:
+    if refused:
+        with pytest.raises(ConfigError, match=r"put \{topic\} in it"):
+            check_one_format_per_object(template, formats)
+    else:
+        check_one_format_per_object(template, formats)

@@ -69,6 +69,7 @@ def test_each_topic_entry_is_its_own_asset_with_its_checks(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv(settings.TOPICS.env, "logs,orders.v1:record,/audit-.*/:record")
+    monkeypatch.setenv(settings.GCS_OBJECT.env, "{topic}/{partition}.pb")
     defs = load_definitions()
     dg.Definitions.validate_loadable(defs)
     graph = defs.resolve_asset_graph()
@@ -78,6 +79,17 @@ def test_each_topic_entry_is_its_own_asset_with_its_checks(
     assert any(k.startswith("kafka_archive_re_audit___") for k in keys)
     checked = {key.asset_key.to_user_string() for key in graph.asset_check_keys}
     assert checked == keys
+
+
+def test_a_template_that_would_mix_formats_in_one_object_fails_at_load(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(settings.TOPICS.env, "logs,orders:record")
+    monkeypatch.delenv(settings.GCS_OBJECT.env, raising=False)
+    with pytest.raises(ConfigError, match=r"'log.pb' would put topics archived as log and record"):
+        load_definitions()
+    monkeypatch.setenv(settings.GCS_OBJECT.env, "{topic}/{date}.pb")
+    load_definitions()
 
 
 def test_an_invalid_topic_entry_fails_at_load(monkeypatch: pytest.MonkeyPatch) -> None:

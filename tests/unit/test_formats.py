@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from protoagg_dagster.core.dedupe_scope import Scope, described, parse_scope
 from protoagg_dagster.core.errors import ArchiveFormatError, ConfigError
 from protoagg_dagster.core.formats import (
     DedupeKey,
@@ -180,3 +181,23 @@ def test_record_json_marks_bytes_that_are_not_text() -> None:
         "base64": "dGV4dA=="
     }
     assert json.dumps(shown)
+
+
+@pytest.mark.parametrize(
+    ("text", "scope"), [("topic", "topic"), ("deployment", "deployment"), (" Topic ", "topic")]
+)
+def test_dedupe_scopes_parse(text: str, scope: str) -> None:
+    assert parse_scope(text) == scope
+
+
+def test_an_unknown_dedupe_scope_names_the_setting() -> None:
+    with pytest.raises(ConfigError, match="PROTOAGG_DEDUPE_SCOPE"):
+        parse_scope("partition")
+
+
+@pytest.mark.parametrize(
+    ("scope", "says"),
+    [("topic", "archived from topic orders within"), ("deployment", "from any topic of this")],
+)
+def test_the_metadata_says_what_counted_as_a_duplicate_of_what(scope: Scope, says: str) -> None:
+    assert says in described(scope, "orders")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from protoagg_dagster.core.liveness import StartedRun, judge
 
 GRACE = 20.0
@@ -48,3 +50,25 @@ def test_each_run_is_judged_by_its_own_lease() -> None:
     dead = StartedRun("d", "run d", started_at=0.0)
     verdict = judge([alive, dead], {"run a"}, {"a": 1.0, "d": 1.0}, now=500.0, grace=GRACE)
     assert verdict.dead == {"d": 1.0}
+
+
+STARTUP = 300.0
+
+
+@pytest.mark.parametrize(
+    ("took_lease", "free_for", "dead"),
+    [
+        (False, GRACE + 5, False),  # starved while starting up: alive
+        (False, STARTUP - 1, False),
+        (False, STARTUP, True),  # it died before ever taking its lease
+        (True, GRACE, True),  # held its lease, lost it: dead after the usual grace
+        (True, GRACE - 1, False),
+    ],
+)
+def test_a_run_that_never_held_its_lease_gets_the_startup_grace(
+    took_lease: bool, free_for: float, dead: bool
+) -> None:
+    run = StartedRun("r", "run r", started_at=0.0, took_lease=took_lease)
+    now = 1_000.0
+    verdict = judge([run], set(), {"r": now - free_for}, now, GRACE, STARTUP)
+    assert ("r" in verdict.dead) is dead

@@ -14,6 +14,7 @@ from protoagg_dagster.core.restore import (
     Selection,
     Tallies,
     check_partitions,
+    kafka_python_refuses,
     log_out,
     parse_progress,
     progress_key,
@@ -72,11 +73,22 @@ def test_source_headers_follow_the_records_own() -> None:
     ]
 
 
-def test_records_kafka_python_cannot_send_are_refused_by_name() -> None:
-    with pytest.raises(ConfigError, match="src/2@41 has a null key and a null value"):
-        record_out(RECORD._replace(key=None, value=None), SPEC, 3)
-    with pytest.raises(ConfigError, match="src/2@41 has a header with a null value"):
-        record_out(RECORD._replace(headers=(("h", None),)), SPEC, 3)
+@pytest.mark.parametrize(
+    ("record", "refused"),
+    [
+        (RECORD._replace(key=None, value=None), True),
+        (RECORD._replace(headers=(("h", None),)), True),
+        (RECORD._replace(key=None), False),  # a keyless record
+        (RECORD._replace(value=None), False),  # a tombstone
+        (RECORD, False),
+    ],
+)
+def test_records_kafka_python_refuses_are_told_apart_and_kept_whole(
+    record: ArchivedKafkaRecord, refused: bool
+) -> None:
+    out = record_out(record, SPEC, 3)
+    assert out[1:4] == (record.key, record.value, list(record.headers))
+    assert kafka_python_refuses(out) is refused
 
 
 # Kafka's own murmur2 test vectors (UtilsTest.testMurmur2), as Java's signed ints.

@@ -1,0 +1,54 @@
+"""A run starved of CPU before it takes its lease is not failed as dead; a dead one still is."""
+
+from __future__ import annotations
+
+import time
+
+import dagster as dg
+import pytest
+from dagster._core.events import DagsterEvent, DagsterEventType
+
+from protoagg_dagster.archive import leases
+from protoagg_dagster.archive.job import archive_kafka_batch
+from protoagg_dagster.archive.ledger import ledger_connection
+from protoagg_dagster.archive.sensor import DEAD_AFTER_SECONDS, SensorCursor
+from tests.helpers import Stack, create_topic, log_value, produce, tick, topic_of
+
+FREE_FOR = DEAD_AFTER_SECONDS + 5
+
+
+def started(instance: dg.DagsterInstance, request: dg.RunRequest, seconds_ago: float) -> str:
+    """A run of ``request`` that reached STARTED ``seconds_ago`` and took no lease since."""
+    run = instance.create_run_for_job(
+        archive_kafka_batch, run_config=request.run_config, tags=request.tags
+    )
+    instance.report_dagster_event(
+        DagsterEvent(DagsterEventType.RUN_START.value, job_name=run.job_name),
+        run.run_id,
+        timestamp=time.time() - seconds_ago,
+    )
+    return run.run_id
+
+
+@pytest.mark.parametrize(("took_its_lease", "failed"), [(False, False), (True, True)])
+def test_a_run_is_failed_after_the_grace_only_once_it_has_held_its_lease(
+    stack: Stack, took_its_lease: bool, failed: bool
+) -> None:
+    topic = topic_of(stack)
+    create_topic(stack.kafka, topic)
+    produce(stack.kafka, topic, [log_value() for _ in range(100)])
+    with dg.instance_for_test() as instance:
+        first = tick(stack, instance, None)
+        [request] = first.run_requests or []
+        run_id = started(instance, request, seconds_ago=FREE_FOR)
+        if took_its_lease:
+            # It held its lease, then its process died (the lease went with the session).
+            with ledger_connection(stack.postgres) as conn:
+                leases.record_taken(conn, run_id)
+        # Its lease was seen free a grace period ago, as by the ticks since it started.
+        cursor = SensorCursor.loads(first.cursor)
+        cursor.lease_free_since[run_id] = time.time() - FREE_FOR
+        tick(stack, instance, cursor.dumps())
+        run = instance.get_run_by_id(run_id)
+        assert run is not None
+        assert (run.status == dg.DagsterRunStatus.FAILURE) is failed, run.status
