@@ -498,7 +498,7 @@ def archive_with_daemon(
         }
     results = []
     for topic in topics:
-        mine = [r for r in runs if (r.partition or "").rsplit("-", 1)[0] == topic.name]
+        mine = [r for r in runs if any(x.topic == topic.name for x in r.ranges)]
         stats = run_stats(mine, origin)
         name = label if len(topics) == 1 else f"{label}-{topic.partitions}p"
         result: dict[str, Any] = {

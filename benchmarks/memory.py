@@ -91,7 +91,7 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
         if child.returncode != 0:
             log.seek(0)
             tail = log.read().decode(errors="replace")[-3000:]
-            raise RuntimeError(f"run {spec['range']} failed ({child.returncode}):\n{tail}")
+            raise RuntimeError(f"run {spec['ranges']} failed ({child.returncode}):\n{tail}")
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     memory = json.loads(child.stdout.decode().strip().splitlines()[-1])
     return {
@@ -120,7 +120,7 @@ def spec_for(
                 "max_batch_bytes": 1 << 31,
             },
         },
-        "range": [topic, 0, 0, size],
+        "ranges": [[topic, 0, 0, size]],
         "crash_at": None,
     }
 

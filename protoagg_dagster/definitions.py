@@ -17,6 +17,7 @@ from protoagg_dagster.archive.assets import archive_asset, topic_asset_specs
 from protoagg_dagster.archive.checks import build_archive_checks
 from protoagg_dagster.archive.job import archive_kafka_batch
 from protoagg_dagster.archive.partition_lease import PartitionLease
+from protoagg_dagster.archive.run_retention import retention_job, retention_schedule
 from protoagg_dagster.archive.sensor import kafka_offsets_sensor
 from protoagg_dagster.archive.upkeep import archive_maintenance, maintain_archive
 from protoagg_dagster.core import settings
@@ -62,6 +63,8 @@ archiver = ArchiverSettings(
     linger_seconds=settings.LINGER_SECONDS.read_float(),
     max_batch_messages=settings.MAX_BATCH_MESSAGES.read_int(),
     max_batch_bytes=settings.MAX_BATCH_BYTES.read_int(),
+    max_partitions_per_run=settings.MAX_PARTITIONS_PER_RUN.read_int(),
+    max_runs_per_tick=settings.MAX_RUNS_PER_TICK.read_int(),
     max_message_bytes=settings.MAX_MESSAGE_BYTES.read_int(),
     max_frame_bytes=settings.MAX_FRAME_BYTES.read_int(),
     max_dead_letter_ratio=settings.MAX_DEAD_LETTER_RATIO.read_float(),
@@ -82,11 +85,16 @@ check_one_format_per_object(
     {rule.format for rule in topic_rules},
 )
 
+# Dagster keeps every run and event forever unless something deletes them.
+prune_dagster_runs = retention_job(
+    settings.KEEP_RUNS_DAYS.read_float(), settings.KEEP_FAILED_RUNS_DAYS.read_float()
+)
+
 archive_defs = dg.Definitions(
     assets=[archive_asset, *topic_asset_specs(topic_rules)],
     asset_checks=[build_archive_checks(topic_rules)],
-    jobs=[archive_kafka_batch, maintain_archive, restore_archive],
-    schedules=[archive_maintenance],
+    jobs=[archive_kafka_batch, maintain_archive, prune_dagster_runs, restore_archive],
+    schedules=[archive_maintenance, retention_schedule(prune_dagster_runs)],
     sensors=[kafka_offsets_sensor],
     resources={
         # Op outputs stay in memory: the default filesystem IO manager pickled every batch to

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, BinaryIO
@@ -191,13 +191,20 @@ def run_sensor_until_idle(stack: Stack, instance: dg.DagsterInstance, max_ticks:
 def run_in_subprocess(
     stack: Stack, topic: str, partition: int, start: int, end: int, crash_at: str | None = None
 ) -> subprocess.Popen[bytes]:
-    """Start one archive run in its own process (see tests/e2e/run_range.py)."""
+    """Start one archive run of one range in its own process (see tests/e2e/run_range.py)."""
+    return run_ranges_in_subprocess(stack, [(topic, partition, start, end)], crash_at)
+
+
+def run_ranges_in_subprocess(
+    stack: Stack, ranges: Sequence[tuple[str, int, int, int]], crash_at: str | None = None
+) -> subprocess.Popen[bytes]:
+    """Start one archive run of ``ranges`` in its own process (see tests/e2e/run_range.py)."""
     spec = {
         "resources": {
             name: resource.model_dump(exclude_none=True)
             for name, resource in stack.resources().items()
         },
-        "range": [topic, partition, start, end],
+        "ranges": [list(r) for r in ranges],
         "crash_at": crash_at,
     }
     return subprocess.Popen(

@@ -1,6 +1,7 @@
 """Asset checks on the archive: framing of the appended bytes, unique records, no offset gaps.
 
-The append op evaluates them for its own batch; the same checks can be executed from the UI,
+The append op evaluates them over its own ranges (one evaluation per check and asset per run);
+the same checks can be executed from the UI,
 where they re-check the latest appended batch of every partition.
 """
 
@@ -22,6 +23,7 @@ from protoagg_dagster.archive.ledger import (
     ledger_connection,
     offset_gaps,
 )
+from protoagg_dagster.archive.run_parts import Appended
 from protoagg_dagster.core.archive_object import archive_compression, archive_format
 from protoagg_dagster.core.compression import NONE, decompressed
 from protoagg_dagster.core.errors import ArchiveFormatError
@@ -129,6 +131,45 @@ def evaluate_batch(
         for key in asset_keys
         for name, passed, metadata in verdicts
     ]
+
+
+def evaluate_run(
+    bucket: storage.Bucket, appended: Sequence[Appended]
+) -> list[dg.AssetCheckEvaluation]:
+    """The three checks over a run's freshly appended ranges: one evaluation per check and asset.
+
+    Each range is checked as ``evaluate_batch`` checks it (its bytes read back and compared with
+    the bytes written); the evaluation says how many ranges were checked and names the first
+    that failed, so a run of many partitions adds three events per asset, not three per range.
+    """
+    found: dict[tuple[dg.AssetKey, str], list[dg.AssetCheckEvaluation]] = {}
+    for done in appended:
+        if not done.records:
+            continue  # an earlier attempt's piece, checked when it was appended
+        part = done.part
+        consumed = part.claimed.consumed
+        for evaluation in evaluate_batch(
+            bucket,
+            done.batch,
+            gaps=done.gaps,
+            archive=consumed.format,
+            compression=part.compression,
+            written=Written(part.data, part.claimed.claim.kept),
+            asset_keys=consumed.assets,
+        ):
+            found.setdefault((evaluation.asset_key, evaluation.check_name), []).append(evaluation)
+    summaries = []
+    for (key, name), evaluations in found.items():
+        failing = [e for e in evaluations if not e.passed]
+        metadata: dict[str, Any] = {"ranges_checked": len(evaluations), "failed": len(failing)}
+        if failing:
+            metadata.update({k: v.value for k, v in failing[0].metadata.items()})
+        summaries.append(
+            dg.AssetCheckEvaluation(
+                asset_key=key, check_name=name, passed=not failing, metadata=metadata
+            )
+        )
+    return summaries
 
 
 def repeated_ids(identities: Callable[[], Iterable[str]], count: int) -> list[str]:

@@ -1,12 +1,13 @@
 """Leases: how anyone tells a live archive run from one whose worker is gone.
 
-A run holds two PostgreSQL *session-level* advisory locks for as long as it lives, on a connection
-of its own: its run lease (``run <run id>``), and its partition's lease (``partition
-<topic>-<partition>``), which keeps two runs of any deployments from working one partition at
-once. PostgreSQL drops the locks with the session, so a run killed with its whole deployment
-(SIGKILL, OOM, node loss) loses them within seconds (the session's TCP keepalives bound it when a
-host vanishes without closing its sockets), while a run that is merely slow keeps them, however
-long it takes. Dagster's run storage cannot tell the two apart: a dead run stays STARTED there.
+A run holds PostgreSQL *session-level* advisory locks for as long as it lives, on a connection
+of its own: its run lease (``run <run id>``), and the lease of each partition it archives
+(``partition <topic>-<partition>``), which keeps two runs of any deployments from working one
+partition at once. PostgreSQL drops the locks with the session, so a run killed with its whole
+deployment (SIGKILL, OOM, node loss) loses them within seconds (the session's TCP keepalives bound
+it when a host vanishes without closing its sockets), while a run that is merely slow keeps them,
+however long it takes. Dagster's run storage cannot tell the two apart: a dead run stays
+STARTED there.
 
 Whoever probes a lease takes it for the length of one transaction; a run starting at that moment
 waits for it (``pg_advisory_lock``), never fails.
@@ -49,7 +50,8 @@ def hold(conn: psycopg.Connection, name: str, wait_seconds: float) -> None:
     Waits up to ``wait_seconds`` for a holder to let go, then raises ``LeaseTaken``.
     """
     conn.execute(_KEEPALIVES)
-    conn.execute(f"SET lock_timeout = {int(wait_seconds * 1000)}")
+    # At least a millisecond: a lock_timeout of 0 would mean waiting forever.
+    conn.execute(f"SET lock_timeout = {max(int(wait_seconds * 1000), 1)}")
     try:
         conn.execute("SELECT pg_advisory_lock(hashtextextended(%s || %s, 0))", (_PREFIX, name))
     except psycopg.errors.LockNotAvailable as exc:
@@ -67,18 +69,25 @@ def still_held(conn: psycopg.Connection) -> bool:
     return True
 
 
+# Leases probed per transaction: each probe takes a lock for the transaction's length, and
+# PostgreSQL's shared lock table holds about max_locks_per_transaction x max_connections (6,400
+# with the defaults) for all sessions together.
+PROBE_CHUNK = 1000
+
+
 def held(conn: psycopg.Connection, names: Iterable[str]) -> set[str]:
     """Which of the leases ``names`` some live session holds right now."""
     wanted = sorted(set(names))
-    if not wanted:
-        return set()
-    with conn.transaction():
-        rows = conn.execute(
-            "SELECT name FROM unnest(%s::text[]) AS name "
-            "WHERE NOT pg_try_advisory_xact_lock(hashtextextended(%s || name, 0))",
-            (wanted, _PREFIX),
-        ).fetchall()
-    return {row[0] for row in rows}
+    found: set[str] = set()
+    for first in range(0, len(wanted), PROBE_CHUNK):
+        with conn.transaction():
+            rows = conn.execute(
+                "SELECT name FROM unnest(%s::text[]) AS name "
+                "WHERE NOT pg_try_advisory_xact_lock(hashtextextended(%s || name, 0))",
+                (wanted[first : first + PROBE_CHUNK], _PREFIX),
+            ).fetchall()
+        found |= {row[0] for row in rows}
+    return found
 
 
 def record_taken(conn: psycopg.Connection, run_id: str) -> None:

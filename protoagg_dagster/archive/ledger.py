@@ -39,6 +39,7 @@ from protoagg_dagster.core.archive_object import (
     role_of,
     rolls_over,
     sequence_member,
+    upload_of_row,
 )
 from protoagg_dagster.core.dedupe_scope import TOPIC, Scope
 from protoagg_dagster.core.errors import BackendError
@@ -334,23 +335,28 @@ class AppendLedger:
         self.bucket = bucket
 
     def enqueue(self, object_name: str, queued: Queued) -> None:
-        self.conn.execute(
-            "INSERT INTO append_queue (temp_name, bucket, object_name, batch_id, role, size, "
-            "format, compression) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-            (
-                queued.temp_name,
-                self.bucket,
-                object_name,
-                queued.piece.batch_id,
-                queued.piece.role,
-                queued.piece.size,
-                queued.format_name,
-                queued.compression,
-            ),
-        )
+        """One row per piece of the upload, in one transaction (``Queued.row_names``)."""
+        with self.conn.transaction():
+            for row, piece in zip(queued.row_names(), queued.pieces, strict=True):
+                self.conn.execute(
+                    "INSERT INTO append_queue (temp_name, bucket, object_name, batch_id, role, "
+                    "size, format, compression) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+                    (
+                        row,
+                        self.bucket,
+                        object_name,
+                        piece.batch_id,
+                        piece.role,
+                        piece.size,
+                        queued.format_name,
+                        queued.compression,
+                    ),
+                )
 
     def dequeue(self, queued: Queued) -> None:
-        self.conn.execute("DELETE FROM append_queue WHERE temp_name = %s", (queued.temp_name,))
+        self.conn.execute(
+            "DELETE FROM append_queue WHERE temp_name = ANY(%s)", (queued.row_names(),)
+        )
 
     def locked(self, object_name: str) -> AbstractContextManager[None]:
         return object_lock(self.conn, self.bucket, object_name)
@@ -362,17 +368,36 @@ class AppendLedger:
             "AND compression = %s ORDER BY queued LIMIT %s",
             (self.bucket, object_name, like.format_name, like.compression, limit),
         ).fetchall()
+        uploads: dict[str, dict[int, Piece]] = {}
+        counts: dict[str, int] = {}
+        for batch_id, role, size, row in rows:
+            upload, index, count = upload_of_row(row)
+            uploads.setdefault(upload, {})[index] = Piece(batch_id, role_of(role), size)
+            counts[upload] = count
+        # An upload whose rows the limit cut off is left for a later compose.
         return [
-            Queued(Piece(batch_id, role_of(role), size), temp, like.format_name, like.compression)
-            for batch_id, role, size, temp in rows
+            Queued(
+                tuple(pieces[i] for i in range(counts[upload])),
+                upload,
+                like.format_name,
+                like.compression,
+            )
+            for upload, pieces in uploads.items()
+            if len(pieces) == counts[upload]
         ]
 
-    def landed(self, queued: Queued) -> Landed | None:
-        row = self.conn.execute(
-            "SELECT generation, piece_end FROM append_queue WHERE temp_name = %s AND landed",
-            (queued.temp_name,),
-        ).fetchone()
-        return None if row is None else Landed(row[0], row[1])
+    def landed(self, queued: Queued) -> list[Landed] | None:
+        names = queued.row_names()
+        rows = dict(
+            (row[0], Landed(row[1], row[2]))
+            for row in self.conn.execute(
+                "SELECT temp_name, generation, piece_end FROM append_queue "
+                "WHERE temp_name = ANY(%s) AND landed",
+                (names,),
+            )
+        )
+        # One compose lands every piece of an upload: all of them are recorded, or none.
+        return [rows[name] for name in names] if len(rows) == len(names) else None
 
     def is_appended(self, piece: Piece) -> bool:
         column = "dead_letters_appended" if piece.role == "dead_letters" else "state = 'appended'"

@@ -1,7 +1,8 @@
-"""The four steps of an archive run: consume, dedupe, encode, append.
+"""The four steps of an archive run: consume, dedupe, encode, append, each over all its ranges.
 
 Each op passes an immutable value to the next in memory (the job uses the in-process executor);
-the batch limits bound how large these values get.
+the run's limits bound how large these values get. One op per step over all the run's ranges,
+not one mapped op per range: a mapped step costs Dagster about 27 events (docs/design.md).
 """
 
 import contextlib
@@ -10,16 +11,17 @@ import gc
 import inspect
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ParamSpec, TypeVar, cast
 
 import dagster as dg
+import psycopg
 from dagster._core.storage.tags import RETRY_ON_ASSET_OR_OP_FAILURE_TAG
-from pydantic import Field
+from google.cloud import storage
 
 from protoagg_dagster.archive.assets import ARCHIVE_ASSET, topic_asset_key
-from protoagg_dagster.archive.checks import Written, evaluate_batch
+from protoagg_dagster.archive.checks import evaluate_run
+from protoagg_dagster.archive.leases import LeaseTaken
 from protoagg_dagster.archive.ledger import (
     AppendedBatch,
     AppendLedger,
@@ -32,17 +34,28 @@ from protoagg_dagster.archive.ledger import (
     ledger_connection,
 )
 from protoagg_dagster.archive.partition_lease import PartitionLease
+from protoagg_dagster.archive.run_parts import (
+    Appended,
+    ArchiveRunConfig,
+    Claimed,
+    ClaimedRun,
+    Consumed,
+    ConsumedRun,
+    Encoded,
+    EncodedRun,
+    RangeFailures,
+)
+from protoagg_dagster.archive.run_report import run_events
 from protoagg_dagster.archive.run_tags import is_follow_up
-from protoagg_dagster.archive.store import AppendResult, append_batch
-from protoagg_dagster.core.archive_object import Piece, PieceRole, object_name
-from protoagg_dagster.core.batch import BatchBuilder, FramedBatch
+from protoagg_dagster.archive.store import PieceData, append_batch, append_pieces
+from protoagg_dagster.core.archive_object import Piece, object_name
+from protoagg_dagster.core.batch import BatchBuilder
 from protoagg_dagster.core.compression import NONE
 from protoagg_dagster.core.dead_letters import encode_envelopes
-from protoagg_dagster.core.dedupe_scope import Scope, described
 from protoagg_dagster.core.errors import ConfigError
-from protoagg_dagster.core.formats import ArchiveFormat, rule_for
+from protoagg_dagster.core.formats import TopicFormats, rule_for
 from protoagg_dagster.core.planning import OffsetRange
-from protoagg_dagster.core.records import TOMBSTONE, Rejection
+from protoagg_dagster.core.records import TOMBSTONE
 from protoagg_dagster.kafka.reader import RangeRead, RangeReader
 from protoagg_dagster.resources import GCSResource, KafkaResource, PostgresResource
 from protoagg_dagster.resources.settings import ArchiverSettings
@@ -113,123 +126,103 @@ def collector_paused() -> Iterator[None]:
             gc.enable()
 
 
-class ArchiveRangeConfig(dg.Config):
-    """The offsets one run archives: ``[start_offset, end_offset)`` of one partition."""
-
-    topic: str = Field(description="Kafka topic.")
-    partition: int = Field(description="Partition number.")
-    start_offset: int = Field(description="First offset to archive.")
-    end_offset: int = Field(description="Offset after the last one to archive.")
-
-
-@dataclass(frozen=True)
-class Consumed:
-    """The range read, parsed as it arrived (``read.messages`` is empty: ``records`` holds it)."""
-
-    read: RangeRead
-    format: ArchiveFormat
-    records: FramedBatch
-    seconds: dict[str, float] = field(default_factory=dict)
-    # The whole archive's asset and the asset of the topic's PROTOAGG_TOPICS entry.
-    assets: tuple[dg.AssetKey, ...] = (ARCHIVE_ASSET,)
-    # A follow-up run whose range does not start at the archived position: it does nothing.
-    superseded: bool = False
-
-
-@dataclass(frozen=True)
-class Claimed:
-    read: RangeRead
-    format: ArchiveFormat
-    records: FramedBatch
-    claim: Claim
-    dead_letters: tuple[Rejection, ...]
-    tombstones: int
-    seconds: dict[str, float]
-    assets: tuple[dg.AssetKey, ...] = (ARCHIVE_ASSET,)
-    superseded: bool = False
-
-
-@dataclass(frozen=True)
-class Encoded:
-    """The batch's piece: its frames, compressed into one member/frame with ``compression``."""
-
-    claimed: Claimed
-    data: bytes
-    seconds: dict[str, float]
-    compression: str = NONE
-
-
 @dg.op(retry_policy=TRANSIENT_RETRY)
 @fail_fast
 def consume(
     context: dg.OpExecutionContext,
-    config: ArchiveRangeConfig,
+    config: ArchiveRunConfig,
     kafka: KafkaResource,
     postgres: PostgresResource,
     archiver: ArchiverSettings,
-) -> Consumed:
-    """Read exactly the configured offset range (assign + seek; no consumer group), and parse it.
+    lease: PartitionLease,
+) -> ConsumedRun:
+    """Read exactly the configured offset ranges (assign + seek; no consumer group), and parse.
 
-    Each chunk the reader delivers is parsed straight to its frames and dropped, so the output
-    is the compact ``FramedBatch``. A range the ledger already has archived is not read at all:
-    dedupe will find it done.
+    Each chunk the reader delivers is parsed straight to its frames and dropped, so each range's
+    output is the compact ``FramedBatch``. A range the ledger already has archived is not read at
+    all, nor one whose partition's lease another run holds; the run's ranges share its byte
+    limit, and those past it are left to the next run.
     """
-    wanted = OffsetRange(config.topic, config.partition, config.start_offset, config.end_offset)
+    started = time.perf_counter()
     formats = archiver.topic_formats(kafka.topics)
+    failures = RangeFailures("consume", context)
+    parts: list[Consumed] = []
+    left_out: list[str] = []
+    budget = archiver.max_batch_bytes
+    reader: RangeReader | None = None
+    try:
+        with ledger_connection(postgres) as conn:
+            for wanted in config.offset_ranges():
+                with failures.each([wanted]):
+                    why = _left_out(context, conn, lease, wanted, budget)
+                    if why:
+                        left_out.append(f"{wanted} ({why})")
+                        continue
+                    reader = reader or kafka.get_reader()
+                    consumed = _read(formats, archiver, reader, wanted, budget)
+                    budget -= consumed.read.value_bytes
+                    parts.append(consumed)
+    finally:
+        if reader is not None:
+            reader.close()
+    failures.raise_if_all_failed(len(config.ranges))
+    elapsed = time.perf_counter() - started
+    messages = sum(p.records.messages for p in parts)
+    asked = {(r.topic, r.partition): r.end for r in config.offset_ranges()}
+    short = [
+        f"{p.read.batch} (asked up to {asked[p.read.batch.topic, p.read.batch.partition]})"
+        for p in parts
+        if p.read.batch.end < asked[p.read.batch.topic, p.read.batch.partition]
+    ]
+    context.log.info(
+        f"consume: {messages} messages, {sum(p.read.value_bytes for p in parts)} bytes from "
+        f"{len(parts)} ranges in {elapsed:.2f} s "
+        f"({sum(p.records.parse_seconds for p in parts):.2f} s of it parsing) with {kafka.client}"
+        + (f"; {len(left_out)} left out: {', '.join(left_out[:10])}" if left_out else "")
+        + (f"; stopped at the byte limit: {', '.join(short[:10])}" if short else "")
+    )
+    return ConsumedRun(tuple(parts), tuple(failures.failed), {"consume": elapsed}, len(left_out))
+
+
+def _left_out(
+    context: dg.OpExecutionContext,
+    conn: psycopg.Connection,
+    lease: PartitionLease,
+    wanted: OffsetRange,
+    budget: int,
+) -> str:
+    """Why the run does not read ``wanted``, or "" to read it."""
+    if not lease.holds(wanted.topic, wanted.partition):
+        return "its partition's lease is held by another live run"
+    archived_to = archived_position(conn, wanted.topic, wanted.partition)
+    if archived_to is not None and archived_to >= wanted.end:
+        return f"already archived up to {archived_to}"
+    # The run before a follow-up stopped short (the byte limit) or failed: the sensor plans the
+    # next range from the archived position, and this one would leave a gap.
+    if is_follow_up(context.run) and (archived_to is None or archived_to < wanted.start):
+        return f"follows a run that did not archive up to {wanted.start} (archived: {archived_to})"
+    if budget <= 0:
+        return "the run's byte limit is used up"
+    return ""
+
+
+def _read(
+    formats: TopicFormats,
+    archiver: ArchiverSettings,
+    reader: RangeReader,
+    wanted: OffsetRange,
+    max_bytes: int,
+) -> Consumed:
     archive_format = formats.format_for(wanted.topic)
     rule = rule_for(formats.rules, wanted.topic)
     assets = (ARCHIVE_ASSET,) + ((topic_asset_key(rule),) if rule is not None else ())
     builder = archive_format.batch_builder(
         wanted.topic, wanted.partition, archiver.max_message_bytes
     )
-    started = time.perf_counter()
-    with ledger_connection(postgres) as conn:
-        archived_to = archived_position(conn, wanted.topic, wanted.partition)
-    # The run before a follow-up stopped short (the byte limit) or failed: the sensor plans the
-    # next range from the archived position, and this one would leave a gap.
-    superseded = is_follow_up(context.run) and (archived_to is None or archived_to < wanted.start)
-    if superseded or (archived_to is not None and archived_to >= wanted.end):
-        context.log.info(
-            f"consume: {wanted} follows a run that did not archive up to {wanted.start} "
-            f"(archived up to {archived_to}); nothing to do, the sensor launches the range "
-            "after the archived position"
-            if superseded
-            else f"consume: {wanted} is already archived (up to {archived_to}); not read"
-        )
-        return Consumed(
-            RangeRead(wanted, [], 0, 0),
-            archive_format,
-            builder.finish(),
-            {"consume": time.perf_counter() - started},
-            assets,
-            superseded=superseded,
-        )
-    reader = kafka.get_reader()
-    try:
-        with collector_paused():
-            read = read_into(builder, reader, wanted, archiver.max_batch_bytes)
-            records = builder.finish()
-    finally:
-        reader.close()
-    elapsed = time.perf_counter() - started
-    parsed = records.parse_seconds
-    context.log.info(
-        f"consume: {records.messages} messages, {read.value_bytes} bytes from {read.batch} "
-        f"in {elapsed:.2f} s ({parsed:.2f} s of it parsing) with {kafka.client}"
-        + (f"; {read.skipped} offsets already deleted by retention" if read.skipped else "")
-        + (
-            f"; {read.batch.size - read.skipped - records.messages} offsets hold no record "
-            "(transaction markers, aborted or compacted records)"
-            if read.batch.size - read.skipped > records.messages
-            else ""
-        )
-        + (
-            f"; stopped at the byte limit (asked up to {wanted.end})"
-            if read.batch != wanted
-            else ""
-        )
-    )
-    return Consumed(read, archive_format, records, {"consume": elapsed}, assets)
+    with collector_paused():
+        read = read_into(builder, reader, wanted, max_bytes)
+        records = builder.finish()
+    return Consumed(read, archive_format, records, assets)
 
 
 def read_into(
@@ -247,201 +240,273 @@ def read_into(
 @fail_fast
 def dedupe(
     context: dg.OpExecutionContext,
-    consumed: Consumed,
+    consumed: ConsumedRun,
     postgres: PostgresResource,
     gcs: GCSResource,
     archiver: ArchiverSettings,
     lease: PartitionLease,
-) -> Claimed:
-    """Claim the range and each new dedupe key in PostgreSQL; drop keys seen before."""
+) -> ClaimedRun:
+    """Claim each range and each new dedupe key in PostgreSQL; drop keys seen before."""
     lease.confirm()
     started = time.perf_counter()
-    read = consumed.read
-    records = consumed.records
-    if consumed.superseded:
-        nothing = Claim(None, read.batch, "", (), 0, adopted=False)
-        return Claimed(
-            read, consumed.format, records, nothing, (), 0, consumed.seconds, superseded=True
-        )
-    destination = object_name(
-        gcs.object_template, read.batch.topic, read.batch.partition, records.first_timestamp_ms
+    failures = RangeFailures("dedupe", context)
+    parts: list[Claimed] = []
+    done = consumed.done
+    with ledger_connection(postgres) as conn:
+        for part in consumed.parts:
+            batch = part.read.batch
+            with failures.each([batch]):
+                if not lease.holds(batch.topic, batch.partition):
+                    raise LeaseTaken(f"lost the lease of {batch.topic}[{batch.partition}]")
+                claim = _claim(context, conn, gcs, archiver, part)
+                if claim.nothing_to_do:
+                    done += 1
+                    continue
+                # Only what the claimed range covers (an adopted or trimmed claim may be narrower).
+                inside = [
+                    r
+                    for r in part.records.rejections
+                    if claim.batch.start <= r.message.offset < claim.batch.end
+                ]
+                dead_letters = tuple(r for r in inside if r.reason != TOMBSTONE)
+                parts.append(Claimed(part, claim, dead_letters, len(inside) - len(dead_letters)))
+    failures.raise_if_all_failed(len(consumed.parts))
+    elapsed = time.perf_counter() - started
+    adopted = [str(p.claim.batch) for p in parts if p.claim.adopted]
+    context.log.info(
+        f"dedupe: {sum(len(p.claim.kept) for p in parts)} new, "
+        f"{sum(p.claim.duplicates for p in parts)} duplicates, "
+        f"{sum(len(p.dead_letters) for p in parts)} dead letters, "
+        f"{sum(p.tombstones for p in parts)} tombstones in {len(parts)} ranges"
+        + (f" ({done} already archived or left out)" if done else "")
+        + (f"; finishing earlier claims of {', '.join(adopted[:10])}" if adopted else "")
+        + f" in {elapsed:.2f} s"
     )
-    with ledger_connection(postgres) as conn, collector_paused():
-        claim = claim_batch(
+    reasons = Counter(r.reason for p in parts for r in p.dead_letters)
+    if reasons:
+        context.log.warning(f"dedupe: dead letters by reason: {dict(reasons)}")
+    return ClaimedRun(
+        tuple(parts),
+        consumed.failed + tuple(failures.failed),
+        {**consumed.seconds, "dedupe": elapsed},
+        done,
+    )
+
+
+def _claim(
+    context: dg.OpExecutionContext,
+    conn: psycopg.Connection,
+    gcs: GCSResource,
+    archiver: ArchiverSettings,
+    part: Consumed,
+) -> Claim:
+    batch = part.read.batch
+    destination = object_name(
+        gcs.object_template, batch.topic, batch.partition, part.records.first_timestamp_ms
+    )
+    with collector_paused():
+        return claim_batch(
             conn,
-            read.batch,
-            records.rows(),
+            batch,
+            part.records.rows(),
             destination,
             context.run_id,
             # What the kept frames can add to the object: at most all the frames.
-            len(records.frames),
+            len(part.records.frames),
             gcs.max_object_bytes,
             archiver.scope(),
         )
-    # Only what the claimed range covers (an adopted or trimmed claim may be narrower).
-    inside = [
-        r for r in records.rejections if claim.batch.start <= r.message.offset < claim.batch.end
-    ]
-    dead_letters = tuple(r for r in inside if r.reason != TOMBSTONE)
-    tombstones = len(inside) - len(dead_letters)
-    elapsed = time.perf_counter() - started
-    if claim.nothing_to_do:
-        context.log.info(f"dedupe: {read.batch} is already archived; nothing to do")
-    else:
-        context.log.info(
-            f"dedupe: {len(claim.kept)} new, {claim.duplicates} duplicates, "
-            f"{len(dead_letters)} dead letters, {tombstones} tombstones of "
-            f"{records.messages} in {claim.batch}"
-            + (" (finishing an earlier claim of this range)" if claim.adopted else "")
-            + f" in {elapsed:.2f} s"
-        )
-    if dead_letters:
-        reasons = Counter(r.reason for r in dead_letters)
-        context.log.warning(f"dedupe: dead letters by reason: {dict(reasons)}")
-    return Claimed(
-        read,
-        consumed.format,
-        records,
-        claim,
-        dead_letters,
-        tombstones,
-        {**consumed.seconds, "dedupe": elapsed},
-        consumed.assets,
-    )
 
 
 @dg.op
 @fail_fast
-def encode(context: dg.OpExecutionContext, claimed: Claimed, gcs: GCSResource) -> Encoded:
-    """Join the kept records' frames (``uint32 LE length | message``, made when parsing).
+def encode(context: dg.OpExecutionContext, claimed: ClaimedRun, gcs: GCSResource) -> EncodedRun:
+    """Join each range's kept records' frames (``uint32 LE length | message``, made when parsing).
 
-    The frames are then compressed (PROTOAGG_COMPRESSION) into one gzip member or zstd frame.
+    The frames of a range are then compressed (PROTOAGG_COMPRESSION) into one gzip member or
+    zstd frame, which decompresses alone.
     """
     started = time.perf_counter()
     codec = gcs.codec()
+    parts = []
+    framed_bytes = 0
     with collector_paused():
-        framed = claimed.records.frames_of(claimed.claim.kept)
-    data = codec.compress(framed)
+        for part in claimed.parts:
+            framed = part.consumed.records.frames_of(part.claim.kept)
+            framed_bytes += len(framed)
+            parts.append(Encoded(part, codec.compress(framed), codec.name))
     elapsed = time.perf_counter() - started
     context.log.info(
-        f"encode: {len(claimed.claim.kept)} records, {len(framed)} bytes"
-        + (f", {len(data)} with {codec.name}" if codec.name != NONE else "")
+        f"encode: {sum(len(p.claimed.claim.kept) for p in parts)} records, {framed_bytes} bytes"
+        + (f", {sum(len(p.data) for p in parts)} with {codec.name}" if codec.name != NONE else "")
         + f" in {elapsed:.3f} s"
     )
-    return Encoded(claimed, data, {**claimed.seconds, "encode": elapsed}, codec.name)
+    return EncodedRun(
+        tuple(parts), claimed.failed, {**claimed.seconds, "encode": elapsed}, claimed.done
+    )
 
 
 @dg.op(retry_policy=TRANSIENT_RETRY)
 @fail_fast
 def append(
     context: dg.OpExecutionContext,
-    encoded: Encoded,
+    encoded: EncodedRun,
     gcs: GCSResource,
     postgres: PostgresResource,
     archiver: ArchiverSettings,
     lease: PartitionLease,
 ) -> Iterator[dg.AssetMaterialization | dg.AssetCheckEvaluation | dg.Output[int]]:
-    """Append dead letters, then records (upload, fenced compose, delete); confirm the claim."""
+    """Append dead letters, then records: the ranges bound for one object share its composes.
+
+    Upload each piece, compose them onto the object (fenced), delete the uploads; the ledger
+    records each range as appended inside the object's lock. One materialization per asset for
+    the whole run, and one evaluation per check summarizing its ranges.
+    """
     lease.confirm()
-    claimed = encoded.claimed
-    claim = claimed.claim
-    if claimed.superseded:
-        yield dg.Output(0)
-        return
     started = time.perf_counter()
-    archived: AppendResult | None = None
-    checks: list[dg.AssetCheckEvaluation] = []
-    if claim.batch_id is not None:
-        bucket = gcs.writable_bucket()
-        with ledger_connection(postgres) as conn:
-            ledger = AppendLedger(conn, gcs.bucket)
-
-            def append_once(
-                name: str, role: PieceRole, data: bytes, format_name: str | None
-            ) -> AppendResult:
-                assert claim.batch_id is not None
-                piece = Piece(claim.batch_id, role, len(data))
-                result = append_batch(
-                    bucket,
-                    name,
-                    claim.batch,
-                    piece,
-                    data,
-                    ledger,
-                    format_name=format_name,
-                    compression=encoded.compression,
-                )
-                if not result.appended:
-                    context.log.info(
-                        f"append: gs://{gcs.bucket}/{name} already holds {claim.batch}"
-                    )
-                return result
-
-            # Dead letters first: once the batch is confirmed nothing of it may be missing.
-            if claimed.dead_letters:
-                letters = gcs.codec().compress(encode_envelopes(claimed.dead_letters))
-                base = dead_letter_object(gcs, claim)
-                member = dead_letter_member(
-                    conn, claim.batch_id, base, len(letters), gcs.max_object_bytes
-                )
-                append_once(member, "dead_letters", letters, None)
-            # Appended even when empty (every record a duplicate), so the ledger records the
-            # batch against its object like any other.
-            archived = append_once(claim.object_name, "records", encoded.data, claimed.format.name)
-            # append_batch recorded the piece inside the object's lock; finishing again is a
-            # no-op that keeps "the claim is confirmed" one visible step of the op.
-            if archived.appended:
-                finish_batch(
-                    conn,
-                    claim.batch_id,
-                    archived.generation,
-                    len(encoded.data),
-                    archived.object_size,
-                )
-                checks = evaluate_batch(
-                    bucket,
-                    AppendedBatch(
-                        claim.batch_id,
-                        claim.batch,
-                        claim.object_name,
-                        len(encoded.data),
-                        archived.object_size,
-                    ),
-                    gaps=gap_before(conn, claim.batch),
-                    archive=claimed.format,
-                    compression=encoded.compression,
-                    written=Written(encoded.data, claim.kept),
-                    asset_keys=claimed.assets,
-                )
-            else:
-                finish_batch(conn, claim.batch_id, archived.generation)
+    failures = RangeFailures("append", context)
+    appended: list[Appended] = []
+    bucket = gcs.writable_bucket()
+    with ledger_connection(postgres) as conn:
+        ledger = AppendLedger(conn, gcs.bucket)
+        by_object: dict[str, list[Encoded]] = {}
+        for part in encoded.parts:
+            batch = part.claimed.claim.batch
+            with failures.each([batch]):
+                if not lease.holds(batch.topic, batch.partition):
+                    raise LeaseTaken(f"lost the lease of {batch.topic}[{batch.partition}]")
+                # Dead letters first: once the batch is confirmed nothing of it may be missing.
+                _append_dead_letters(gcs, bucket, ledger, part)
+                by_object.setdefault(part.claimed.claim.object_name, []).append(part)
+        for name, parts in by_object.items():
+            with failures.each([p.claimed.claim.batch for p in parts]):
+                appended += _append_records(conn, gcs, bucket, ledger, name, parts)
+    failures.raise_if_all_failed(len(encoded.parts))
+    failed = encoded.failed + tuple(failures.failed)
     seconds = {**encoded.seconds, "append": time.perf_counter() - started}
-    appended = len(claim.kept) if archived is not None and archived.appended else 0
+    records = sum(a.records for a in appended)
     context.log.info(
-        f"append: {appended} records, {len(claimed.dead_letters)} dead letters to "
-        f"gs://{gcs.bucket}/{claim.object_name} in {seconds['append']:.2f} s"
+        f"append: {records} records of {len(appended)} ranges to {len(by_object)} objects in "
+        f"gs://{gcs.bucket} in {seconds['append']:.2f} s"
+        + (f"; {len(failed)} ranges failed, a later run archives them" if failed else "")
     )
-    metadata = _batch_metadata(gcs.bucket, archiver.scope(), encoded, archived, appended, seconds)
-    for asset_key in claimed.assets:
-        yield dg.AssetMaterialization(
-            asset_key=asset_key, description=str(claim.batch), metadata=metadata
-        )
-    yield from checks
-    read_count = claimed.records.messages
-    ratio = len(claimed.dead_letters) / read_count if read_count else 0.0
-    if ratio > archiver.max_dead_letter_ratio:
-        # The batch is archived and its dead letters kept; failing makes a misconfigured topic
-        # impossible to miss instead of quietly filling the dead-letter object.
+    yield from run_events(
+        gcs.bucket,
+        archiver.scope(),
+        encoded,
+        appended,
+        failed,
+        seconds,
+        evaluate_run(bucket, appended),
+    )
+    permanent = [f for f in failed if f.permanent]
+    if permanent:
         raise dg.Failure(
-            description=f"{len(claimed.dead_letters)} of {read_count} messages in {claim.batch} "
-            f"were dead letters ({ratio:.0%} > PROTOAGG_MAX_DEAD_LETTER_RATIO "
-            f"{archiver.max_dead_letter_ratio:.0%}); they are kept in "
-            f"gs://{gcs.bucket}/{dead_letter_object(gcs, claim)}. Is the topic carrying "
-            "JSON log messages? Archive it whole with the record format (PROTOAGG_TOPICS "
-            f"{claim.batch.topic}:record).",
+            description=f"{len(permanent)} ranges cannot be archived until a setting or object "
+            f"is fixed (the run's other ranges are archived): {'; '.join(map(str, permanent[:5]))}",
             allow_retries=False,
         )
-    yield dg.Output(appended)
+    _check_dead_letter_ratio(gcs, archiver, encoded.parts)
+    yield dg.Output(records)
+
+
+def _append_dead_letters(
+    gcs: GCSResource, bucket: storage.Bucket, ledger: AppendLedger, part: Encoded
+) -> None:
+    claimed = part.claimed
+    claim = claimed.claim
+    if not claimed.dead_letters:
+        return
+    assert claim.batch_id is not None
+    data = gcs.codec().compress(encode_envelopes(claimed.dead_letters))
+    # Dead-letter objects roll over like archive objects; the batch keeps its member.
+    member = dead_letter_member(
+        ledger.conn, claim.batch_id, dead_letter_object(gcs, claim), len(data), gcs.max_object_bytes
+    )
+    append_batch(
+        bucket,
+        member,
+        claim.batch,
+        Piece(claim.batch_id, "dead_letters", len(data)),
+        data,
+        ledger,
+        compression=part.compression,
+    )
+
+
+def _append_records(
+    conn: psycopg.Connection,
+    gcs: GCSResource,
+    bucket: storage.Bucket,
+    ledger: AppendLedger,
+    name: str,
+    parts: list[Encoded],
+) -> list[Appended]:
+    """Append the pieces of ``parts`` (one object's) and confirm their claims.
+
+    A piece is appended even when empty (every record a duplicate), so the ledger records the
+    batch against its object like any other.
+    """
+    pieces = []
+    for part in parts:
+        claim = part.claimed.claim
+        assert claim.batch_id is not None
+        pieces.append(
+            PieceData(claim.batch, Piece(claim.batch_id, "records", len(part.data)), part.data)
+        )
+    results = append_pieces(
+        bucket,
+        name,
+        pieces,
+        ledger,
+        format_name=parts[0].claimed.consumed.format.name,
+        compression=parts[0].compression,
+    )
+    done = []
+    for part, result in zip(parts, results, strict=True):
+        claim = part.claimed.claim
+        assert claim.batch_id is not None
+        # append_pieces recorded the piece inside the object's lock; finishing again is a
+        # no-op that keeps "the claim is confirmed" one visible step of the op.
+        if result.appended:
+            finish_batch(
+                conn, claim.batch_id, result.generation, len(part.data), result.object_size
+            )
+        else:
+            finish_batch(conn, claim.batch_id, result.generation)
+        done.append(
+            Appended(
+                part,
+                AppendedBatch(
+                    claim.batch_id, claim.batch, name, len(part.data), result.object_size
+                ),
+                len(claim.kept) if result.appended else 0,
+                gaps=gap_before(conn, claim.batch),
+            )
+        )
+    return done
+
+
+def _check_dead_letter_ratio(
+    gcs: GCSResource, archiver: ArchiverSettings, parts: Sequence[Encoded]
+) -> None:
+    for part in parts:
+        claimed = part.claimed
+        read_count = claimed.consumed.records.messages
+        ratio = len(claimed.dead_letters) / read_count if read_count else 0.0
+        if ratio > archiver.max_dead_letter_ratio:
+            claim = claimed.claim
+            # The batch is archived and its dead letters kept; failing makes a misconfigured
+            # topic impossible to miss instead of quietly filling the dead-letter object.
+            raise dg.Failure(
+                description=f"{len(claimed.dead_letters)} of {read_count} messages in "
+                f"{claim.batch} were dead letters ({ratio:.0%} > PROTOAGG_MAX_DEAD_LETTER_RATIO "
+                f"{archiver.max_dead_letter_ratio:.0%}); they are kept in "
+                f"gs://{gcs.bucket}/{dead_letter_object(gcs, claim)}. Is the topic carrying "
+                "JSON log messages? Archive it whole with the record format (PROTOAGG_TOPICS "
+                f"{claim.batch.topic}:record).",
+                allow_retries=False,
+            )
 
 
 def dead_letter_object(gcs: GCSResource, claim: Claim) -> str:
@@ -452,44 +517,3 @@ def dead_letter_object(gcs: GCSResource, claim: Claim) -> str:
         0,
         setting="PROTOAGG_GCS_DEAD_LETTERS",
     )
-
-
-def _batch_metadata(
-    bucket: str,
-    scope: Scope,
-    encoded: Encoded,
-    archived: AppendResult | None,
-    appended: int,
-    seconds: dict[str, float],
-) -> dict[str, Any]:
-    claimed = encoded.claimed
-    claim = claimed.claim
-    read_count = claimed.records.messages
-    total = sum(seconds.values())
-    reasons = Counter(r.reason for r in claimed.dead_letters)
-    return {
-        "topic": claim.batch.topic,
-        "partition": claim.batch.partition,
-        "format": claimed.format.name,
-        "compression": encoded.compression,
-        "start_offset": claim.batch.start,
-        "end_offset": claim.batch.end,
-        "object": f"gs://{bucket}/{claim.object_name}",
-        "records_read": read_count,
-        "duplicates_dropped": claim.duplicates,
-        "duplicate_means": described(scope, claim.batch.topic),
-        "dead_letters": len(claimed.dead_letters),
-        "dead_letters_by_reason": dg.JsonMetadataValue(dict(reasons)),
-        "tombstones": claimed.tombstones,
-        "records_appended": appended,
-        "bytes_appended": len(encoded.data) if appended else 0,
-        "object_generation": archived.generation or -1 if archived else -1,
-        "object_size": archived.object_size or -1 if archived else -1,
-        "already_archived": claim.nothing_to_do or (archived is not None and not archived.appended),
-        **{f"seconds_{step}": dg.FloatMetadataValue(round(s, 4)) for step, s in seconds.items()},
-        # Consume parses each chunk as it arrives: this much of seconds_consume.
-        "seconds_consume_parsing": dg.FloatMetadataValue(round(claimed.records.parse_seconds, 4)),
-        "messages_per_second": dg.FloatMetadataValue(
-            round(read_count / total, 1) if total > 0 else 0.0
-        ),
-    }

@@ -1,32 +1,47 @@
-"""How an archive run names its range: tags, run config, and the partition read back from a run."""
+"""How an archive run names its ranges: tags, run config, and the ranges read back from a run."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import dagster as dg
 
+from protoagg_dagster.core.errors import ConfigError
+from protoagg_dagster.core.planning import OffsetRange
+
+# On a run of one range only (a backfill's, or a sensor run that found one partition ready): the
+# partition, so the UI can filter a partition's runs. A run of several ranges has no such tag;
+# which partitions a run holds is its run config, read by ``run_ranges``.
 PARTITION_TAG = "protoagg/partition"
+# The run's key (``RunBatch.run_key``): a relaunch of the same ranges counts its attempts by it.
 RANGE_TAG = "protoagg/range"
-# On a run the sensor launched while the run before it was still in flight: the offset that run
-# ends at, where this one must find the partition archived to.
+# How many partitions' ranges the run archives.
+PARTITIONS_TAG = "protoagg/partitions"
+# On a run the sensor launched while runs before its ranges were still in flight: each range
+# must find its partition archived up to its start, after waiting for the partition's lease.
 FOLLOWS_TAG = "protoagg/follows"
 # On backfill runs, valued like PARTITION_TAG: the run queue starts a backfill's runs of one
 # partition one at a time, in the order they were submitted, so none waits on another's range.
 BACKFILL_PARTITION_TAG = "protoagg/backfill-partition"
 
 
+def ranges_tags(ranges: Sequence[OffsetRange], key: str, follows: bool = False) -> dict[str, str]:
+    """Tags of a run archiving ``ranges``, launched under the run key ``key``."""
+    tags = {RANGE_TAG: key, PARTITIONS_TAG: str(len(ranges))}
+    if len(ranges) == 1:
+        tags[PARTITION_TAG] = partition_key(ranges[0].topic, ranges[0].partition)
+    if follows:
+        tags[FOLLOWS_TAG] = "true"
+    return tags
+
+
 def range_tags(
     topic: str, partition: int, start: int, end: int, follows: bool = False
 ) -> dict[str, str]:
-    """Tags of a run: the run queue limits runs per ``protoagg/partition`` value."""
-    tags = {
-        PARTITION_TAG: partition_key(topic, partition),
-        RANGE_TAG: f"{topic}-{partition}-{start}-{end}",
-    }
-    if follows:
-        tags[FOLLOWS_TAG] = str(start)
-    return tags
+    """Tags of a run of one range."""
+    batch = OffsetRange(topic, partition, start, end)
+    return ranges_tags([batch], batch.run_key, follows)
 
 
 def is_follow_up(run: dg.DagsterRun) -> bool:
@@ -34,50 +49,53 @@ def is_follow_up(run: dg.DagsterRun) -> bool:
 
 
 def queued_behind(run: dg.DagsterRun) -> bool:
-    """Whether the run was queued to start while another run of its partition still works."""
+    """Whether the run was queued to start while other runs of its partitions still work."""
     return FOLLOWS_TAG in run.tags or BACKFILL_PARTITION_TAG in run.tags
 
 
-def range_run_config(topic: str, partition: int, start: int, end: int) -> dict[str, object]:
+def ranges_run_config(ranges: Sequence[OffsetRange]) -> dict[str, object]:
     return {
         "ops": {
             "consume": {
                 "config": {
-                    "topic": topic,
-                    "partition": partition,
-                    "start_offset": start,
-                    "end_offset": end,
+                    "ranges": [
+                        {
+                            "topic": r.topic,
+                            "partition": r.partition,
+                            "start_offset": r.start,
+                            "end_offset": r.end,
+                        }
+                        for r in ranges
+                    ]
                 }
             }
         }
     }
 
 
-def run_partition(run: dg.DagsterRun) -> tuple[str, int] | None:
-    """``(topic, partition)`` an archive run works on, from its run config.
+def range_run_config(topic: str, partition: int, start: int, end: int) -> dict[str, object]:
+    """The run config of one range."""
+    return ranges_run_config([OffsetRange(topic, partition, start, end)])
 
-    The config, not the tag: runs launched by hand from the Launchpad usually carry no tags, and
-    the config is what the run's ops actually read.
+
+def run_ranges(run: dg.DagsterRun) -> list[OffsetRange]:
+    """The ranges an archive run works on, from its run config (empty: not an archive run).
+
+    The config, not the tags: runs launched by hand from the Launchpad usually carry no tags,
+    and the config is what the run's ops actually read.
     """
-    found = run_range(run)
-    return None if found is None else (found[0], found[1])
-
-
-def run_range(run: dg.DagsterRun) -> tuple[str, int, int, int] | None:
-    """``(topic, partition, start, end)`` of an archive run, from its run config."""
     try:
         ops: Any = run.run_config["ops"]
-        config = ops["consume"]["config"]
-        return (
-            str(config["topic"]),
-            int(config["partition"]),
-            int(config["start_offset"]),
-            int(config["end_offset"]),
-        )
-    except (KeyError, TypeError, ValueError):
-        return None
+        return [
+            OffsetRange(
+                str(r["topic"]), int(r["partition"]), int(r["start_offset"]), int(r["end_offset"])
+            )
+            for r in ops["consume"]["config"]["ranges"]
+        ]
+    except (KeyError, TypeError, ValueError, ConfigError):
+        return []
 
 
 def partition_key(topic: str, partition: int) -> str:
-    """The ``protoagg/partition`` tag value; also the name of the partition's lease."""
+    """``topic-partition``: the PARTITION_TAG value, and the name of the partition's lease."""
     return f"{topic}-{partition}"

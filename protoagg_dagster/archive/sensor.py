@@ -1,4 +1,6 @@
-"""The sensor that watches Kafka partitions and launches one run per bounded offset range.
+"""The sensor that watches Kafka partitions and launches runs of bounded offset ranges.
+
+A run archives the ranges of many partitions (``core.planning.plan_runs`` groups them).
 
 Each tick lists the topics anew (a pattern entry picks up topics created since) and records the
 lag of every partition (messages and seconds behind the last stable offset, and the messages open
@@ -25,25 +27,30 @@ from protoagg_dagster.archive.job import archive_kafka_batch
 from protoagg_dagster.archive.ledger import (
     AppendedBatch,
     PartitionProgress,
+    begin_partition,
     latest_appended,
     ledger_connection,
     read_progress,
 )
 from protoagg_dagster.archive.run_tags import (
-    PARTITION_TAG,
     RANGE_TAG,
     partition_key,
-    range_run_config,
-    range_tags,
-    run_partition,
-    run_range,
+    ranges_run_config,
+    ranges_tags,
+    run_ranges,
 )
 from protoagg_dagster.archive.tick_backoff import one_line_failures
 from protoagg_dagster.core import settings
 from protoagg_dagster.core.errors import ConfigError, MissingCredentials
 from protoagg_dagster.core.formats import TopicRule, rule_for
 from protoagg_dagster.core.liveness import StartedRun, judge
-from protoagg_dagster.core.planning import OffsetRange, PartitionView, plan_batch
+from protoagg_dagster.core.planning import (
+    OffsetRange,
+    PartitionView,
+    RunBatch,
+    plan_runs,
+    run_group,
+)
 from protoagg_dagster.core.storage_bill import bill_findings, expected_appends_per_day
 from protoagg_dagster.kafka.reader import offsets_at_time, timestamps_at
 from protoagg_dagster.resources import GCSResource, KafkaResource, PostgresResource
@@ -61,39 +68,42 @@ STARTUP_GRACE_SECONDS = 300.0
 
 @dataclass
 class SensorCursor:
-    """Per partition: backlog clocks and resolved first offsets; and the bucket check done.
+    """Backlog clocks per run group, liveness clocks per run, and what was checked when.
 
-    ``bill_checked`` says the bucket's settings were read for what appends cost (first tick).
-    Only a convenience: the ledger's archived position is the truth, so a lost cursor costs at
-    most one extra linger period (and, for ``start_from=latest``, a new look at the log end).
+    ``bill_checked``: the bucket's settings were read for what appends cost (first tick);
+    ``observed_at``: when the lag was last observed. Dagster stores the cursor at every tick,
+    so it holds nothing per partition: its size grows with run groups (topics) and runs in
+    flight, not with partitions. Only a convenience: the ledger's archived positions are the
+    truth (a partition's first offset, when ``start_from`` is not ``earliest``, is written
+    there at once), so a lost cursor costs at most one extra linger period.
     """
 
     backlog_since: dict[str, float]
-    start_at: dict[str, int]
     # Per STARTED run whose lease was last seen free: since when (a lost cursor restarts the
     # clock, which only delays declaring a dead run dead).
     lease_free_since: dict[str, float]
     bill_checked: bool = False
+    observed_at: float = 0.0
 
     @classmethod
     def loads(cls, text: str | None) -> "SensorCursor":
         if not text:
-            return cls({}, {}, {})
+            return cls({}, {})
         raw = json.loads(text)
         return cls(
             dict(raw.get("backlog_since", {})),
-            dict(raw.get("start_at", {})),
             dict(raw.get("lease_free_since", {})),
             bool(raw.get("bill_checked", False)),
+            float(raw.get("observed_at", 0.0)),
         )
 
     def dumps(self) -> str:
         return json.dumps(
             {
                 "backlog_since": self.backlog_since,
-                "start_at": self.start_at,
                 "lease_free_since": self.lease_free_since,
                 "bill_checked": self.bill_checked,
+                "observed_at": self.observed_at,
             },
             sort_keys=True,
         )
@@ -136,7 +146,12 @@ def kafka_offsets_sensor(
             keys = {partition_key(t, p) for t, partitions in bounds.items() for p in partitions}
             taken = leases.held(conn, {leases.partition_lease(key) for key in keys})
             _fail_dead_runs(context, conn, unfinished, cursor, now)
-            biggest = max(latest_appended(conn), key=lambda b: b.object_size or 0, default=None)
+            # Once per cursor: it reads every partition's last batch.
+            biggest = (
+                None
+                if cursor.bill_checked
+                else max(latest_appended(conn), key=lambda b: b.object_size or 0, default=None)
+            )
         # A partition whose lease is taken has a live run, maybe another deployment's (whose
         # range this sensor cannot know, so it launches nothing after it).
         for key in keys:
@@ -150,16 +165,18 @@ def kafka_offsets_sensor(
                 # Every run would fail the same way: say it once per tick, launch nothing.
                 return dg.SensorResult(skip_reason=str(exc), cursor=cursor.dumps())
             cursor.bill_checked = True
-        requests: list[dg.RunRequest] = []
         behind: dict[TopicPartition, tuple[int, int]] = {}  # next offset, messages behind
         held: dict[TopicPartition, int] = {}  # messages of open transactions, past the stable end
         marks = kafka.topics_high_watermarks({t: sorted(b) for t, b in bounds.items()})
+        views: list[PartitionView] = []
+        first_offsets: list[tuple[str, int, int]] = []
         for topic, known in progress.items():
             for partition, end in marks[topic].items():
                 held[TopicPartition(topic, partition)] = max(end - bounds[topic][partition][1], 0)
             starts = _next_offsets(
-                consumer, topic, bounds[topic], known, cursor, archiver.start_choice()
+                consumer, topic, bounds[topic], known, archiver.start_choice(), first_offsets
             )
+            group = run_group(gcs.object_template, topic)
             for partition, (_, log_end) in bounds[topic].items():
                 key = partition_key(topic, partition)
                 state = known.get(partition)
@@ -171,27 +188,36 @@ def kafka_offsets_sensor(
                     pending=state.pending if state is not None else None,
                     in_flight=in_flight.get(key, NONE_IN_FLIGHT).runs,
                     in_flight_end=in_flight.get(key, NONE_IN_FLIGHT).end,
-                    backlog_since=cursor.backlog_since.get(key),
+                    group=group,
                 )
+                views.append(view)
                 behind[TopicPartition(topic, partition)] = (
                     view.next_offset,
                     max(log_end - view.next_offset, 0),
                 )
-                plan = plan_batch(view, limits, now)
-                _remember(cursor.backlog_since, key, plan.backlog_since)
-                if plan.launch is not None:
-                    context.log.info(f"launching {plan.launch}: {plan.reason}")
-                    requests.append(_run_request(context.instance, plan.launch, plan.follows))
-        oldest = timestamps_at(
-            consumer, {tp: offset for tp, (offset, lag) in behind.items() if lag > 0}
-        )
+        if first_offsets:
+            # A partition's first offset (start_from latest or a time) is resolved once and kept
+            # in the ledger, where the first run's claim would have put it.
+            with ledger_connection(postgres) as conn, conn.transaction():
+                for topic, partition, offset in first_offsets:
+                    begin_partition(conn, topic, partition, offset)
+        plan = plan_runs(views, cursor.backlog_since, limits, now)
+        cursor.backlog_since = plan.backlog_since
+        requests = []
+        for run in plan.runs:
+            context.log.info(f"launching {run}: {run.reason}")
+            requests.append(_run_request(context.instance, run))
+        observations: list[dg.AssetObservation] = []
+        if bill or now - cursor.observed_at >= archiver.lag_observation_seconds:
+            shown = _most_behind(behind, held)
+            oldest = timestamps_at(
+                consumer, {tp: behind[tp][0] for tp in shown if behind[tp][1] > 0}
+            )
+            observations = _lag_observations(rules, behind, shown, oldest, held, now, bill)
+            cursor.observed_at = now
     finally:
         consumer.close()
-    return dg.SensorResult(
-        run_requests=requests,
-        cursor=cursor.dumps(),
-        asset_events=_lag_observations(rules, behind, oldest, held, now, bill),
-    )
+    return dg.SensorResult(run_requests=requests, cursor=cursor.dumps(), asset_events=observations)
 
 
 def _storage_bill(
@@ -231,23 +257,24 @@ def _next_offsets(
     topic: str,
     bounds: dict[int, tuple[int, int]],
     known: dict[int, PartitionProgress],
-    cursor: SensorCursor,
     start_from: str | int,
+    first_offsets: list[tuple[str, int, int]],
 ) -> dict[int, int]:
-    """The first offset to archive per partition: the ledger's position, else ``start_from``."""
+    """The first offset to archive per partition: the ledger's position, else ``start_from``.
+
+    The partitions resolved by ``latest`` or a time are added to ``first_offsets``, to be kept.
+    """
     result: dict[int, int] = {}
     unresolved = []
     for partition, (log_start, log_end) in bounds.items():
         state = known.get(partition)
-        key = f"{topic}-{partition}"
         if state is not None and state.next_offset is not None:
             result[partition] = state.next_offset
-        elif key in cursor.start_at:
-            result[partition] = cursor.start_at[key]
         elif start_from == "earliest":
             result[partition] = log_start
         elif start_from == "latest":
             result[partition] = log_end
+            first_offsets.append((topic, partition, log_end))
         else:
             unresolved.append(partition)
     if unresolved:
@@ -257,21 +284,17 @@ def _next_offsets(
         )
         for tp, offset in found.items():
             result[tp.partition] = offset if offset is not None else bounds[tp.partition][1]
-    for partition, offset in result.items():
-        if known.get(partition) is None or known[partition].next_offset is None:
-            cursor.start_at[f"{topic}-{partition}"] = offset
+            first_offsets.append((topic, tp.partition, result[tp.partition]))
     return result
 
 
-def _run_request(
-    instance: dg.DagsterInstance, batch: OffsetRange, follows: bool = False
-) -> dg.RunRequest:
-    # A range relaunched after a failed run needs a fresh run key: Dagster skips a known one.
-    attempts = instance.get_runs_count(filters=dg.RunsFilter(tags={RANGE_TAG: batch.run_key}))
+def _run_request(instance: dg.DagsterInstance, run: RunBatch) -> dg.RunRequest:
+    # Ranges relaunched after a failed run need a fresh run key: Dagster skips a known one.
+    attempts = instance.get_runs_count(filters=dg.RunsFilter(tags={RANGE_TAG: run.run_key}))
     return dg.RunRequest(
-        run_key=batch.run_key if attempts == 0 else f"{batch.run_key}-retry{attempts}",
-        run_config=range_run_config(batch.topic, batch.partition, batch.start, batch.end),
-        tags=range_tags(batch.topic, batch.partition, batch.start, batch.end, follows),
+        run_key=run.run_key if attempts == 0 else f"{run.run_key}-retry{attempts}",
+        run_config=ranges_run_config(run.ranges),
+        tags=ranges_tags(run.ranges, run.run_key, run.follows),
     )
 
 
@@ -287,31 +310,44 @@ NONE_IN_FLIGHT = InFlight(0, None)
 
 
 def _runs_in_flight(unfinished: Sequence[dg.RunRecord]) -> dict[str, InFlight]:
+    """Per partition: its unfinished runs and where the last of their ranges ends."""
     found: dict[str, InFlight] = {}
     for record in unfinished:
-        run = record.dagster_run
-        key = _partition_of(run)
-        if key is None:
-            continue
-        target = run_range(run)
-        before = found.get(key, NONE_IN_FLIGHT)
-        if target is None or (before.runs and before.end is None):
-            end = None
-        else:
-            end = max(target[3], before.end or 0)
-        found[key] = InFlight(before.runs + 1, end)
+        for target in run_ranges(record.dagster_run):
+            key = partition_key(target.topic, target.partition)
+            before = found.get(key, NONE_IN_FLIGHT)
+            end = None if before.runs and before.end is None else max(target.end, before.end or 0)
+            found[key] = InFlight(before.runs + 1, end)
     return found
+
+
+# Partitions named in a lag observation, the most behind first: an observation is stored
+# whole, so its size must not grow with the partitions.
+OBSERVED_PARTITIONS = 20
+
+
+def _most_behind(
+    behind: dict[TopicPartition, tuple[int, int]], held: dict[TopicPartition, int]
+) -> set[TopicPartition]:
+    """The OBSERVED_PARTITIONS partitions most behind (messages, then open transactions)."""
+    ranked = sorted(behind, key=lambda tp: (-behind[tp][1], -held.get(tp, 0), tp))
+    return set(ranked[:OBSERVED_PARTITIONS])
 
 
 def _lag_observations(
     rules: tuple[TopicRule, ...],
     behind: dict[TopicPartition, tuple[int, int]],
+    shown: set[TopicPartition],
     oldest: dict[TopicPartition, int],
     held: dict[TopicPartition, int],
     now: float,
     bill: dict[str, dg.MetadataValue],
 ) -> list[dg.AssetObservation]:
-    """One observation for the whole archive (with the bill, if any), one per topic entry."""
+    """One observation for the whole archive (with the bill, if any), one per topic entry.
+
+    The totals cover every partition; the partitions named one by one, and the oldest waiting
+    message, only the OBSERVED_PARTITIONS most behind.
+    """
     mine: dict[dg.AssetKey, list[TopicPartition]] = {ARCHIVE_ASSET: sorted(behind)}
     for tp in sorted(behind):
         rule = rule_for(rules, tp.topic)
@@ -321,6 +357,7 @@ def _lag_observations(
         _lag_observation(
             key,
             {tp: behind[tp] for tp in tps},
+            shown,
             oldest,
             held,
             now,
@@ -333,6 +370,7 @@ def _lag_observations(
 def _lag_observation(
     asset_key: dg.AssetKey,
     behind: dict[TopicPartition, tuple[int, int]],
+    shown: set[TopicPartition],
     oldest: dict[TopicPartition, int],
     held: dict[TopicPartition, int],
     now: float,
@@ -346,6 +384,8 @@ def _lag_observation(
         "open_transaction_messages": dg.IntMetadataValue(sum(held.get(tp, 0) for tp in behind)),
     }
     for tp, (_, lag) in sorted(behind.items()):
+        if tp not in shown:
+            continue
         metadata[f"lag_messages[{tp.topic}/{tp.partition}]"] = dg.IntMetadataValue(lag)
         metadata[f"lag_seconds[{tp.topic}/{tp.partition}]"] = dg.FloatMetadataValue(
             round(seconds.get(tp, 0.0), 1)
@@ -356,13 +396,6 @@ def _lag_observation(
             )
     metadata.update(extra)
     return dg.AssetObservation(asset_key=asset_key, metadata=metadata)
-
-
-def _remember(clocks: dict[str, float], key: str, since: float | None) -> None:
-    if since is None:
-        clocks.pop(key, None)
-    else:
-        clocks[key] = since
 
 
 # Queued and not-yet-started runs count: launching the same range again while one waits in the
@@ -376,14 +409,6 @@ NOT_FINISHED = [
 ]
 
 
-def _partition_of(run: dg.DagsterRun) -> str | None:
-    """``topic-partition`` of a run: its tag, or its run config (Launchpad runs have no tags)."""
-    if PARTITION_TAG in run.tags:
-        return run.tags[PARTITION_TAG]
-    target = run_partition(run)
-    return partition_key(*target) if target is not None else None
-
-
 def _fail_dead_runs(
     context: dg.SensorEvaluationContext,
     conn: psycopg.Connection,
@@ -392,13 +417,13 @@ def _fail_dead_runs(
     now: float,
 ) -> None:
     """Fail each STARTED run whose lease has stayed free: its worker died without a word."""
-    started: dict[str, tuple[str, int]] = {}
+    started: dict[str, list[OffsetRange]] = {}
     start_times: dict[str, float] = {}
     for record in unfinished:
         run = record.dagster_run
-        target = run_partition(run)
-        if run.status == dg.DagsterRunStatus.STARTED and record.start_time and target:
-            started[run.run_id] = target
+        targets = run_ranges(run)
+        if run.status == dg.DagsterRunStatus.STARTED and record.start_time and targets:
+            started[run.run_id] = targets
             start_times[run.run_id] = record.start_time
     alive = leases.held(conn, [leases.run_lease(run_id) for run_id in started])
     free = [run_id for run_id in started if leases.run_lease(run_id) not in alive]
@@ -412,14 +437,16 @@ def _fail_dead_runs(
     )
     cursor.lease_free_since = verdict.free_since
     for run_id, since in verdict.dead.items():
-        topic, partition = started[run_id]
+        held = ", ".join(f"{r.topic}/{r.partition}" for r in started[run_id][:5])
+        more = len(started[run_id]) - 5
         current = context.instance.get_run_by_id(run_id)
         # Finished between the query and now: its lease was free because it was done.
         if current is None or current.status != dg.DagsterRunStatus.STARTED:
             continue
         free_at = datetime.datetime.fromtimestamp(since, datetime.UTC).strftime("%H:%M:%S UTC")
         message = (
-            f"worker gone: lock of {topic}/{partition} free since {free_at} "
+            f"worker gone: lock of its run ({held}{f' and {more} more' if more > 0 else ''}) "
+            f"free since {free_at} "
             f"({now - since:.0f} s, lease {leases.run_lease(run_id)!r}); the run's process died "
             "(its deployment was killed or its host lost). Marked failed so the partition "
             "resumes; the next run of this range finishes whatever the dead one claimed."

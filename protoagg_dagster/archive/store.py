@@ -1,11 +1,12 @@
-"""Appending a batch to an archive object in GCS: upload, queued and paced compose, delete.
+"""Appending batches to an archive object in GCS: upload, queued and paced compose, delete.
 
-GCS allows about one mutation per second per object name (429 beyond it), so writers of one
-object share composes: each uploads its piece, queues it in the ledger and waits for the object's
-lock; the holder composes every queued piece it can (up to 31 and the destination) in one compose,
-a full second after the destination's last update, and records them all. A writer whose piece
-another holder composed finds it done when its turn comes. Throughput per object is then about
-31 pieces a second instead of one.
+A run uploads the pieces of all its batches bound for one object as one temporary object (one
+class A operation, whatever the number of partitions). GCS allows about one mutation per second
+per object name (429 beyond it), so writers of one object share composes too: each uploads,
+queues its upload in the ledger and waits for the object's lock; the holder composes every
+queued upload it can (up to 31 and the destination, MAX_MARKED_PIECES pieces) in one compose, a
+full second after the destination's last update, and records every piece. A writer whose upload
+another holder composed finds it done when its turn comes.
 
 The destination's generation fences the compose (``if_generation_match``). Which pieces an object
 holds is the ledger's to say, with the object's marker (the last compose's pieces) covering a
@@ -21,7 +22,7 @@ import io
 import random
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Protocol
 
@@ -29,7 +30,9 @@ from google.api_core import exceptions as gexc
 from google.cloud import storage
 
 from protoagg_dagster.core.archive_object import (
+    MAX_MARKED_PIECES,
     MAX_PIECES_PER_COMPOSE,
+    MAX_PIECES_PER_UPLOAD,
     TEMP_PREFIX,
     Landed,
     Piece,
@@ -66,14 +69,14 @@ class PieceLedger(Protocol):
     def locked(self, object_name: str) -> contextlib.AbstractContextManager[None]: ...
 
     def waiting(self, object_name: str, like: Queued, limit: int) -> list[Queued]:
-        """Queued pieces of the object not yet composed, oldest first.
+        """Queued uploads of the object not yet composed, oldest first, of ``limit`` pieces.
 
         Only those of ``like``'s format and compression: the ones that may share its compose.
         """
         ...
 
-    def landed(self, queued: Queued) -> Landed | None:
-        """Where the piece of this upload landed, if a compose (anyone's) recorded it."""
+    def landed(self, queued: Queued) -> list[Landed] | None:
+        """Where each piece of this upload landed, if a compose (anyone's) recorded them."""
         ...
 
     def is_appended(self, piece: Piece) -> bool: ...
@@ -111,6 +114,15 @@ class AppendResult:
     compose_attempts: int
 
 
+@dataclass(frozen=True)
+class PieceData:
+    """One piece to append: its batch's range, the piece and its bytes."""
+
+    batch: OffsetRange
+    piece: Piece
+    data: bytes
+
+
 def append_batch(
     bucket: storage.Bucket,
     object_name: str,
@@ -123,16 +135,62 @@ def append_batch(
     format_name: str | None = None,
     compression: str = NONE,
 ) -> AppendResult:
-    """Append ``data`` (``piece`` of ``batch``) to ``object_name`` exactly once.
+    """Append ``data`` (``piece`` of ``batch``) to ``object_name`` exactly once."""
+    [result] = append_pieces(
+        bucket,
+        object_name,
+        [PieceData(batch, piece, data)],
+        ledger,
+        max_attempts,
+        sleep,
+        format_name,
+        compression,
+    )
+    return result
 
-    The upload happens first, outside the object's lock (held only around read-and-compose).
-    Returns ``appended=False`` when the ledger or the object's marker shows the piece there
-    already (an earlier attempt appended it). ``format_name`` is recorded in the object's
-    metadata, and an object of another format is refused (ConfigError); None (dead letters)
-    records and checks none. ``compression`` is the codec ``data`` is compressed with,
-    recorded and checked the same way.
+
+def append_pieces(
+    bucket: storage.Bucket,
+    object_name: str,
+    pieces: Sequence[PieceData],
+    ledger: PieceLedger,
+    max_attempts: int = 20,
+    sleep: Callable[[float], None] = time.sleep,
+    format_name: str | None = None,
+    compression: str = NONE,
+) -> list[AppendResult]:
+    """Append each of ``pieces`` to ``object_name`` exactly once; one result per piece.
+
+    The pieces go up as one upload (up to MAX_PIECES_PER_UPLOAD), outside the object's lock
+    (held only around read-and-compose), and are composed together: one upload and one compose
+    for a run's ranges bound for one object. A result has ``appended=False`` when the ledger or
+    the object's marker shows the piece there already (an earlier attempt appended it); should
+    an earlier attempt have appended only some of them, the rest go up again without those.
+    ``format_name`` is recorded in the object's metadata, and an object of another format is
+    refused (ConfigError); None (dead letters) records and checks none. ``compression`` is the
+    codec the data is compressed with, recorded and checked the same way.
     """
-    temp = bucket.blob(temp_object_name(batch, uuid.uuid4().hex))
+    results: dict[tuple[int, PieceRole], AppendResult] = {}
+    pending = list(pieces)
+    while pending:
+        bundle = pending[:MAX_PIECES_PER_UPLOAD]
+        name = temp_object_name(bundle[0].batch, uuid.uuid4().hex)
+        temp = _upload(bucket, name, b"".join(part.data for part in bundle))
+        own = Queued(tuple(part.piece for part in bundle), temp.name, format_name, compression)
+        ledger.enqueue(object_name, own)
+        try:
+            results.update(
+                _compose_until_decided(bucket, object_name, own, ledger, max_attempts, sleep)
+            )
+        finally:
+            ledger.dequeue(own)
+            _delete_quietly(temp)
+        pending = [part for part in pending if part.piece.key not in results]
+    return [results[part.piece.key] for part in pieces]
+
+
+def _upload(bucket: storage.Bucket, name: str, data: bytes) -> storage.Blob:
+    temp = bucket.blob(name)
     try:
         temp.upload_from_string(data, content_type=CONTENT_TYPE, if_generation_match=0)
     except gexc.PreconditionFailed:
@@ -146,25 +204,35 @@ def append_batch(
             f"cannot write to gs://{bucket.name} with these credentials (needs "
             f"roles/storage.objectUser): {exc.message}"
         ) from exc
-    own = Queued(piece, temp.name, format_name, compression)
-    ledger.enqueue(object_name, own)
-    try:
-        for attempt in range(1, max_attempts + 1):
-            with ledger.locked(object_name):
-                outcome = _compose_queued(bucket, object_name, own, ledger, sleep)
-            if isinstance(outcome, AppendResult):
-                return AppendResult(
-                    outcome.appended, outcome.generation, outcome.object_size, attempt
-                )
-            # Another writer (another partition, or a twin of this run) appended first.
-            sleep(min(2.0, 0.05 * 2**attempt) * random.random())
-        raise FencedAppendError(
-            f"gs://{bucket.name}/{object_name}: lost the compose race {max_attempts} times in a "
-            "row; too many writers share this object (use {partition} in PROTOAGG_GCS_OBJECT)"
-        )
-    finally:
-        ledger.dequeue(own)
-        _delete_quietly(temp)
+    return temp
+
+
+Decided = dict[tuple[int, PieceRole], AppendResult]
+
+
+def _compose_until_decided(
+    bucket: storage.Bucket,
+    object_name: str,
+    own: Queued,
+    ledger: PieceLedger,
+    max_attempts: int,
+    sleep: Callable[[float], None],
+) -> Decided:
+    """Results for every piece of ``own``, or for those an earlier attempt appended already."""
+    for attempt in range(1, max_attempts + 1):
+        with ledger.locked(object_name):
+            outcome = _compose_queued(bucket, object_name, own, ledger, sleep)
+        if outcome is not None:
+            return {
+                key: AppendResult(r.appended, r.generation, r.object_size, attempt)
+                for key, r in outcome.items()
+            }
+        # Another writer (another partition, or a twin of this run) appended first.
+        sleep(min(2.0, 0.05 * 2**attempt) * random.random())
+    raise FencedAppendError(
+        f"gs://{bucket.name}/{object_name}: lost the compose race {max_attempts} times in a "
+        "row; too many writers share this object (use {partition} in PROTOAGG_GCS_OBJECT)"
+    )
 
 
 def _compose_queued(
@@ -173,21 +241,26 @@ def _compose_queued(
     own: Queued,
     ledger: PieceLedger,
     sleep: Callable[[float], None],
-) -> AppendResult | None:
-    """Holding the object's lock: find ``own`` done, or compose it with other queued pieces.
+) -> Decided | None:
+    """Holding the object's lock: find ``own`` done, or compose it with other queued uploads.
 
     None: the compose lost the generation race (or a queued upload had vanished); try again.
     """
     current = bucket.get_blob(object_name)
     if current is not None:
-        _record_last_compose(current, object_name, own.piece.role, ledger)
+        _record_last_compose(current, object_name, own.pieces[0].role, ledger)
     landed = ledger.landed(own)
     if landed is not None:
-        return AppendResult(True, landed.generation, landed.end, 0)
-    if ledger.is_appended(own.piece):
-        return AppendResult(
-            False, current.generation if current else None, current.size if current else None, 0
-        )
+        return {
+            piece.key: AppendResult(True, spot.generation, spot.end, 0)
+            for piece, spot in zip(own.pieces, landed, strict=True)
+        }
+    earlier = [piece for piece in own.pieces if ledger.is_appended(piece)]
+    if earlier:
+        # Appended by an earlier attempt: not again. The caller uploads the rest anew.
+        generation = current.generation if current else None
+        size = current.size if current else None
+        return {piece.key: AppendResult(False, generation, size, 0) for piece in earlier}
     if current is not None and (current.temporary_hold or current.event_based_hold):
         raise ConfigError(
             f"gs://{bucket.name}/{object_name} is under a hold, so appending to it (compose "
@@ -195,14 +268,12 @@ def _compose_queued(
         )
     if current is not None:
         sleep(_pause_before_compose(current.updated))
-    # Queued after the pause, so pieces uploaded meanwhile ride along.
+    # Queued after the pause, so uploads made meanwhile ride along.
     group = _group_with(own, ledger, object_name)
+    pieces = [piece for queued in group for piece in queued.pieces]
     target = bucket.blob(object_name)
     target.metadata = metadata_after_compose(
-        current.metadata if current else None,
-        [q.piece for q in group],
-        own.format_name,
-        own.compression,
+        current.metadata if current else None, pieces, own.format_name, own.compression
     )
     target.content_type = CONTENT_TYPE
     sources = ([current] if current is not None else []) + [bucket.blob(q.temp_name) for q in group]
@@ -219,20 +290,23 @@ def _compose_queued(
     except gexc.NotFound:
         if bucket.get_blob(own.temp_name) is None:
             raise BackendError(
-                f"the upload {own.temp_name} of {own.piece} vanished before its compose"
+                f"the upload {own.temp_name} of {len(own.pieces)} pieces vanished before its "
+                "compose"
             ) from None
         # Another writer's upload is gone (its run gave up, or the cleanup removed it): leave it
-        # out; its batch is still claimed, and its next attempt uploads it again.
+        # out; its batches are still claimed, and its next attempt uploads them again.
         for queued in group[1:]:
             if bucket.get_blob(queued.temp_name) is None:
                 ledger.dequeue(queued)
         return None
     assert target.size is not None
-    for queued, end in zip(group, piece_ends(target.size, [q.piece for q in group]), strict=True):
-        ledger.record(queued.piece, Landed(target.generation, end))
-    landed = ledger.landed(own)
-    assert landed is not None
-    return AppendResult(True, landed.generation, landed.end, 0)
+    for piece, end in zip(pieces, piece_ends(target.size, pieces), strict=True):
+        ledger.record(piece, Landed(target.generation, end))
+    ends = piece_ends(target.size, pieces)[: len(own.pieces)]
+    return {
+        piece.key: AppendResult(True, target.generation, end, 0)
+        for piece, end in zip(own.pieces, ends, strict=True)
+    }
 
 
 def _record_last_compose(
@@ -257,19 +331,28 @@ def _record_last_compose(
 
 
 def _group_with(own: Queued, ledger: PieceLedger, object_name: str) -> list[Queued]:
-    """``own`` and the oldest other queued pieces not yet appended, one upload per piece."""
-    group, pieces = [own], {own.piece.key}
-    for queued in ledger.waiting(object_name, own, 4 * MAX_PIECES_PER_COMPOSE):
+    """``own`` and the oldest other queued uploads whose pieces are not yet appended.
+
+    At most MAX_PIECES_PER_COMPOSE uploads and MAX_MARKED_PIECES pieces (the marker names them
+    all), each piece once.
+    """
+    group, keys = [own], {piece.key for piece in own.pieces}
+    count = len(own.pieces)
+    for queued in ledger.waiting(object_name, own, 4 * MAX_MARKED_PIECES):
         if len(group) == MAX_PIECES_PER_COMPOSE:
             break
-        if queued.piece.key in pieces:
+        mine = {piece.key for piece in queued.pieces}
+        if mine & keys or count + len(queued.pieces) > MAX_MARKED_PIECES:
             continue
-        if ledger.is_appended(queued.piece):
-            # A stale upload of a piece appended since (its writer died before dequeuing).
-            ledger.dequeue(queued)
+        appended = [piece for piece in queued.pieces if ledger.is_appended(piece)]
+        if appended:
+            if len(appended) == len(queued.pieces):
+                # A stale upload of pieces appended since (its writer died before dequeuing).
+                ledger.dequeue(queued)
             continue
         group.append(queued)
-        pieces.add(queued.piece.key)
+        keys |= mine
+        count += len(queued.pieces)
     return group
 
 

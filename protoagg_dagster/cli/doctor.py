@@ -21,7 +21,7 @@ from google.api_core import exceptions as gexc
 from kafka.errors import KafkaError
 
 from protoagg_dagster import schema
-from protoagg_dagster.archive.run_tags import PARTITION_TAG
+from protoagg_dagster.archive.run_tags import BACKFILL_PARTITION_TAG
 from protoagg_dagster.archive.usage import operations_bill
 from protoagg_dagster.core.archive_object import TEMPLATE_FIELDS, validate_template
 from protoagg_dagster.core.errors import AccessRefused, ProtoaggError
@@ -347,33 +347,45 @@ def _run_queue(d: Deployment) -> Iterator[Finding]:
 
 
 def _partition_limit(path: Path, coordinator: dict[str, Any]) -> Finding:
+    """The queue's limits: one worker per partition rests on the leases, not on the queue.
+
+    A sensor run archives many partitions, so no tag limit per partition can apply to it: the
+    sensor keeps at most a run and its follow-up per partition in flight, and the partitions'
+    leases let one run at a time work each. Only a backfill, which queues many runs of one
+    partition at once, needs the queue to start them one at a time, in order.
+    """
     check = "dagster run queue"
-    queued = coordinator.get("class") == "QueuedRunCoordinator"
-    limits = (coordinator.get("config") or {}).get("tag_concurrency_limits") or []
-    per_partition = [
-        limit.get("limit")
-        for limit in limits
-        if isinstance(limit, dict)
-        and limit.get("key") == PARTITION_TAG
-        and isinstance(limit.get("value"), dict)
-        and limit["value"].get("applyLimitPerUniqueValue") is True
-    ]
-    if queued and per_partition == [2]:
-        return Finding("OK", check, f"two runs per {PARTITION_TAG} value ({path})")
-    if queued and per_partition == [1]:
+    if coordinator.get("class") != "QueuedRunCoordinator":
         return Finding(
             "WARN",
             check,
-            f"{path} allows one run per {PARTITION_TAG} value: a follow-up run waits in "
-            "the queue and starts up only after the run before it ends (slower, still correct)",
-            "set the limit to 2, as in deploy/dagster.production.yaml",
+            f"{path} has no QueuedRunCoordinator: every run starts at once, however many, and "
+            "a backfill's runs of one partition start together and wait for each other's lease",
+            "copy run_coordinator from deploy/dagster.production.yaml",
+        )
+    limits = (coordinator.get("config") or {}).get("tag_concurrency_limits") or []
+    per_backfill = [
+        limit.get("limit")
+        for limit in limits
+        if isinstance(limit, dict)
+        and limit.get("key") == BACKFILL_PARTITION_TAG
+        and isinstance(limit.get("value"), dict)
+        and limit["value"].get("applyLimitPerUniqueValue") is True
+    ]
+    if per_backfill != [1]:
+        return Finding(
+            "WARN",
+            check,
+            f"{path} has no limit of 1 per {BACKFILL_PARTITION_TAG} value: a backfill's runs of "
+            "one partition can start together and wait for each other's lease (slower, still "
+            "correct)",
+            "copy run_coordinator from deploy/dagster.production.yaml",
         )
     return Finding(
-        "WARN",
+        "OK",
         check,
-        f"{path} has no QueuedRunCoordinator limit per {PARTITION_TAG} value: "
-        "relaunched runs of one partition can pile up waiting for its lease",
-        "copy run_coordinator from deploy/dagster.production.yaml",
+        f"queued runs, a backfill's runs of one partition one at a time ({path}); the sensor "
+        "and the partitions' leases keep one worker per partition",
     )
 
 

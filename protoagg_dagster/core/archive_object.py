@@ -1,8 +1,8 @@
 """Names and metadata of archive objects: pure functions, so retries always hit the same object.
 
 The destination's custom metadata holds one marker: the pieces the last compose appended
-(``batch id:role:bytes``, comma-separated, at most ``MAX_PIECES_PER_COMPOSE``). What each batch
-covers lives in the PostgreSQL ledger, so the metadata stays under 2 KiB however many partitions
+(``batch id:role:bytes``, comma-separated, at most ``MAX_MARKED_PIECES``). What each batch
+covers lives in the PostgreSQL ledger, so the metadata stays under 6 KiB however many partitions
 write to the object (GCS allows 8 KiB). The marker closes the one gap the ledger cannot: a
 compose that landed but whose ledger records were not committed (a crash, or a lost response);
 whoever next holds the object's lock reads it and records those pieces before composing again.
@@ -32,8 +32,13 @@ FORMAT_METADATA_KEY = "protoagg-format"
 COMPRESSION_METADATA_KEY = "protoagg-compression"
 LEGACY_FORMAT = "log"
 TEMP_PREFIX = "_protoagg/tmp/"
-# GCS composes at most 32 sources: the destination itself and this many pieces.
+# GCS composes at most 32 sources: the destination itself and this many uploads.
 MAX_PIECES_PER_COMPOSE = 31
+# The pieces one compose appends, all named in the marker (about 27 bytes each, 42 at most): the
+# marker stays under 6 KiB of GCS's 8 KiB of custom metadata. One upload holds at most half of
+# them, so a compose can always take another writer's upload along with its own.
+MAX_MARKED_PIECES = 128
+MAX_PIECES_PER_UPLOAD = MAX_MARKED_PIECES // 2
 TEMPLATE_FIELDS = frozenset({"topic", "partition", "date", "year", "month", "day", "hour"})
 
 
@@ -176,12 +181,47 @@ class Piece:
 
 @dataclass(frozen=True)
 class Queued:
-    """A piece uploaded as ``temp_name`` and waiting to be composed onto its object."""
+    """Pieces uploaded together as ``temp_name``, in this order, waiting to be composed.
 
-    piece: Piece
+    An archive run uploads the pieces of all its ranges bound for one object as one upload: one
+    upload and one compose for the run, whatever the number of partitions.
+    """
+
+    pieces: tuple[Piece, ...]
     temp_name: str
     format_name: str | None
     compression: str = NONE
+
+    def __post_init__(self) -> None:
+        if not self.pieces:
+            raise ValueError("an upload holds at least one piece")
+
+    @property
+    def size(self) -> int:
+        return sum(piece.size for piece in self.pieces)
+
+    def row_names(self) -> list[str]:
+        """The upload's rows in the ledger's queue, one per piece (unique names).
+
+        A single piece's row is the upload's name, as before uploads held several.
+        """
+        if len(self.pieces) == 1:
+            return [self.temp_name]
+        n = len(self.pieces)
+        return [f"{self.temp_name}{UPLOAD_ROW_SEPARATOR}{i}/{n}" for i in range(n)]
+
+
+# Topic names never hold it (Kafka allows letters, digits, '.', '_' and '-').
+UPLOAD_ROW_SEPARATOR = "#"
+
+
+def upload_of_row(row_name: str) -> tuple[str, int, int]:
+    """``(upload name, index, pieces)`` of a queue row named by ``Queued.row_names``."""
+    upload, separator, place = row_name.partition(UPLOAD_ROW_SEPARATOR)
+    if not separator:
+        return upload, 0, 1
+    index, _, count = place.partition("/")
+    return upload, int(index), int(count)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,10 @@
-"""Deciding which offset range of a partition to archive next: pure, so the sensor only plans."""
+"""Which offset ranges to archive next, and which of them share a run: pure, the sensor plans."""
 
 from __future__ import annotations
 
+import hashlib
+import itertools
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from protoagg_dagster.core.errors import ConfigError
@@ -34,12 +37,20 @@ class OffsetRange:
 
 @dataclass(frozen=True)
 class BatchLimits:
-    """When a range is worth a run, and how large one may grow."""
+    """When ranges are worth a run, and how large one run may grow.
+
+    ``max_batch_messages`` and ``max_batch_bytes`` bound a whole run (all its ranges);
+    ``max_partitions_per_run`` bounds how many partitions' ranges one run archives.
+    """
 
     batch_size: int = 500
     linger_seconds: float = 15.0
     max_batch_messages: int = 200_000
     max_batch_bytes: int = 128 * 1024 * 1024
+    max_partitions_per_run: int = 64
+    # Runs one tick launches at most, whatever the number of partitions: what does not fit
+    # stays due and goes at the next tick, the ranges most behind first.
+    max_runs_per_tick: int = 16
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -53,6 +64,12 @@ class BatchLimits:
             raise ConfigError(f"linger_seconds must be >= 0, got {self.linger_seconds}")
         if self.max_batch_bytes < 1024:
             raise ConfigError(f"max_batch_bytes must be at least 1024, got {self.max_batch_bytes}")
+        if self.max_runs_per_tick < 1:
+            raise ConfigError(f"max_runs_per_tick must be at least 1, got {self.max_runs_per_tick}")
+        if self.max_partitions_per_run < 1:
+            raise ConfigError(
+                f"max_partitions_per_run must be at least 1, got {self.max_partitions_per_run}"
+            )
 
 
 @dataclass(frozen=True)
@@ -62,9 +79,10 @@ class PartitionView:
     ``next_offset`` is the first offset not yet archived (from the ledger), or, for a partition
     never archived, where archiving starts (``start_from``). ``pending`` is a claimed range whose
     append was not confirmed: it must be finished, exactly as claimed, before anything else.
-    ``in_flight`` counts the partition's unfinished runs (queued, starting or working);
-    ``in_flight_end`` is where the last of them ends, when the sensor knows its range (a run of
-    another deployment is seen only by its lease).
+    ``in_flight`` counts the runs holding a range of the partition that have not finished
+    (queued, starting or working); ``in_flight_end`` is where the last of those ranges ends, when
+    the sensor knows it (a run of another deployment is seen only by its lease). ``group`` names
+    the partitions whose ranges may share a run (``run_group``).
     """
 
     topic: str
@@ -74,56 +92,174 @@ class PartitionView:
     pending: OffsetRange | None = None
     in_flight: int = 0
     in_flight_end: int | None = None
-    backlog_since: float | None = None
+    group: str = ""
 
 
 @dataclass(frozen=True)
-class Plan:
-    """The planner's answer: a range to launch (or None) and the backlog clock to remember."""
+class Candidate:
+    """A partition's next range, if its group launches now.
 
-    launch: OffsetRange | None
-    backlog_since: float | None
-    reason: str
-    # The range continues one still in flight: its run waits for the partition's lease, and does
-    # nothing if the range before it was not archived to the offset it starts at.
-    follows: bool = False
+    ``due``: the range alone is reason to launch (a full batch, or a claim to finish).
+    ``follows``: the range continues one still in flight (its run waits for the partition's
+    lease, and does nothing if the range before it was not archived up to its start).
+    """
+
+    batch: OffsetRange
+    due: bool
+    follows: bool
 
 
-def plan_batch(view: PartitionView, limits: BatchLimits, now: float) -> Plan:
-    """Next range to archive for one partition.
+def next_range(view: PartitionView, limits: BatchLimits) -> Candidate | None:
+    """The range a run would archive for one partition now, or None.
 
-    Launch when ``batch_size`` messages wait or the backlog is ``linger_seconds`` old; never more
-    than ``max_batch_messages`` at once. While one run of the partition is in flight, the range
-    after it is launched as a follow-up, so its run starts up while the other works and begins
-    the moment the other ends; never more than one follow-up, and none after a run whose range
-    is unknown. Appends stay in offset order because the ledger refuses a range that does not
-    start at the archived position.
+    A pending claim is relaunched exactly as claimed. While one run of the partition is in
+    flight, the range after it is a follow-up, so its run starts up while the other works and
+    begins the moment the other ends; never more than one follow-up, and none after a run whose
+    range is unknown. Appends stay in offset order because the ledger refuses a range that does
+    not start at the archived position.
     """
     if view.in_flight > 1 or (view.in_flight == 1 and view.in_flight_end is None):
-        return Plan(None, view.backlog_since, "runs for this partition are in flight")
+        return None
     if view.in_flight == 0 and view.pending is not None:
-        return Plan(view.pending, None, "finishing a claimed range whose append is unconfirmed")
-    follows = view.in_flight == 1
+        return Candidate(view.pending, due=True, follows=False)
     start = view.next_offset
-    if follows:
+    if view.in_flight == 1:
         assert view.in_flight_end is not None
         if view.pending is not None and view.pending.end > view.in_flight_end:
-            return Plan(None, view.backlog_since, "a claimed range is unfinished")
+            return None  # a claimed range the run in flight does not cover is unfinished
         start = max(start, view.in_flight_end)
     waiting = view.end_offset - start
     if waiting <= 0:
-        return Plan(None, None, "nothing new")
-    since = view.backlog_since if view.backlog_since is not None else now
-    full = waiting >= limits.batch_size
-    lingered = now - since >= limits.linger_seconds
-    if not (full or lingered):
-        return Plan(None, since, f"{waiting} waiting, lingering")
+        return None
     size = min(waiting, limits.max_batch_messages)
-    launch = OffsetRange(view.topic, view.partition, start, start + size)
-    reason = "batch full" if full else f"lingered {now - since:.1f} s"
-    if follows:
-        reason += f"; follows the run in flight up to offset {start}"
-    return Plan(launch, None, reason, follows)
+    batch = OffsetRange(view.topic, view.partition, start, start + size)
+    return Candidate(batch, due=waiting >= limits.batch_size, follows=view.in_flight == 1)
+
+
+@dataclass(frozen=True)
+class RunBatch:
+    """The ranges one run archives: at most one per partition, all follow-ups or none."""
+
+    ranges: tuple[OffsetRange, ...]
+    follows: bool
+    reason: str
+
+    @property
+    def messages(self) -> int:
+        return sum(r.size for r in self.ranges)
+
+    @property
+    def run_key(self) -> str:
+        """One range's own key; a group's first key, how many more, and a digest of them all."""
+        first = self.ranges[0].run_key
+        if len(self.ranges) == 1:
+            return first
+        digest = hashlib.sha256(",".join(r.run_key for r in self.ranges).encode()).hexdigest()
+        return f"{first}+{len(self.ranges) - 1}-{digest[:12]}"
+
+    def __str__(self) -> str:
+        if len(self.ranges) == 1:
+            return str(self.ranges[0])
+        return f"{len(self.ranges)} ranges, {self.messages} offsets, from {self.ranges[0]}"
+
+
+@dataclass(frozen=True)
+class RunsPlan:
+    """The runs to launch at a tick and the backlog clock of each group still lingering."""
+
+    runs: tuple[RunBatch, ...]
+    backlog_since: dict[str, float]
+
+
+def plan_runs(
+    views: Sequence[PartitionView],
+    backlog_since: Mapping[str, float],
+    limits: BatchLimits,
+    now: float,
+) -> RunsPlan:
+    """Group the partitions' next ranges into runs.
+
+    A group launches when one of its ranges is due (``batch_size`` messages wait, or a claim is
+    unfinished) or when its backlog is ``linger_seconds`` old; then every range of the group
+    that waits goes along, so a tick launches about ``partitions with a backlog /
+    max_partitions_per_run`` runs per group, not one per partition. The clock is one per group:
+    the time the sensor first saw a backlog in it, so the cursor stays small whatever the
+    number of partitions. Follow-ups go in runs of their own, which wait for their partitions'
+    leases; a range larger than what is left of a run's message budget starts the next run. A
+    tick launches at most ``max_runs_per_tick`` runs, the largest first; the rest stay due.
+    """
+    candidates: dict[str, list[Candidate]] = {}
+    for view in views:
+        found = next_range(view, limits)
+        if found is not None:
+            candidates.setdefault(view.group, []).append(found)
+    runs: list[tuple[str, RunBatch]] = []
+    clocks: dict[str, float] = {}
+    # Ties between equally far behind partitions go round over the ticks, so none waits for ever.
+    turn = int(now / max(limits.linger_seconds, 1.0))
+    for group, waiting in sorted(candidates.items()):
+        since = backlog_since.get(group, now)
+        full = any(c.due for c in waiting)
+        if not full and now - since < limits.linger_seconds:
+            clocks[group] = since
+            continue
+        reason = "batch full" if full else f"lingered {now - since:.1f} s"
+        for follows in (False, True):
+            ranges = _in_turn(
+                [c.batch for c in waiting if c.follows is follows],
+                turn * limits.max_partitions_per_run,
+            )
+            runs += [
+                (
+                    group,
+                    RunBatch(
+                        chunk, follows, reason + ("; follows the runs in flight" if follows else "")
+                    ),
+                )
+                for chunk in _pack(ranges, limits)
+            ]
+    runs.sort(key=lambda found: -found[1].messages)
+    for group, _ in runs[limits.max_runs_per_tick :]:
+        # Left for the next tick, still due.
+        clocks[group] = backlog_since.get(group, now - limits.linger_seconds)
+    return RunsPlan(tuple(run for _, run in runs[: limits.max_runs_per_tick]), clocks)
+
+
+def _in_turn(ranges: list[OffsetRange], shift: int) -> list[OffsetRange]:
+    """The ranges most behind first; among equally long ones, starting ``shift`` further on."""
+    ordered: list[OffsetRange] = []
+    by_size = sorted(ranges, key=lambda r: (-r.size, r.topic, r.partition))
+    for _, same in itertools.groupby(by_size, key=lambda r: r.size):
+        tied = list(same)
+        start = shift % len(tied)
+        ordered += tied[start:] + tied[:start]
+    return ordered
+
+
+def _pack(ranges: Sequence[OffsetRange], limits: BatchLimits) -> list[tuple[OffsetRange, ...]]:
+    """Consecutive chunks of ``ranges`` (in their order) within a run's bounds."""
+    chunks: list[tuple[OffsetRange, ...]] = []
+    chunk: list[OffsetRange] = []
+    for batch in ranges:
+        if chunk and (
+            len(chunk) == limits.max_partitions_per_run
+            or sum(r.size for r in chunk) + batch.size > limits.max_batch_messages
+        ):
+            chunks.append(tuple(chunk))
+            chunk = []
+        chunk.append(batch)
+    if chunk:
+        chunks.append(tuple(chunk))
+    return chunks
+
+
+def run_group(template: str, topic: str) -> str:
+    """Which partitions may share a run, given the object template.
+
+    Ranges bound for one object share its upload and compose, so a template naming no topic
+    and no partition groups every topic; otherwise the ranges of one topic share a run.
+    """
+    return topic if "{topic}" in template or "{partition}" in template else ""
 
 
 def split_range(whole: OffsetRange, max_messages: int) -> list[OffsetRange]:

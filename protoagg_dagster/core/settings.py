@@ -154,9 +154,23 @@ BATCH_SIZE = Setting("PROTOAGG_BATCH_SIZE", "500", "launch a run once this many 
 LINGER_SECONDS = Setting(
     "PROTOAGG_LINGER_SECONDS", "15", "...or once the oldest waiting message is this old"
 )
-MAX_BATCH_MESSAGES = Setting("PROTOAGG_MAX_BATCH_MESSAGES", "200000", "most messages one run reads")
+MAX_BATCH_MESSAGES = Setting(
+    "PROTOAGG_MAX_BATCH_MESSAGES", "200000", "most messages one run reads (all its ranges)"
+)
 MAX_BATCH_BYTES = Setting(
-    "PROTOAGG_MAX_BATCH_BYTES", str(128 * 1024 * 1024), "most value bytes one run reads"
+    "PROTOAGG_MAX_BATCH_BYTES",
+    str(128 * 1024 * 1024),
+    "most value bytes one run reads (all its ranges)",
+)
+MAX_PARTITIONS_PER_RUN = Setting(
+    "PROTOAGG_MAX_PARTITIONS_PER_RUN",
+    "64",
+    "most partitions whose ranges one run archives (ranges of one topic, or of one shared object)",
+)
+MAX_RUNS_PER_TICK = Setting(
+    "PROTOAGG_MAX_RUNS_PER_TICK",
+    "16",
+    "most archive runs one sensor tick launches; the rest go at the next tick, most behind first",
 )
 MAX_OBJECT_BYTES = Setting(
     "PROTOAGG_MAX_OBJECT_BYTES",
@@ -196,6 +210,14 @@ SENSOR_INTERVAL_SECONDS = Setting(
     "PROTOAGG_SENSOR_INTERVAL_SECONDS",
     "2",
     "least seconds between two evaluations of kafka_offsets_sensor (the daemon looks every 5 s)",
+)
+KEEP_RUNS_DAYS = Setting(
+    "PROTOAGG_KEEP_RUNS_DAYS",
+    "14",
+    "finished archive runs older than this many days are deleted from Dagster with their events",
+)
+KEEP_FAILED_RUNS_DAYS = Setting(
+    "PROTOAGG_KEEP_FAILED_RUNS_DAYS", "60", "failed runs are kept this many days"
 )
 START_FROM = Setting(
     "PROTOAGG_START_FROM", "earliest", "where a never-archived partition starts: earliest|latest"
@@ -269,6 +291,8 @@ ALL_SETTINGS: tuple[Setting, ...] = (
     LINGER_SECONDS,
     MAX_BATCH_MESSAGES,
     MAX_BATCH_BYTES,
+    MAX_PARTITIONS_PER_RUN,
+    MAX_RUNS_PER_TICK,
     MAX_OBJECT_BYTES,
     MAX_MESSAGE_BYTES,
     MAX_FRAME_BYTES,
@@ -277,6 +301,8 @@ ALL_SETTINGS: tuple[Setting, ...] = (
     MAX_DEAD_LETTER_RATIO,
     START_FROM,
     SENSOR_INTERVAL_SECONDS,
+    KEEP_RUNS_DAYS,
+    KEEP_FAILED_RUNS_DAYS,
     COMPRESSION,
     COMPRESSION_LEVEL,
     ICEBERG_NAMESPACE,

@@ -23,10 +23,24 @@ class ArchiverSettings(dg.ConfigurableResource):  # type: ignore[type-arg]
         default=15.0, description="...or once the oldest waiting message has waited this long."
     )
     max_batch_messages: int = Field(
-        default=200_000, description="Most messages one run reads (bounds its memory)."
+        default=200_000,
+        description="Most messages one run reads, all its ranges together (bounds its memory).",
     )
     max_batch_bytes: int = Field(
-        default=128 * 1024 * 1024, description="Most value bytes one run reads (bounds memory)."
+        default=128 * 1024 * 1024,
+        description="Most value bytes one run reads, all its ranges together (bounds memory).",
+    )
+    max_partitions_per_run: int = Field(
+        default=64, description="Most partitions whose ranges one run archives."
+    )
+    max_runs_per_tick: int = Field(
+        default=16,
+        description="Most archive runs one sensor tick launches; the rest go at the next tick.",
+    )
+    lag_observation_seconds: float = Field(
+        default=60.0,
+        description="Least seconds between two lag observations of the sensor (each one is "
+        "stored by Dagster for good).",
     )
     max_message_bytes: int = Field(
         default=1024 * 1024, description="Larger messages are rejected as dead letters."
@@ -94,6 +108,8 @@ class ArchiverSettings(dg.ConfigurableResource):  # type: ignore[type-arg]
             linger_seconds=self.linger_seconds,
             max_batch_messages=self.max_batch_messages,
             max_batch_bytes=self.max_batch_bytes,
+            max_partitions_per_run=self.max_partitions_per_run,
+            max_runs_per_tick=self.max_runs_per_tick,
         )
 
     def start_choice(self) -> str | int:

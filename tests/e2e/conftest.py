@@ -35,5 +35,7 @@ def stack(services: Services, postgres_dsn: str, unique: str) -> Stack:
             object_template=f"{unique}/log.pb",
             emulator_host=services.gcs_url,
         ),
-        archiver=ArchiverSettings(batch_size=100, linger_seconds=0, max_batch_messages=100),
+        archiver=ArchiverSettings(
+            batch_size=100, linger_seconds=0, max_batch_messages=100, lag_observation_seconds=0
+        ),
     )

@@ -1,8 +1,8 @@
 """Run one archive_kafka_batch in this process: ``python -m tests.e2e.run_range SPEC_JSON``.
 
 Tests start several of these at once to get truly concurrent runs (Dagster's in-process execution
-is not thread-safe). SPEC_JSON: {"resources": {...resource fields...}, "range": [topic, p, a, b],
-"crash_at": optional crash point}. At a crash point the process SIGKILLs itself: no exception
+is not thread-safe). SPEC_JSON: {"resources": {...resource fields...}, "ranges": [[topic, p, a, b],
+...], "crash_at": optional crash point}. At a crash point the process SIGKILLs itself: no exception
 handler, retry or cleanup runs, as when a machine dies.
 """
 
@@ -22,7 +22,8 @@ from protoagg_dagster.archive import ops
 from protoagg_dagster.archive import store as archive_store
 from protoagg_dagster.archive.job import archive_kafka_batch
 from protoagg_dagster.archive.partition_lease import PartitionLease
-from protoagg_dagster.archive.run_tags import range_run_config
+from protoagg_dagster.archive.run_tags import ranges_run_config
+from protoagg_dagster.core.planning import OffsetRange
 from protoagg_dagster.resources import GCSResource, KafkaResource, PostgresResource
 from protoagg_dagster.resources.settings import ArchiverSettings
 
@@ -69,11 +70,11 @@ def main() -> int:
     if spec.get("crash_at"):
         CRASH_POINTS[spec["crash_at"]]()
     resources = {name: KINDS[name](**fields) for name, fields in spec["resources"].items()}
-    topic, partition, start, end = spec["range"]
+    ranges = [OffsetRange(*r) for r in spec["ranges"]]
     # In memory, as tests.helpers.memory_instance: no SQLite files to build in every process.
     with dg.DagsterInstance.ephemeral() as instance:
         result = archive_kafka_batch.execute_in_process(
-            run_config=range_run_config(topic, partition, start, end),
+            run_config=ranges_run_config(ranges),
             resources=resources,
             instance=instance,
             raise_on_error=False,

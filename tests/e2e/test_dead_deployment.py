@@ -26,7 +26,7 @@ import psycopg
 from dagster._core.events import DagsterEventType
 
 from protoagg_dagster.archive.job import archive_kafka_batch
-from protoagg_dagster.archive.run_tags import run_partition
+from protoagg_dagster.archive.run_tags import run_ranges
 from protoagg_dagster.resources import KafkaResource
 from tests.conftest import ROOT, Services
 from tests.helpers import (
@@ -130,10 +130,11 @@ def failure_messages(instance: dg.DagsterInstance, run_id: str) -> list[str]:
     ]
 
 
-def key_of(run: dg.DagsterRun) -> str:
-    target = run_partition(run)
-    assert target is not None
-    return f"{target[0]}/{target[1]}"
+def keys_of(run: dg.DagsterRun) -> set[str]:
+    """``topic/partition`` of each range of an archive run (a run holds many partitions)."""
+    targets = run_ranges(run)
+    assert targets
+    return {f"{r.topic}/{r.partition}" for r in targets}
 
 
 class Moment:
@@ -165,7 +166,7 @@ class Moment:
                     for r in instance.get_run_records(
                         filters=dg.RunsFilter(job_name=archive_kafka_batch.name)
                     )
-                    if key_of(r.dagster_run) == partition
+                    if partition in keys_of(r.dagster_run)
                 ]
             done_since = [
                 r
@@ -194,7 +195,7 @@ def next_start(deployment: DagsterDeployment, partition: str, after: float) -> f
             )
             if r.start_time is not None
             and r.start_time > after
-            and key_of(r.dagster_run) == partition
+            and partition in keys_of(r.dagster_run)
         ]
     return min(starts, default=None)
 
@@ -281,9 +282,10 @@ def test_whole_deployment_killed_three_times_resumes_every_partition_exactly_onc
             wait_until(f"a moment {label}", condition, 240, alive, poll_s=0.2)
             with deployment.instance() as instance:
                 busy = {
-                    key_of(r.dagster_run): r.dagster_run.run_id
+                    key: r.dagster_run.run_id
                     for r in unfinished_runs(instance)
                     if r.dagster_run.status != dg.DagsterRunStatus.QUEUED
+                    for key in keys_of(r.dagster_run)
                 }
             killed = deployment.kill()
             stuck_runs |= set(busy.values())
@@ -407,9 +409,10 @@ def working_spans(
             end = events[-1][2]
             if events[-1][0] == "STEP_START":
                 end = next((k for k in kills if k > start), time.time())
-            spans[key_of(record.dagster_run)].append(
-                (start, end, f"{deployment.name}:{record.dagster_run.run_id[:8]}")
-            )
+            for key in keys_of(record.dagster_run):
+                spans[key].append(
+                    (start, end, f"{deployment.name}:{record.dagster_run.run_id[:8]}")
+                )
     return spans
 
 

@@ -34,11 +34,7 @@ from tests.helpers import (
 
 
 def launched(result: dg.SensorResult) -> list[tuple[int, int]]:
-    ranges = []
-    for request in result.run_requests or []:
-        config = request.run_config["ops"]["consume"]["config"]
-        ranges.append((config["start_offset"], config["end_offset"]))
-    return ranges
+    return [r for request in result.run_requests or [] for r in launched_ranges(request)]
 
 
 def test_fresh_sensor_with_start_from_latest_skips_history(stack: Stack) -> None:
@@ -52,8 +48,26 @@ def test_fresh_sensor_with_start_from_latest_skips_history(stack: Stack) -> None
         first = tick(latest, instance, None)
         assert launched(first) == []
         produce(stack.kafka, topic, [log_value() for _ in range(20)])
-        second = tick(latest, instance, first.cursor)
+        # The start is kept in the ledger, not the cursor: a lost cursor does not skip more.
+        second = tick(latest, instance, None)
     assert launched(second) == [(30, 50)]
+
+
+def test_the_cursor_does_not_grow_with_partitions(stack: Stack) -> None:
+    topic = topic_of(stack)
+    create_topic(stack.kafka, topic, partitions=300)
+    producer = stack.kafka.get_producer()
+    for p in range(300):
+        producer.send(topic, value=log_value(), partition=p)
+    producer.flush()
+    producer.close()
+    # 300 partitions with a backlog, lingering: one clock for the topic, none per partition.
+    lingering = replace(stack, archiver=ArchiverSettings(linger_seconds=3600))
+    with dg.instance_for_test() as instance:
+        first = tick(lingering, instance, None)
+        second = tick(lingering, instance, first.cursor)
+    assert launched(second) == []
+    assert second.cursor is not None and len(second.cursor) < 200, second.cursor
 
 
 def test_fresh_sensor_with_start_from_a_time_starts_at_that_message(stack: Stack) -> None:
@@ -120,18 +134,23 @@ def test_a_tick_over_several_topics_asks_kafka_through_two_consumers(
     with memory_instance() as instance:
         result = tick(several, instance, None)
     assert sorted(opened) == ["read_committed", "read_uncommitted"]
-    assert sorted(
-        (r.tags[PARTITION_TAG], *launched_range(r)) for r in result.run_requests or []
-    ) == [(f"many-{unique}-{name}-0", 0, 3) for name in "abc"]
+    # Their object names no topic: the ranges of every topic share one run.
+    [request] = result.run_requests or []
+    assert PARTITION_TAG not in request.tags
+    assert sorted(launched_ranges(request, with_topic=True)) == [
+        (f"many-{unique}-{name}", 0, 0, 3) for name in "abc"
+    ]
     metadata = result.asset_events[0].metadata
     assert metadata["lag_messages"].value == 9
     assert metadata[f"lag_messages[many-{unique}-a/1]"].value == 0
     assert metadata["open_transaction_messages"].value == 0
 
 
-def launched_range(request: dg.RunRequest) -> tuple[int, int]:
-    config = request.run_config["ops"]["consume"]["config"]
-    return config["start_offset"], config["end_offset"]
+def launched_ranges(request: dg.RunRequest, with_topic: bool = False) -> list[Any]:
+    ranges = request.run_config["ops"]["consume"]["config"]["ranges"]
+    if with_topic:
+        return [(r["topic"], r["partition"], r["start_offset"], r["end_offset"]) for r in ranges]
+    return [(r["start_offset"], r["end_offset"]) for r in ranges]
 
 
 def test_maintenance_removes_orphans_and_advances_the_window(stack: Stack, unique: str) -> None:
@@ -177,7 +196,7 @@ def test_a_run_not_yet_started_counts_as_in_flight(stack: Stack) -> None:
         second = tick(stack, instance, first.cursor)
         assert launched(second) == [(100, 150)]
         [follow_up] = second.run_requests or []
-        assert follow_up.tags[FOLLOWS_TAG] == "100"
+        assert follow_up.tags[FOLLOWS_TAG] == "true"
         instance.create_run_for_job(
             archive_kafka_batch,
             run_config=follow_up.run_config,

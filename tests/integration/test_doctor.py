@@ -162,15 +162,15 @@ def test_a_retention_policy_fails(good: Deployment, services: Services, proxy: G
 
 
 def test_the_run_queue_limit_is_checked(good: Deployment, tmp_path: Path) -> None:
-    assert _by_check(diagnose(good))["dagster run queue"].status == "OK"  # deploy's two
+    assert _by_check(diagnose(good))["dagster run queue"].status == "OK"  # deploy's limits
     plain = tmp_path / "dagster.yaml"
     plain.write_text("telemetry:\n  enabled: false\n")
     missing = _by_check(diagnose(replace(good, dagster_yaml=plain)))["dagster run queue"]
-    assert missing.status == "WARN" and "protoagg/partition" in missing.detail
-    one = tmp_path / "one.yaml"
-    one.write_text(LOCAL_YAML.read_text().replace("limit: 2", "limit: 1"))
-    single = _by_check(diagnose(replace(good, dagster_yaml=one)))["dagster run queue"]
-    assert single.status == "WARN" and "follow-up run waits in the queue" in single.detail
+    assert missing.status == "WARN" and "QueuedRunCoordinator" in missing.detail
+    two = tmp_path / "two.yaml"
+    two.write_text(LOCAL_YAML.read_text().replace("limit: 1", "limit: 2"))
+    backfill = _by_check(diagnose(replace(good, dagster_yaml=two)))["dagster run queue"]
+    assert backfill.status == "WARN" and "protoagg/backfill-partition" in backfill.detail
     unset = _by_check(diagnose(replace(good, dagster_yaml=None)))["dagster run queue"]
     assert unset.status == "WARN" and "DAGSTER_HOME" in unset.detail
 

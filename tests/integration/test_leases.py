@@ -70,3 +70,16 @@ def test_the_lease_of_a_killed_process_is_free_at_once(postgres_dsn: str) -> Non
             assert leases.held(prober, ["t-0"]) == set()
     finally:
         holder.kill()
+
+
+def test_fifty_thousand_partitions_leases_are_probed_within_the_lock_table(
+    postgres_dsn: str,
+) -> None:
+    # One transaction probing them all would need 50,000 slots of PostgreSQL's shared lock table
+    # (64 x max_connections and some slack; about 6,400 with the default 100 connections):
+    # "out of shared memory".
+    names = [leases.partition_lease(f"t-{p}") for p in range(50_000)]
+    pg = PostgresResource(dsn=postgres_dsn)
+    with pg.connect() as holder, pg.connect() as prober:
+        leases.hold(holder, names[47_777], wait_seconds=1)
+        assert leases.held(prober, names) == {names[47_777]}

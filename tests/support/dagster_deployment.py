@@ -37,7 +37,8 @@ from dagster._core.storage.tags import (
 )
 
 from protoagg_dagster.archive.assets import ARCHIVE_ASSET
-from protoagg_dagster.archive.run_tags import PARTITION_TAG, RANGE_TAG
+from protoagg_dagster.archive.run_tags import PARTITION_TAG, RANGE_TAG, partition_key, run_ranges
+from protoagg_dagster.core.planning import OffsetRange
 from tests.conftest import ROOT
 from tests.support.process_groups import group_members, signal_group
 
@@ -178,6 +179,13 @@ class RunSummary:
     work_start: float | None = None
     work_end: float | None = None
     materializations: list[dict[str, Any]] = field(default_factory=list)
+    # The ranges of its run config (an archive run's; empty for other jobs).
+    ranges: list[OffsetRange] = field(default_factory=list)
+
+    @property
+    def partitions(self) -> set[str]:
+        """``topic-partition`` of each of its ranges."""
+        return {partition_key(r.topic, r.partition) for r in self.ranges}
 
     def overlaps(self, other: RunSummary) -> bool:
         """Both executed at once (between their RUN_START and RUN_SUCCESS/FAILURE)."""
@@ -198,9 +206,13 @@ class RunSummary:
             return "-" if t is None else f"{t - origin:7.1f}"
 
         batch = ", ".join(
-            f"{m.get('start_offset')}-{m.get('end_offset')}: appended {m.get('records_appended')}"
+            f"{m.get('ranges_appended')} ranges: appended {m.get('records_appended')}"
             f" dup {m.get('duplicates_dropped')}"
-            + (" (already archived)" if m.get("already_archived") else "")
+            + (
+                f" ({m['ranges_without_work']} without work)"
+                if m.get("ranges_without_work")
+                else ""
+            )
             for m in self.materializations
         )
         text = (
@@ -267,6 +279,7 @@ def run_summaries(deployment: DagsterDeployment) -> list[RunSummary]:
                 retry_number=int(run.tags.get(RETRY_NUMBER_TAG, "0")),
                 parent_run_id=run.tags.get(PARENT_RUN_ID_TAG),
                 will_retry=run.tags.get(WILL_RETRY_TAG) == "true",
+                ranges=run_ranges(run),
             )
             for entry in instance.all_logs(
                 run.run_id,

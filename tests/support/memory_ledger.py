@@ -18,7 +18,7 @@ class MemoryLedger:
         self._mutex = threading.Lock()
         self.appended: dict[tuple[int, PieceRole], Landed] = {}
         self._queue: dict[str, tuple[str, Queued]] = {}  # temp name → object, upload
-        self._landed: dict[str, Landed] = {}  # temp name → where its piece landed
+        self._landed: dict[tuple[str, int], Landed] = {}  # (temp name, piece) → where it landed
 
     def enqueue(self, object_name: str, queued: Queued) -> None:
         with self._mutex:
@@ -27,7 +27,8 @@ class MemoryLedger:
     def dequeue(self, queued: Queued) -> None:
         with self._mutex:
             self._queue.pop(queued.temp_name, None)
-            self._landed.pop(queued.temp_name, None)
+            for index in range(len(queued.pieces)):
+                self._landed.pop((queued.temp_name, index), None)
 
     def locked(self, object_name: str) -> AbstractContextManager[None]:
         return nullcontext()
@@ -39,12 +40,13 @@ class MemoryLedger:
                 for name, q in self._queue.values()
                 if name == object_name
                 and (q.format_name, q.compression) == (like.format_name, like.compression)
-                and q.piece.key not in self.appended
+                and not any(p.key in self.appended for p in q.pieces)
             ][:limit]
 
-    def landed(self, queued: Queued) -> Landed | None:
+    def landed(self, queued: Queued) -> list[Landed] | None:
         with self._mutex:
-            return self._landed.get(queued.temp_name)
+            found = [self._landed.get((queued.temp_name, i)) for i in range(len(queued.pieces))]
+        return None if None in found else [spot for spot in found if spot is not None]
 
     def is_appended(self, piece: Piece) -> bool:
         with self._mutex:
@@ -54,8 +56,9 @@ class MemoryLedger:
         with self._mutex:
             self.appended.setdefault(piece.key, landed)
             for _, queued in self._queue.values():
-                if queued.piece.key == piece.key:
-                    self._landed.setdefault(queued.temp_name, landed)
+                for index, own in enumerate(queued.pieces):
+                    if own.key == piece.key:
+                        self._landed.setdefault((queued.temp_name, index), landed)
 
     def record_legacy(
         self,

@@ -3,8 +3,11 @@ import pytest
 from protoagg_dagster.core.archive_object import (
     LAST_APPEND_KEY,
     LEGACY_OFFSETS_KEY,
-    MAX_PIECES_PER_COMPOSE,
+    MAX_MARKED_PIECES,
+    MAX_PIECES_PER_UPLOAD,
+    TEMP_PREFIX,
     Piece,
+    Queued,
     archive_format,
     check_one_format_per_object,
     last_compose,
@@ -18,6 +21,7 @@ from protoagg_dagster.core.archive_object import (
     sequence_member,
     sequence_number,
     temp_object_name,
+    upload_of_row,
     validate_template,
 )
 from protoagg_dagster.core.errors import ConfigError
@@ -55,12 +59,25 @@ def test_metadata_is_one_marker_whatever_the_number_of_partitions() -> None:
 
 def test_a_full_compose_marker_stays_far_below_the_8_kib_metadata_limit() -> None:
     pieces = [
-        Piece(10**18 + n, "dead_letters" if n % 2 else "records", 5 * 2**40)
-        for n in range(MAX_PIECES_PER_COMPOSE)
+        Piece(10**15 + n, "dead_letters" if n % 2 else "records", 5 * 2**40)
+        for n in range(MAX_MARKED_PIECES)
     ]
     metadata = metadata_after_compose({"owner": "team"}, pieces, "record")
     assert last_compose(metadata) == pieces
-    assert sum(len(k) + len(v) for k, v in metadata.items()) < 2048
+    assert sum(len(k) + len(v) for k, v in metadata.items()) < 6 * 1024
+
+
+@pytest.mark.parametrize("pieces", [1, 2, MAX_PIECES_PER_UPLOAD])
+def test_an_upload_of_several_pieces_has_one_queue_row_per_piece(pieces: int) -> None:
+    upload = Queued(
+        tuple(Piece(n, "records", 10) for n in range(pieces)), f"{TEMP_PREFIX}t/0/0-5-ab", "log"
+    )
+    rows = upload.row_names()
+    assert len(set(rows)) == pieces
+    assert [upload_of_row(row) for row in rows] == [
+        (upload.temp_name, i, pieces) for i in range(pieces)
+    ]
+    assert MAX_PIECES_PER_UPLOAD * 2 <= MAX_MARKED_PIECES
 
 
 def test_piece_ends_locate_the_last_composed_pieces_at_the_end_of_the_object() -> None:

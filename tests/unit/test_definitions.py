@@ -20,6 +20,7 @@ def test_definitions_load_and_every_job_sensor_and_schedule_resolves() -> None:
     assert {job.name for job in repo.get_all_jobs()} >= {
         "archive_kafka_batch",
         "maintain_archive",
+        "prune_dagster_runs",
         "restore_archive",
         "iceberg_tables",
         "maintain_iceberg",
@@ -30,8 +31,11 @@ def test_definitions_load_and_every_job_sensor_and_schedule_resolves() -> None:
     ]
     assert sorted(s.name for s in repo.schedule_defs) == [
         "archive_maintenance",
+        "dagster_run_retention",
         "iceberg_maintenance",
     ]
+    retention = next(s for s in repo.schedule_defs if s.name == "dagster_run_retention")
+    assert retention.default_status == dg.DefaultScheduleStatus.RUNNING
     assert set(repo.get_top_level_resources()) == {
         "io_manager",
         "kafka",

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from protoagg_dagster.archive.run_tags import PARTITION_TAG
+from protoagg_dagster.archive.run_tags import BACKFILL_PARTITION_TAG, PARTITION_TAG
 from protoagg_dagster.core import settings
 from protoagg_dagster.services import postgres as postgres_service
 from protoagg_dagster.services.stack import Ports
@@ -391,7 +391,7 @@ def test_dagster_commands_load_the_workspace(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", DAGSTER_SERVICES)
-def test_dagster_instance_runs_one_run_per_partition(name: str) -> None:
+def test_dagster_instance_queues_runs_and_a_backfill_one_run_per_partition(name: str) -> None:
     home = environment(name)["DAGSTER_HOME"]
     source = mounts(name).get(f"{home}/dagster.yaml")
     assert source, f"{name} mounts no dagster.yaml into DAGSTER_HOME {home}"
@@ -400,8 +400,9 @@ def test_dagster_instance_runs_one_run_per_partition(name: str) -> None:
     coordinator = instance["run_coordinator"]
     assert coordinator["class"] == "QueuedRunCoordinator"
     limits = {limit["key"]: limit for limit in coordinator["config"]["tag_concurrency_limits"]}
-    assert PARTITION_TAG in limits, f"no concurrency limit on the {PARTITION_TAG} tag"
-    assert limits[PARTITION_TAG]["limit"] == 2  # one working, its follow-up starting up
-    assert limits[PARTITION_TAG]["value"]["applyLimitPerUniqueValue"] is True
+    # A sensor run archives many partitions: the leases, not a tag limit, keep one worker each.
+    assert PARTITION_TAG not in limits
+    assert limits[BACKFILL_PARTITION_TAG]["limit"] == 1
+    assert limits[BACKFILL_PARTITION_TAG]["value"]["applyLimitPerUniqueValue"] is True
     # Each run waits for the queue's next look: Dagster's default 5 s is 2.5 s of latency.
     assert coordinator["config"]["dequeue_interval_seconds"] == 1

@@ -1,7 +1,15 @@
 import pytest
 
 from protoagg_dagster.core.errors import ConfigError
-from protoagg_dagster.core.planning import BatchLimits, OffsetRange, PartitionView, plan_batch
+from protoagg_dagster.core.planning import (
+    BatchLimits,
+    OffsetRange,
+    PartitionView,
+    RunBatch,
+    next_range,
+    plan_runs,
+    run_group,
+)
 
 LIMITS = BatchLimits(batch_size=100, linger_seconds=15, max_batch_messages=1000)
 
@@ -13,55 +21,53 @@ def view(**changes: object) -> PartitionView:
 
 
 @pytest.mark.parametrize(
-    ("name", "state", "now", "launch", "since"),
+    ("name", "state", "launch", "due", "follows"),
     [
-        ("empty", view(), 100.0, None, None),
-        ("full batch", view(end_offset=100), 100.0, (0, 100), None),
+        ("empty", view(), None, False, False),
+        ("full batch", view(end_offset=100), (0, 100), True, False),
         (
             "starts at the archived position",
             view(next_offset=40, end_offset=150),
-            1.0,
             (40, 150),
-            None,
+            True,
+            False,
         ),
-        ("few waiting starts the clock", view(end_offset=5), 100.0, None, 100.0),
-        ("few waiting keeps the clock", view(end_offset=5, backlog_since=90.0), 100.0, None, 90.0),
-        ("linger elapsed", view(end_offset=5, backlog_since=85.0), 100.0, (0, 5), None),
-        ("capped by max_batch_messages", view(end_offset=5000), 1.0, (0, 1000), None),
+        ("few waiting is not due", view(end_offset=5), (0, 5), False, False),
+        ("capped by max_batch_messages", view(end_offset=5000), (0, 1000), True, False),
         (
             "a run of unknown range in flight waits",
-            view(end_offset=5000, in_flight=1, backlog_since=3.0),
-            9.0,
+            view(end_offset=5000, in_flight=1),
             None,
-            3.0,
+            False,
+            False,
         ),
         (
             "a follow-up starts where the run in flight ends",
             view(next_offset=0, end_offset=5000, in_flight=1, in_flight_end=1000),
-            9.0,
             (1000, 2000),
-            None,
+            True,
+            True,
         ),
         (
-            "a follow-up lingers like any batch",
+            "a short follow-up is not due",
             view(end_offset=1050, in_flight=1, in_flight_end=1000),
-            9.0,
-            None,
-            9.0,
+            (1000, 1050),
+            False,
+            True,
         ),
         (
             "nothing after the run in flight",
-            view(end_offset=1000, in_flight=1, in_flight_end=1000, backlog_since=2.0),
-            9.0,
+            view(end_offset=1000, in_flight=1, in_flight_end=1000),
             None,
-            None,
+            False,
+            False,
         ),
         (
             "never a second follow-up",
-            view(end_offset=5000, in_flight=2, in_flight_end=2000, backlog_since=3.0),
-            9.0,
+            view(end_offset=5000, in_flight=2, in_flight_end=2000),
             None,
-            3.0,
+            False,
+            False,
         ),
         (
             "a follow-up of the run finishing a pending claim",
@@ -72,57 +78,144 @@ def view(**changes: object) -> PartitionView:
                 in_flight=1,
                 in_flight_end=60,
             ),
-            1.0,
             (60, 1060),
-            None,
+            True,
+            True,
         ),
         (
             "no follow-up past an unfinished claim the run in flight does not cover",
             view(
                 next_offset=10,
                 end_offset=5000,
-                pending=OffsetRange("logs", 0, 10, 600),
+                pending=OffsetRange("logs", 0, 10, 60),
                 in_flight=1,
-                in_flight_end=60,
+                in_flight_end=40,
             ),
-            1.0,
             None,
-            None,
+            False,
+            False,
         ),
         (
-            "pending claim is finished exactly",
+            "a pending claim is relaunched exactly",
             view(next_offset=10, end_offset=5000, pending=OffsetRange("logs", 0, 10, 60)),
-            1.0,
             (10, 60),
-            None,
+            True,
+            False,
         ),
-        # A reset cursor only loses the clock: the next offset comes from the ledger.
-        (
-            "reset cursor",
-            view(next_offset=700, end_offset=750, backlog_since=None),
-            50.0,
-            None,
-            50.0,
-        ),
-        ("archive ahead of the log end", view(next_offset=900, end_offset=800), 1.0, None, None),
     ],
 )
-def test_plan_batch(
+def test_next_range(
     name: str,
     state: PartitionView,
-    now: float,
     launch: tuple[int, int] | None,
-    since: float | None,
+    due: bool,
+    follows: bool,
 ) -> None:
-    plan = plan_batch(state, LIMITS, now)
-    got = None if plan.launch is None else (plan.launch.start, plan.launch.end)
-    assert got == launch, plan.reason
-    assert plan.backlog_since == since
-    assert plan.follows == (launch is not None and state.in_flight == 1)
+    found = next_range(state, LIMITS)
+    if launch is None:
+        assert found is None, name
+        return
+    assert found is not None, name
+    assert (found.batch.start, found.batch.end) == launch, name
+    assert (found.due, found.follows) == (due, follows), name
 
 
-def test_run_key_names_topic_partition_and_range() -> None:
-    assert OffsetRange("logs", 3, 10, 20).run_key == "logs-3-10-20"
+def quiet(partitions: int, waiting: int = 5, group: str = "logs") -> list[PartitionView]:
+    return [view(partition=p, end_offset=waiting, group=group) for p in range(partitions)]
+
+
+def starts(run: RunBatch) -> list[tuple[int, int, int]]:
+    return [(r.partition, r.start, r.end) for r in run.ranges]
+
+
+def test_quiet_partitions_linger_on_one_clock_per_group() -> None:
+    plan = plan_runs(quiet(300), {}, LIMITS, now=100.0)
+    assert plan.runs == ()
+    assert plan.backlog_since == {"logs": 100.0}
+    later = plan_runs(quiet(300), plan.backlog_since, LIMITS, now=114.0)
+    assert later.runs == () and later.backlog_since == {"logs": 100.0}
+
+
+def test_a_lingered_group_launches_every_waiting_partition_in_few_runs() -> None:
+    plan = plan_runs(quiet(300), {"logs": 80.0}, LIMITS, now=100.0)
+    assert [len(r.ranges) for r in plan.runs] == [64, 64, 64, 64, 44]
+    assert sorted(p for r in plan.runs for p, _, _ in starts(r)) == list(range(300))
+    assert plan.backlog_since == {}
+    assert all(not r.follows and r.reason == "lingered 20.0 s" for r in plan.runs)
+
+
+def test_one_full_partition_takes_the_waiting_ones_of_its_group_along() -> None:
+    views = [
+        view(partition=0, end_offset=100, group="a"),
+        view(partition=1, end_offset=3, group="a"),
+    ]
+    views.append(view(topic="other", partition=0, end_offset=3, group="b"))
+    plan = plan_runs(views, {}, LIMITS, now=100.0)
+    assert [starts(r) for r in plan.runs] == [[(0, 0, 100), (1, 0, 3)]]
+    assert plan.backlog_since == {"b": 100.0}
+
+
+def test_a_run_stays_within_the_message_budget_and_follow_ups_run_apart() -> None:
+    views = [
+        view(partition=0, end_offset=900),
+        view(partition=1, end_offset=200),
+        view(partition=2, end_offset=5000, in_flight=1, in_flight_end=1000),
+    ]
+    plan = plan_runs(views, {}, LIMITS, now=1.0)
+    assert sorted((starts(r), r.follows) for r in plan.runs) == [
+        ([(0, 0, 900)], False),
+        ([(1, 0, 200)], False),
+        ([(2, 1000, 2000)], True),
+    ]
+
+
+def test_a_tick_launches_at_most_max_runs_per_tick_the_most_behind_first() -> None:
+    limits = BatchLimits(
+        batch_size=100, linger_seconds=15, max_batch_messages=1000, max_partitions_per_run=2,
+        max_runs_per_tick=2,
+    )  # fmt: skip
+    views = [view(partition=p, end_offset=10 + p, group="logs") for p in range(10)]
+    plan = plan_runs(views, {"logs": 80.0}, limits, now=100.0)
+    assert [starts(r) for r in plan.runs] == [[(9, 0, 19), (8, 0, 18)], [(7, 0, 17), (6, 0, 16)]]
+    # The rest stays due: the next tick launches it without another linger.
+    assert plan.backlog_since == {"logs": 80.0}
+    left = [v for v in views if v.partition < 6]
+    assert len(plan_runs(left, plan.backlog_since, limits, now=101.0).runs) == 2
+
+
+def test_equally_far_behind_partitions_take_turns_over_the_ticks() -> None:
+    limits = BatchLimits(linger_seconds=15, max_partitions_per_run=4, max_runs_per_tick=1)
+    views = [view(partition=p, end_offset=1, group="logs") for p in range(40)]
+    first = {
+        p
+        for t in range(0, 300, 15)
+        for r in plan_runs(views, {"logs": -100.0}, limits, now=float(t)).runs
+        for p, _, _ in starts(r)
+    }
+    assert first == set(range(40))
+
+
+def test_run_keys_tell_groups_apart() -> None:
+    one = RunBatch((OffsetRange("logs", 0, 0, 5),), False, "")
+    two = RunBatch((OffsetRange("logs", 0, 0, 5), OffsetRange("logs", 1, 0, 5)), False, "")
+    other = RunBatch((OffsetRange("logs", 0, 0, 5), OffsetRange("logs", 2, 0, 5)), False, "")
+    assert one.run_key == "logs-0-0-5"
+    assert two.run_key.startswith("logs-0-0-5+1-")
+    assert two.run_key != other.run_key
+
+
+@pytest.mark.parametrize(
+    ("template", "group"),
+    [
+        ("log.pb", ""),
+        ("{date}/log.pb", ""),
+        ("{topic}/log.pb", "logs"),
+        ("{topic}/{partition}.pb", "logs"),
+        ("p{partition}.pb", "logs"),
+    ],
+)
+def test_run_group(template: str, group: str) -> None:
+    assert run_group(template, "logs") == group
 
 
 @pytest.mark.parametrize(
@@ -132,9 +225,10 @@ def test_run_key_names_topic_partition_and_range() -> None:
         {"batch_size": 10, "max_batch_messages": 5},
         {"linger_seconds": -1},
         {"max_batch_bytes": 10},
+        {"max_partitions_per_run": 0},
     ],
 )
-def test_nonsensical_limits_are_refused(limits: dict[str, float]) -> None:
+def test_invalid_limits(limits: dict[str, object]) -> None:
     with pytest.raises(ConfigError):
         BatchLimits(**limits)  # type: ignore[arg-type]
 
