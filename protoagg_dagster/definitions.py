@@ -90,44 +90,47 @@ prune_dagster_runs = retention_job(
     settings.KEEP_RUNS_DAYS.read_float(), settings.KEEP_FAILED_RUNS_DAYS.read_float()
 )
 
-archive_defs = dg.Definitions(
-    assets=[archive_asset, *topic_asset_specs(topic_rules)],
-    asset_checks=[build_archive_checks(topic_rules)],
-    jobs=[archive_kafka_batch, maintain_archive, prune_dagster_runs, restore_archive],
-    schedules=[archive_maintenance, retention_schedule(prune_dagster_runs)],
-    sensors=[kafka_offsets_sensor],
-    resources={
-        # Op outputs stay in memory: the default filesystem IO manager pickled every batch to
-        # disk three times (measured: 21 µs per message, more than any step, and disk that only
-        # grew).
-        "io_manager": dg.mem_io_manager,
-        "kafka": KafkaResource(
-            topics=_value(settings.TOPICS),
-            client=_value(settings.KAFKA_CLIENT),
-            **_kafka_connection(),
-        ),
-        "postgres": postgres,
-        "lease": PartitionLease(postgres=postgres),
-        "gcs": GCSResource(
-            bucket=_value(settings.GCS_BUCKET),
-            object_template=_template(settings.GCS_OBJECT),
-            dead_letter_template=_template(settings.GCS_DEAD_LETTERS),
-            compression=codec.name,
-            compression_level=codec.level,
-            max_object_bytes=settings.MAX_OBJECT_BYTES.read_int(),
-            create_bucket=settings.GCS_CREATE_BUCKET.read_bool(),
-            emulator_host=_value(settings.STORAGE_EMULATOR_HOST),
-        ),
-        "archiver": archiver,
-        "iceberg": IcebergResource(
-            postgres_dsn=_value(settings.POSTGRES_DSN),
-            bucket=_value(settings.GCS_BUCKET),
-            warehouse_prefix=settings.ICEBERG_PREFIX.read(),
-            namespace=settings.ICEBERG_NAMESPACE.read(),
-            rest_uri=_value(settings.ICEBERG_REST_URI),
-            catalog_properties=_value(settings.ICEBERG_CATALOG_PROPERTIES),
-            emulator_host=_value(settings.STORAGE_EMULATOR_HOST),
-        ),
-    },
+# One Definitions at module scope: Dagster's loader refuses a module holding two.
+defs = dg.Definitions.merge(
+    dg.Definitions(
+        assets=[archive_asset, *topic_asset_specs(topic_rules)],
+        asset_checks=[build_archive_checks(topic_rules)],
+        jobs=[archive_kafka_batch, maintain_archive, prune_dagster_runs, restore_archive],
+        schedules=[archive_maintenance, retention_schedule(prune_dagster_runs)],
+        sensors=[kafka_offsets_sensor],
+        resources={
+            # Op outputs stay in memory: the default filesystem IO manager pickled every batch to
+            # disk three times (measured: 21 µs per message, more than any step, and disk that only
+            # grew).
+            "io_manager": dg.mem_io_manager,
+            "kafka": KafkaResource(
+                topics=_value(settings.TOPICS),
+                client=_value(settings.KAFKA_CLIENT),
+                **_kafka_connection(),
+            ),
+            "postgres": postgres,
+            "lease": PartitionLease(postgres=postgres),
+            "gcs": GCSResource(
+                bucket=_value(settings.GCS_BUCKET),
+                object_template=_template(settings.GCS_OBJECT),
+                dead_letter_template=_template(settings.GCS_DEAD_LETTERS),
+                compression=codec.name,
+                compression_level=codec.level,
+                max_object_bytes=settings.MAX_OBJECT_BYTES.read_int(),
+                create_bucket=settings.GCS_CREATE_BUCKET.read_bool(),
+                emulator_host=_value(settings.STORAGE_EMULATOR_HOST),
+            ),
+            "archiver": archiver,
+            "iceberg": IcebergResource(
+                postgres_dsn=_value(settings.POSTGRES_DSN),
+                bucket=_value(settings.GCS_BUCKET),
+                warehouse_prefix=settings.ICEBERG_PREFIX.read(),
+                namespace=settings.ICEBERG_NAMESPACE.read(),
+                rest_uri=_value(settings.ICEBERG_REST_URI),
+                catalog_properties=_value(settings.ICEBERG_CATALOG_PROPERTIES),
+                emulator_host=_value(settings.STORAGE_EMULATOR_HOST),
+            ),
+        },
+    ),
+    build_iceberg_defs(topic_rules),
 )
-defs = dg.Definitions.merge(archive_defs, build_iceberg_defs(topic_rules))

@@ -129,3 +129,12 @@ def test_an_unknown_compression_fails_at_load(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv(settings.COMPRESSION.env, "lz4")
     with pytest.raises(ConfigError, match="PROTOAGG_COMPRESSION"):
         load_definitions()
+
+
+def test_dagsters_loader_finds_exactly_one_definitions() -> None:
+    # workspace.yaml loads the module by name: Dagster refuses one with two Definitions at
+    # module scope, which an import of `defs` alone does not show.
+    from dagster._core.workspace.autodiscovery import loadable_targets_from_python_module
+
+    targets = loadable_targets_from_python_module("protoagg_dagster.definitions", None)
+    assert [target.attribute for target in targets] == ["defs"]
