@@ -227,7 +227,9 @@ def launchpad_yaml(topic: str, start: int, end: int) -> str:
     return (
         "ops:\n"
         "  consume:\n"
-        f"    config: {{topic: {topic}, partition: 0, start_offset: {start}, end_offset: {end}}}\n"
+        "    config:\n"
+        "      ranges:\n"
+        f"        - {{topic: {topic}, partition: 0, start_offset: {start}, end_offset: {end}}}\n"
     )
 
 
@@ -243,8 +245,10 @@ def test_the_ui_shows_the_deployment_and_archives_a_range_launched_from_the_laun
     expect(page.get_by_text("1 code location", exact=True)).to_be_visible()
     expect(page.get_by_text(re.compile(r"^Loaded"))).to_be_visible()
     expect(page.get_by_text(re.compile("error|failed", re.IGNORECASE))).to_have_count(0)
-    # What it defines: one asset, three jobs (archive, upkeep, restore), a schedule, a sensor.
-    for kind, count in (("asset_group", 1), ("job", 3), ("schedule", 1), ("sensors", 1)):
+    # What it defines: two asset groups (the archive, the Iceberg tables); six jobs (archive,
+    # upkeep, run retention, restore, the Iceberg tables and their upkeep); three schedules; two
+    # sensors (the archive's, the Iceberg days').
+    for kind, count in (("asset_group", 2), ("job", 6), ("schedule", 3), ("sensors", 2)):
         expect(page.get_by_role("link", name=f"{kind} {count}", exact=True)).to_be_visible()
 
     # The archive job, its four steps.
