@@ -253,7 +253,8 @@ def test_the_ui_shows_the_deployment_and_archives_a_range_launched_from_the_laun
 
     # The archive job, its four steps.
     page.goto(f"/locations/protoagg/jobs/{JOB}")
-    expect(page.get_by_text("Archive offset ranges [start, end) of Kafka partitions")).to_be_visible()
+    description = "Archive offset ranges [start, end) of Kafka partitions"
+    expect(page.get_by_text(description)).to_be_visible()
     for step in ("consume", "dedupe", "encode", "append"):
         expect(page.get_by_text(step, exact=True).first).to_be_visible()
 
