@@ -68,8 +68,15 @@ def test_the_archive_rolls_over_into_a_sequence_that_cat_verify_and_checks_follo
     numbers = [sequence_number(base, blob.name) for blob in members]
     assert numbers == list(range(len(members))) and len(members) >= 3, numbers
     assert all(0 < (blob.size or 0) <= MAX_OBJECT_BYTES for blob in members)
-    # Each batch's materialization names the object it went to; the sequence holds them all.
-    written = {m["object"] for r in runs for m in r.materializations if m.get("records_appended")}
+    # Each run's materialization names the objects its ranges went to; the sequence holds them
+    # all.
+    written = {
+        name
+        for r in runs
+        for m in r.materializations
+        if m.get("records_appended")
+        for name in m["objects"]
+    }
     assert written == {f"gs://{services.bucket}/{blob.name}" for blob in members}
     check = check_archive(stack)  # every member against Kafka, offsets accounted for once
     assert check.ok, check.summary()

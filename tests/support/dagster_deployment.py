@@ -322,14 +322,34 @@ def run_summaries(deployment: DagsterDeployment) -> list[RunSummary]:
 
 def settled(deployment: DagsterDeployment) -> bool:
     """Every run finished (none queued, starting or running); each failed run due for a retry
-    has it."""
+    has it, or Dagster's retry daemon has read its failure and will not retry it.
+
+    The second case is Dagster's race, not protoagg's: a failure is stored before the run's status
+    and ``dagster/will_retry`` tag, and a daemon pass that reads the event in between sees a run
+    not yet failed and drops the retry for good. The sensor then launches the range again.
+    """
     with deployment.instance() as instance:
         runs = instance.get_runs()
-    if any(run.status not in FINISHED_STATUSES for run in runs):
-        return False
-    parents = {run.tags.get(PARENT_RUN_ID_TAG) for run in runs}
-    return all(
-        run.run_id in parents
-        for run in runs
-        if run.status == dg.DagsterRunStatus.FAILURE and run.tags.get(WILL_RETRY_TAG) == "true"
+        if any(run.status not in FINISHED_STATUSES for run in runs):
+            return False
+        parents = {run.tags.get(PARENT_RUN_ID_TAG) for run in runs}
+        waiting = {
+            run.run_id
+            for run in runs
+            if run.status == dg.DagsterRunStatus.FAILURE
+            and run.tags.get(WILL_RETRY_TAG) == "true"
+            and run.run_id not in parents
+        }
+        return not waiting or not _failures_unread(instance, waiting)
+
+
+def _failures_unread(instance: dg.DagsterInstance, run_ids: set[str]) -> bool:
+    """Whether the retry daemon has yet to read the failure of one of ``run_ids``."""
+    key = f"EVENT_LOG_CONSUMER_CURSOR-{DagsterEventType.RUN_FAILURE.value}"
+    cursor = instance.daemon_cursor_storage.get_cursor_values({key}).get(key)
+    if cursor is None:
+        return True  # the daemon has not read any failure yet
+    unread = instance.event_log_storage.get_logs_for_all_runs_by_log_id(
+        after_cursor=int(cursor), dagster_event_type={DagsterEventType.RUN_FAILURE}
     )
+    return any(entry.run_id in run_ids for entry in unread.values())
