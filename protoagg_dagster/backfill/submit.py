@@ -8,6 +8,7 @@ nothing.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -27,6 +28,11 @@ from protoagg_dagster.core.planning import OffsetRange
 from protoagg_dagster.resources.kafka import KafkaResource
 
 BACKFILL_TAG = "protoagg/backfill"
+# Dagster's run queue starts the highest priority first, then the oldest. A partition's later
+# ranges rank lower, so a range retried after a crash (its retry queued last, with its tags)
+# still starts before them instead of letting them reach the ledger first and spend their own
+# retries on "would leave a gap".
+PRIORITY_TAG = "dagster/priority"
 FINISHED = {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}
 
 
@@ -90,7 +96,10 @@ def submit(
 ) -> list[Submitted]:
     """Queue one run per batch, in offset order."""
     submitted = []
+    position: Counter[tuple[str, int]] = Counter()
     for batch in batches:
+        rank = position[(batch.topic, batch.partition)]
+        position[(batch.topic, batch.partition)] += 1
         try:
             run_id = client.submit_job_execution(
                 archive_kafka_batch.name,
@@ -99,6 +108,7 @@ def submit(
                     **range_tags(batch.topic, batch.partition, batch.start, batch.end),
                     BACKFILL_TAG: label,
                     BACKFILL_PARTITION_TAG: partition_key(batch.topic, batch.partition),
+                    PRIORITY_TAG: str(-rank),
                 },
             )
         except DagsterGraphQLClientError as exc:

@@ -167,29 +167,37 @@ def test_appending_onto_a_held_or_retained_object_fails_at_once_with_a_clear_err
 def test_two_thousand_partitions_append_to_one_object_within_the_metadata_limit(
     services: Services, unique: str, proxy: GcsProxy, bucket: storage.Bucket, postgres_dsn: str
 ) -> None:
-    """The object's bookkeeping is one marker; the partitions' offsets live in the ledger."""
+    """The object's bookkeeping is one marker; the partitions' offsets live in the ledger.
+
+    2,000 partitions go up 64 a run, as the sensor groups them (one upload and one compose per
+    run): the marker stays one entry whatever the number of appends and of partitions.
+    """
     from protoagg_dagster.archive.ledger import AppendLedger, archived_partitions, claim_batch
-    from protoagg_dagster.archive.store import append_batch
+    from protoagg_dagster.archive.store import PieceData, append_pieces
     from protoagg_dagster.core.archive_object import Piece
     from protoagg_dagster.core.planning import OffsetRange
     from protoagg_dagster.resources import PostgresResource
 
-    proxy.mutation_interval = None  # the rate is not under test here: 2,000 appends at speed
-    name, partitions = f"{unique}/log.pb", 2000
+    proxy.mutation_interval = None  # the rate is not under test here: 32 appends at speed
+    name, partitions, per_run = f"{unique}/log.pb", 2000, 64
     with ledger_connection(PostgresResource(dsn=postgres_dsn)) as conn:
         ledger = AppendLedger(conn, services.bucket)
-        for partition in range(partitions):
-            batch = OffsetRange(f"topic-with-a-long-name-{unique}", partition, 0, 1_000_000)
-            claim = claim_batch(conn, batch, [], name, run_id=None)
-            assert claim.batch_id is not None
-            data = f"{partition};".encode()
-            piece = Piece(claim.batch_id, "records", len(data))
-            assert append_batch(bucket, name, batch, piece, data, ledger, sleep=lambda _: None)
+        for first in range(0, partitions, per_run):
+            pieces = []
+            for partition in range(first, min(first + per_run, partitions)):
+                batch = OffsetRange(f"topic-with-a-long-name-{unique}", partition, 0, 1_000_000)
+                claim = claim_batch(conn, batch, [], name, run_id=None)
+                assert claim.batch_id is not None
+                data = f"{partition};".encode()
+                pieces.append(PieceData(batch, Piece(claim.batch_id, "records", len(data)), data))
+            results = append_pieces(bucket, name, pieces, ledger, sleep=lambda _: None)
+            assert all(result.appended for result in results)
+            assert sum(len(k) + len(v) for k, v in bucket.get_blob(name).metadata.items()) < 64
         offsets = archived_partitions(conn, [name])
     blob = bucket.get_blob(name)
     assert blob.download_as_bytes() == b"".join(f"{p};".encode() for p in range(partitions))
-    assert sum(len(k) + len(v) for k, v in blob.metadata.items()) < 64
     assert len(offsets) == partitions and set(offsets.values()) == {1_000_000}
+    assert proxy.count(kind="compose", status=200) <= 2 * partitions // per_run + 2
     assert proxy.count(status=400) == 0
 
 

@@ -1,0 +1,279 @@
+"""Many partitions under steady traffic, through ``dagster-daemon``: latency, runs, Dagster bytes.
+
+    PYTHONPATH=. .venv/bin/python benchmarks/steady_partitions.py [--topics 4]
+        [--partitions 250] [--rate 2000] [--seconds 600] [--sample 10]
+        [--bootstrap HOST:PORT] [--gcs http://HOST:PORT] [--admin-dsn postgresql://...]
+
+``--topics`` topics of ``--partitions`` partitions each (1,000 in all by default). A fresh Dagster
+deployment (``tests/support/dagster_deployment.DagsterDeployment``: DAGSTER_HOME with SQLite
+storage, the run queue of ``deploy/dagster.local.yaml``) archives them with the default settings
+into a fresh PostgreSQL database, one object per topic. After the daemon has booted, a producer
+(librdkafka) sends ``--rate`` seed-shaped messages per second for ``--seconds``, round-robin over
+every partition of every topic.
+
+Latency is produce -> archived: from a message's send time to the ``appended_at`` the ledger
+records for the batch that holds its offset (the moment its compose is done and confirmed). Every
+``--sample``-th message's send time and offset (from its delivery report) are kept.
+
+Reported: the rate achieved, latency p50/p95/p99/max, archive runs launched and per minute,
+the machine's CPU busy share over the steady window (/proc/stat: everything on the machine,
+Kafka, PostgreSQL and the emulator included), archived bytes (the ledger's appended bytes) and
+Dagster's own storage growth (DAGSTER_HOME over a fresh one) per archived MB.
+
+The table, then one JSON line ``{"benchmark": "steady_partitions", ...}`` (the last line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import json
+import sys
+import time
+import uuid
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import psycopg  # noqa: E402
+from confluent_kafka import Producer  # noqa: E402
+
+from benchmarks.e2e_dagster import (  # noqa: E402
+    DEFAULTS,
+    add_service_args,
+    archived_to,
+    create_topic,
+    deployment_env,
+    end_offsets,
+    fresh_database,
+    services_from,
+)
+from benchmarks.latency import percentile  # noqa: E402
+from benchmarks.partition_burst import empty_home_bytes, storage_bytes  # noqa: E402
+from benchmarks.run_once import code_version, make_values  # noqa: E402
+from tests.support.dagster_deployment import (  # noqa: E402
+    DagsterDeployment,
+    run_summaries,
+    settled,
+)
+
+
+def cpu_ticks() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole machine."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+class SteadyProducer:
+    """Sends round-robin over every partition; keeps every ``sample``-th message's send time."""
+
+    def __init__(self, bootstrap: str, targets: list[tuple[str, int]], sample: int) -> None:
+        self.targets = targets
+        self.sample = sample
+        self.sent: dict[tuple[str, int, int], float] = {}
+        self.failed = 0
+        self.count = 0
+        self._producer = Producer(
+            {
+                "bootstrap.servers": bootstrap,
+                "acks": "all",
+                "linger.ms": 20,
+                "queue.buffering.max.messages": 1_000_000,
+            }
+        )
+
+    def send(self, value: bytes) -> None:
+        topic, partition = self.targets[self.count % len(self.targets)]
+        kept = self.count % self.sample == 0
+        sent = time.time()
+
+        def delivered(err: Any, msg: Any) -> None:
+            if err is not None:
+                self.failed += 1
+            elif kept:
+                self.sent[(msg.topic(), msg.partition(), msg.offset())] = sent
+
+        while True:
+            try:
+                self._producer.produce(topic, value, partition=partition, on_delivery=delivered)
+                break
+            except BufferError:
+                self._producer.poll(0.01)
+        self._producer.poll(0)
+        self.count += 1
+
+    def steady(self, values: list[bytes], rate: int, seconds: float) -> tuple[float, float]:
+        started = time.time()
+        total = int(rate * seconds)
+        i = 0
+        while i < total:
+            due = min(int((time.time() - started) * rate), total)
+            while i < due:
+                self.send(values[i % len(values)])
+                i += 1
+            time.sleep(0.01)
+        if self._producer.flush(120) != 0:
+            raise RuntimeError("messages still unacknowledged after 120 s")
+        return started, time.time()
+
+
+def appended_times(dsn: str) -> dict[tuple[str, int], tuple[list[int], list[tuple[int, float]]]]:
+    """Per partition: the appended batches' start offsets (sorted) and (end, appended_at)."""
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT topic, partition, start_offset, end_offset, extract(epoch FROM appended_at) "
+            "FROM archive_batches WHERE state = 'appended' ORDER BY topic, partition, start_offset"
+        ).fetchall()
+    found: dict[tuple[str, int], tuple[list[int], list[tuple[int, float]]]] = defaultdict(
+        lambda: ([], [])
+    )
+    for topic, partition, start, end, at in rows:
+        starts, ends = found[(topic, partition)]
+        starts.append(start)
+        ends.append((end, float(at)))
+    return found
+
+
+def latencies(dsn: str, sent: dict[tuple[str, int, int], float]) -> tuple[list[float], int]:
+    """Each sampled message's produce -> archived seconds, and how many were not found."""
+    batches = appended_times(dsn)
+    values, missing = [], 0
+    for (topic, partition, offset), at in sent.items():
+        starts, ends = batches.get((topic, partition), ([], []))
+        i = bisect.bisect_right(starts, offset) - 1
+        if i < 0 or offset >= ends[i][0]:
+            missing += 1
+            continue
+        values.append(ends[i][1] - at)
+    return values, missing
+
+
+def archived_bytes(dsn: str) -> int:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            "SELECT coalesce(sum(appended_bytes), 0) FROM archive_batches WHERE state = 'appended'"
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--topics", type=int, default=4)
+    parser.add_argument("--partitions", type=int, default=250, help="per topic")
+    parser.add_argument("--rate", type=int, default=2000, help="messages per second, in all")
+    parser.add_argument("--seconds", type=float, default=600.0)
+    parser.add_argument("--sample", type=int, default=10, help="keep every n-th send time")
+    parser.add_argument("--drain", type=float, default=600.0, help="seconds to wait after")
+    add_service_args(parser)
+    args = parser.parse_args()
+    svc = services_from(parser, args)
+    token = uuid.uuid4().hex[:8]
+    topics = [f"bench-steady-{token}-{t}" for t in range(args.topics)]
+    for topic in topics:
+        create_topic(svc.kafka(topic), topic, args.partitions)
+    targets = [(t, p) for p in range(args.partitions) for t in topics]
+    values, _ = make_values(20_000, 0.0, 29)
+    home = ROOT / ".protoagg" / "bench-steady" / token
+    result: dict[str, Any] = {
+        "benchmark": "steady_partitions",
+        "code": code_version(),
+        "topics": args.topics,
+        "partitions": args.topics * args.partitions,
+        "rate": args.rate,
+        "seconds": args.seconds,
+        "settings": DEFAULTS,
+    }
+    producer = SteadyProducer(svc.bootstrap, targets, args.sample)
+    with fresh_database(svc) as dsn:
+        env = deployment_env(
+            svc, ",".join(topics), dsn, f"bench-steady/{token}/{{topic}}/log.pb", {}
+        )
+        deployment = DagsterDeployment("steady", home, env)
+        ends: dict[str, dict[int, int]] = {}
+        try:
+            deployment.start()
+            time.sleep(20)  # the daemon and its code server boot; not measured
+            busy0, total0 = cpu_ticks()
+            started, ended = producer.steady(values, args.rate, args.seconds)
+            busy1, total1 = cpu_ticks()
+            ends = {t: end_offsets(svc.kafka(t), t) for t in topics}
+            deadline = time.monotonic() + args.drain
+            drained = None
+            while time.monotonic() < deadline:
+                if all(archived_to(dsn, t, ends[t]) for t in topics):
+                    drained = time.time() - ended
+                    break
+                if not deployment.running():
+                    raise RuntimeError(f"dagster-daemon exited\n{deployment.log_tail()}")
+                time.sleep(1)
+            settle = time.monotonic() + 180
+            while not settled(deployment) and time.monotonic() < settle:
+                time.sleep(1)
+        finally:
+            deployment.stop()
+        found, missing = latencies(dsn, producer.sent)
+        appended = archived_bytes(dsn)
+    runs = [r for r in run_summaries(deployment) if r.job_name == "archive_kafka_batch"]
+    in_window = [r for r in runs if started <= r.created_time <= ended]
+    sizes = storage_bytes(home)
+    empty = empty_home_bytes(home.with_name(home.name + "-empty"))
+    dagster = sizes["storage"] + sizes["compute_logs"] - empty
+    sent = producer.count
+    result.update(
+        {
+            "sent": sent,
+            "achieved_rate": sent / (ended - started),
+            "delivery_failures": producer.failed,
+            "drained_s_after_producing": drained,
+            "latency_s": {
+                "sampled": len(found),
+                "missing": missing,
+                "p50": percentile(found, 50),
+                "p95": percentile(found, 95),
+                "p99": percentile(found, 99),
+                "max": max(found, default=None),
+            },
+            "runs": len(runs),
+            "runs_failed": sum(r.status != "SUCCESS" for r in runs),
+            "runs_per_minute_steady": len(in_window) / ((ended - started) / 60),
+            "cpu_busy_share": (busy1 - busy0) / max(total1 - total0, 1),
+            "archived_bytes": appended,
+            "dagster_bytes": dagster,
+            "dagster_bytes_per_archived_mb": dagster / (appended / 1e6) if appended else None,
+            "dagster_share_of_archive": dagster / appended if appended else None,
+        }
+    )
+    lat = result["latency_s"]
+
+    def sec(v: float | None) -> str:
+        return "-" if v is None else f"{v:.1f}"
+
+    print(f"{result['partitions']} partitions ({args.topics} topics), {args.seconds:.0f} s:")
+    print(f"  sent                    {sent:,} ({result['achieved_rate']:,.0f} msg/s)")
+    print(f"  drained after producing {sec(drained)} s")
+    print(
+        f"  produce -> archived     p50 {sec(lat['p50'])} s, p95 {sec(lat['p95'])} s, "
+        f"p99 {sec(lat['p99'])} s, max {sec(lat['max'])} s "
+        f"({lat['sampled']:,} sampled, {missing} not archived)"
+    )
+    print(
+        f"  archive runs            {len(runs)} ({result['runs_failed']} not succeeded), "
+        f"{result['runs_per_minute_steady']:.1f} per minute while producing"
+    )
+    print(f"  machine CPU busy        {result['cpu_busy_share']:.0%} of 2 cores' time")
+    print(f"  archived                {appended / 1e6:.1f} MB")
+    print(
+        f"  Dagster storage growth  {dagster / 1e6:.2f} MB "
+        f"({(result['dagster_share_of_archive'] or 0):.2%} of the archive)"
+    )
+    print(json.dumps(result))
+    return 0 if drained is not None and missing == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
