@@ -6,15 +6,32 @@ runs all day. The ``prune_dagster_runs`` job, on the hourly ``dagster_run_retent
 ``PROTOAGG_KEEP_RUNS_DAYS`` (failed runs after ``PROTOAGG_KEEP_FAILED_RUNS_DAYS``), with their
 events, through Dagster's own ``delete_run``, in chunks, at most ``max_runs`` per pass. It never
 touches protoagg's ledger: which offsets are archived, and where, stays in PostgreSQL.
+
+The sensor's lag observations belong to no run, so deleting runs leaves them: about two a
+minute, forever. The same job deletes those of protoagg's assets older than the runs' limit,
+keeping each asset's newest. Dagster has no call for that (``delete_run`` takes a run), so it
+deletes them from the event log's own tables, as ``delete_run`` does for a run's events.
 """
 
 import datetime
 
 import dagster as dg
+import sqlalchemy as db
+from dagster._core.events import DagsterEventType
+from dagster._core.instance.utils import RUNLESS_RUN_ID
+from dagster._core.storage.event_log.schema import AssetEventTagsTable, SqlEventLogStorageTable
+from dagster._core.storage.event_log.sql_event_log import SqlEventLogStorage
 from pydantic import Field
+
+from protoagg_dagster.archive.assets import ARCHIVE_ASSET
 
 # A chunk of runs is listed, then deleted one by one (each delete removes the run's events too).
 CHUNK_RUNS = 100
+# Observations are deleted this many at a time (one statement each).
+CHUNK_OBSERVATIONS = 1_000
+# The archive asset and each topic entry's (kafka_archive_<topic>): Dagster stores an asset key
+# as its JSON list of parts.
+OBSERVED_KEYS_LIKE = ARCHIVE_ASSET.to_string()[:-2] + "%"
 # Runs of these jobs are deleted; restore runs are rare and kept.
 PRUNED_JOBS = ("archive_kafka_batch", "maintain_archive", "prune_dagster_runs")
 _DELETED_STATUSES = (dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.CANCELED)
@@ -47,11 +64,64 @@ def prune_runs(context: dg.OpExecutionContext, config: RunRetentionConfig) -> in
         before = now - datetime.timedelta(days=days)
         for job in PRUNED_JOBS:
             deleted += _prune(context, job, statuses, before, config.max_runs - deleted)
+    observations = prune_observations(
+        context.instance, now - datetime.timedelta(days=config.keep_days), config.max_runs
+    )
     context.log.info(
         f"deleted {deleted} runs and their events (finished over {config.keep_days:g} days ago, "
-        f"failed over {config.keep_failed_days:g} days ago)"
+        f"failed over {config.keep_failed_days:g} days ago) and {observations} of the sensor's "
+        "lag observations"
         + ("; more remain for the next pass" if deleted >= config.max_runs else "")
     )
+    return deleted
+
+
+def prune_observations(instance: dg.DagsterInstance, before: datetime.datetime, most: int) -> int:
+    """Delete old runless observations of protoagg's assets; return how many.
+
+    At most ``most``, those stored before ``before``, never an asset's newest.
+    """
+    storage = instance.event_log_storage
+    if not isinstance(storage, SqlEventLogStorage):
+        return 0  # not a SQL event log (none of Dagster's OSS storages): nothing to reach
+    table = SqlEventLogStorageTable
+    ours: db.ColumnElement[bool] = db.and_(
+        table.c.run_id == RUNLESS_RUN_ID,
+        table.c.dagster_event_type == DagsterEventType.ASSET_OBSERVATION.value,
+        table.c.asset_key.like(OBSERVED_KEYS_LIKE),
+    )
+    # The event log stores UTC without a time zone.
+    cutoff = before.astimezone(datetime.UTC).replace(tzinfo=None)
+    # SQLite keeps runless events in a shard of their own and copies asset events into its
+    # index shard; PostgreSQL has one table, which the second pass then finds empty.
+    with storage.run_connection(RUNLESS_RUN_ID) as conn:
+        deleted = _delete_old(conn, ours, cutoff, most)
+    with storage.index_connection() as conn:
+        deleted += _delete_old(conn, ours, cutoff, most - deleted)
+    return deleted
+
+
+def _delete_old(
+    conn: db.engine.Connection,
+    ours: db.ColumnElement[bool],
+    cutoff: datetime.datetime,
+    most: int,
+) -> int:
+    table = SqlEventLogStorageTable
+    newest = db.select(db.func.max(table.c.id)).where(ours).group_by(table.c.asset_key)
+    kept = {row[0] for row in conn.execute(newest)}
+    deleted = 0
+    while deleted < most:
+        chosen = db.select(table.c.id).where(ours, table.c.timestamp < cutoff)
+        if kept:
+            chosen = chosen.where(table.c.id.not_in(kept))
+        limit = min(CHUNK_OBSERVATIONS, most - deleted)
+        ids = [row[0] for row in conn.execute(chosen.limit(limit))]
+        if not ids:
+            break
+        conn.execute(table.delete().where(table.c.id.in_(ids)))
+        conn.execute(AssetEventTagsTable.delete().where(AssetEventTagsTable.c.event_id.in_(ids)))
+        deleted += len(ids)
     return deleted
 
 

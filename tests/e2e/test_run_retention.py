@@ -5,6 +5,7 @@ from __future__ import annotations
 import dagster as dg
 import psycopg
 
+from protoagg_dagster.archive.assets import ARCHIVE_ASSET
 from protoagg_dagster.archive.job import archive_kafka_batch
 from protoagg_dagster.archive.run_tags import range_run_config
 from protoagg_dagster.definitions import prune_dagster_runs
@@ -21,6 +22,13 @@ def prune(instance: dg.DagsterInstance, keep_days: float) -> int:
     )
     assert result.success
     return int(result.output_for_node("prune_runs"))
+
+
+def observations(instance: dg.DagsterInstance, key: dg.AssetKey) -> list[int]:
+    """The "seen" numbers of the asset's observations, oldest first."""
+    records = instance.fetch_observations(key, limit=100).records
+    found = [r.asset_observation for r in records if r.asset_observation is not None]
+    return sorted(int(o.metadata["seen"].value) for o in found)  # type: ignore[arg-type]
 
 
 def ledger_rows(dsn: str, topic: str) -> list[tuple[object, ...]]:
@@ -62,6 +70,14 @@ def test_retention_deletes_old_finished_runs_and_their_events_and_nothing_else(
             run_config={"ops": {"restore_records": {"config": {"sources": [], "to_topic": "t"}}}},
             status=dg.DagsterRunStatus.SUCCESS,
         ).run_id
+        # The sensor's lag observations belong to no run; another code location's asset too.
+        topic_asset = dg.AssetKey(f"kafka_archive_{topic}")
+        other = dg.AssetKey("someone_elses")
+        for seen in range(3):
+            for key in (ARCHIVE_ASSET, topic_asset, other):
+                instance.report_runless_asset_event(
+                    dg.AssetObservation(key, metadata={"seen": seen})
+                )
         ledger = ledger_rows(postgres_dsn, topic)
         assert len(ledger) == 2
         before = {r.run_id for r in instance.get_runs()}
@@ -69,12 +85,17 @@ def test_retention_deletes_old_finished_runs_and_their_events_and_nothing_else(
         # Everything is younger than the default two weeks: nothing goes.
         assert prune(instance, keep_days=14) == 0
         assert before <= {r.run_id for r in instance.get_runs()}
+        assert observations(instance, ARCHIVE_ASSET) == [0, 1, 2]
 
         assert prune(instance, keep_days=0) == 3  # the two archive runs, the first prune run
         left = {r.run_id for r in instance.get_runs()}
         assert not set(archived) & left
         assert {failed, working, restore} <= left
         assert all(instance.all_logs(run_id) == [] for run_id in archived)
+        # protoagg's old observations go, each asset's newest stays; other assets' stay.
+        assert observations(instance, ARCHIVE_ASSET) == [2]
+        assert observations(instance, topic_asset) == [2]
+        assert observations(instance, other) == [0, 1, 2]
     # The ledger and the archive are the source of truth and stay as they were.
     assert ledger_rows(postgres_dsn, topic) == ledger
     assert [r.message for r in archived_records(stack)] == [f"#{i}" for i in range(40)]
