@@ -92,12 +92,14 @@ def prune_observations(instance: dg.DagsterInstance, before: datetime.datetime, 
     )
     # The event log stores UTC without a time zone.
     cutoff = before.astimezone(datetime.UTC).replace(tzinfo=None)
-    # SQLite keeps runless events in a shard of their own and copies asset events into its
-    # index shard; PostgreSQL has one table, which the second pass then finds empty.
-    with storage.run_connection(RUNLESS_RUN_ID) as conn:
-        deleted = _delete_old(conn, ours, cutoff, most)
+    # The index holds every asset event on every SQL storage, so it decides (and counts). SQLite
+    # keeps a second copy of runless events in a shard of their own: those go up to the same
+    # moment. On PostgreSQL both connections reach one table, and the second pass finds it done.
     with storage.index_connection() as conn:
-        deleted += _delete_old(conn, ours, cutoff, most - deleted)
+        deleted, reached = _delete_old(conn, ours, cutoff, most)
+    if reached is not None:
+        with storage.run_connection(RUNLESS_RUN_ID) as conn:
+            _delete_old(conn, ours, reached + datetime.timedelta(microseconds=1), most)
     return deleted
 
 
@@ -106,23 +108,30 @@ def _delete_old(
     ours: db.ColumnElement[bool],
     cutoff: datetime.datetime,
     most: int,
-) -> int:
+) -> tuple[int, datetime.datetime | None]:
+    """Delete old observations of ``ours``; how many, and the latest time deleted.
+
+    Up to ``most``, stored before ``cutoff``, oldest first, never an asset's newest.
+    """
     table = SqlEventLogStorageTable
     newest = db.select(db.func.max(table.c.id)).where(ours).group_by(table.c.asset_key)
     kept = {row[0] for row in conn.execute(newest)}
-    deleted = 0
+    deleted, reached = 0, None
     while deleted < most:
-        chosen = db.select(table.c.id).where(ours, table.c.timestamp < cutoff)
+        chosen = db.select(table.c.id, table.c.timestamp).where(ours, table.c.timestamp < cutoff)
         if kept:
             chosen = chosen.where(table.c.id.not_in(kept))
         limit = min(CHUNK_OBSERVATIONS, most - deleted)
-        ids = [row[0] for row in conn.execute(chosen.limit(limit))]
-        if not ids:
+        rows = conn.execute(chosen.order_by(table.c.id).limit(limit)).fetchall()
+        if not rows:
             break
+        ids = [row[0] for row in rows]
         conn.execute(table.delete().where(table.c.id.in_(ids)))
         conn.execute(AssetEventTagsTable.delete().where(AssetEventTagsTable.c.event_id.in_(ids)))
         deleted += len(ids)
-    return deleted
+        latest = max(row[1] for row in rows)
+        reached = latest if reached is None else max(reached, latest)
+    return deleted, reached
 
 
 def _prune(
