@@ -153,12 +153,15 @@ def latencies(dsn: str, sent: dict[tuple[str, int, int], float]) -> tuple[list[f
     return values, missing
 
 
-def archived_bytes(dsn: str) -> int:
+def archived_bytes(dsn: str) -> tuple[int, int]:
+    """The ledger's appended bytes, and its appends: (run, object) pairs, one upload and one
+    compose each (the class A operations; the temporary object's delete is free)."""
     with psycopg.connect(dsn) as conn:
         row = conn.execute(
-            "SELECT coalesce(sum(appended_bytes), 0) FROM archive_batches WHERE state = 'appended'"
+            "SELECT coalesce(sum(appended_bytes), 0), count(DISTINCT (run_id, object_name)) "
+            "FROM archive_batches WHERE state = 'appended'"
         ).fetchone()
-    return int(row[0]) if row else 0
+    return (int(row[0]), int(row[1])) if row else (0, 0)
 
 
 def main() -> int:
@@ -217,7 +220,7 @@ def main() -> int:
         finally:
             deployment.stop()
         found, missing = latencies(dsn, producer.sent)
-        appended = archived_bytes(dsn)
+        appended, appends = archived_bytes(dsn)
     runs = [r for r in run_summaries(deployment) if r.job_name == "archive_kafka_batch"]
     in_window = [r for r in runs if started <= r.created_time <= ended]
     sizes = storage_bytes(home)
@@ -243,6 +246,9 @@ def main() -> int:
             "runs_per_minute_steady": len(in_window) / ((ended - started) / 60),
             "cpu_busy_share": (busy1 - busy0) / max(total1 - total0, 1),
             "archived_bytes": appended,
+            "appends": appends,
+            "class_a_operations": 2 * appends,
+            "dagster_bytes_per_run": dagster / len(runs) if runs else None,
             "dagster_bytes": dagster,
             "dagster_bytes_per_archived_mb": dagster / (appended / 1e6) if appended else None,
             "dagster_share_of_archive": dagster / appended if appended else None,
