@@ -42,7 +42,8 @@ def project(steady: dict[str, Any], partitions: int, keep_days: float) -> dict[s
     measured = steady["partitions"]
     per_run = int(MAX_PARTITIONS_PER_RUN.default)
     scale = math.ceil(partitions / per_run) / math.ceil(measured / per_run)
-    ticks_per_minute = 60 / float(SENSOR_INTERVAL_SECONDS.default)
+    # The daemon evaluates sensors every 5 s at the most.
+    ticks_per_minute = 60 / max(float(SENSOR_INTERVAL_SECONDS.default), 5.0)
     cap = int(MAX_RUNS_PER_TICK.default) * ticks_per_minute
     runs_per_minute = min(steady["runs_per_minute_steady"] * scale, cap)
     runs_per_day = runs_per_minute * 1440
