@@ -8,8 +8,8 @@
 deployment (``tests/support/dagster_deployment.DagsterDeployment``: DAGSTER_HOME with SQLite
 storage, the run queue of ``deploy/dagster.local.yaml``) archives them with the default settings
 into a fresh PostgreSQL database, one object per topic. After the daemon has booted, a producer
-(librdkafka) sends ``--rate`` seed-shaped messages per second for ``--seconds``, round-robin over
-every partition of every topic.
+(librdkafka) sends ``--rate`` seed-shaped messages per second for ``--seconds``, each with a new
+logId, round-robin over every partition of every topic.
 
 Latency is produce -> archived: from a message's send time to the ``appended_at`` the ledger
 records for the batch that holds its offset (the moment its compose is done and confirmed). Every
@@ -52,9 +52,9 @@ from benchmarks.e2e_dagster import (  # noqa: E402
     fresh_database,
     services_from,
 )
-from benchmarks.latency import percentile  # noqa: E402
+from benchmarks.latency import percentile, value  # noqa: E402
 from benchmarks.partition_burst import empty_home_bytes, storage_bytes  # noqa: E402
-from benchmarks.run_once import code_version, make_values  # noqa: E402
+from benchmarks.run_once import code_version  # noqa: E402
 from tests.support.dagster_deployment import (  # noqa: E402
     DagsterDeployment,
     run_summaries,
@@ -107,14 +107,15 @@ class SteadyProducer:
         self._producer.poll(0)
         self.count += 1
 
-    def steady(self, values: list[bytes], rate: int, seconds: float) -> tuple[float, float]:
+    def steady(self, rate: int, seconds: float) -> tuple[float, float]:
         started = time.time()
         total = int(rate * seconds)
         i = 0
         while i < total:
             due = min(int((time.time() - started) * rate), total)
             while i < due:
-                self.send(values[i % len(values)])
+                # A new logId each: nothing is a duplicate, every message is archived.
+                self.send(value(str(uuid.uuid4()), i, time.time()))
                 i += 1
             time.sleep(0.01)
         if self._producer.flush(120) != 0:
@@ -180,7 +181,6 @@ def main() -> int:
     for topic in topics:
         create_topic(svc.kafka(topic), topic, args.partitions)
     targets = [(t, p) for p in range(args.partitions) for t in topics]
-    values, _ = make_values(20_000, 0.0, 29)
     home = ROOT / ".protoagg" / "bench-steady" / token
     result: dict[str, Any] = {
         "benchmark": "steady_partitions",
@@ -202,7 +202,7 @@ def main() -> int:
             deployment.start()
             time.sleep(20)  # the daemon and its code server boot; not measured
             busy0, total0 = cpu_ticks()
-            started, ended = producer.steady(values, args.rate, args.seconds)
+            started, ended = producer.steady(args.rate, args.seconds)
             busy1, total1 = cpu_ticks()
             ends = {t: end_offsets(svc.kafka(t), t) for t in topics}
             deadline = time.monotonic() + args.drain
