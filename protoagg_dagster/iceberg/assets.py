@@ -17,7 +17,6 @@ from protoagg_dagster.archive.ledger import ledger_connection
 from protoagg_dagster.core.formats import TopicRule
 from protoagg_dagster.core.table_days import parse_day
 from protoagg_dagster.iceberg.day_index import archived_rows, ensure_index_schema, index_batches
-from protoagg_dagster.iceberg.writer import day_filter, write_day
 from protoagg_dagster.resources import GCSResource, PostgresResource
 from protoagg_dagster.resources.iceberg import IcebergResource
 
@@ -75,6 +74,9 @@ def _table_asset(
         postgres: PostgresResource,
         iceberg: IcebergResource,
     ) -> dg.MaterializeResult:  # type: ignore[type-arg]
+        # pyiceberg and pyarrow load when a day is written, not in every archive run's process.
+        from protoagg_dagster.iceberg.writer import day_filter, write_day
+
         day = parse_day(context.partition_key)
         bucket = gcs.get_bucket()
         catalog = iceberg.get_catalog()

@@ -30,7 +30,6 @@ from google.cloud import storage
 from protoagg_dagster.core.archive_object import archive_compression
 from protoagg_dagster.core.compression import decompressed
 from protoagg_dagster.core.table_days import DayState, day_of
-from protoagg_dagster.iceberg.columns import record_times
 
 # Kept in one place so it can become one numbered migration of protoagg_dagster/schema/.
 INDEX_SCHEMA = """
@@ -187,6 +186,9 @@ def _index_batch(
     format_name: str,
     compressions: dict[str, str],
 ) -> None:
+    # pyarrow loads with the first batch indexed, not when the definitions are imported.
+    from protoagg_dagster.iceberg.columns import record_times
+
     days: Counter[int] = Counter()
     newest: int | None = None
     if batch.length:

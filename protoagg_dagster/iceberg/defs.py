@@ -9,7 +9,6 @@ from protoagg_dagster.core import settings
 from protoagg_dagster.core.formats import TopicRule
 from protoagg_dagster.core.table_days import day_key, parse_day
 from protoagg_dagster.iceberg.assets import GROUP, JOB_NAME, build_table_assets, named_topics
-from protoagg_dagster.iceberg.maintenance import clean_table
 from protoagg_dagster.iceberg.sensor import build_days_sensor
 from protoagg_dagster.resources import GCSResource
 from protoagg_dagster.resources.iceberg import IcebergResource
@@ -37,6 +36,8 @@ def build_maintenance(rules: tuple[TopicRule, ...]) -> dg.JobDefinition:
         iceberg: IcebergResource,
     ) -> None:
         """Expire old snapshots of each topic table and delete the files none references."""
+        from protoagg_dagster.iceberg.maintenance import clean_table  # loads pyiceberg
+
         catalog = iceberg.get_catalog()
         client = gcs.get_client()
         for topic in topics:

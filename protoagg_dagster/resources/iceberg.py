@@ -8,16 +8,17 @@ catalog (BigLake metastore, Polaris, Lakekeeper) is used instead when ``rest_uri
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import dagster as dg
 import psycopg
 from pydantic import Field
-from pyiceberg.catalog import Catalog
-from pyiceberg.catalog.rest import RestCatalog
-from pyiceberg.catalog.sql import SqlCatalog
 
 from protoagg_dagster.core.errors import ConfigError
+
+if TYPE_CHECKING:
+    from pyiceberg.catalog import Catalog
 
 CATALOG_SCHEMA = "protoagg_iceberg"
 CATALOG_NAME = "protoagg"
@@ -67,6 +68,11 @@ class IcebergResource(dg.ConfigurableResource):  # type: ignore[type-arg]
         return properties
 
     def get_catalog(self) -> Catalog:
+        # pyiceberg (and pyarrow) load here, not at import: every archive run process imports
+        # the definitions, and they cost it more than a second of start-up.
+        from pyiceberg.catalog.rest import RestCatalog
+        from pyiceberg.catalog.sql import SqlCatalog
+
         """A catalog client; creates the SQL catalog's schema and tables on first use."""
         properties = {"warehouse": self.warehouse, **self.file_io_properties()}
         properties |= _parse_properties(self.catalog_properties)
