@@ -20,6 +20,7 @@ import dagster as dg
 import pytest
 from dagster._core.storage.tags import WILL_RETRY_TAG
 
+from protoagg_dagster.archive.job import archive_kafka_batch
 from protoagg_dagster.archive.run_tags import range_run_config
 from tests.conftest import ROOT, Services
 from tests.helpers import archived_to_end, log_value
@@ -179,7 +180,7 @@ def test_a_wrong_password_fails_the_run_once_in_words_and_the_sensor_in_one_line
             # Only the archive job's: an hourly upkeep schedule may fire (and succeed, with no
             # such tag) while the test waits, as it did in a clean run at 16:15 UTC.
             with deployment.instance() as instance:
-                runs = instance.get_runs(dg.RunsFilter(job_name="archive_kafka_batch"))
+                runs = instance.get_runs(dg.RunsFilter(job_name=archive_kafka_batch.name))
             return bool(runs) and all(WILL_RETRY_TAG in r.tags for r in runs)
 
         _wait("the launched run failed", failed_and_judged, 180, alive)
