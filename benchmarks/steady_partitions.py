@@ -2,6 +2,7 @@
 
     PYTHONPATH=. .venv/bin/python benchmarks/steady_partitions.py [--topics 4]
         [--partitions 250] [--rate 2000] [--seconds 600] [--sample 10]
+        [--set PROTOAGG_NAME=VALUE ...]
         [--bootstrap HOST:PORT] [--gcs http://HOST:PORT] [--admin-dsn postgresql://...]
 
 ``--topics`` topics of ``--partitions`` partitions each (1,000 in all by default). A fresh Dagster
@@ -15,9 +16,13 @@ Latency is produce -> archived: from a message's send time to the ``appended_at`
 records for the batch that holds its offset (the moment its compose is done and confirmed). Every
 ``--sample``-th message's send time and offset (from its delivery report) are kept.
 
+``--set`` overrides a setting of the deployment (repeatable), e.g. ``--set
+PROTOAGG_MAX_PARTITIONS_PER_RUN=256``.
+
 Reported: the rate achieved, latency p50/p95/p99/max, archive runs launched and per minute,
 the machine's CPU busy share over the steady window (/proc/stat: everything on the machine,
-Kafka, PostgreSQL and the emulator included), archived bytes (the ledger's appended bytes) and
+Kafka, PostgreSQL and the emulator included) and its split by kind of process
+(``cpu_split.py``), archived bytes (the ledger's appended bytes) and
 Dagster's own storage growth (DAGSTER_HOME over a fresh one) per archived MB.
 
 The table, then one JSON line ``{"benchmark": "steady_partitions", ...}`` (the last line).
@@ -42,6 +47,7 @@ if str(ROOT) not in sys.path:
 import psycopg  # noqa: E402
 from confluent_kafka import Producer  # noqa: E402
 
+from benchmarks.cpu_split import CpuSplit  # noqa: E402
 from benchmarks.e2e_dagster import (  # noqa: E402
     DEFAULTS,
     add_service_args,
@@ -173,9 +179,17 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=600.0)
     parser.add_argument("--sample", type=int, default=10, help="keep every n-th send time")
     parser.add_argument("--drain", type=float, default=600.0, help="seconds to wait after")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="PROTOAGG_NAME=VALUE",
+        help="a setting of the deployment (repeatable)",
+    )
     add_service_args(parser)
     args = parser.parse_args()
     svc = services_from(parser, args)
+    overrides = dict(item.split("=", 1) for item in args.set)
     token = uuid.uuid4().hex[:8]
     topics = [f"bench-steady-{token}-{t}" for t in range(args.topics)]
     for topic in topics:
@@ -189,12 +203,12 @@ def main() -> int:
         "partitions": args.topics * args.partitions,
         "rate": args.rate,
         "seconds": args.seconds,
-        "settings": DEFAULTS,
+        "settings": {**DEFAULTS, **overrides},
     }
     producer = SteadyProducer(svc.bootstrap, targets, args.sample)
     with fresh_database(svc) as dsn:
         env = deployment_env(
-            svc, ",".join(topics), dsn, f"bench-steady/{token}/{{topic}}/log.pb", {}
+            svc, ",".join(topics), dsn, f"bench-steady/{token}/{{topic}}/log.pb", overrides
         )
         deployment = DagsterDeployment("steady", home, env)
         ends: dict[str, dict[int, int]] = {}
@@ -202,7 +216,9 @@ def main() -> int:
             deployment.start()
             time.sleep(20)  # the daemon and its code server boot; not measured
             busy0, total0 = cpu_ticks()
+            split = CpuSplit().start()
             started, ended = producer.steady(args.rate, args.seconds)
+            split.stop()
             busy1, total1 = cpu_ticks()
             ends = {t: end_offsets(svc.kafka(t), t) for t in topics}
             deadline = time.monotonic() + args.drain
@@ -245,6 +261,7 @@ def main() -> int:
             "runs_failed": sum(r.status != "SUCCESS" for r in runs),
             "runs_per_minute_steady": len(in_window) / ((ended - started) / 60),
             "cpu_busy_share": (busy1 - busy0) / max(total1 - total0, 1),
+            "cpu_seconds_by_process": split.seconds(),
             "archived_bytes": appended,
             "appends": appends,
             "class_a_operations": 2 * appends,
@@ -272,6 +289,8 @@ def main() -> int:
         f"{result['runs_per_minute_steady']:.1f} per minute while producing"
     )
     print(f"  machine CPU busy        {result['cpu_busy_share']:.0%} of 2 cores' time")
+    for kind, used in result["cpu_seconds_by_process"].items():
+        print(f"    {kind:21} {used:7.1f} CPU s ({used / (ended - started) / 2:.0%} of 2 cores)")
     print(f"  archived                {appended / 1e6:.1f} MB")
     print(
         f"  Dagster storage growth  {dagster / 1e6:.2f} MB "
