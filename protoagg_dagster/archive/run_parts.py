@@ -149,6 +149,10 @@ class RangeFailures:
                 f"{', '.join(map(str, batches))}: {exc}"
             )
 
+    def has(self, batch: OffsetRange) -> bool:
+        """Whether ``batch`` failed at this step."""
+        return any(f.batch == batch for f in self.failed)
+
     def raise_if_all_failed(self, ranges: int) -> None:
         """Re-raise the first error if all ``ranges`` the step was given failed."""
         if self._first is not None and len(self.failed) >= ranges:

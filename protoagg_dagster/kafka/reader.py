@@ -10,7 +10,7 @@ several times fewer CPU microseconds per message) give the same messages and the
 from __future__ import annotations
 
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -23,6 +23,11 @@ from protoagg_dagster.core.records import KafkaMessage
 # Messages per chunk: large enough that per-call costs vanish, small enough that a caller can
 # parse one chunk while the client fetches the next.
 CHUNK_MESSAGES = 10_000
+# Partitions kafka-python reads at once: each poll costs it a look at every assigned partition,
+# and returns the records of a few, so a poll per partition makes larger sets cost quadratically.
+READ_TOGETHER = 100
+# The fewest records a poll of several ranges asks for (see KafkaPythonReader._together).
+MIN_POLL = 50
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,8 @@ class RangeRead:
 
 
 ChunkSource = Generator[list[KafkaMessage], None, RangeEnd]
+# Chunks of several ranges read together, each with its range's place in the request.
+ManyChunkSource = Generator[tuple[int, list[KafkaMessage]], None, list[RangeEnd]]
 
 
 class RangeChunks:
@@ -72,6 +79,81 @@ class RangeChunks:
         return self._end
 
 
+class RangesChunks:
+    """Several ranges read together: ``(i, chunk)`` pairs, chunk of the ``i``-th range asked.
+
+    Each range's chunks come in offset order; chunks of different ranges interleave. ``ends``
+    (in the order asked) once every chunk has been taken.
+    """
+
+    def __init__(self, source: ManyChunkSource) -> None:
+        self._source = source
+        self._ends: list[RangeEnd] | None = None
+
+    def __iter__(self) -> Iterator[tuple[int, list[KafkaMessage]]]:
+        self._ends = yield from self._source
+
+    @property
+    def ends(self) -> list[RangeEnd]:
+        if self._ends is None:
+            raise RuntimeError("RangesChunks.ends is known only once every chunk has been taken")
+        return self._ends
+
+
+def one_of(source: ManyChunkSource) -> ChunkSource:
+    """The chunks of a read of one range, as a one-range source."""
+    try:
+        while True:
+            try:
+                _, chunk = next(source)
+            except StopIteration as stop:
+                ends: list[RangeEnd] = stop.value
+                return ends[0]
+            yield chunk
+    finally:
+        source.close()  # a read given up early resumes its partitions now, not when collected
+
+
+def as_many(source: ChunkSource) -> ManyChunkSource:
+    """A read of one range as a read of several: its chunks are the first range's."""
+    while True:
+        try:
+            chunk = next(source)
+        except StopIteration as stop:
+            end: RangeEnd = stop.value
+            return [end]
+        yield 0, chunk
+
+
+def in_turn(
+    read_some: Callable[[Sequence[OffsetRange], int], ManyChunkSource],
+    wanted: Sequence[OffsetRange],
+    max_bytes: int,
+    together: int,
+) -> ManyChunkSource:
+    """``wanted`` read ``together`` ranges at a time with ``read_some``, sharing ``max_bytes``."""
+    ends: list[RangeEnd] = []
+    left = max_bytes
+    for first in range(0, len(wanted), together):
+        some = wanted[first : first + together]
+        if left <= 0:
+            ends += [
+                RangeEnd(OffsetRange(r.topic, r.partition, r.start, r.start), 0, 0) for r in some
+            ]
+            continue
+        source = read_some(some, left)
+        while True:
+            try:
+                i, chunk = next(source)
+            except StopIteration as stop:
+                done: list[RangeEnd] = stop.value
+                break
+            yield first + i, chunk
+        ends += done
+        left -= sum(end.value_bytes for end in done)
+    return ends
+
+
 class RangeReader(Protocol):
     """What archiving needs of a Kafka client: exact ranges, and offsets by time."""
 
@@ -88,6 +170,21 @@ class RangeReader(Protocol):
         read_committed consumer, retention) are passed over: a read ends on the consumer's
         position, which moves past them, not on a message count; the range is complete even
         when its last offsets hold nothing.
+        """
+        ...
+
+    def read_ranges(
+        self,
+        wanted: Sequence[OffsetRange],
+        max_bytes: int,
+        timeout_seconds: float = 120.0,
+        chunk_messages: int = CHUNK_MESSAGES,
+    ) -> RangesChunks:
+        """``read_chunks`` of several ranges (one per partition) at once, sharing ``max_bytes``.
+
+        One assignment fetches them all, so a run of hundreds of small ranges costs a few
+        fetches rather than a round of requests per range. At the byte limit every range not yet
+        read to its end stops where it stands, as ``read_chunks`` does.
         """
         ...
 
@@ -161,49 +258,126 @@ class KafkaPythonReader:
         timeout_seconds: float = 120.0,
         chunk_messages: int = CHUNK_MESSAGES,
     ) -> RangeChunks:
-        return RangeChunks(self._chunks(wanted, max_bytes, timeout_seconds, chunk_messages))
+        return RangeChunks(
+            one_of(self._together([wanted], max_bytes, timeout_seconds, chunk_messages))
+        )
 
-    def _chunks(
-        self, wanted: OffsetRange, max_bytes: int, timeout_seconds: float, chunk_messages: int
-    ) -> ChunkSource:
+    def read_ranges(
+        self,
+        wanted: Sequence[OffsetRange],
+        max_bytes: int,
+        timeout_seconds: float = 120.0,
+        chunk_messages: int = CHUNK_MESSAGES,
+    ) -> RangesChunks:
+        if len({(r.topic, r.partition) for r in wanted}) < len(wanted):
+            raise ValueError(f"one range per partition, got {', '.join(map(str, wanted))}")
+        return RangesChunks(
+            in_turn(
+                lambda some, left: self._together(some, left, timeout_seconds, chunk_messages),
+                wanted,
+                max_bytes,
+                READ_TOGETHER,
+            )
+        )
+
+    def _together(
+        self,
+        wanted: Sequence[OffsetRange],
+        max_bytes: int,
+        timeout_seconds: float,
+        chunk_messages: int,
+    ) -> ManyChunkSource:
         consumer = self._consumer
-        tp = TopicPartition(wanted.topic, wanted.partition)
-        consumer.assign([tp])
-        log_start = consumer.beginning_offsets([tp])[tp]
-        start = max(wanted.start, log_start)
-        consumer.seek(tp, start)
-        value_bytes = 0
-        end = wanted.end
-        deadline = time.monotonic() + timeout_seconds
-        while start < end and consumer.position(tp) < end:
-            if time.monotonic() > deadline:
-                raise timed_out(wanted, timeout_seconds, consumer.position(tp))
-            polled = consumer.poll(timeout_ms=1000, max_records=chunk_messages).get(tp, [])
-            chunk: list[KafkaMessage] = []
-            for record in polled:
-                if record.offset >= end:
-                    break
-                value = record.value
-                chunk.append(
-                    KafkaMessage(
-                        record.topic,
-                        record.partition,
-                        record.offset,
-                        record.timestamp,
-                        record.key,
-                        value,
-                        tuple(record.headers) if record.headers else (),
-                        record.timestamp_type,
-                    )
+        tps = [TopicPartition(r.topic, r.partition) for r in wanted]
+        index = {tp: i for i, tp in enumerate(tps)}
+        consumer.assign(tps)
+        try:
+            # kafka-python leaves out of its answer the partitions of a topic whose metadata it
+            # does not hold yet (3.0.12: a KeyError); asking for the topic first fetches it.
+            for topic in {tp.topic for tp in tps}:
+                consumer.partitions_for_topic(topic)
+            log_starts = consumer.beginning_offsets(tps)
+            starts = [max(r.start, log_starts[tp]) for r, tp in zip(wanted, tps, strict=True)]
+            ends = [r.end for r in wanted]
+            # Where each read stands: past the last message handed over.
+            reached = list(starts)
+            value_bytes = [0] * len(tps)
+            reading: set[TopicPartition] = set()
+            for i, tp in enumerate(tps):
+                if starts[i] < ends[i]:
+                    consumer.seek(tp, starts[i])
+                    reading.add(tp)
+                else:
+                    consumer.pause(tp)
+            total = 0
+            deadline = time.monotonic() + timeout_seconds
+            while reading:
+                if time.monotonic() > deadline:
+                    late = min(reading, key=index.__getitem__)
+                    raise timed_out(wanted[index[late]], timeout_seconds, consumer.position(late))
+                full = False
+                # kafka-python decodes a partition's fetched records as a poll takes them, and
+                # drops the rest undecoded once the partition is paused: asking no more than the
+                # shortest range still wants keeps a small range from decoding a big backlog.
+                wants = min(ends[index[tp]] - reached[index[tp]] for tp in reading)
+                polled = consumer.poll(
+                    timeout_ms=1000, max_records=min(chunk_messages, max(wants, MIN_POLL))
                 )
-                value_bytes += len(value) if value is not None else 0
-                if value_bytes >= max_bytes:
-                    end = record.offset + 1
+                for tp, records in polled.items():
+                    i = index[tp]
+                    end = ends[i]
+                    chunk: list[KafkaMessage] = []
+                    for record in records:
+                        if record.offset >= end:
+                            break
+                        value = record.value
+                        chunk.append(
+                            KafkaMessage(
+                                record.topic,
+                                record.partition,
+                                record.offset,
+                                record.timestamp,
+                                record.key,
+                                value,
+                                tuple(record.headers) if record.headers else (),
+                                record.timestamp_type,
+                            )
+                        )
+                        size = len(value) if value is not None else 0
+                        value_bytes[i] += size
+                        total += size
+                        if total >= max_bytes:
+                            full = True
+                            break
+                    if chunk:
+                        reached[i] = chunk[-1].offset + 1
+                        yield i, chunk
+                    if full:
+                        break
+                if full:
+                    # The byte limit: each unfinished range ends where its read stands (a later
+                    # run reads on from there); one with nothing read yet is empty.
+                    for tp in reading:
+                        ends[index[tp]] = reached[index[tp]]
                     break
-            if chunk:
-                yield chunk
-        batch = OffsetRange(wanted.topic, wanted.partition, wanted.start, end)
-        return RangeEnd(batch, value_bytes, skipped=min(start, end) - wanted.start)
+                # The position moves past offsets holding no message (see read_chunks); a poll
+                # returns few partitions' records, so only those are looked at, all when it
+                # returned nothing.
+                for tp in [tp for tp in polled if tp in reading] if polled else list(reading):
+                    if consumer.position(tp) >= ends[index[tp]]:
+                        reading.discard(tp)
+                        consumer.pause(tp)
+        finally:
+            # kafka-python keeps a pause across assign() of the same partition.
+            consumer.resume(*tps)
+        return [
+            RangeEnd(
+                OffsetRange(r.topic, r.partition, r.start, end),
+                value_bytes[i],
+                skipped=min(start, end) - r.start,
+            )
+            for i, (r, start, end) in enumerate(zip(wanted, starts, ends, strict=True))
+        ]
 
     def timestamps_at(self, offsets: dict[TopicPartition, int]) -> dict[TopicPartition, int]:
         consumer = self._consumer

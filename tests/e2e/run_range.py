@@ -56,7 +56,7 @@ def _before(module: ModuleType, name: str) -> None:
 
 
 CRASH_POINTS: dict[str, Callable[[], None]] = {
-    "after_consume": lambda: _after(ops, "read_into"),
+    "after_consume": lambda: _after(ops, "read_together"),
     "after_claim": lambda: _after(ops, "claim_batch"),
     "after_upload": lambda: _before(archive_store, "_compose_queued"),
     "after_compose": lambda: _before(archive_store, "_delete_quietly"),

@@ -147,7 +147,7 @@ def test_kafka_restart_mid_run_is_survived_and_archives_once(
         own_kafka.down()
         own_kafka.up()
 
-    restart_before_first_call(monkeypatch, "read_into", restart)
+    restart_before_first_call(monkeypatch, "read_together", restart)
     result = run_range(stack, 50)
     assert result.success
     assert_archived_exactly_once(stack, 50)

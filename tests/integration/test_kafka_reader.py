@@ -16,7 +16,7 @@ from protoagg_dagster.core.errors import BackendError
 from protoagg_dagster.core.planning import OffsetRange
 from protoagg_dagster.core.records import KafkaMessage
 from protoagg_dagster.core.settings import KAFKA_CLIENTS
-from protoagg_dagster.kafka.reader import RangeRead, read_range
+from protoagg_dagster.kafka.reader import RangeEnd, RangeRead, read_range
 from protoagg_dagster.resources import KafkaResource
 from tests.conftest import Services
 
@@ -204,6 +204,57 @@ def test_the_read_comes_in_chunks_that_add_up_to_the_range(
     assert max(sizes) <= 700 and len(sizes) >= 4
     assert chunks.end.batch == OffsetRange(topic, 0, 100, 2_400)
     assert chunks.end.value_bytes == 4 * 2_300
+
+
+@pytest.mark.parametrize("client", KAFKA_CLIENTS)
+def test_ranges_read_together_are_each_read_alone_and_share_the_byte_limit(
+    services: Services, unique: str, client: str
+) -> None:
+    topic = f"together-{unique}"
+    kafka = resource(services, topic, client)
+    admin = kafka.get_admin()
+    try:
+        admin.create_topics([NewTopic(topic, 6, replication_factor=1)])
+    finally:
+        admin.close()
+    producer = kafka.get_producer()
+    for partition in range(6):
+        for i in range(50):
+            producer.send(topic, value=b"p%d-%04d" % (partition, i), partition=partition)
+    producer.flush()
+    producer.close()
+    wanted = [
+        OffsetRange(topic, 0, 10, 50),
+        OffsetRange(topic, 1, 0, 50),
+        OffsetRange(topic, 2, 45, 50),
+        OffsetRange(topic, 3, 0, 1),
+        OffsetRange(topic, 5, 20, 30),
+    ]
+    alone = [read(kafka, w) for w in wanted]
+
+    def together(max_bytes: int) -> tuple[list[list[KafkaMessage]], list[RangeEnd]]:
+        got: list[list[KafkaMessage]] = [[] for _ in wanted]
+        reader = kafka.get_reader()
+        try:
+            chunks = reader.read_ranges(wanted, max_bytes, timeout_seconds=30)
+            for i, chunk in chunks:
+                got[i].extend(chunk)
+        finally:
+            reader.close()
+        return got, chunks.ends
+
+    got, ends = together(1 << 30)
+    assert got == [a.messages for a in alone]
+    assert [(e.batch, e.value_bytes, e.skipped) for e in ends] == [
+        (a.batch, a.value_bytes, a.skipped) for a in alone
+    ]
+    # 7-byte values: the read stops at the message that reaches 140 bytes, whichever range
+    # holds it; each range ends right after what it handed over (nothing: an empty range).
+    got, ends = together(140)
+    assert sum(len(m) for m in got) == 20
+    for w, messages, end in zip(wanted, got, ends, strict=True):
+        assert [m.offset for m in messages] == list(range(w.start, end.batch.end))
+        assert end.value_bytes == 7 * len(messages)
 
 
 @pytest.mark.parametrize("client", KAFKA_CLIENTS)

@@ -18,7 +18,7 @@ from protoagg_dagster.archive import store as archive_store
 from protoagg_dagster.definitions import defs
 
 HOOKS: dict[str, tuple[ModuleType, str]] = {
-    "consume": (ops, "read_into"),
+    "consume": (ops, "read_together"),
     "compose": (archive_store, "_compose_queued"),
 }
 
