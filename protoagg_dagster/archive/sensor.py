@@ -49,7 +49,6 @@ from protoagg_dagster.core.planning import (
     PartitionView,
     RunBatch,
     plan_runs,
-    run_group,
 )
 from protoagg_dagster.core.storage_bill import bill_findings, expected_appends_per_day
 from protoagg_dagster.kafka.reader import offsets_at_time, timestamps_at
@@ -68,17 +67,18 @@ STARTUP_GRACE_SECONDS = 300.0
 
 @dataclass
 class SensorCursor:
-    """Backlog clocks per run group, liveness clocks per run, and what was checked when.
+    """The backlog clock, liveness clocks per run, and what was checked when.
 
     ``bill_checked``: the bucket's settings were read for what appends cost (first tick);
     ``observed_at``: when the lag was last observed. Dagster stores the cursor at every tick,
-    so it holds nothing per partition: its size grows with run groups (topics) and runs in
-    flight, not with partitions. Only a convenience: the ledger's archived positions are the
+    so it holds nothing per partition: its size grows with the runs in flight, not with
+    partitions. Only a convenience: the ledger's archived positions are the
     truth (a partition's first offset, when ``start_from`` is not ``earliest``, is written
     there at once), so a lost cursor costs at most one extra linger period.
     """
 
-    backlog_since: dict[str, float]
+    # Since when a backlog lingers (None: nothing waits).
+    backlog_since: float | None
     # Per STARTED run whose lease was last seen free: since when (a lost cursor restarts the
     # clock, which only delays declaring a dead run dead).
     lease_free_since: dict[str, float]
@@ -88,10 +88,13 @@ class SensorCursor:
     @classmethod
     def loads(cls, text: str | None) -> "SensorCursor":
         if not text:
-            return cls({}, {})
+            return cls(None, {})
         raw = json.loads(text)
+        since = raw.get("backlog_since")
+        if isinstance(since, dict):  # a cursor of before, with a clock per topic: the oldest
+            since = min(since.values(), default=None)
         return cls(
-            dict(raw.get("backlog_since", {})),
+            None if since is None else float(since),
             dict(raw.get("lease_free_since", {})),
             bool(raw.get("bill_checked", False)),
             float(raw.get("observed_at", 0.0)),
@@ -176,7 +179,6 @@ def kafka_offsets_sensor(
             starts = _next_offsets(
                 consumer, topic, bounds[topic], known, archiver.start_choice(), first_offsets
             )
-            group = run_group(gcs.object_template, topic)
             for partition, (_, log_end) in bounds[topic].items():
                 key = partition_key(topic, partition)
                 state = known.get(partition)
@@ -188,7 +190,6 @@ def kafka_offsets_sensor(
                     pending=state.pending if state is not None else None,
                     in_flight=in_flight.get(key, NONE_IN_FLIGHT).runs,
                     in_flight_end=in_flight.get(key, NONE_IN_FLIGHT).end,
-                    group=group,
                 )
                 views.append(view)
                 behind[TopicPartition(topic, partition)] = (

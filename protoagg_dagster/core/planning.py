@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from protoagg_dagster.core.errors import ConfigError
@@ -47,7 +47,7 @@ class BatchLimits:
     linger_seconds: float = 15.0
     max_batch_messages: int = 200_000
     max_batch_bytes: int = 128 * 1024 * 1024
-    max_partitions_per_run: int = 64
+    max_partitions_per_run: int = 1000
     # Runs one tick launches at most, whatever the number of partitions: what does not fit
     # stays due and goes at the next tick, the ranges most behind first.
     max_runs_per_tick: int = 16
@@ -81,8 +81,7 @@ class PartitionView:
     append was not confirmed: it must be finished, exactly as claimed, before anything else.
     ``in_flight`` counts the runs holding a range of the partition that have not finished
     (queued, starting or working); ``in_flight_end`` is where the last of those ranges ends, when
-    the sensor knows it (a run of another deployment is seen only by its lease). ``group`` names
-    the partitions whose ranges may share a run (``run_group``).
+    the sensor knows it (a run of another deployment is seen only by its lease).
     """
 
     topic: str
@@ -92,7 +91,6 @@ class PartitionView:
     pending: OffsetRange | None = None
     in_flight: int = 0
     in_flight_end: int | None = None
-    group: str = ""
 
 
 @dataclass(frozen=True)
@@ -165,64 +163,54 @@ class RunBatch:
 
 @dataclass(frozen=True)
 class RunsPlan:
-    """The runs to launch at a tick and the backlog clock of each group still lingering."""
+    """The runs to launch at a tick, and since when a backlog lingers (None: none waits)."""
 
     runs: tuple[RunBatch, ...]
-    backlog_since: dict[str, float]
+    backlog_since: float | None
 
 
 def plan_runs(
     views: Sequence[PartitionView],
-    backlog_since: Mapping[str, float],
+    backlog_since: float | None,
     limits: BatchLimits,
     now: float,
 ) -> RunsPlan:
     """Group the partitions' next ranges into runs.
 
-    A group launches when one of its ranges is due (``batch_size`` messages wait, or a claim is
-    unfinished) or when its backlog is ``linger_seconds`` old; then every range of the group
-    that waits goes along, so a tick launches about ``partitions with a backlog /
-    max_partitions_per_run`` runs per group, not one per partition. The clock is one per group:
-    the time the sensor first saw a backlog in it, so the cursor stays small whatever the
-    number of partitions. Follow-ups go in runs of their own, which wait for their partitions'
-    leases; a range larger than what is left of a run's message budget starts the next run. A
-    tick launches at most ``max_runs_per_tick`` runs, the largest first; the rest stay due.
+    Runs launch when one range is due (``batch_size`` messages wait, or a claim is unfinished)
+    or when the backlog is ``linger_seconds`` old; then every range that waits goes along, of
+    every topic, so a tick launches about ``partitions with a backlog / max_partitions_per_run``
+    runs, not one per partition or per topic. The clock is the time the sensor first saw a
+    backlog, so the cursor stays small whatever the number of partitions. Follow-ups go in runs
+    of their own, which wait for their partitions' leases; a range larger than what is left of
+    a run's message budget starts the next run. A tick launches at most ``max_runs_per_tick``
+    runs, the largest first; the rest stay due.
     """
-    candidates: dict[str, list[Candidate]] = {}
-    for view in views:
-        found = next_range(view, limits)
-        if found is not None:
-            candidates.setdefault(view.group, []).append(found)
-    runs: list[tuple[str, RunBatch]] = []
-    clocks: dict[str, float] = {}
+    waiting = [found for view in views if (found := next_range(view, limits)) is not None]
+    if not waiting:
+        return RunsPlan((), None)
+    since = now if backlog_since is None else backlog_since
+    full = any(c.due for c in waiting)
+    if not full and now - since < limits.linger_seconds:
+        return RunsPlan((), since)
     # Ties between equally far behind partitions go round over the ticks, so none waits for ever.
     turn = int(now / max(limits.linger_seconds, 1.0))
-    for group, waiting in sorted(candidates.items()):
-        since = backlog_since.get(group, now)
-        full = any(c.due for c in waiting)
-        if not full and now - since < limits.linger_seconds:
-            clocks[group] = since
-            continue
-        reason = "batch full" if full else f"lingered {now - since:.1f} s"
-        for follows in (False, True):
-            ranges = _in_turn(
-                [c.batch for c in waiting if c.follows is follows],
-                turn * limits.max_partitions_per_run,
-            )
-            runs += [
-                (
-                    group,
-                    RunBatch(
-                        chunk, follows, reason + ("; follows the runs in flight" if follows else "")
-                    ),
-                )
-                for chunk in _pack(ranges, limits)
-            ]
-    runs.sort(key=lambda found: -found[1].messages)
-    for group, _ in runs[limits.max_runs_per_tick :]:
-        # Left for the next tick, still due.
-        clocks[group] = backlog_since.get(group, now - limits.linger_seconds)
-    return RunsPlan(tuple(run for _, run in runs[: limits.max_runs_per_tick]), clocks)
+    reason = "batch full" if full else f"lingered {now - since:.1f} s"
+    runs: list[RunBatch] = []
+    for follows in (False, True):
+        ranges = _in_turn(
+            [c.batch for c in waiting if c.follows is follows],
+            turn * limits.max_partitions_per_run,
+        )
+        runs += [
+            RunBatch(chunk, follows, reason + ("; follows the runs in flight" if follows else ""))
+            for chunk in _pack(ranges, limits)
+        ]
+    runs.sort(key=lambda run: -run.messages)
+    # What does not fit is left for the next tick, still due.
+    left = len(runs) > limits.max_runs_per_tick
+    clock = (since if backlog_since is not None else now - limits.linger_seconds) if left else None
+    return RunsPlan(tuple(runs[: limits.max_runs_per_tick]), clock)
 
 
 def _in_turn(ranges: list[OffsetRange], shift: int) -> list[OffsetRange]:
@@ -251,15 +239,6 @@ def _pack(ranges: Sequence[OffsetRange], limits: BatchLimits) -> list[tuple[Offs
     if chunk:
         chunks.append(tuple(chunk))
     return chunks
-
-
-def run_group(template: str, topic: str) -> str:
-    """Which partitions may share a run, given the object template.
-
-    Ranges bound for one object share its upload and compose, so a template naming no topic
-    and no partition groups every topic; otherwise the ranges of one topic share a run.
-    """
-    return topic if "{topic}" in template or "{partition}" in template else ""
 
 
 def split_range(whole: OffsetRange, max_messages: int) -> list[OffsetRange]:

@@ -164,8 +164,8 @@ MAX_BATCH_BYTES = Setting(
 )
 MAX_PARTITIONS_PER_RUN = Setting(
     "PROTOAGG_MAX_PARTITIONS_PER_RUN",
-    "64",
-    "most partitions whose ranges one run archives (ranges of one topic, or of one shared object)",
+    "1000",
+    "most partitions whose ranges one run archives, of any topics",
 )
 MAX_RUNS_PER_TICK = Setting(
     "PROTOAGG_MAX_RUNS_PER_TICK",

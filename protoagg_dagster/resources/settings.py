@@ -31,7 +31,7 @@ class ArchiverSettings(dg.ConfigurableResource):  # type: ignore[type-arg]
         description="Most value bytes one run reads, all its ranges together (bounds memory).",
     )
     max_partitions_per_run: int = Field(
-        default=64, description="Most partitions whose ranges one run archives."
+        default=1000, description="Most partitions whose ranges one run archives."
     )
     max_runs_per_tick: int = Field(
         default=16,

@@ -92,6 +92,8 @@ def test_hundreds_of_partitions_are_archived_by_a_few_runs_exactly_once(
         "PROTOAGG_GCS_OBJECT": stack.gcs.object_template,
         "STORAGE_EMULATOR_HOST": services.gcs_url,
         "PROTOAGG_LINGER_SECONDS": "1",
+        # Smaller than the default, so that the partitions take several runs sharing the object.
+        "PROTOAGG_MAX_PARTITIONS_PER_RUN": "64",
     }
     deployment = DagsterDeployment("many", tmp_path / "many", env)
     archive_with_daemon(deployment, postgres_dsn, topic, PARTITIONS, PER_PARTITION, 600.0)

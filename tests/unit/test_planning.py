@@ -8,7 +8,6 @@ from protoagg_dagster.core.planning import (
     RunBatch,
     next_range,
     plan_runs,
-    run_group,
 )
 
 LIMITS = BatchLimits(batch_size=100, linger_seconds=15, max_batch_messages=1000)
@@ -120,39 +119,45 @@ def test_next_range(
     assert (found.due, found.follows) == (due, follows), name
 
 
-def quiet(partitions: int, waiting: int = 5, group: str = "logs") -> list[PartitionView]:
-    return [view(partition=p, end_offset=waiting, group=group) for p in range(partitions)]
+def quiet(partitions: int, waiting: int = 5) -> list[PartitionView]:
+    return [view(partition=p, end_offset=waiting) for p in range(partitions)]
 
 
 def starts(run: RunBatch) -> list[tuple[int, int, int]]:
     return [(r.partition, r.start, r.end) for r in run.ranges]
 
 
-def test_quiet_partitions_linger_on_one_clock_per_group() -> None:
-    plan = plan_runs(quiet(300), {}, LIMITS, now=100.0)
+def test_quiet_partitions_linger_on_one_clock() -> None:
+    plan = plan_runs(quiet(300), None, LIMITS, now=100.0)
     assert plan.runs == ()
-    assert plan.backlog_since == {"logs": 100.0}
+    assert plan.backlog_since == 100.0
     later = plan_runs(quiet(300), plan.backlog_since, LIMITS, now=114.0)
-    assert later.runs == () and later.backlog_since == {"logs": 100.0}
+    assert later.runs == () and later.backlog_since == 100.0
+    assert plan_runs(quiet(300, waiting=0), 100.0, LIMITS, now=114.0).backlog_since is None
 
 
-def test_a_lingered_group_launches_every_waiting_partition_in_few_runs() -> None:
-    plan = plan_runs(quiet(300), {"logs": 80.0}, LIMITS, now=100.0)
+def test_a_lingered_backlog_launches_every_waiting_partition_in_few_runs() -> None:
+    limits = BatchLimits(
+        batch_size=100, linger_seconds=15, max_batch_messages=1000, max_partitions_per_run=64
+    )
+    plan = plan_runs(quiet(300), 80.0, limits, now=100.0)
     assert [len(r.ranges) for r in plan.runs] == [64, 64, 64, 64, 44]
     assert sorted(p for r in plan.runs for p, _, _ in starts(r)) == list(range(300))
-    assert plan.backlog_since == {}
+    assert plan.backlog_since is None
     assert all(not r.follows and r.reason == "lingered 20.0 s" for r in plan.runs)
 
 
-def test_one_full_partition_takes_the_waiting_ones_of_its_group_along() -> None:
+def test_one_full_partition_takes_every_waiting_range_along_whatever_its_topic() -> None:
     views = [
-        view(partition=0, end_offset=100, group="a"),
-        view(partition=1, end_offset=3, group="a"),
+        view(partition=0, end_offset=100),
+        view(partition=1, end_offset=3),
+        view(topic="other", partition=0, end_offset=3),
     ]
-    views.append(view(topic="other", partition=0, end_offset=3, group="b"))
-    plan = plan_runs(views, {}, LIMITS, now=100.0)
-    assert [starts(r) for r in plan.runs] == [[(0, 0, 100), (1, 0, 3)]]
-    assert plan.backlog_since == {"b": 100.0}
+    plan = plan_runs(views, None, LIMITS, now=100.0)
+    assert [[(r.topic, r.partition, r.start, r.end) for r in run.ranges] for run in plan.runs] == [
+        [("logs", 0, 0, 100), ("logs", 1, 0, 3), ("other", 0, 0, 3)]
+    ]
+    assert plan.backlog_since is None
 
 
 def test_a_run_stays_within_the_message_budget_and_follow_ups_run_apart() -> None:
@@ -161,7 +166,7 @@ def test_a_run_stays_within_the_message_budget_and_follow_ups_run_apart() -> Non
         view(partition=1, end_offset=200),
         view(partition=2, end_offset=5000, in_flight=1, in_flight_end=1000),
     ]
-    plan = plan_runs(views, {}, LIMITS, now=1.0)
+    plan = plan_runs(views, None, LIMITS, now=1.0)
     assert sorted((starts(r), r.follows) for r in plan.runs) == [
         ([(0, 0, 900)], False),
         ([(1, 0, 200)], False),
@@ -174,22 +179,22 @@ def test_a_tick_launches_at_most_max_runs_per_tick_the_most_behind_first() -> No
         batch_size=100, linger_seconds=15, max_batch_messages=1000, max_partitions_per_run=2,
         max_runs_per_tick=2,
     )  # fmt: skip
-    views = [view(partition=p, end_offset=10 + p, group="logs") for p in range(10)]
-    plan = plan_runs(views, {"logs": 80.0}, limits, now=100.0)
+    views = [view(partition=p, end_offset=10 + p) for p in range(10)]
+    plan = plan_runs(views, 80.0, limits, now=100.0)
     assert [starts(r) for r in plan.runs] == [[(9, 0, 19), (8, 0, 18)], [(7, 0, 17), (6, 0, 16)]]
     # The rest stays due: the next tick launches it without another linger.
-    assert plan.backlog_since == {"logs": 80.0}
+    assert plan.backlog_since == 80.0
     left = [v for v in views if v.partition < 6]
     assert len(plan_runs(left, plan.backlog_since, limits, now=101.0).runs) == 2
 
 
 def test_equally_far_behind_partitions_take_turns_over_the_ticks() -> None:
     limits = BatchLimits(linger_seconds=15, max_partitions_per_run=4, max_runs_per_tick=1)
-    views = [view(partition=p, end_offset=1, group="logs") for p in range(40)]
+    views = [view(partition=p, end_offset=1) for p in range(40)]
     first = {
         p
         for t in range(0, 300, 15)
-        for r in plan_runs(views, {"logs": -100.0}, limits, now=float(t)).runs
+        for r in plan_runs(views, -100.0, limits, now=float(t)).runs
         for p, _, _ in starts(r)
     }
     assert first == set(range(40))
@@ -202,20 +207,6 @@ def test_run_keys_tell_groups_apart() -> None:
     assert one.run_key == "logs-0-0-5"
     assert two.run_key.startswith("logs-0-0-5+1-")
     assert two.run_key != other.run_key
-
-
-@pytest.mark.parametrize(
-    ("template", "group"),
-    [
-        ("log.pb", ""),
-        ("{date}/log.pb", ""),
-        ("{topic}/log.pb", "logs"),
-        ("{topic}/{partition}.pb", "logs"),
-        ("p{partition}.pb", "logs"),
-    ],
-)
-def test_run_group(template: str, group: str) -> None:
-    assert run_group(template, "logs") == group
 
 
 @pytest.mark.parametrize(
