@@ -35,6 +35,7 @@ from protoagg_dagster.archive.ledger import (
 )
 from protoagg_dagster.archive.partition_lease import PartitionLease
 from protoagg_dagster.archive.run_parts import (
+    RANGE_ERRORS,
     Appended,
     ArchiveRunConfig,
     Claimed,
@@ -47,9 +48,8 @@ from protoagg_dagster.archive.run_parts import (
 )
 from protoagg_dagster.archive.run_report import run_events
 from protoagg_dagster.archive.run_tags import is_follow_up
-from protoagg_dagster.archive.store import PieceData, append_batch, append_pieces
+from protoagg_dagster.archive.store import AppendResult, PieceData, append_batch, append_pieces
 from protoagg_dagster.core.archive_object import Piece, object_name
-from protoagg_dagster.core.batch import BatchBuilder
 from protoagg_dagster.core.compression import NONE
 from protoagg_dagster.core.dead_letters import encode_envelopes
 from protoagg_dagster.core.errors import ConfigError
@@ -146,25 +146,29 @@ def consume(
     started = time.perf_counter()
     formats = archiver.topic_formats(kafka.topics)
     failures = RangeFailures("consume", context)
-    parts: list[Consumed] = []
     left_out: list[str] = []
-    budget = archiver.max_batch_bytes
-    reader: RangeReader | None = None
-    try:
-        with ledger_connection(postgres) as conn:
-            for wanted in config.offset_ranges():
-                with failures.each([wanted]):
-                    why = _left_out(context, conn, lease, wanted, budget)
-                    if why:
-                        left_out.append(f"{wanted} ({why})")
-                        continue
-                    reader = reader or kafka.get_reader()
-                    consumed = _read(formats, archiver, reader, wanted, budget)
-                    budget -= consumed.read.value_bytes
-                    parts.append(consumed)
-    finally:
-        if reader is not None:
+    wanted: list[OffsetRange] = []
+    with ledger_connection(postgres) as conn:
+        for offered in config.offset_ranges():
+            with failures.each([offered]):
+                why = _left_out(context, conn, lease, offered)
+                if why:
+                    left_out.append(f"{offered} ({why})")
+                else:
+                    wanted.append(offered)
+    parts: list[Consumed] = []
+    if wanted:
+        reader = kafka.get_reader()
+        try:
+            parts = _read_all(context, formats, archiver, reader, wanted, failures)
+        finally:
             reader.close()
+    read = {(p.read.batch.topic, p.read.batch.partition) for p in parts}
+    left_out += [
+        f"{w} (the run's byte limit is used up)"
+        for w in wanted
+        if (w.topic, w.partition) not in read and not failures.has(w)
+    ]
     failures.raise_if_all_failed(len(config.ranges))
     elapsed = time.perf_counter() - started
     messages = sum(p.records.messages for p in parts)
@@ -189,7 +193,6 @@ def _left_out(
     conn: psycopg.Connection,
     lease: PartitionLease,
     wanted: OffsetRange,
-    budget: int,
 ) -> str:
     """Why the run does not read ``wanted``, or "" to read it."""
     if not lease.holds(wanted.topic, wanted.partition):
@@ -201,39 +204,78 @@ def _left_out(
     # next range from the archived position, and this one would leave a gap.
     if is_follow_up(context.run) and (archived_to is None or archived_to < wanted.start):
         return f"follows a run that did not archive up to {wanted.start} (archived: {archived_to})"
-    if budget <= 0:
-        return "the run's byte limit is used up"
     return ""
 
 
-def _read(
+def _read_all(
+    context: dg.OpExecutionContext,
     formats: TopicFormats,
     archiver: ArchiverSettings,
     reader: RangeReader,
-    wanted: OffsetRange,
-    max_bytes: int,
-) -> Consumed:
-    archive_format = formats.format_for(wanted.topic)
-    rule = rule_for(formats.rules, wanted.topic)
-    assets = (ARCHIVE_ASSET,) + ((topic_asset_key(rule),) if rule is not None else ())
-    builder = archive_format.batch_builder(
-        wanted.topic, wanted.partition, archiver.max_message_bytes
+    wanted: list[OffsetRange],
+    failures: RangeFailures,
+) -> list[Consumed]:
+    """Read ``wanted`` together; the ranges read, in order, each parsed as its chunks arrive.
+
+    The ranges share the run's byte limit: those it leaves unread are missing from the list.
+    Should reading them together fail (a partition offline, a topic refused), they are
+    read again one at a time, so that one partition's failure is its range's alone.
+    """
+    if len(wanted) > 1:
+        try:
+            return read_together(formats, archiver, reader, wanted)
+        except RANGE_ERRORS as exc:
+            context.log.warning(
+                f"consume: reading {len(wanted)} ranges together failed ({exc}); reading them "
+                "one at a time"
+            )
+    parts: list[Consumed] = []
+    budget = archiver.max_batch_bytes
+    for one in wanted:
+        if budget <= 0:
+            break
+        with failures.each([one]):
+            (consumed,) = read_together(formats, archiver, reader, [one], budget)
+            budget -= consumed.read.value_bytes
+            parts.append(consumed)
+    return parts
+
+
+def read_together(
+    formats: TopicFormats,
+    archiver: ArchiverSettings,
+    reader: RangeReader,
+    wanted: list[OffsetRange],
+    max_bytes: int | None = None,
+) -> list[Consumed]:
+    builders = [
+        formats.format_for(w.topic).batch_builder(w.topic, w.partition, archiver.max_message_bytes)
+        for w in wanted
+    ]
+    chunks = reader.read_ranges(
+        wanted, archiver.max_batch_bytes if max_bytes is None else max_bytes
     )
     with collector_paused():
-        read = read_into(builder, reader, wanted, max_bytes)
-        records = builder.finish()
-    return Consumed(read, archive_format, records, assets)
+        for i, chunk in chunks:
+            builders[i].add(chunk)
+        parts = []
+        for asked, builder, end in zip(wanted, builders, chunks.ends, strict=True):
+            if end.batch.end == asked.start:
+                continue  # the byte limit came first: left to the next run
+            parts.append(
+                Consumed(
+                    RangeRead(end.batch, [], end.value_bytes, end.skipped),
+                    formats.format_for(asked.topic),
+                    builder.finish(),
+                    _assets(formats, asked.topic),
+                )
+            )
+    return parts
 
 
-def read_into(
-    builder: BatchBuilder, reader: RangeReader, wanted: OffsetRange, max_bytes: int
-) -> RangeRead:
-    """Read ``wanted`` chunk by chunk into ``builder``: no chunk outlives its parse."""
-    chunks = reader.read_chunks(wanted, max_bytes)
-    for chunk in chunks:
-        builder.add(chunk)
-    end = chunks.end
-    return RangeRead(end.batch, [], end.value_bytes, end.skipped)
+def _assets(formats: TopicFormats, topic: str) -> tuple[dg.AssetKey, ...]:
+    rule = rule_for(formats.rules, topic)
+    return (ARCHIVE_ASSET,) + ((topic_asset_key(rule),) if rule is not None else ())
 
 
 @dg.op(retry_policy=TRANSIENT_RETRY)
@@ -462,29 +504,28 @@ def _append_records(
         format_name=parts[0].claimed.consumed.format.name,
         compression=parts[0].compression,
     )
-    done = []
-    for part, result in zip(parts, results, strict=True):
-        claim = part.claimed.claim
-        assert claim.batch_id is not None
-        # append_pieces recorded the piece inside the object's lock; finishing again is a
-        # no-op that keeps "the claim is confirmed" one visible step of the op.
-        if result.appended:
-            finish_batch(
-                conn, claim.batch_id, result.generation, len(part.data), result.object_size
-            )
-        else:
-            finish_batch(conn, claim.batch_id, result.generation)
-        done.append(
-            Appended(
-                part,
-                AppendedBatch(
-                    claim.batch_id, claim.batch, name, len(part.data), result.object_size
-                ),
-                len(claim.kept) if result.appended else 0,
-                gaps=gap_before(conn, claim.batch),
-            )
-        )
-    return done
+    # One commit for all the object's ranges (each a savepoint inside it), not one per range.
+    with conn.transaction():
+        return [
+            _finished(conn, name, part, result) for part, result in zip(parts, results, strict=True)
+        ]
+
+
+def _finished(conn: psycopg.Connection, name: str, part: Encoded, result: AppendResult) -> Appended:
+    claim = part.claimed.claim
+    assert claim.batch_id is not None
+    # append_pieces recorded the piece inside the object's lock; finishing again is a no-op
+    # that keeps "the claim is confirmed" one visible step of the op.
+    if result.appended:
+        finish_batch(conn, claim.batch_id, result.generation, len(part.data), result.object_size)
+    else:
+        finish_batch(conn, claim.batch_id, result.generation)
+    return Appended(
+        part,
+        AppendedBatch(claim.batch_id, claim.batch, name, len(part.data), result.object_size),
+        len(claim.kept) if result.appended else 0,
+        gaps=gap_before(conn, claim.batch),
+    )
 
 
 def _check_dead_letter_ratio(
