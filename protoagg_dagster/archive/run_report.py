@@ -31,11 +31,22 @@ def run_events(
     for done in appended:
         for key in done.part.claimed.consumed.assets:
             assets.setdefault(key, []).append(done)
+    # Each range's own numbers go on its topic entry's asset; the whole archive's asset lists
+    # them only when some range has no such asset, so a run stores them once.
+    listed_apart = all(len(done.part.claimed.consumed.assets) > 1 for done in appended)
     for key, mine in assets.items():
         yield dg.AssetMaterialization(
             asset_key=key,
             description=f"{len(mine)} ranges",
-            metadata=run_metadata(bucket, scope, mine, failed, seconds, encoded.done),
+            metadata=run_metadata(
+                bucket,
+                scope,
+                mine,
+                failed,
+                seconds,
+                encoded.done,
+                with_ranges=key != ARCHIVE_ASSET or not listed_apart,
+            ),
         )
     yield from checks
 
@@ -47,25 +58,34 @@ def run_metadata(
     failed: Sequence[Failed],
     seconds: dict[str, float],
     done: int,
+    with_ranges: bool = True,
 ) -> dict[str, Any]:
-    """The numbers of a run's appended ranges, and which ranges they were."""
+    """The numbers of a run's appended ranges, and (``with_ranges``) which ranges they were.
+
+    ``ranges``: ``{topic: {partition: [start, end, records appended]}}``; without them,
+    ``ranges_by_topic`` counts them per topic.
+    """
     claimed = [a.part.claimed for a in appended]
     read_count = sum(c.consumed.records.messages for c in claimed)
     total = sum(seconds.values())
     reasons = Counter(r.reason for c in claimed for r in c.dead_letters)
     formats = sorted({c.consumed.format.name for c in claimed})
     objects = sorted({f"gs://{bucket}/{a.batch.object_name}" for a in appended})
+    by_topic: dict[str, dict[str, list[int]]] = {}
+    for a in appended:
+        batch = a.batch.batch
+        by_topic.setdefault(batch.topic, {})[str(batch.partition)] = [
+            batch.start,
+            batch.end,
+            a.records,
+        ]
+    listing = (
+        {"ranges": dg.JsonMetadataValue(by_topic)}
+        if with_ranges
+        else {"ranges_by_topic": dg.JsonMetadataValue({t: len(p) for t, p in by_topic.items()})}
+    )
     return {
-        "ranges": dg.JsonMetadataValue(
-            {
-                f"{a.batch.batch.topic}/{a.batch.batch.partition}": [
-                    a.batch.batch.start,
-                    a.batch.batch.end,
-                    a.records,
-                ]
-                for a in appended
-            }
-        ),
+        **listing,
         "ranges_appended": len(appended),
         "ranges_failed": dg.JsonMetadataValue([str(f) for f in failed[:20]]),
         # Already archived (by an earlier attempt or another run), or left to a later run.
