@@ -2,7 +2,7 @@
 
     PYTHONPATH=. .venv/bin/python benchmarks/steady_partitions.py [--topics 4]
         [--partitions 250] [--rate 2000] [--seconds 600] [--sample 10]
-        [--set PROTOAGG_NAME=VALUE ...]
+        [--set PROTOAGG_NAME=VALUE ...] [--dagster-storage sqlite|postgres]
         [--bootstrap HOST:PORT] [--gcs http://HOST:PORT] [--admin-dsn postgresql://...]
 
 ``--topics`` topics of ``--partitions`` partitions each (1,000 in all by default). A fresh Dagster
@@ -15,6 +15,12 @@ logId, round-robin over every partition of every topic.
 Latency is produce -> archived: from a message's send time to the ``appended_at`` the ledger
 records for the batch that holds its offset (the moment its compose is done and confirmed). Every
 ``--sample``-th message's send time and offset (from its delivery report) are kept.
+
+``--dagster-storage postgres`` gives the deployment production's storage (PostgreSQL through
+dagster-postgres, as ``deploy/dagster.production.yaml``) in a fresh database of the benchmark's
+PostgreSQL; Dagster's growth is then that database's size (tables, indexes, TOAST) plus the compute
+logs under DAGSTER_HOME. With ``sqlite`` (the default, ``deploy/dagster.local.yaml``) it is
+DAGSTER_HOME's.
 
 ``--set`` overrides a setting of the deployment (repeatable), e.g. ``--set
 PROTOAGG_MAX_PARTITIONS_PER_RUN=256``.
@@ -171,6 +177,21 @@ def archived_bytes(dsn: str) -> tuple[int, int]:
     return (int(row[0]), int(row[1])) if row else (0, 0)
 
 
+def with_postgres_storage(home: Path, dsn: str) -> None:
+    """DAGSTER_HOME/dagster.yaml: the local instance's queue and daemons, production's storage."""
+    home.mkdir(parents=True, exist_ok=True)
+    url = dsn.replace("postgresql://", "postgresql+psycopg2://", 1)
+    local = (ROOT / "deploy" / "dagster.local.yaml").read_text()
+    (home / "dagster.yaml").write_text(f"storage:\n  postgres:\n    postgres_url: {url}\n{local}")
+
+
+def database_bytes(dsn: str) -> int:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT pg_database_size(current_database())").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--topics", type=int, default=4)
@@ -179,6 +200,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=600.0)
     parser.add_argument("--sample", type=int, default=10, help="keep every n-th send time")
     parser.add_argument("--drain", type=float, default=600.0, help="seconds to wait after")
+    parser.add_argument("--dagster-storage", choices=("sqlite", "postgres"), default="sqlite")
     parser.add_argument(
         "--set",
         action="append",
@@ -204,17 +226,24 @@ def main() -> int:
         "rate": args.rate,
         "seconds": args.seconds,
         "settings": {**DEFAULTS, **overrides},
+        "dagster_storage": args.dagster_storage,
     }
     producer = SteadyProducer(svc.bootstrap, targets, args.sample)
-    with fresh_database(svc) as dsn:
+    with fresh_database(svc) as dsn, fresh_database(svc) as dagster_dsn:
+        if args.dagster_storage == "postgres":
+            with_postgres_storage(home, dagster_dsn)
         env = deployment_env(
             svc, ",".join(topics), dsn, f"bench-steady/{token}/{{topic}}/log.pb", overrides
         )
         deployment = DagsterDeployment("steady", home, env)
+        if args.dagster_storage == "postgres":
+            with deployment.instance():
+                pass  # creates Dagster's tables before the daemon starts
         ends: dict[str, dict[int, int]] = {}
         try:
             deployment.start()
             time.sleep(20)  # the daemon and its code server boot; not measured
+            database0 = database_bytes(dagster_dsn)
             busy0, total0 = cpu_ticks()
             split = CpuSplit().start()
             started, ended = producer.steady(args.rate, args.seconds)
@@ -235,13 +264,17 @@ def main() -> int:
                 time.sleep(1)
         finally:
             deployment.stop()
+        database1 = database_bytes(dagster_dsn)
         found, missing = latencies(dsn, producer.sent)
         appended, appends = archived_bytes(dsn)
     runs = [r for r in run_summaries(deployment) if r.job_name == "archive_kafka_batch"]
     in_window = [r for r in runs if started <= r.created_time <= ended]
     sizes = storage_bytes(home)
-    empty = empty_home_bytes(home.with_name(home.name + "-empty"))
-    dagster = sizes["storage"] + sizes["compute_logs"] - empty
+    if args.dagster_storage == "postgres":
+        dagster = database1 - database0 + sizes["compute_logs"]
+    else:
+        empty = empty_home_bytes(home.with_name(home.name + "-empty"))
+        dagster = sizes["storage"] + sizes["compute_logs"] - empty
     sent = producer.count
     result.update(
         {
@@ -294,7 +327,8 @@ def main() -> int:
     print(f"  archived                {appended / 1e6:.1f} MB")
     print(
         f"  Dagster storage growth  {dagster / 1e6:.2f} MB "
-        f"({(result['dagster_share_of_archive'] or 0):.2%} of the archive)"
+        f"({(result['dagster_share_of_archive'] or 0):.2%} of the archive, "
+        f"{args.dagster_storage} storage)"
     )
     print(json.dumps(result))
     return 0 if drained is not None and missing == 0 else 1
