@@ -292,19 +292,18 @@ def finish_batch(
     ``appended_bytes`` and ``object_size`` locate the batch's frames in the object (the bytes
     ``[object_size - appended_bytes, object_size)``) for later integrity checks.
     """
-    with conn.transaction():
-        row = conn.execute(
-            "UPDATE archive_batches SET state = 'appended', appended_at = now(), generation = %s, "
-            "appended_bytes = %s, object_size = %s "
-            "WHERE batch_id = %s AND state = 'claimed' RETURNING topic, partition, end_offset",
-            (generation, appended_bytes, object_size, batch_id),
-        ).fetchone()
-        if row is not None:
-            conn.execute(
-                "UPDATE archive_positions SET next_offset = GREATEST(next_offset, %s) "
-                "WHERE topic = %s AND partition = %s",
-                (row[2], row[0], row[1]),
-            )
+    conn.execute(_FINISH, (generation, appended_bytes, object_size, batch_id))
+
+
+# The batch appended and its partition's position past it, in one statement; nothing when the
+# batch is no longer claimed (finished already).
+_FINISH = (
+    "WITH done AS (UPDATE archive_batches SET state = 'appended', appended_at = now(), "
+    "generation = %s, appended_bytes = %s, object_size = %s "
+    "WHERE batch_id = %s AND state = 'claimed' RETURNING topic, partition, end_offset) "
+    "UPDATE archive_positions p SET next_offset = GREATEST(p.next_offset, done.end_offset) "
+    "FROM done WHERE p.topic = done.topic AND p.partition = done.partition"
+)
 
 
 @contextmanager
@@ -336,11 +335,11 @@ class AppendLedger:
 
     def enqueue(self, object_name: str, queued: Queued) -> None:
         """One row per piece of the upload, in one transaction (``Queued.row_names``)."""
-        with self.conn.transaction():
-            for row, piece in zip(queued.row_names(), queued.pieces, strict=True):
-                self.conn.execute(
-                    "INSERT INTO append_queue (temp_name, bucket, object_name, batch_id, role, "
-                    "size, format, compression) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+        with self.conn.transaction(), self.conn.cursor() as cursor:
+            cursor.executemany(
+                "INSERT INTO append_queue (temp_name, bucket, object_name, batch_id, role, "
+                "size, format, compression) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+                [
                     (
                         row,
                         self.bucket,
@@ -350,8 +349,10 @@ class AppendLedger:
                         piece.size,
                         queued.format_name,
                         queued.compression,
-                    ),
-                )
+                    )
+                    for row, piece in zip(queued.row_names(), queued.pieces, strict=True)
+                ],
+            )
 
     def dequeue(self, queued: Queued) -> None:
         self.conn.execute(
@@ -399,26 +400,42 @@ class AppendLedger:
         # One compose lands every piece of an upload: all of them are recorded, or none.
         return [rows[name] for name in names] if len(rows) == len(names) else None
 
-    def is_appended(self, piece: Piece) -> bool:
-        column = "dead_letters_appended" if piece.role == "dead_letters" else "state = 'appended'"
-        row = self.conn.execute(
-            f"SELECT {column} FROM archive_batches WHERE batch_id = %s", (piece.batch_id,)
-        ).fetchone()
-        return bool(row and row[0])
+    def which_appended(self, pieces: Sequence[Piece]) -> set[tuple[int, PieceRole]]:
+        ids = [piece.batch_id for piece in pieces]
+        rows = self.conn.execute(
+            "SELECT batch_id, state = 'appended', dead_letters_appended FROM archive_batches "
+            "WHERE batch_id = ANY(%s)",
+            (ids,),
+        ).fetchall()
+        records = {batch_id for batch_id, records, _ in rows if records}
+        letters = {batch_id for batch_id, _, dead in rows if dead}
+        return {
+            piece.key
+            for piece in pieces
+            if piece.batch_id in (letters if piece.role == "dead_letters" else records)
+        }
 
-    def record(self, piece: Piece, landed: Landed) -> None:
-        if piece.role == "dead_letters":
-            self.conn.execute(
-                "UPDATE archive_batches SET dead_letters_appended = true WHERE batch_id = %s",
-                (piece.batch_id,),
-            )
-        else:
-            finish_batch(self.conn, piece.batch_id, landed.generation, piece.size, landed.end)
-        self.conn.execute(
-            "UPDATE append_queue SET landed = true, generation = %s, piece_end = %s "
-            "WHERE batch_id = %s AND role = %s AND NOT landed",
-            (landed.generation, landed.end, piece.batch_id, piece.role),
-        )
+    def record(self, landed: Sequence[tuple[Piece, Landed]]) -> None:
+        # One round trip for all the pieces of a compose (psycopg pipelines executemany).
+        with self.conn.cursor() as cursor:
+            letters = [p.batch_id for p, _ in landed if p.role == "dead_letters"]
+            if letters:
+                cursor.execute(
+                    "UPDATE archive_batches SET dead_letters_appended = true "
+                    "WHERE batch_id = ANY(%s)",
+                    (letters,),
+                )
+            records = [(p, at) for p, at in landed if p.role != "dead_letters"]
+            if records:
+                cursor.executemany(
+                    _FINISH, [(at.generation, p.size, at.end, p.batch_id) for p, at in records]
+                )
+            if landed:
+                cursor.executemany(
+                    "UPDATE append_queue SET landed = true, generation = %s, piece_end = %s "
+                    "WHERE batch_id = %s AND role = %s AND NOT landed",
+                    [(at.generation, at.end, p.batch_id, p.role) for p, at in landed],
+                )
 
     def record_legacy(
         self,

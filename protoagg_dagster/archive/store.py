@@ -79,10 +79,12 @@ class PieceLedger(Protocol):
         """Where each piece of this upload landed, if a compose (anyone's) recorded them."""
         ...
 
-    def is_appended(self, piece: Piece) -> bool: ...
+    def which_appended(self, pieces: Sequence[Piece]) -> set[tuple[int, PieceRole]]:
+        """The keys of those of ``pieces`` recorded as appended."""
+        ...
 
-    def record(self, piece: Piece, landed: Landed) -> None:
-        """The piece is on the object; every queued upload of it is marked landed."""
+    def record(self, landed: Sequence[tuple[Piece, Landed]]) -> None:
+        """The pieces are on the object; every queued upload of them is marked landed."""
         ...
 
     def record_legacy(
@@ -255,7 +257,8 @@ def _compose_queued(
             piece.key: AppendResult(True, spot.generation, spot.end, 0)
             for piece, spot in zip(own.pieces, landed, strict=True)
         }
-    earlier = [piece for piece in own.pieces if ledger.is_appended(piece)]
+    done = ledger.which_appended(own.pieces)
+    earlier = [piece for piece in own.pieces if piece.key in done]
     if earlier:
         # Appended by an earlier attempt: not again. The caller uploads the rest anew.
         generation = current.generation if current else None
@@ -300,8 +303,12 @@ def _compose_queued(
                 ledger.dequeue(queued)
         return None
     assert target.size is not None
-    for piece, end in zip(pieces, piece_ends(target.size, pieces), strict=True):
-        ledger.record(piece, Landed(target.generation, end))
+    ledger.record(
+        [
+            (piece, Landed(target.generation, end))
+            for piece, end in zip(pieces, piece_ends(target.size, pieces), strict=True)
+        ]
+    )
     ends = piece_ends(target.size, pieces)[: len(own.pieces)]
     return {
         piece.key: AppendResult(True, target.generation, end, 0)
@@ -325,9 +332,14 @@ def _record_last_compose(
         return
     if current.size is None:
         return
-    for piece, end in zip(pieces, piece_ends(current.size, pieces), strict=True):
-        if not ledger.is_appended(piece):
-            ledger.record(piece, Landed(current.generation, end))
+    done = ledger.which_appended(pieces)
+    ledger.record(
+        [
+            (piece, Landed(current.generation, end))
+            for piece, end in zip(pieces, piece_ends(current.size, pieces), strict=True)
+            if piece.key not in done
+        ]
+    )
 
 
 def _group_with(own: Queued, ledger: PieceLedger, object_name: str) -> list[Queued]:
@@ -344,7 +356,7 @@ def _group_with(own: Queued, ledger: PieceLedger, object_name: str) -> list[Queu
         mine = {piece.key for piece in queued.pieces}
         if mine & keys or count + len(queued.pieces) > MAX_MARKED_PIECES:
             continue
-        appended = [piece for piece in queued.pieces if ledger.is_appended(piece)]
+        appended = ledger.which_appended(queued.pieces)
         if appended:
             if len(appended) == len(queued.pieces):
                 # A stale upload of pieces appended since (its writer died before dequeuing).

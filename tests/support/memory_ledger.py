@@ -7,7 +7,7 @@ want to exercise.
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 
 from protoagg_dagster.core.archive_object import Landed, Piece, PieceRole, Queued
@@ -48,17 +48,18 @@ class MemoryLedger:
             found = [self._landed.get((queued.temp_name, i)) for i in range(len(queued.pieces))]
         return None if None in found else [spot for spot in found if spot is not None]
 
-    def is_appended(self, piece: Piece) -> bool:
+    def which_appended(self, pieces: Sequence[Piece]) -> set[tuple[int, PieceRole]]:
         with self._mutex:
-            return piece.key in self.appended
+            return {piece.key for piece in pieces if piece.key in self.appended}
 
-    def record(self, piece: Piece, landed: Landed) -> None:
+    def record(self, landed: Sequence[tuple[Piece, Landed]]) -> None:
         with self._mutex:
-            self.appended.setdefault(piece.key, landed)
-            for _, queued in self._queue.values():
-                for index, own in enumerate(queued.pieces):
-                    if own.key == piece.key:
-                        self._landed.setdefault((queued.temp_name, index), landed)
+            for piece, spot in landed:
+                self.appended.setdefault(piece.key, spot)
+                for _, queued in self._queue.values():
+                    for index, own in enumerate(queued.pieces):
+                        if own.key == piece.key:
+                            self._landed.setdefault((queued.temp_name, index), spot)
 
     def record_legacy(
         self,
