@@ -295,6 +295,17 @@ def finish_batch(
     conn.execute(_FINISH, (generation, appended_bytes, object_size, batch_id))
 
 
+def finish_batches(
+    conn: psycopg.Connection, rows: Sequence[tuple[int, int | None, int, int | None]]
+) -> None:
+    """``finish_batch`` of each ``(batch_id, generation, appended_bytes, object_size)``.
+
+    In one transaction and one round trip (psycopg pipelines ``executemany``).
+    """
+    with conn.transaction(), conn.cursor() as cursor:
+        cursor.executemany(_FINISH, [(g, size, end, batch_id) for batch_id, g, size, end in rows])
+
+
 # The batch appended and its partition's position past it, in one statement; nothing when the
 # batch is no longer claimed (finished already).
 _FINISH = (
@@ -514,14 +525,28 @@ def offset_gaps(conn: psycopg.Connection, topic: str, partition: int) -> list[tu
     return [(int(a), int(b)) for a, b in rows]
 
 
-def gap_before(conn: psycopg.Connection, batch: OffsetRange) -> list[tuple[int, int]]:
-    """The hole between the partition's previous appended batch and ``batch``, if any."""
-    row = conn.execute(
-        "SELECT end_offset FROM archive_batches WHERE topic = %s AND partition = %s "
-        "AND state = 'appended' AND start_offset < %s ORDER BY start_offset DESC LIMIT 1",
-        (batch.topic, batch.partition, batch.start),
-    ).fetchone()
-    return [] if row is None or row[0] == batch.start else [(int(row[0]), batch.start)]
+def gaps_before(
+    conn: psycopg.Connection, batches: Sequence[OffsetRange]
+) -> list[list[tuple[int, int]]]:
+    """For each batch, the hole between its partition's previous appended batch and it, if any."""
+    if not batches:
+        return []
+    rows = conn.execute(
+        "SELECT (SELECT a.end_offset FROM archive_batches a WHERE a.topic = b.topic "
+        "AND a.partition = b.partition AND a.state = 'appended' AND a.start_offset < b.start "
+        "ORDER BY a.start_offset DESC LIMIT 1) "
+        "FROM unnest(%s::text[], %s::int[], %s::bigint[]) WITH ORDINALITY "
+        "AS b(topic, partition, start, n) ORDER BY b.n",
+        (
+            [b.topic for b in batches],
+            [b.partition for b in batches],
+            [b.start for b in batches],
+        ),
+    ).fetchall()
+    return [
+        [] if end is None or end == batch.start else [(int(end), batch.start)]
+        for (end,), batch in zip(rows, batches, strict=True)
+    ]
 
 
 def stale_claims(conn: psycopg.Connection, claimed_before: float) -> list[OffsetRange]:

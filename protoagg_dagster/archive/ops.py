@@ -29,8 +29,8 @@ from protoagg_dagster.archive.ledger import (
     archived_position,
     claim_batch,
     dead_letter_member,
-    finish_batch,
-    gap_before,
+    finish_batches,
+    gaps_before,
     ledger_connection,
 )
 from protoagg_dagster.archive.partition_lease import PartitionLease
@@ -48,7 +48,7 @@ from protoagg_dagster.archive.run_parts import (
 )
 from protoagg_dagster.archive.run_report import run_events
 from protoagg_dagster.archive.run_tags import is_follow_up
-from protoagg_dagster.archive.store import AppendResult, PieceData, append_batch, append_pieces
+from protoagg_dagster.archive.store import PieceData, append_batch, append_pieces
 from protoagg_dagster.core.archive_object import Piece, object_name
 from protoagg_dagster.core.compression import NONE
 from protoagg_dagster.core.dead_letters import encode_envelopes
@@ -504,28 +504,34 @@ def _append_records(
         format_name=parts[0].claimed.consumed.format.name,
         compression=parts[0].compression,
     )
-    # One commit for all the object's ranges (each a savepoint inside it), not one per range.
-    with conn.transaction():
-        return [
-            _finished(conn, name, part, result) for part, result in zip(parts, results, strict=True)
-        ]
-
-
-def _finished(conn: psycopg.Connection, name: str, part: Encoded, result: AppendResult) -> Appended:
-    claim = part.claimed.claim
-    assert claim.batch_id is not None
-    # append_pieces recorded the piece inside the object's lock; finishing again is a no-op
-    # that keeps "the claim is confirmed" one visible step of the op.
-    if result.appended:
-        finish_batch(conn, claim.batch_id, result.generation, len(part.data), result.object_size)
-    else:
-        finish_batch(conn, claim.batch_id, result.generation)
-    return Appended(
-        part,
-        AppendedBatch(claim.batch_id, claim.batch, name, len(part.data), result.object_size),
-        len(claim.kept) if result.appended else 0,
-        gaps=gap_before(conn, claim.batch),
+    claims = [part.claimed.claim for part in parts]
+    # append_pieces recorded each piece inside the object's lock; finishing again is a no-op
+    # that keeps "the claim is confirmed" one visible step of the op. One round trip for all.
+    finish_batches(
+        conn,
+        [
+            (claim.batch_id, result.generation, len(part.data), result.object_size)
+            if result.appended
+            else (claim.batch_id, result.generation, 0, None)
+            for claim, part, result in zip(claims, parts, results, strict=True)
+            if claim.batch_id is not None
+        ],
     )
+    gaps = gaps_before(conn, [claim.batch for claim in claims])
+    done = []
+    for claim, part, result, gap in zip(claims, parts, results, gaps, strict=True):
+        assert claim.batch_id is not None
+        done.append(
+            Appended(
+                part,
+                AppendedBatch(
+                    claim.batch_id, claim.batch, name, len(part.data), result.object_size
+                ),
+                len(claim.kept) if result.appended else 0,
+                gaps=gap,
+            )
+        )
+    return done
 
 
 def _check_dead_letter_ratio(

@@ -22,6 +22,8 @@ from protoagg_dagster.archive.ledger import (
     begin_partition,
     claim_batch,
     finish_batch,
+    finish_batches,
+    gaps_before,
     ledger_connection,
     read_progress,
 )
@@ -72,6 +74,32 @@ def test_claim_keeps_first_occurrence_and_drops_archived_ids(postgres_dsn: str) 
         second = claim_batch(conn, OffsetRange("t", 0, 3, 6), records([b, c, a], 3), "o", None)
         assert [r.log_id for r in second.kept] == [c]
         assert second.duplicates == 2
+
+
+def test_gaps_before_name_each_hole_after_the_previous_appended_batch(postgres_dsn: str) -> None:
+    pg = PostgresResource(dsn=postgres_dsn)
+    topic = f"gaps-{uuid.uuid4().hex[:8]}"
+    with ledger_connection(pg) as conn:
+        claims = [
+            claim_batch(conn, OffsetRange(topic, p, a, b), records(new_ids(b - a), a), "o", None)
+            for p, a, b in ((0, 0, 10), (1, 0, 5))
+        ]
+        finish_batches(conn, [(c.batch_id, 1, 10, 10) for c in claims if c.batch_id])
+        later = claim_batch(
+            conn, OffsetRange(topic, 0, 10, 20), records(new_ids(10), 10), "o", None
+        )
+        assert later.batch_id is not None
+        finish_batches(conn, [(later.batch_id, 2, 10, 20)])
+        asked = [
+            OffsetRange(topic, 0, 25, 30),  # the last appended batch of 0 ends at 20
+            OffsetRange(topic, 1, 5, 9),
+            OffsetRange(topic, 0, 20, 30),
+            OffsetRange(topic, 2, 0, 3),  # nothing appended before
+            OffsetRange(topic, 0, 10, 20),  # follows 0..10
+        ]
+        assert gaps_before(conn, asked) == [[(20, 25)], [], [], [], []]
+        assert gaps_before(conn, []) == []
+        assert read_progress(conn, topic)[0].next_offset == 20
 
 
 def test_rerun_of_an_archived_range_claims_nothing(postgres_dsn: str) -> None:
