@@ -567,10 +567,14 @@ def forget_queued_uploads(conn: psycopg.Connection, queued_before: float) -> int
     return cursor.rowcount
 
 
-def archived_position(conn: psycopg.Connection, topic: str, partition: int) -> int | None:
-    """The first offset of the partition not yet archived, or None if never archived."""
-    row = conn.execute(
-        "SELECT next_offset FROM archive_positions WHERE topic = %s AND partition = %s",
-        (topic, partition),
-    ).fetchone()
-    return None if row is None else int(row[0])
+def archived_positions(
+    conn: psycopg.Connection, ranges: Sequence[OffsetRange]
+) -> dict[tuple[str, int], int]:
+    """The first offset not yet archived of each partition of ``ranges`` ever archived."""
+    rows = conn.execute(
+        "SELECT p.topic, p.partition, p.next_offset FROM archive_positions p "
+        "JOIN unnest(%s::text[], %s::int[]) AS r(topic, partition) "
+        "ON p.topic = r.topic AND p.partition = r.partition",
+        ([r.topic for r in ranges], [r.partition for r in ranges]),
+    ).fetchall()
+    return {(topic, int(partition)): int(offset) for topic, partition, offset in rows}

@@ -26,7 +26,7 @@ from protoagg_dagster.archive.ledger import (
     AppendedBatch,
     AppendLedger,
     Claim,
-    archived_position,
+    archived_positions,
     claim_batch,
     dead_letter_member,
     finish_batches,
@@ -148,14 +148,15 @@ def consume(
     failures = RangeFailures("consume", context)
     left_out: list[str] = []
     wanted: list[OffsetRange] = []
+    offered = config.offset_ranges()
     with ledger_connection(postgres) as conn:
-        for offered in config.offset_ranges():
-            with failures.each([offered]):
-                why = _left_out(context, conn, lease, offered)
-                if why:
-                    left_out.append(f"{offered} ({why})")
-                else:
-                    wanted.append(offered)
+        positions = archived_positions(conn, offered)
+    for one in offered:
+        why = _left_out(context, lease, one, positions.get((one.topic, one.partition)))
+        if why:
+            left_out.append(f"{one} ({why})")
+        else:
+            wanted.append(one)
     parts: list[Consumed] = []
     if wanted:
         reader = kafka.get_reader()
@@ -190,14 +191,13 @@ def consume(
 
 def _left_out(
     context: dg.OpExecutionContext,
-    conn: psycopg.Connection,
     lease: PartitionLease,
     wanted: OffsetRange,
+    archived_to: int | None,
 ) -> str:
-    """Why the run does not read ``wanted``, or "" to read it."""
+    """Why the run does not read ``wanted`` (archived up to ``archived_to``), or "" to read it."""
     if not lease.holds(wanted.topic, wanted.partition):
         return "its partition's lease is held by another live run"
-    archived_to = archived_position(conn, wanted.topic, wanted.partition)
     if archived_to is not None and archived_to >= wanted.end:
         return f"already archived up to {archived_to}"
     # The run before a follow-up stopped short (the byte limit) or failed: the sensor plans the

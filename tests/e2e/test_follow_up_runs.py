@@ -16,8 +16,9 @@ import itertools
 import time
 
 from protoagg_dagster.archive.job import archive_kafka_batch
-from protoagg_dagster.archive.ledger import archived_position, ledger_connection
+from protoagg_dagster.archive.ledger import archived_positions, ledger_connection
 from protoagg_dagster.archive.run_tags import FOLLOWS_TAG, range_run_config, range_tags
+from protoagg_dagster.core.planning import OffsetRange
 from tests.helpers import (
     Stack,
     archived_records,
@@ -85,7 +86,8 @@ def test_a_follow_up_of_a_range_not_archived_does_nothing_and_leaves_no_gap(
     assert follow_up.dagster_run.tags[FOLLOWS_TAG] == "true"
     assert any("follows a run that did not archive up to 100" in m for m in logs), logs
     with ledger_connection(stack.postgres) as conn:
-        assert archived_position(conn, topic, 0) is None  # no position was made up
+        # No position was made up.
+        assert archived_positions(conn, [OffsetRange(topic, 0, 0, 1)]) == {}
     for start, end in ((0, 100), (100, 300)):
         result = archive_kafka_batch.execute_in_process(
             run_config=range_run_config(topic, 0, start, end),
