@@ -15,7 +15,7 @@ waits for it (``pg_advisory_lock``), never fails.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import psycopg
 
@@ -58,6 +58,21 @@ def hold(conn: psycopg.Connection, name: str, wait_seconds: float) -> None:
         raise LeaseTaken(f"lease {name!r} stayed taken for {wait_seconds:.0f} s") from exc
     finally:
         conn.execute("SET lock_timeout = 0")
+
+
+def hold_free(conn: psycopg.Connection, names: Sequence[str]) -> set[str]:
+    """Take at once those of the leases ``names`` nobody holds; the names taken.
+
+    One statement for all: a run of a thousand partitions takes their leases in one round trip,
+    and waits (``hold``) only for the few another run still holds.
+    """
+    conn.execute(_KEEPALIVES)
+    rows = conn.execute(
+        "SELECT name FROM unnest(%s::text[]) AS name "
+        "WHERE pg_try_advisory_lock(hashtextextended(%s || name, 0))",
+        (list(names), _PREFIX),
+    ).fetchall()
+    return {row[0] for row in rows}
 
 
 def still_held(conn: psycopg.Connection) -> bool:

@@ -100,12 +100,16 @@ class PartitionLease(dg.ConfigurableResource):  # type: ignore[type-arg]
     def _take(self, conn: psycopg.Connection, wanted: list[str], wait_seconds: float) -> set[str]:
         """The partitions of ``wanted`` whose leases were taken within ``wait_seconds`` in all.
 
-        One after the other: a follow-up's leases are all held by the run before it, which lets
-        go of them together, so after the first wait the rest come at once.
+        The free ones at once, then the others one after the other: a follow-up's leases are all
+        held by the run before it, which lets go of them together, so after the first wait the
+        rest come at once.
         """
         deadline = time.monotonic() + wait_seconds
-        taken = set()
+        names = {leases.partition_lease(key): key for key in wanted}
+        taken = {names[name] for name in leases.hold_free(conn, list(names))}
         for key in wanted:
+            if key in taken:
+                continue
             wait = max(deadline - time.monotonic(), _PROBE_GRACE_SECONDS)
             try:
                 leases.hold(conn, leases.partition_lease(key), wait)
