@@ -6,10 +6,13 @@
 per minute at its partition count, Dagster bytes per run (DAGSTER_HOME's growth over the whole
 measurement, ticks and observations included, divided by its runs), appends (one upload and one
 compose, class A) per run. Runs are assumed to grow in proportion to partitions (a run takes at
-most ``PROTOAGG_MAX_PARTITIONS_PER_RUN`` of them, so one sweep of quiet partitions needs
-``ceil(partitions / 64)`` runs) up to the sensor's cap (``PROTOAGG_MAX_RUNS_PER_TICK`` runs a
-tick); past the cap a sweep's ranges grow instead of its runs. Event rows per run are 46 (counted
-in docs/benchmarks.md, issue 23).
+most ``PROTOAGG_MAX_PARTITIONS_PER_RUN`` of them, of any topics, so one sweep of quiet partitions
+needs ``ceil(partitions / PROTOAGG_MAX_PARTITIONS_PER_RUN)`` runs) up to the sensor's cap
+(``PROTOAGG_MAX_RUNS_PER_TICK`` runs a tick); past the cap a sweep's ranges grow instead of its
+runs. Event rows per run are 58 (a run over four topics' objects: four ops, five materializations,
+fifteen check evaluations; counted in docs/benchmarks.md, issue 23). Bytes per run are the
+measured run's, whose runs held up to 1,000 ranges: smaller deployments' runs hold fewer ranges,
+so their bytes are overestimated.
 
 Prints a markdown table, then one JSON line ``{"benchmark": "month_projection", ...}``.
 """
@@ -34,7 +37,7 @@ from protoagg_dagster.core.settings import (  # noqa: E402
 )
 from protoagg_dagster.core.storage_bill import CLASS_A_USD_PER_1000  # noqa: E402
 
-EVENTS_PER_RUN = 46
+EVENTS_PER_RUN = 58
 SIZES = (100, 1_000, 10_000)
 
 
