@@ -267,7 +267,8 @@ def main() -> int:
         database1 = database_bytes(dagster_dsn)
         found, missing = latencies(dsn, producer.sent)
         appended, appends = archived_bytes(dsn)
-    runs = [r for r in run_summaries(deployment) if r.job_name == "archive_kafka_batch"]
+        # Read while the databases exist (with postgres storage Dagster's runs are in one).
+        runs = [r for r in run_summaries(deployment) if r.job_name == "archive_kafka_batch"]
     in_window = [r for r in runs if started <= r.created_time <= ended]
     sizes = storage_bytes(home)
     if args.dagster_storage == "postgres":
