@@ -4,7 +4,7 @@ A run uploads the pieces of all its batches bound for one object as one temporar
 class A operation, whatever the number of partitions). GCS allows about one mutation per second
 per object name (429 beyond it), so writers of one object share composes too: each uploads,
 queues its upload in the ledger and waits for the object's lock; the holder composes every
-queued upload it can (up to 31 and the destination, MAX_MARKED_PIECES pieces) in one compose, a
+queued upload it can (up to 31 and the destination, MARKER_BYTES of marker) in one compose, a
 full second after the destination's last update, and records every piece. A writer whose upload
 another holder composed finds it done when its turn comes.
 
@@ -30,10 +30,10 @@ from google.api_core import exceptions as gexc
 from google.cloud import storage
 
 from protoagg_dagster.core.archive_object import (
-    MAX_MARKED_PIECES,
+    MARKER_BYTES,
     MAX_PIECES_PER_COMPOSE,
-    MAX_PIECES_PER_UPLOAD,
     TEMP_PREFIX,
+    UPLOAD_MARKER_BYTES,
     Landed,
     Piece,
     PieceRole,
@@ -41,6 +41,7 @@ from protoagg_dagster.core.archive_object import (
     archive_compression,
     last_compose,
     legacy_offsets,
+    marker_bytes,
     metadata_after_compose,
     piece_ends,
     sequence_number,
@@ -163,7 +164,7 @@ def append_pieces(
 ) -> list[AppendResult]:
     """Append each of ``pieces`` to ``object_name`` exactly once; one result per piece.
 
-    The pieces go up as one upload (up to MAX_PIECES_PER_UPLOAD), outside the object's lock
+    The pieces go up as one upload (up to UPLOAD_MARKER_BYTES of marker), outside the object's lock
     (held only around read-and-compose), and are composed together: one upload and one compose
     for a run's ranges bound for one object. A result has ``appended=False`` when the ledger or
     the object's marker shows the piece there already (an earlier attempt appended it); should
@@ -175,20 +176,43 @@ def append_pieces(
     results: dict[tuple[int, PieceRole], AppendResult] = {}
     pending = list(pieces)
     while pending:
-        bundle = pending[:MAX_PIECES_PER_UPLOAD]
-        name = temp_object_name(bundle[0].batch, uuid.uuid4().hex)
-        temp = _upload(bucket, name, b"".join(part.data for part in bundle))
-        own = Queued(tuple(part.piece for part in bundle), temp.name, format_name, compression)
-        ledger.enqueue(object_name, own)
+        # Every upload queued before the first compose, so that compose takes as many of them
+        # as its marker can name: one compose a second is all GCS allows an object.
+        uploads: list[tuple[Queued, storage.Blob]] = []
         try:
-            results.update(
-                _compose_until_decided(bucket, object_name, own, ledger, max_attempts, sleep)
-            )
+            for bundle in _bundles(pending):
+                name = temp_object_name(bundle[0].batch, uuid.uuid4().hex)
+                temp = _upload(bucket, name, b"".join(part.data for part in bundle))
+                own = Queued(
+                    tuple(part.piece for part in bundle), temp.name, format_name, compression
+                )
+                ledger.enqueue(object_name, own)
+                uploads.append((own, temp))
+            for own, _ in uploads:
+                results.update(
+                    _compose_until_decided(bucket, object_name, own, ledger, max_attempts, sleep)
+                )
         finally:
-            ledger.dequeue(own)
-            _delete_quietly(temp)
+            for own, temp in uploads:
+                ledger.dequeue(own)
+                _delete_quietly(temp)
         pending = [part for part in pending if part.piece.key not in results]
     return [results[part.piece.key] for part in pieces]
+
+
+def _bundles(pending: Sequence[PieceData]) -> list[list[PieceData]]:
+    """``pending`` in order, in uploads whose marker fits UPLOAD_MARKER_BYTES."""
+    bundles: list[list[PieceData]] = []
+    marked = 0
+    for part in pending:
+        size = len(part.piece.marker()) + 1
+        if bundles and marked + size <= UPLOAD_MARKER_BYTES + 1:
+            bundles[-1].append(part)
+            marked += size
+        else:
+            bundles.append([part])
+            marked = size
+    return bundles
 
 
 def _upload(bucket: storage.Bucket, name: str, data: bytes) -> storage.Blob:
@@ -342,19 +366,25 @@ def _record_last_compose(
     )
 
 
+# Queue rows read to fill a compose: more than a full marker's pieces (about 12 bytes at the
+# least), so uploads the marker cannot take along do not hide those it can.
+_WAITING_ROWS = 4 * MARKER_BYTES // 12
+
+
 def _group_with(own: Queued, ledger: PieceLedger, object_name: str) -> list[Queued]:
     """``own`` and the oldest other queued uploads whose pieces are not yet appended.
 
-    At most MAX_PIECES_PER_COMPOSE uploads and MAX_MARKED_PIECES pieces (the marker names them
-    all), each piece once.
+    At most MAX_PIECES_PER_COMPOSE uploads and MARKER_BYTES of marker (it names every piece),
+    each piece once.
     """
     group, keys = [own], {piece.key for piece in own.pieces}
-    count = len(own.pieces)
-    for queued in ledger.waiting(object_name, own, 4 * MAX_MARKED_PIECES):
+    marked = marker_bytes(own.pieces)
+    for queued in ledger.waiting(object_name, own, _WAITING_ROWS):
         if len(group) == MAX_PIECES_PER_COMPOSE:
             break
         mine = {piece.key for piece in queued.pieces}
-        if mine & keys or count + len(queued.pieces) > MAX_MARKED_PIECES:
+        theirs = marker_bytes(queued.pieces) + 1
+        if mine & keys or marked + theirs > MARKER_BYTES:
             continue
         appended = ledger.which_appended(queued.pieces)
         if appended:
@@ -364,7 +394,7 @@ def _group_with(own: Queued, ledger: PieceLedger, object_name: str) -> list[Queu
             continue
         group.append(queued)
         keys |= mine
-        count += len(queued.pieces)
+        marked += theirs
     return group
 
 

@@ -1,7 +1,7 @@
 """Names and metadata of archive objects: pure functions, so retries always hit the same object.
 
 The destination's custom metadata holds one marker: the pieces the last compose appended
-(``batch id:role:bytes``, comma-separated, at most ``MAX_MARKED_PIECES``). What each batch
+(``batch id:role:bytes``, comma-separated, at most ``MARKER_BYTES`` long). What each batch
 covers lives in the PostgreSQL ledger, so the metadata stays under 6 KiB however many partitions
 write to the object (GCS allows 8 KiB). The marker closes the one gap the ledger cannot: a
 compose that landed but whose ledger records were not committed (a crash, or a lost response);
@@ -34,11 +34,15 @@ LEGACY_FORMAT = "log"
 TEMP_PREFIX = "_protoagg/tmp/"
 # GCS composes at most 32 sources: the destination itself and this many uploads.
 MAX_PIECES_PER_COMPOSE = 31
-# The pieces one compose appends, all named in the marker (about 27 bytes each, 42 at most): the
-# marker stays under 6 KiB of GCS's 8 KiB of custom metadata. One upload holds at most half of
-# them, so a compose can always take another writer's upload along with its own.
-MAX_MARKED_PIECES = 128
-MAX_PIECES_PER_UPLOAD = MAX_MARKED_PIECES // 2
+# The pieces one compose appends are all named in the marker (about 20 bytes each, 42 at most).
+# GCS allows 8 KiB of custom metadata; fake-gcs-server keeps it in one extended attribute, which
+# the file system caps at about 3.9 KB (measured), so the marker keeps to 3 KiB and is checked on
+# the emulator. Bounded by its bytes rather than by a count of worst-case pieces, a compose takes
+# about 150 of a run's ranges instead of 128, and a run's uploads all queue before its first
+# compose. One upload's pieces take at most half of it, so a compose can always take another
+# writer's upload along with its own.
+MARKER_BYTES = 3 * 1024
+UPLOAD_MARKER_BYTES = (MARKER_BYTES - 1) // 2
 TEMPLATE_FIELDS = frozenset({"topic", "partition", "date", "year", "month", "day", "hour"})
 
 
@@ -230,6 +234,11 @@ class Landed:
 
     generation: int | None
     end: int | None
+
+
+def marker_bytes(pieces: Sequence[Piece]) -> int:
+    """The length of the marker naming ``pieces``."""
+    return sum(len(piece.marker()) + 1 for piece in pieces) - 1 if pieces else 0
 
 
 def last_compose(metadata: Mapping[str, str] | None) -> list[Piece]:

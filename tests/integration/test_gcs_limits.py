@@ -236,3 +236,38 @@ def test_writers_of_one_object_share_composes_of_at_most_32_sources(
             "SELECT count(*) FROM append_queue WHERE object_name = %s", (name,)
         ).fetchone()
     assert left == (0,)
+
+
+def test_a_run_of_hundreds_of_ranges_appends_to_one_object_in_one_compose(
+    services: Services, unique: str, proxy: GcsProxy, bucket: storage.Bucket, postgres_dsn: str
+) -> None:
+    """GCS takes one write a second per object: one compose for a run's ranges to an object.
+
+    They go up in as few uploads as their marker allows, all queued before the first compose,
+    which takes as many as its marker can name (3 KiB: here all 120), where each upload went
+    alone before.
+    """
+    from protoagg_dagster.archive.ledger import AppendLedger, claim_batch
+    from protoagg_dagster.archive.store import PieceData, append_pieces
+    from protoagg_dagster.core.archive_object import Piece, last_compose
+    from protoagg_dagster.core.planning import OffsetRange
+    from protoagg_dagster.resources import PostgresResource
+
+    name, partitions = f"{unique}/log.pb", 120
+    with ledger_connection(PostgresResource(dsn=postgres_dsn)) as conn:
+        ledger = AppendLedger(conn, services.bucket)
+        pieces = []
+        for partition in range(partitions):
+            batch = OffsetRange(f"grouped-{unique}", partition, 0, 10)
+            claim = claim_batch(conn, batch, [], name, run_id=None)
+            assert claim.batch_id is not None
+            data = f"{partition};".encode()
+            pieces.append(PieceData(batch, Piece(claim.batch_id, "records", len(data)), data))
+        results = append_pieces(bucket, name, pieces, ledger)
+    assert all(result.appended for result in results)
+    blob = bucket.get_blob(name)
+    assert blob.download_as_bytes() == b"".join(f"{p};".encode() for p in range(partitions))
+    assert last_compose(blob.metadata) == [p.piece for p in pieces]
+    # Two uploads (each at most half a marker), one compose.
+    assert proxy.count(kind="upload", status=200) == 2
+    assert proxy.count(kind="compose", status=200, object_name=name) == 1

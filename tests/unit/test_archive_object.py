@@ -3,9 +3,9 @@ import pytest
 from protoagg_dagster.core.archive_object import (
     LAST_APPEND_KEY,
     LEGACY_OFFSETS_KEY,
-    MAX_MARKED_PIECES,
-    MAX_PIECES_PER_UPLOAD,
+    MARKER_BYTES,
     TEMP_PREFIX,
+    UPLOAD_MARKER_BYTES,
     Piece,
     Queued,
     archive_format,
@@ -13,6 +13,7 @@ from protoagg_dagster.core.archive_object import (
     last_compose,
     legacy_covers,
     legacy_offsets,
+    marker_bytes,
     metadata_after_compose,
     object_name,
     piece_ends,
@@ -57,17 +58,25 @@ def test_metadata_is_one_marker_whatever_the_number_of_partitions() -> None:
     assert sum(len(k) + len(v) for k, v in metadata.items()) < 100
 
 
-def test_a_full_compose_marker_stays_far_below_the_8_kib_metadata_limit() -> None:
-    pieces = [
-        Piece(10**15 + n, "dead_letters" if n % 2 else "records", 5 * 2**40)
-        for n in range(MAX_MARKED_PIECES)
-    ]
-    metadata = metadata_after_compose({"owner": "team"}, pieces, "record")
+def test_a_full_compose_marker_stays_below_the_8_kib_metadata_limit() -> None:
+    # The longest pieces there are: as few fit as ever can.
+    pieces: list[Piece] = []
+    while (
+        marker_bytes([*pieces, piece := Piece(10**18 + len(pieces), "dead_letters", 10**18)])
+        <= MARKER_BYTES
+    ):
+        pieces.append(piece)
+    metadata = metadata_after_compose({"owner": "team"}, pieces, "record", "zstd")
     assert last_compose(metadata) == pieces
-    assert sum(len(k) + len(v) for k, v in metadata.items()) < 6 * 1024
+    assert marker_bytes(pieces) == len(metadata[LAST_APPEND_KEY]) <= MARKER_BYTES
+    assert sum(len(k) + len(v) for k, v in metadata.items()) < 3_500
+    # Typical pieces (ids of eight digits, pieces of a few KB): about 140 a compose.
+    typical = [Piece(12_000_000 + n, "records", 4_321) for n in range(135)]
+    assert marker_bytes(typical) <= MARKER_BYTES
+    assert UPLOAD_MARKER_BYTES * 2 + 1 <= MARKER_BYTES
 
 
-@pytest.mark.parametrize("pieces", [1, 2, MAX_PIECES_PER_UPLOAD])
+@pytest.mark.parametrize("pieces", [1, 2, 150])
 def test_an_upload_of_several_pieces_has_one_queue_row_per_piece(pieces: int) -> None:
     upload = Queued(
         tuple(Piece(n, "records", 10) for n in range(pieces)), f"{TEMP_PREFIX}t/0/0-5-ab", "log"
@@ -77,7 +86,6 @@ def test_an_upload_of_several_pieces_has_one_queue_row_per_piece(pieces: int) ->
     assert [upload_of_row(row) for row in rows] == [
         (upload.temp_name, i, pieces) for i in range(pieces)
     ]
-    assert MAX_PIECES_PER_UPLOAD * 2 <= MAX_MARKED_PIECES
 
 
 def test_piece_ends_locate_the_last_composed_pieces_at_the_end_of_the_object() -> None:
