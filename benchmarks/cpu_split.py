@@ -15,15 +15,17 @@ from pathlib import Path
 TICK = os.sysconf("SC_CLK_TCK")
 
 # First match wins: (kind, words its command line contains).
-# A run worker's command line carries its run's JSON, so it is matched before the services.
+# The benchmark's own command line may name a service (``--dagster-storage postgres``), and a
+# run worker's carries its run's JSON: both are matched before the services. The code server
+# starts each run as a multiprocessing child (``spawn_main``).
 KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("run workers", ("execute_run", "api execute", "execute_step")),
+    ("benchmark", ("benchmarks/",)),
+    ("run workers", ("spawn_main", "execute_run", "api execute", "execute_step")),
     ("code server", ("api grpc", "code-server")),
     ("daemon", ("dagster-daemon", "dagster_daemon")),
     ("kafka", ("kafka.Kafka", "java")),
     ("postgres", ("postgres",)),
     ("gcs emulator", ("fake-gcs-server", "fake_gcs")),
-    ("benchmark", ("benchmarks/",)),
 )
 
 
