@@ -52,6 +52,7 @@ def _after(module: ModuleType, name: str) -> None:
 
 
 def _before(module: ModuleType, name: str) -> None:
+    getattr(module, name)  # a crash point on a name the module lacks would never fire
     setattr(module, name, lambda *args, **kwargs: _die())
 
 
@@ -60,8 +61,8 @@ CRASH_POINTS: dict[str, Callable[[], None]] = {
     "after_claim": lambda: _after(ops, "claim_batch"),
     "after_upload": lambda: _before(archive_store, "_compose_queued"),
     "after_compose": lambda: _before(archive_store, "_delete_quietly"),
-    "before_commit": lambda: _before(ops, "finish_batch"),
-    "after_commit": lambda: _after(ops, "finish_batch"),
+    "before_commit": lambda: _before(ops, "finish_batches"),
+    "after_commit": lambda: _after(ops, "finish_batches"),
 }
 
 
