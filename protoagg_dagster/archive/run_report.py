@@ -94,9 +94,7 @@ def run_metadata(
         "objects": dg.JsonMetadataValue(objects[:20]),
         "records_read": read_count,
         "duplicates_dropped": sum(c.claim.duplicates for c in claimed),
-        "duplicate_means": described(
-            scope, ", ".join(sorted({c.claim.batch.topic for c in claimed}))
-        ),
+        "duplicate_means": described(scope, sorted({c.claim.batch.topic for c in claimed})),
         "dead_letters": sum(len(c.dead_letters) for c in claimed),
         "dead_letters_by_reason": dg.JsonMetadataValue(dict(reasons)),
         "tombstones": sum(c.tombstones for c in claimed),

@@ -8,6 +8,7 @@ keys are digested with their topic (``formats.DedupeKey``), so they only ever ma
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 from protoagg_dagster.core.errors import ConfigError
@@ -33,9 +34,14 @@ def key_prefix(topic: str) -> str:
     return f"{topic} "
 
 
-def described(scope: Scope, topic: str) -> str:
-    """What counted as a duplicate of what, for a batch of ``topic`` (the asset's metadata)."""
-    where = f"topic {topic}" if scope == TOPIC else "any topic of this deployment"
+def described(scope: Scope, topics: Sequence[str]) -> str:
+    """What counted as a duplicate of what, for batches of ``topics`` (the asset's metadata)."""
+    if scope != TOPIC:
+        where = "any topic of this deployment"
+    elif len(topics) == 1:
+        where = f"topic {topics[0]}"
+    else:  # a run of several topics: each record's own
+        where = f"its own topic (each of {', '.join(topics)})"
     return (
         f"a record whose dedupe key (logId, or PROTOAGG_DEDUPE_KEY) was already archived from "
         f"{where} within the dedupe window, or appears at an earlier offset of the same batch "

@@ -65,7 +65,13 @@ def archive_all(stack: Stack) -> set[str]:
     stack = with_topics(stack, stack.kafka.topics, max_batch_messages=1000)
     with dg.instance_for_test() as instance:
         run_sensor_until_idle(stack, instance)
-        records = instance.fetch_materializations(dg.AssetKey("kafka_archive"), limit=100).records
+        # The whole archive's asset and each topic entry's (a run may hold both topics).
+        records = [
+            record
+            for key in instance.get_asset_keys()
+            if key.path[0].startswith("kafka_archive")
+            for record in instance.fetch_materializations(key, limit=100).records
+        ]
     return {
         str(r.asset_materialization.metadata["duplicate_means"].value)  # type: ignore[union-attr]
         for r in records

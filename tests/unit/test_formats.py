@@ -196,8 +196,14 @@ def test_an_unknown_dedupe_scope_names_the_setting() -> None:
 
 
 @pytest.mark.parametrize(
-    ("scope", "says"),
-    [("topic", "archived from topic orders within"), ("deployment", "from any topic of this")],
+    ("scope", "topics", "says"),
+    [
+        ("topic", ["orders"], "archived from topic orders within"),
+        ("topic", ["orders", "refunds"], "from its own topic (each of orders, refunds) within"),
+        ("deployment", ["orders", "refunds"], "from any topic of this deployment within"),
+    ],
 )
-def test_the_metadata_says_what_counted_as_a_duplicate_of_what(scope: Scope, says: str) -> None:
-    assert says in described(scope, "orders")
+def test_the_metadata_says_what_counted_as_a_duplicate_of_what(
+    scope: Scope, topics: list[str], says: str
+) -> None:
+    assert says in described(scope, topics)
