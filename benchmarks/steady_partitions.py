@@ -192,6 +192,30 @@ def database_bytes(dsn: str) -> int:
     return int(row[0])
 
 
+def dagster_breakdown(dsn: str) -> dict[str, Any]:
+    """Where Dagster's bytes are: each table (with its indexes and TOAST), and the event log's
+    stored bytes by event type (``pg_column_size``: after PostgreSQL's compression)."""
+    with psycopg.connect(dsn) as conn:
+        tables = conn.execute(
+            "SELECT relname, pg_total_relation_size(oid) FROM pg_class"
+            " WHERE relkind = 'r' AND relnamespace = 'public'::regnamespace"
+            " ORDER BY 2 DESC LIMIT 8"
+        ).fetchall()
+        events = conn.execute(
+            "SELECT coalesce(dagster_event_type, 'log message'), count(*),"
+            " sum(pg_column_size(event)), sum(length(event))"
+            " FROM event_logs GROUP BY 1 ORDER BY 3 DESC LIMIT 10"
+        ).fetchall()
+        run_bodies = conn.execute(
+            "SELECT count(*), sum(pg_column_size(run_body)), sum(length(run_body)) FROM runs"
+        ).fetchone()
+    return {
+        "tables": {name: size for name, size in tables},
+        "events": {kind: [n, stored, raw] for kind, n, stored, raw in events},
+        "run_bodies": list(run_bodies or ()),
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--topics", type=int, default=4)
@@ -265,6 +289,8 @@ def main() -> int:
         finally:
             deployment.stop()
         database1 = database_bytes(dagster_dsn)
+        if args.dagster_storage == "postgres":
+            result["dagster_breakdown"] = dagster_breakdown(dagster_dsn)
         found, missing = latencies(dsn, producer.sent)
         appended, appends = archived_bytes(dsn)
         # Read while the databases exist (with postgres storage Dagster's runs are in one).
@@ -331,6 +357,20 @@ def main() -> int:
         f"({(result['dagster_share_of_archive'] or 0):.2%} of the archive, "
         f"{args.dagster_storage} storage)"
     )
+    if breakdown := result.get("dagster_breakdown"):
+        print(
+            "  Dagster's tables        "
+            + ", ".join(f"{name} {size / 1e6:.2f} MB" for name, size in breakdown["tables"].items())
+        )
+        print(
+            "  run bodies              {} runs, {} B stored, {} B raw".format(
+                *breakdown["run_bodies"]
+            )
+        )
+        for kind, (n, stored, raw) in breakdown["events"].items():
+            print(
+                f"    {kind:28} {n:6} events {stored / 1e3:9.1f} KB stored {raw / 1e3:9.1f} KB raw"
+            )
     print(json.dumps(result))
     return 0 if drained is not None and missing == 0 else 1
 
