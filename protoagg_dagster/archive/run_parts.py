@@ -24,7 +24,7 @@ from protoagg_dagster.core.batch import FramedBatch
 from protoagg_dagster.core.compression import NONE
 from protoagg_dagster.core.errors import ConfigError, ProtoaggError
 from protoagg_dagster.core.formats import ArchiveFormat
-from protoagg_dagster.core.planning import OffsetRange
+from protoagg_dagster.core.planning import OffsetRange, parse_offsets
 from protoagg_dagster.core.records import Rejection
 from protoagg_dagster.kafka.reader import RangeRead
 
@@ -45,14 +45,29 @@ class RangeConfig(dg.Config):
 
 
 class ArchiveRunConfig(dg.Config):
-    """The ranges one run archives, at most one per partition."""
+    """The ranges one run archives, at most one per partition.
 
-    ranges: list[RangeConfig] = Field(description="Offset ranges, at most one per partition.")
+    Either form, or both: ``ranges`` one object per range (as written by hand on the
+    Launchpad), ``offsets`` one line per topic (as the sensor and backfills write them: a run's
+    config stays in Dagster's storage as long as the run, and this form is a seventh the size).
+    """
+
+    ranges: list[RangeConfig] = Field(
+        default=[], description="Offset ranges, at most one per partition."
+    )
+    offsets: dict[str, str] = Field(
+        default={},
+        description='Per topic, ranges as "partition:start-end" separated by commas, '
+        'e.g. {"logs": "0:100-200,3:40-90"}.',
+    )
 
     def offset_ranges(self) -> list[OffsetRange]:
-        found = [
-            OffsetRange(r.topic, r.partition, r.start_offset, r.end_offset) for r in self.ranges
-        ]
+        try:
+            found = [
+                OffsetRange(r.topic, r.partition, r.start_offset, r.end_offset) for r in self.ranges
+            ] + [r for topic, text in self.offsets.items() for r in parse_offsets(topic, text)]
+        except ConfigError as exc:
+            raise dg.Failure(description=str(exc), allow_retries=False) from exc
         keys = [(r.topic, r.partition) for r in found]
         if len(set(keys)) != len(keys):
             raise dg.Failure(

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import dagster as dg
 
 from protoagg_dagster.core.errors import ConfigError
-from protoagg_dagster.core.planning import OffsetRange
+from protoagg_dagster.core.planning import OffsetRange, offsets_text, parse_offsets
 
 # On a run of one range only (a backfill's, or a sensor run that found one partition ready): the
 # partition, so the UI can filter a partition's runs. A run of several ranges has no such tag;
@@ -54,23 +54,7 @@ def queued_behind(run: dg.DagsterRun) -> bool:
 
 
 def ranges_run_config(ranges: Sequence[OffsetRange]) -> dict[str, object]:
-    return {
-        "ops": {
-            "consume": {
-                "config": {
-                    "ranges": [
-                        {
-                            "topic": r.topic,
-                            "partition": r.partition,
-                            "start_offset": r.start,
-                            "end_offset": r.end,
-                        }
-                        for r in ranges
-                    ]
-                }
-            }
-        }
-    }
+    return {"ops": {"consume": {"config": {"offsets": offsets_text(ranges)}}}}
 
 
 def range_run_config(topic: str, partition: int, start: int, end: int) -> dict[str, object]:
@@ -84,15 +68,25 @@ def run_ranges(run: dg.DagsterRun) -> list[OffsetRange]:
     The config, not the tags: runs launched by hand from the Launchpad usually carry no tags,
     and the config is what the run's ops actually read.
     """
+    return config_ranges(run.run_config)
+
+
+def config_ranges(run_config: Mapping[str, Any]) -> list[OffsetRange]:
+    """The ranges of an archive run's config, in either form (``ArchiveRunConfig``)."""
     try:
-        ops: Any = run.run_config["ops"]
-        return [
+        config: Any = run_config["ops"]["consume"]["config"]
+        listed = [
             OffsetRange(
                 str(r["topic"]), int(r["partition"]), int(r["start_offset"]), int(r["end_offset"])
             )
-            for r in ops["consume"]["config"]["ranges"]
+            for r in config.get("ranges", [])
         ]
-    except (KeyError, TypeError, ValueError, ConfigError):
+        return listed + [
+            r
+            for topic, text in config.get("offsets", {}).items()
+            for r in parse_offsets(topic, text)
+        ]
+    except (KeyError, TypeError, ValueError, AttributeError, ConfigError):
         return []
 
 

@@ -35,6 +35,36 @@ class OffsetRange:
         return f"{self.topic}[{self.partition}] offsets {self.start}..{self.end}"
 
 
+def offsets_text(ranges: Sequence[OffsetRange]) -> dict[str, str]:
+    """Ranges per topic as one line each, ``{"logs": "0:100-200,3:40-90"}``.
+
+    What a run's config stores: Dagster keeps every run's config for as long as the run, and
+    a run of 1,000 ranges is about 13 KB this way against 98 KB as a list of objects.
+    """
+    lines: dict[str, list[str]] = {}
+    for r in ranges:
+        lines.setdefault(r.topic, []).append(f"{r.partition}:{r.start}-{r.end}")
+    return {topic: ",".join(parts) for topic, parts in lines.items()}
+
+
+def parse_offsets(topic: str, text: str) -> list[OffsetRange]:
+    """The ranges of one ``offsets_text`` line (commas or spaces between ranges)."""
+    found = []
+    for part in text.replace(",", " ").split():
+        partition, sep, span = part.partition(":")
+        start, dash, end = span.partition("-")
+        try:
+            if not (sep and dash):
+                raise ValueError
+            found.append(OffsetRange(topic, int(partition), int(start), int(end)))
+        except (ValueError, ConfigError):
+            raise ConfigError(
+                f"offsets of topic {topic}: {part!r} is not partition:start-end "
+                "(e.g. 0:100-200, the offsets after the colon from first to one past the last)"
+            ) from None
+    return found
+
+
 @dataclass(frozen=True)
 class BatchLimits:
     """When ranges are worth a run, and how large one run may grow.

@@ -22,7 +22,7 @@ from protoagg_dagster.archive import leases
 from protoagg_dagster.archive.assets import ARCHIVE_ASSET
 from protoagg_dagster.archive.job import archive_kafka_batch
 from protoagg_dagster.archive.ledger import ledger_connection, read_progress
-from protoagg_dagster.archive.run_tags import partition_key, ranges_run_config
+from protoagg_dagster.archive.run_tags import config_ranges, partition_key, ranges_run_config
 from protoagg_dagster.core.archive_object import (
     COMPRESSION_METADATA_KEY,
     FORMAT_METADATA_KEY,
@@ -209,10 +209,10 @@ def test_a_partition_with_a_bad_object_or_a_taken_lease_fails_alone(
             tags=request.tags,
         )
     assert relaunched.success
-    assert sorted(
-        (r["partition"], r["start_offset"], r["end_offset"])
-        for r in request.run_config["ops"]["consume"]["config"]["ranges"]
-    ) == [(1, 0, 10), (2, 0, 10)]
+    assert sorted((r.partition, r.start, r.end) for r in config_ranges(request.run_config)) == [
+        (1, 0, 10),
+        (2, 0, 10),
+    ]
     for p in range(4):
         assert offsets_by_partition(grouped, f"{unique}/{p}.pb") == {p: list(range(10))}
 

@@ -13,7 +13,7 @@ from protoagg_dagster.archive import leases
 from protoagg_dagster.archive.assets import ARCHIVE_ASSET, topic_asset_key
 from protoagg_dagster.archive.job import archive_kafka_batch
 from protoagg_dagster.archive.ledger import ledger_connection
-from protoagg_dagster.archive.run_tags import FOLLOWS_TAG, PARTITION_TAG
+from protoagg_dagster.archive.run_tags import FOLLOWS_TAG, PARTITION_TAG, config_ranges
 from protoagg_dagster.archive.upkeep import maintain_archive
 from protoagg_dagster.core.archive_object import TEMP_PREFIX
 from protoagg_dagster.core.formats import TopicRule
@@ -147,10 +147,10 @@ def test_a_tick_over_several_topics_asks_kafka_through_two_consumers(
 
 
 def launched_ranges(request: dg.RunRequest, with_topic: bool = False) -> list[Any]:
-    ranges = request.run_config["ops"]["consume"]["config"]["ranges"]
+    ranges = config_ranges(request.run_config)
     if with_topic:
-        return [(r["topic"], r["partition"], r["start_offset"], r["end_offset"]) for r in ranges]
-    return [(r["start_offset"], r["end_offset"]) for r in ranges]
+        return [(r.topic, r.partition, r.start, r.end) for r in ranges]
+    return [(r.start, r.end) for r in ranges]
 
 
 def test_maintenance_removes_orphans_and_advances_the_window(stack: Stack, unique: str) -> None:
