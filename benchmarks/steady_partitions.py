@@ -192,15 +192,21 @@ def database_bytes(dsn: str) -> int:
     return int(row[0])
 
 
-def dagster_breakdown(dsn: str) -> dict[str, Any]:
-    """Where Dagster's bytes are: each table (with its indexes and TOAST), and the event log's
-    stored bytes by event type (``pg_column_size``: after PostgreSQL's compression)."""
+def table_bytes(dsn: str) -> dict[str, int]:
+    """Each of Dagster's tables with its indexes and TOAST."""
     with psycopg.connect(dsn) as conn:
-        tables = conn.execute(
+        rows = conn.execute(
             "SELECT relname, pg_total_relation_size(oid) FROM pg_class"
             " WHERE relkind = 'r' AND relnamespace = 'public'::regnamespace"
-            " ORDER BY 2 DESC LIMIT 8"
         ).fetchall()
+    return {name: int(size) for name, size in rows}
+
+
+def dagster_breakdown(dsn: str, tables0: dict[str, int]) -> dict[str, Any]:
+    """Where Dagster's bytes went: each table's growth since ``tables0``, and the event log's
+    stored bytes by event type (``pg_column_size``: after PostgreSQL's compression)."""
+    grown = {name: size - tables0.get(name, 0) for name, size in table_bytes(dsn).items()}
+    with psycopg.connect(dsn) as conn:
         events = conn.execute(
             "SELECT coalesce(dagster_event_type, 'log message'), count(*),"
             " sum(pg_column_size(event)), sum(length(event))"
@@ -210,7 +216,7 @@ def dagster_breakdown(dsn: str) -> dict[str, Any]:
             "SELECT count(*), sum(pg_column_size(run_body)), sum(length(run_body)) FROM runs"
         ).fetchone()
     return {
-        "tables": {name: size for name, size in tables},
+        "tables": dict(sorted(grown.items(), key=lambda kv: -kv[1])[:8]),
         "events": {kind: [n, stored, raw] for kind, n, stored, raw in events},
         "run_bodies": list(run_bodies or ()),
     }
@@ -268,6 +274,7 @@ def main() -> int:
             deployment.start()
             time.sleep(20)  # the daemon and its code server boot; not measured
             database0 = database_bytes(dagster_dsn)
+            tables0 = table_bytes(dagster_dsn) if args.dagster_storage == "postgres" else {}
             busy0, total0 = cpu_ticks()
             split = CpuSplit().start()
             started, ended = producer.steady(args.rate, args.seconds)
@@ -290,7 +297,7 @@ def main() -> int:
             deployment.stop()
         database1 = database_bytes(dagster_dsn)
         if args.dagster_storage == "postgres":
-            result["dagster_breakdown"] = dagster_breakdown(dagster_dsn)
+            result["dagster_breakdown"] = dagster_breakdown(dagster_dsn, tables0)
         found, missing = latencies(dsn, producer.sent)
         appended, appends = archived_bytes(dsn)
         # Read while the databases exist (with postgres storage Dagster's runs are in one).
