@@ -6,6 +6,7 @@ An integration test never skips: if a service cannot be started or reached, the 
 
 from __future__ import annotations
 
+import fcntl
 import os
 import uuid
 from collections.abc import Iterator
@@ -49,8 +50,12 @@ class Services:
 def services() -> Services:
     state_dir = Path(os.environ.get("PROTOAGG_TEST_STATE_DIR", ROOT / ".protoagg" / "test"))
     stack = local_stack(state_dir, TEST_PORTS)
-    for service in stack:
-        service.up()  # idempotent: a no-op when scripts/test already started it
+    state_dir.mkdir(parents=True, exist_ok=True)
+    # pytest-xdist's workers each ask; one starts what is not running, the others wait for it.
+    with open(state_dir / "services.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for service in stack:
+            service.up()  # idempotent: a no-op when scripts/test already started it
     env = exports_of(stack)
     os.environ.update(env)
     return Services(
@@ -96,3 +101,16 @@ def postgres_dsn(services: Services) -> Iterator[str]:
 def unique() -> str:
     """A short token for names (topics, objects) that must not collide between tests."""
     return uuid.uuid4().hex[:10]
+
+
+# Tests that share one session fixture run on one pytest-xdist worker (scripts/test runs two):
+# the secured broker is on fixed ports, and the shared deployment is worth booting once.
+XDIST_GROUPS = {"secured_kafka": "secured_kafka", "shared": "shared_deployment"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        fixtures = getattr(item, "fixturenames", ())
+        for fixture, group in XDIST_GROUPS.items():
+            if fixture in fixtures:
+                item.add_marker(pytest.mark.xdist_group(group))
