@@ -170,10 +170,10 @@ def consume(
         for w in wanted
         if (w.topic, w.partition) not in read and not failures.has(w)
     ]
-    failures.raise_if_all_failed(len(config.ranges))
+    failures.raise_if_all_failed(len(offered))
     elapsed = time.perf_counter() - started
     messages = sum(p.records.messages for p in parts)
-    asked = {(r.topic, r.partition): r.end for r in config.offset_ranges()}
+    asked = {(r.topic, r.partition): r.end for r in offered}
     short = [
         f"{p.read.batch} (asked up to {asked[p.read.batch.topic, p.read.batch.partition]})"
         for p in parts

@@ -16,7 +16,7 @@ from typing import Protocol
 
 from kafka import KafkaConsumer, TopicPartition
 
-from protoagg_dagster.core.errors import BackendError
+from protoagg_dagster.core.errors import BackendError, ConfigError
 from protoagg_dagster.core.planning import OffsetRange
 from protoagg_dagster.core.records import KafkaMessage
 
@@ -294,8 +294,17 @@ class KafkaPythonReader:
         try:
             # kafka-python leaves out of its answer the partitions of a topic whose metadata it
             # does not hold yet (3.0.12: a KeyError); asking for the topic first fetches it.
-            for topic in {tp.topic for tp in tps}:
-                consumer.partitions_for_topic(topic)
+            known = {
+                topic: consumer.partitions_for_topic(topic) for topic in {r.topic for r in wanted}
+            }
+            for r in wanted:
+                if r.partition not in (known[r.topic] or set()):
+                    # Never readable (a range launched by hand, a topic created again smaller):
+                    # the run fails once its other ranges are archived, so a person sees it.
+                    raise ConfigError(
+                        f"{r}: the topic has no partition {r.partition} "
+                        f"(it has {len(known[r.topic] or ())} partitions)"
+                    )
             log_starts = consumer.beginning_offsets(tps)
             starts = [max(r.start, log_starts[tp]) for r, tp in zip(wanted, tps, strict=True)]
             ends = [r.end for r in wanted]

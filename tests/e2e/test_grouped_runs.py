@@ -236,3 +236,26 @@ def test_a_grouped_run_writes_as_many_events_as_a_run_of_one_range(stack: Stack)
             assert result.success
             counts.append(len(instance.all_logs(result.run_id)))
     assert counts[1] == counts[0], counts
+
+
+def test_a_range_that_cannot_be_read_fails_alone(stack: Stack, unique: str) -> None:
+    topic = topic_of(stack)
+    grouped = with_topics(replace_template(stack, f"{unique}/{{partition}}.pb"), f"{topic}:record")
+    create_topic(stack.kafka, topic, partitions=3)
+    produce_everywhere(stack, topic, 3, 10)
+    # Partition 5 does not exist: its range fails in consume, the three others are archived.
+    ranges = [OffsetRange(topic, p, 0, 10) for p in (0, 1, 2, 5)]
+    with dg.instance_for_test() as instance:
+        result = archive_kafka_batch.execute_in_process(
+            run_config=ranges_run_config(ranges),
+            resources=grouped.resources(),
+            instance=instance,
+            raise_on_error=False,
+        )
+        failure = [e for e in result.all_events if e.event_type == DagsterEventType.STEP_FAILURE]
+    assert not result.success
+    assert [e.step_key for e in failure] == ["append"]
+    assert "1 ranges cannot be archived" in str(failure[-1].event_specific_data)
+    assert f"{topic}[5]" in str(failure[-1].event_specific_data)
+    for p in range(3):
+        assert offsets_by_partition(grouped, f"{unique}/{p}.pb") == {p: list(range(10))}
