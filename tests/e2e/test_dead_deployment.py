@@ -391,11 +391,27 @@ def test_a_slow_run_is_never_declared_dead(
     assert_exactly_once(stack, expected)
 
 
+LEFT_OUT = "left out, their leases held by other live runs: "
+
+
+def left_out(instance: dg.DagsterInstance, run_id: str) -> set[str]:
+    """``topic/partition`` of the ranges a run left alone: another live run held their leases
+    (the lease resource's log line), so the run never worked them."""
+    found: set[str] = set()
+    for entry in instance.all_logs(run_id):
+        message = entry.user_message or ""
+        if message.startswith("holding the leases") and LEFT_OUT in message:
+            for key in message.split(LEFT_OUT, 1)[1].split(", "):
+                topic, partition = key.rsplit("-", 1)
+                found.add(f"{topic}/{partition}")
+    return found
+
+
 def working_spans(
     deployment: DagsterDeployment, killed_at: Iterable[float]
 ) -> dict[str, list[tuple[float, float, str]]]:
     """Per partition, when each run executed steps: first step start to last step end (a run
-    killed mid-step ends at the kill)."""
+    killed mid-step ends at the kill). A run's ranges whose leases it did not get are not its."""
     kills = sorted(killed_at)
     spans: dict[str, list[tuple[float, float, str]]] = defaultdict(list)
     with deployment.instance() as instance:
@@ -409,7 +425,7 @@ def working_spans(
             end = events[-1][2]
             if events[-1][0] == "STEP_START":
                 end = next((k for k in kills if k > start), time.time())
-            for key in keys_of(record.dagster_run):
+            for key in keys_of(record.dagster_run) - left_out(instance, record.dagster_run.run_id):
                 spans[key].append(
                     (start, end, f"{deployment.name}:{record.dagster_run.run_id[:8]}")
                 )
