@@ -67,10 +67,18 @@ def services() -> Services:
     )
 
 
+def _worker() -> int:
+    """This pytest-xdist worker's number (scripts/test runs two); 0 without xdist."""
+    return int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+
+
 def _secure_ports() -> tuple[int, int, int, int]:
-    """``PROTOAGG_TEST_SECURE_PORTS=SASL_SSL,MTLS,ADMIN,CONTROLLER``: the secured broker's."""
+    """``PROTOAGG_TEST_SECURE_PORTS=SASL_SSL,MTLS,ADMIN,CONTROLLER``: the secured broker's.
+
+    Each xdist worker that needs one starts its own, ten ports further per worker.
+    """
     raw = os.environ.get("PROTOAGG_TEST_SECURE_PORTS", "19096,19097,19098,19099")
-    sasl, mtls, admin, controller = (int(part) for part in raw.split(","))
+    sasl, mtls, admin, controller = (int(part) + 10 * _worker() for part in raw.split(","))
     return sasl, mtls, admin, controller
 
 
@@ -79,7 +87,7 @@ def secured_kafka(services: Services) -> Iterator[SecuredKafka]:
     """A second broker with TLS, logins and ACLs (tests/support/secured_kafka.py), started once
     by the first test that asks; stopped at the end of the session."""
     state_dir = Path(os.environ.get("PROTOAGG_TEST_STATE_DIR", ROOT / ".protoagg" / "test"))
-    secured = start_secured_kafka((state_dir / "secured").resolve(), _secure_ports())
+    secured = start_secured_kafka((state_dir / f"secured-{_worker()}").resolve(), _secure_ports())
     yield secured
     secured.service.down()
 
@@ -101,16 +109,3 @@ def postgres_dsn(services: Services) -> Iterator[str]:
 def unique() -> str:
     """A short token for names (topics, objects) that must not collide between tests."""
     return uuid.uuid4().hex[:10]
-
-
-# Tests that share one session fixture run on one pytest-xdist worker (scripts/test runs two):
-# the secured broker is on fixed ports, and the shared deployment is worth booting once.
-XDIST_GROUPS = {"secured_kafka": "secured_kafka", "shared": "shared_deployment"}
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        fixtures = getattr(item, "fixturenames", ())
-        for fixture, group in XDIST_GROUPS.items():
-            if fixture in fixtures:
-                item.add_marker(pytest.mark.xdist_group(group))
