@@ -365,8 +365,9 @@ def main() -> int:
         f"{args.dagster_storage} storage)"
     )
     if breakdown := result.get("dagster_breakdown"):
+        print(f"  compute logs            {sizes['compute_logs'] / 1e6:.2f} MB")
         print(
-            "  Dagster's tables        "
+            "  Dagster's tables grew   "
             + ", ".join(f"{name} {size / 1e6:.2f} MB" for name, size in breakdown["tables"].items())
         )
         print(
