@@ -48,8 +48,8 @@ class ArchiveRunConfig(dg.Config):
     """The ranges one run archives, at most one per partition.
 
     Either form, or both: ``ranges`` one object per range (as written by hand on the
-    Launchpad), ``offsets`` one line per topic (as the sensor and backfills write them: a run's
-    config stays in Dagster's storage as long as the run, and this form is a seventh the size).
+    Launchpad), ``offsets`` one line per topic (as the sensor and backfills write them: a
+    fifth of the list's size for every process that parses the run's config).
     """
 
     ranges: list[RangeConfig] = Field(

@@ -38,8 +38,9 @@ class OffsetRange:
 def offsets_text(ranges: Sequence[OffsetRange]) -> dict[str, str]:
     """Ranges per topic as one line each, ``{"logs": "0:100-200,3:40-90"}``.
 
-    What a run's config stores: Dagster keeps every run's config for as long as the run, and
-    a run of 1,000 ranges is about 13 KB this way against 98 KB as a list of objects.
+    What a run's config holds: the daemon, the run worker and the webserver each parse it, and
+    a run of 1,000 ranges is about 18 KB this way against 102 KB as a list of objects. (Stored,
+    PostgreSQL compresses either: 13 KB against 15 KB.)
     """
     lines: dict[str, list[str]] = {}
     for r in ranges:

@@ -40,7 +40,7 @@ def test_a_malformed_range_is_named_in_the_error(bad: str) -> None:
         parse_offsets("t", f"1:0-1,{bad}")
 
 
-def test_a_thousand_ranges_take_a_seventh_of_the_bytes_of_the_list() -> None:
+def test_a_thousand_ranges_take_a_fifth_of_the_bytes_of_the_list() -> None:
     many = [
         OffsetRange(f"topic-{t}", p, 10_000 + p, 10_020 + p) for t in range(4) for p in range(250)
     ]
