@@ -24,7 +24,7 @@ from protoagg_dagster.core.batch import FramedBatch
 from protoagg_dagster.core.compression import NONE
 from protoagg_dagster.core.errors import ConfigError, ProtoaggError
 from protoagg_dagster.core.formats import ArchiveFormat
-from protoagg_dagster.core.planning import OffsetRange, parse_offsets
+from protoagg_dagster.core.planning import OffsetRange, parse_all_offsets
 from protoagg_dagster.core.records import Rejection
 from protoagg_dagster.kafka.reader import RangeRead
 
@@ -65,7 +65,7 @@ class ArchiveRunConfig(dg.Config):
         try:
             found = [
                 OffsetRange(r.topic, r.partition, r.start_offset, r.end_offset) for r in self.ranges
-            ] + [r for topic, text in self.offsets.items() for r in parse_offsets(topic, text)]
+            ] + parse_all_offsets(self.offsets)
         except ConfigError as exc:
             raise dg.Failure(description=str(exc), allow_retries=False) from exc
         keys = [(r.topic, r.partition) for r in found]

@@ -8,7 +8,7 @@ from typing import Any
 import dagster as dg
 
 from protoagg_dagster.core.errors import ConfigError
-from protoagg_dagster.core.planning import OffsetRange, offsets_text, parse_offsets
+from protoagg_dagster.core.planning import OffsetRange, offsets_text, parse_all_offsets
 
 # On a run of one range only (a backfill's, or a sensor run that found one partition ready): the
 # partition, so the UI can filter a partition's runs. A run of several ranges has no such tag;
@@ -81,11 +81,7 @@ def config_ranges(run_config: Mapping[str, Any]) -> list[OffsetRange]:
             )
             for r in config.get("ranges", [])
         ]
-        return listed + [
-            r
-            for topic, text in config.get("offsets", {}).items()
-            for r in parse_offsets(topic, text)
-        ]
+        return listed + parse_all_offsets(config.get("offsets", {}))
     except (KeyError, TypeError, ValueError, AttributeError, ConfigError):
         return []
 

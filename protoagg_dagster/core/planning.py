@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from protoagg_dagster.core.errors import ConfigError
@@ -64,6 +64,11 @@ def parse_offsets(topic: str, text: str) -> list[OffsetRange]:
                 "(e.g. 0:100-200, the offsets after the colon from first to one past the last)"
             ) from None
     return found
+
+
+def parse_all_offsets(offsets: Mapping[str, str]) -> list[OffsetRange]:
+    """The ranges of every topic's ``offsets_text`` line, topic by topic."""
+    return [r for topic, text in offsets.items() for r in parse_offsets(topic, text)]
 
 
 @dataclass(frozen=True)

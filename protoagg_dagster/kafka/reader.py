@@ -298,12 +298,13 @@ class KafkaPythonReader:
                 topic: consumer.partitions_for_topic(topic) for topic in {r.topic for r in wanted}
             }
             for r in wanted:
-                if r.partition not in (known[r.topic] or set()):
+                partitions = known[r.topic] or set()
+                if r.partition not in partitions:
                     # Never readable (a range launched by hand, a topic created again smaller):
                     # the run fails once its other ranges are archived, so a person sees it.
                     raise ConfigError(
                         f"{r}: the topic has no partition {r.partition} "
-                        f"(it has {len(known[r.topic] or ())} partitions)"
+                        f"(it has {len(partitions)} partitions)"
                     )
             log_starts = consumer.beginning_offsets(tps)
             starts = [max(r.start, log_starts[tp]) for r, tp in zip(wanted, tps, strict=True)]
