@@ -19,7 +19,11 @@ records for the batch that holds its offset (the moment its compose is done and 
 ``--dagster-storage postgres`` gives the deployment production's storage (PostgreSQL through
 dagster-postgres, as ``deploy/dagster.production.yaml``) in a fresh database of the benchmark's
 PostgreSQL; Dagster's growth is then that database's size (tables, indexes, TOAST) plus the compute
-logs under DAGSTER_HOME. With ``sqlite`` (the default, ``deploy/dagster.local.yaml``) it is
+logs under DAGSTER_HOME. Two sizes are reported: the files' growth (what was written, row versions
+that PostgreSQL's autovacuum has not yet made reusable included) and what Dagster keeps (the
+growth measured after ``VACUUM FULL`` at the start and at the end, which leaves only live rows:
+the size the database tends to over months, since the dead versions' space is reused). With
+``sqlite`` (the default, ``deploy/dagster.local.yaml``) it is
 DAGSTER_HOME's.
 
 ``--set`` overrides a setting of the deployment (repeatable), e.g. ``--set
@@ -185,8 +189,11 @@ def with_postgres_storage(home: Path, dsn: str) -> None:
     (home / "dagster.yaml").write_text(f"storage:\n  postgres:\n    postgres_url: {url}\n{local}")
 
 
-def database_bytes(dsn: str) -> int:
-    with psycopg.connect(dsn) as conn:
+def database_bytes(dsn: str, compact: bool = False) -> int:
+    """The database's size; with ``compact`` after VACUUM FULL (live rows only)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        if compact:
+            conn.execute("VACUUM FULL")
         row = conn.execute("SELECT pg_database_size(current_database())").fetchone()
     assert row is not None
     return int(row[0])
@@ -274,7 +281,9 @@ def main() -> int:
             deployment.start()
             time.sleep(20)  # the daemon and its code server boot; not measured
             database0 = database_bytes(dagster_dsn)
-            tables0 = table_bytes(dagster_dsn) if args.dagster_storage == "postgres" else {}
+            if args.dagster_storage == "postgres":
+                kept0 = database_bytes(dagster_dsn, compact=True)
+                tables0 = table_bytes(dagster_dsn)
             busy0, total0 = cpu_ticks()
             split = CpuSplit().start()
             started, ended = producer.steady(args.rate, args.seconds)
@@ -297,6 +306,8 @@ def main() -> int:
             deployment.stop()
         database1 = database_bytes(dagster_dsn)
         if args.dagster_storage == "postgres":
+            kept1 = database_bytes(dagster_dsn, compact=True)
+            # Each table's growth in live rows (both sizes after VACUUM FULL).
             result["dagster_breakdown"] = dagster_breakdown(dagster_dsn, tables0)
         found, missing = latencies(dsn, producer.sent)
         appended, appends = archived_bytes(dsn)
@@ -305,7 +316,9 @@ def main() -> int:
     in_window = [r for r in runs if started <= r.created_time <= ended]
     sizes = storage_bytes(home)
     if args.dagster_storage == "postgres":
-        dagster = database1 - database0 + sizes["compute_logs"]
+        written = database1 - database0 + sizes["compute_logs"]
+        dagster = kept1 - kept0 + sizes["compute_logs"]
+        result["dagster_bytes_written"] = written
     else:
         empty = empty_home_bytes(home.with_name(home.name + "-empty"))
         dagster = sizes["storage"] + sizes["compute_logs"] - empty
@@ -362,12 +375,19 @@ def main() -> int:
     print(
         f"  Dagster storage growth  {dagster / 1e6:.2f} MB "
         f"({(result['dagster_share_of_archive'] or 0):.2%} of the archive, "
-        f"{args.dagster_storage} storage)"
+        f"{args.dagster_storage} storage"
+        + (", live rows after VACUUM FULL)" if args.dagster_storage == "postgres" else ")")
     )
+    if "dagster_bytes_written" in result:
+        written = result["dagster_bytes_written"]
+        print(
+            f"    files grew            {written / 1e6:.2f} MB ({written / appended:.2%}; dead row "
+            "versions included)"
+        )
     if breakdown := result.get("dagster_breakdown"):
         print(f"  compute logs            {sizes['compute_logs'] / 1e6:.2f} MB")
         print(
-            "  Dagster's tables grew   "
+            "  Dagster's tables grew   (live) "
             + ", ".join(f"{name} {size / 1e6:.2f} MB" for name, size in breakdown["tables"].items())
         )
         print(
