@@ -30,6 +30,10 @@ KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
 
 
 def kind_of(cmdline: str) -> str:
+    # Kernel threads have no command line: on this VM mostly kdamond (memory monitoring) and
+    # the block layer's workers, busier the more the services write.
+    if not cmdline.strip():
+        return "kernel threads"
     for kind, words in KINDS:
         if any(word in cmdline for word in words):
             return kind

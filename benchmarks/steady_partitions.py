@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import json
+import statistics
 import sys
 import time
 import uuid
@@ -229,6 +230,33 @@ def dagster_breakdown(dsn: str, tables0: dict[str, int]) -> dict[str, Any]:
     }
 
 
+def run_phases(runs: list[Any]) -> dict[str, float | None]:
+    """Where a run's time goes, the median over ``runs`` of each phase (seconds).
+
+    queued: created until dequeued; booting: dequeued until RUN_START (the run worker's process
+    starts and imports); preparing: RUN_START until the first step starts (resources, the
+    leases); each step, from the run's materialization; finishing: the last step's end until
+    the run ends.
+    """
+    phases: dict[str, list[float]] = {}
+
+    def add(name: str, a: float | None, b: float | None) -> None:
+        if a is not None and b is not None:
+            phases.setdefault(name, []).append(b - a)
+
+    for r in runs:
+        add("queued", r.created_time, r.launched_time)
+        add("booting", r.launched_time, r.start_time)
+        add("preparing", r.start_time, r.work_start)
+        add("finishing", r.work_end, r.end_time)
+        add("whole run", r.start_time, r.end_time)
+        for metadata in r.materializations[:1]:
+            for key, seconds in metadata.items():
+                if key.startswith("seconds_") and isinstance(seconds, float):
+                    phases.setdefault(key.removeprefix("seconds_"), []).append(seconds)
+    return {name: statistics.median(values) for name, values in phases.items()}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--topics", type=int, default=4)
@@ -314,6 +342,7 @@ def main() -> int:
         # Read while the databases exist (with postgres storage Dagster's runs are in one).
         runs = [r for r in run_summaries(deployment) if r.job_name == "archive_kafka_batch"]
     in_window = [r for r in runs if started <= r.created_time <= ended]
+    result["run_phases_median_s"] = run_phases(in_window)
     sizes = storage_bytes(home)
     if args.dagster_storage == "postgres":
         written = database1 - database0 + sizes["compute_logs"]
@@ -367,6 +396,10 @@ def main() -> int:
     print(
         f"  archive runs            {len(runs)} ({result['runs_failed']} not succeeded), "
         f"{result['runs_per_minute_steady']:.1f} per minute while producing"
+    )
+    print(
+        "  a run's time (median)   "
+        + ", ".join(f"{k} {v:.1f} s" for k, v in result["run_phases_median_s"].items() if v)
     )
     print(f"  machine CPU busy        {result['cpu_busy_share']:.0%} of 2 cores' time")
     for kind, used in result["cpu_seconds_by_process"].items():

@@ -1,8 +1,9 @@
-"""The four steps of an archive run: consume, dedupe, encode, append, each over all its ranges.
+"""An archive run's one op and its four steps: consume, dedupe, encode, append, over all ranges.
 
-Each op passes an immutable value to the next in memory (the job uses the in-process executor);
-the run's limits bound how large these values get. One op per step over all the run's ranges,
-not one mapped op per range: a mapped step costs Dagster about 27 events (docs/design.md).
+Each step passes an immutable value to the next; the run's limits bound how large these values
+get. One op for the whole run, not one op per step nor one mapped op per range: every Dagster
+step costs about seven stored events whatever it does (a mapped step about 27), which Dagster
+keeps for every run (docs/design.md).
 """
 
 import contextlib
@@ -126,8 +127,6 @@ def collector_paused() -> Iterator[None]:
             gc.enable()
 
 
-@dg.op(retry_policy=TRANSIENT_RETRY)
-@fail_fast
 def consume(
     context: dg.OpExecutionContext,
     config: ArchiveRunConfig,
@@ -278,8 +277,6 @@ def _assets(formats: TopicFormats, topic: str) -> tuple[dg.AssetKey, ...]:
     return (ARCHIVE_ASSET,) + ((topic_asset_key(rule),) if rule is not None else ())
 
 
-@dg.op(retry_policy=TRANSIENT_RETRY)
-@fail_fast
 def dedupe(
     context: dg.OpExecutionContext,
     consumed: ConsumedRun,
@@ -360,8 +357,6 @@ def _claim(
         )
 
 
-@dg.op
-@fail_fast
 def encode(context: dg.OpExecutionContext, claimed: ClaimedRun, gcs: GCSResource) -> EncodedRun:
     """Join each range's kept records' frames (``uint32 LE length | message``, made when parsing).
 
@@ -388,8 +383,32 @@ def encode(context: dg.OpExecutionContext, claimed: ClaimedRun, gcs: GCSResource
     )
 
 
+RunEvent = dg.AssetMaterialization | dg.AssetCheckEvaluation | dg.Output[int]
+
+
 @dg.op(retry_policy=TRANSIENT_RETRY)
 @fail_fast
+def archive(
+    context: dg.OpExecutionContext,
+    config: ArchiveRunConfig,
+    kafka: KafkaResource,
+    postgres: PostgresResource,
+    gcs: GCSResource,
+    archiver: ArchiverSettings,
+    lease: PartitionLease,
+) -> Iterator[RunEvent]:
+    """Consume, dedupe, encode and append the run's ranges; each step logs what it did.
+
+    A transient error that fails a whole step (every range of it) fails the op, and its
+    RetryPolicy runs all four steps again: the ledger makes the second attempt finish the
+    first's claims, and ranges already appended are not read again.
+    """
+    consumed = consume(context, config, kafka, postgres, archiver, lease)
+    claimed = dedupe(context, consumed, postgres, gcs, archiver, lease)
+    encoded = encode(context, claimed, gcs)
+    yield from append(context, encoded, gcs, postgres, archiver, lease)
+
+
 def append(
     context: dg.OpExecutionContext,
     encoded: EncodedRun,
@@ -397,7 +416,7 @@ def append(
     postgres: PostgresResource,
     archiver: ArchiverSettings,
     lease: PartitionLease,
-) -> Iterator[dg.AssetMaterialization | dg.AssetCheckEvaluation | dg.Output[int]]:
+) -> Iterator[RunEvent]:
     """Append dead letters, then records: the ranges bound for one object share its composes.
 
     Upload each piece, compose them onto the object (fenced), delete the uploads; the ledger

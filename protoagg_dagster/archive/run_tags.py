@@ -53,8 +53,14 @@ def queued_behind(run: dg.DagsterRun) -> bool:
     return FOLLOWS_TAG in run.tags or BACKFILL_PARTITION_TAG in run.tags
 
 
+# The op that takes the ranges. Runs of before the one-op job (in flight at an upgrade, or kept in
+# the UI) name their first op, consume: their ranges are still read, so the sensor counts them.
+RANGES_OP = "archive"
+RANGES_OP_BEFORE = "consume"
+
+
 def ranges_run_config(ranges: Sequence[OffsetRange]) -> dict[str, object]:
-    return {"ops": {"consume": {"config": {"offsets": offsets_text(ranges)}}}}
+    return {"ops": {RANGES_OP: {"config": {"offsets": offsets_text(ranges)}}}}
 
 
 def range_run_config(topic: str, partition: int, start: int, end: int) -> dict[str, object]:
@@ -74,7 +80,8 @@ def run_ranges(run: dg.DagsterRun) -> list[OffsetRange]:
 def config_ranges(run_config: Mapping[str, Any]) -> list[OffsetRange]:
     """The ranges of an archive run's config, in either form (``ArchiveRunConfig``)."""
     try:
-        config: Any = run_config["ops"]["consume"]["config"]
+        ops = run_config["ops"]
+        config: Any = ops[RANGES_OP if RANGES_OP in ops else RANGES_OP_BEFORE]["config"]
         listed = [
             OffsetRange(
                 str(r["topic"]), int(r["partition"]), int(r["start_offset"]), int(r["end_offset"])

@@ -11,6 +11,7 @@ them with the reason, and resume; the archive must end exactly once.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 import urllib.request
@@ -137,6 +138,25 @@ def keys_of(run: dg.DagsterRun) -> set[str]:
     return {f"{r.topic}/{r.partition}" for r in targets}
 
 
+# The archive op's log line as each of its steps ends (ops.py); a range's failure is logged as
+# "consume: 1 range(s) failed", which does not match.
+STEP_DONE = {
+    "consume": re.compile(r"consume: \d+ messages"),
+    "encode": re.compile(r"encode: \d+ records"),
+}
+
+
+def steps_done(instance: dg.DagsterInstance, run_id: str, since: float) -> set[str]:
+    """Which of the archive op's steps logged their end since ``since``."""
+    return {
+        step
+        for entry in instance.all_logs(run_id)
+        if entry.dagster_event is None and entry.timestamp >= since
+        for step, done in STEP_DONE.items()
+        if done.match(entry.user_message)
+    }
+
+
 class Moment:
     """Conditions on a deployment's run storage that pick the moment of a kill."""
 
@@ -145,13 +165,21 @@ class Moment:
         self.since = since
 
     def in_step(self, step: str) -> Callable[[], bool]:
+        """A run is inside the archive op's ``step`` (consume, or append: after encode)."""
+        assert step in ("consume", "append")
+
         def holds() -> bool:
             with self.deployment.instance() as instance:
                 for record in unfinished_runs(instance):
-                    events = step_events(instance, record.dagster_run.run_id)
-                    if events and events[-1][:2] == ("STEP_START", step):
-                        # Well inside the step (slow_code's delays are seconds long).
-                        return time.time() - events[-1][2] > 0.5
+                    run_id = record.dagster_run.run_id
+                    events = step_events(instance, run_id)
+                    if not events or events[-1][0] != "STEP_START":
+                        continue
+                    done = steps_done(instance, run_id, events[-1][2])
+                    inside = "consume" not in done if step == "consume" else "encode" in done
+                    # Well inside the op (slow_code's delays are seconds long).
+                    if inside and time.time() - events[-1][2] > 0.5:
+                        return True
             return False
 
         return holds
