@@ -226,7 +226,7 @@ def launchpad_yaml(topic: str, start: int, end: int) -> str:
     """The run config of README's "Running it from Dagster" section, for one range."""
     return (
         "ops:\n"
-        "  consume:\n"
+        "  archive:\n"
         "    config:\n"
         "      ranges:\n"
         f"        - {{topic: {topic}, partition: 0, start_offset: {start}, end_offset: {end}}}\n"
