@@ -9,8 +9,9 @@ compose, class A) per run. Runs are assumed to grow in proportion to partitions 
 most ``PROTOAGG_MAX_PARTITIONS_PER_RUN`` of them, of any topics, so one sweep of quiet partitions
 needs ``ceil(partitions / PROTOAGG_MAX_PARTITIONS_PER_RUN)`` runs) up to the sensor's cap
 (``PROTOAGG_MAX_RUNS_PER_TICK`` runs a tick); past the cap a sweep's ranges grow instead of its
-runs. Event rows per run are 58 (a run over four topics' objects: four ops, five materializations,
-fifteen check evaluations; counted in docs/benchmarks.md, issue 23). Bytes per run are the
+runs. Event rows per run are the measured run's (its event log's rows over its runs, with
+``--dagster-storage postgres``), else 58 (four ops, five materializations, fifteen check
+evaluations: the job before 3c2fe8b). Bytes per run are the
 measured run's, whose runs held up to 1,000 ranges: smaller deployments' runs hold fewer ranges,
 so their bytes are overestimated.
 
@@ -37,7 +38,7 @@ from protoagg_dagster.core.settings import (  # noqa: E402
 )
 from protoagg_dagster.core.storage_bill import CLASS_A_USD_PER_1000  # noqa: E402
 
-EVENTS_PER_RUN = 58
+EVENTS_PER_RUN_BEFORE = 58
 SIZES = (100, 1_000, 10_000)
 
 
@@ -52,11 +53,13 @@ def project(steady: dict[str, Any], partitions: int, keep_days: float) -> dict[s
     runs_per_day = runs_per_minute * 1440
     bytes_per_day = runs_per_day * steady["dagster_bytes_per_run"]
     operations = runs_per_day * steady["class_a_operations"] / steady["runs"]
+    event_rows = steady.get("dagster_breakdown", {}).get("event_rows")
+    events_per_run = event_rows / steady["runs"] if event_rows else EVENTS_PER_RUN_BEFORE
     return {
         "partitions": partitions,
         "runs_per_day": runs_per_day,
         "capped": runs_per_minute >= cap,
-        "event_rows_per_day": runs_per_day * EVENTS_PER_RUN,
+        "event_rows_per_day": runs_per_day * events_per_run,
         "dagster_gb_per_day": bytes_per_day / 1e9,
         "dagster_gb_kept": bytes_per_day * keep_days / 1e9,
         "dagster_gb_after_a_month_without_retention": bytes_per_day * 30 / 1e9,

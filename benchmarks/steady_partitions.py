@@ -220,6 +220,7 @@ def dagster_breakdown(dsn: str, tables0: dict[str, int]) -> dict[str, Any]:
             " sum(pg_column_size(event)), sum(length(event))"
             " FROM event_logs GROUP BY 1 ORDER BY 3 DESC LIMIT 10"
         ).fetchall()
+        event_rows = conn.execute("SELECT count(*) FROM event_logs").fetchone()
         run_bodies = conn.execute(
             "SELECT count(*), sum(pg_column_size(run_body)), sum(length(run_body)) FROM runs"
         ).fetchone()
@@ -227,6 +228,7 @@ def dagster_breakdown(dsn: str, tables0: dict[str, int]) -> dict[str, Any]:
         "tables": dict(sorted(grown.items(), key=lambda kv: -kv[1])[:8]),
         "events": {kind: [n, stored, raw] for kind, n, stored, raw in events},
         "run_bodies": list(run_bodies or ()),
+        "event_rows": int(event_rows[0]) if event_rows else 0,
     }
 
 
