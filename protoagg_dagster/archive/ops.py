@@ -61,6 +61,10 @@ from protoagg_dagster.kafka.reader import RangeRead, RangeReader
 from protoagg_dagster.resources import GCSResource, KafkaResource, PostgresResource
 from protoagg_dagster.resources.settings import ArchiverSettings
 
+# Measured (1,000 claims of 60 records, loaded machine): one commit per claim 5.9-11 s, one per
+# 100 claims 4.3 s. A chunk holds its objects' sequence rows until its commit, so other runs
+# appending to those objects wait at most for one chunk.
+CLAIMS_PER_TRANSACTION = 100
 P = ParamSpec("P")
 R = TypeVar("R")
 TRANSIENT_RETRY = dg.RetryPolicy(max_retries=3, delay=2, backoff=dg.Backoff.EXPONENTIAL)
@@ -285,30 +289,51 @@ def dedupe(
     archiver: ArchiverSettings,
     lease: PartitionLease,
 ) -> ClaimedRun:
-    """Claim each range and each new dedupe key in PostgreSQL; drop keys seen before."""
+    """Claim each range and each new dedupe key in PostgreSQL; drop keys seen before.
+
+    The claims are committed CLAIMS_PER_TRANSACTION at a time, each in a savepoint of its own, so
+    one range's failure is still its own. Their order is the objects' (then the partitions'):
+    every run takes the objects' sequence rows, which a claim locks until its commit, in the same
+    order, so two runs sharing objects wait for one another but never in a circle.
+    """
     lease.confirm()
     started = time.perf_counter()
     failures = RangeFailures("dedupe", context)
-    parts: list[Claimed] = []
+    claims: dict[int, Claim] = {}
     done = consumed.done
+    order = sorted(
+        range(len(consumed.parts)),
+        key=lambda i: (
+            _destination(gcs, consumed.parts[i]),
+            consumed.parts[i].read.batch.topic,
+            consumed.parts[i].read.batch.partition,
+        ),
+    )
     with ledger_connection(postgres) as conn:
-        for part in consumed.parts:
-            batch = part.read.batch
-            with failures.each([batch]):
-                if not lease.holds(batch.topic, batch.partition):
-                    raise LeaseTaken(f"lost the lease of {batch.topic}[{batch.partition}]")
-                claim = _claim(context, conn, gcs, archiver, part)
-                if claim.nothing_to_do:
-                    done += 1
-                    continue
-                # Only what the claimed range covers (an adopted or trimmed claim may be narrower).
-                inside = [
-                    r
-                    for r in part.records.rejections
-                    if claim.batch.start <= r.message.offset < claim.batch.end
-                ]
-                dead_letters = tuple(r for r in inside if r.reason != TOMBSTONE)
-                parts.append(Claimed(part, claim, dead_letters, len(inside) - len(dead_letters)))
+        for first in range(0, len(order), CLAIMS_PER_TRANSACTION):
+            with conn.transaction():
+                for i in order[first : first + CLAIMS_PER_TRANSACTION]:
+                    batch = consumed.parts[i].read.batch
+                    with failures.each([batch]):
+                        if not lease.holds(batch.topic, batch.partition):
+                            raise LeaseTaken(f"lost the lease of {batch.topic}[{batch.partition}]")
+                        claims[i] = _claim(context, conn, gcs, archiver, consumed.parts[i])
+    parts: list[Claimed] = []
+    for i, part in enumerate(consumed.parts):
+        claim = claims.get(i)
+        if claim is None:
+            continue  # failed
+        if claim.nothing_to_do:
+            done += 1
+            continue
+        # Only what the claimed range covers (an adopted or trimmed claim may be narrower).
+        inside = [
+            r
+            for r in part.records.rejections
+            if claim.batch.start <= r.message.offset < claim.batch.end
+        ]
+        dead_letters = tuple(r for r in inside if r.reason != TOMBSTONE)
+        parts.append(Claimed(part, claim, dead_letters, len(inside) - len(dead_letters)))
     failures.raise_if_all_failed(len(consumed.parts))
     elapsed = time.perf_counter() - started
     adopted = [str(p.claim.batch) for p in parts if p.claim.adopted]
@@ -332,6 +357,13 @@ def dedupe(
     )
 
 
+def _destination(gcs: GCSResource, part: Consumed) -> str:
+    batch = part.read.batch
+    return object_name(
+        gcs.object_template, batch.topic, batch.partition, part.records.first_timestamp_ms
+    )
+
+
 def _claim(
     context: dg.OpExecutionContext,
     conn: psycopg.Connection,
@@ -340,9 +372,7 @@ def _claim(
     part: Consumed,
 ) -> Claim:
     batch = part.read.batch
-    destination = object_name(
-        gcs.object_template, batch.topic, batch.partition, part.records.first_timestamp_ms
-    )
+    destination = _destination(gcs, part)
     with collector_paused():
         return claim_batch(
             conn,
