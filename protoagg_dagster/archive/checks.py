@@ -1,8 +1,8 @@
 """Asset checks on the archive: framing of the appended bytes, unique records, no offset gaps.
 
-The append op evaluates them over its own ranges: one evaluation per check per run, on the whole
-archive's asset. The same checks can be executed from the UI on the archive's asset or on a
-topic entry's, where they re-check the latest appended batch of each of its partitions.
+A run's append step evaluates them over its own ranges: one evaluation per check per run, on
+the whole archive's asset. The same checks can be executed from the UI on the archive's asset or
+on a topic entry's, where they re-check the latest appended batch of each of its partitions.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ READ_BACK_BYTES = 16 * 1024 * 1024
 
 @dataclass(frozen=True)
 class Written:
-    """What the append op wrote: the piece's bytes and the records whose frames they are.
+    """What the append step wrote: the piece's bytes and the records whose frames they are.
 
     ``stored``: whether the bytes read back equal ``data``, and how many were read, when the
     read-back was already done (``stored_all``); None to read it back here.

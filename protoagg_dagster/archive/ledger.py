@@ -143,7 +143,10 @@ def claim_batch(
     max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES,
     scope: Scope = TOPIC,
 ) -> Claim:
-    """Claim the new dedupe keys of ``records`` (offsets of ``batch``) in one short transaction.
+    """Claim the new dedupe keys of ``records`` (offsets of ``batch``) in one transaction.
+
+    Inside the caller's transaction it is a savepoint: the dedupe step commits a run's claims
+    many at a time, and a claim that fails is rolled back alone.
 
     Returns the records to append, in offset order: each record without a dedupe key, and the
     first occurrence of each key that no other batch has claimed. If the partition has a claimed

@@ -1,8 +1,8 @@
-"""What an archive run carries from op to op: its ranges' values, and the ranges that failed.
+"""What an archive run carries from step to step: its ranges' values, and the ranges that failed.
 
-A run archives ranges of many partitions. Each op works range by range (or object by object)
+A run archives ranges of many partitions. Each step works range by range (or object by object)
 and a range that fails leaves the run's other ranges to go on: it is reported, left out of the
-next ops, and archived by a later run (the ledger still says where its partition stands).
+next steps, and archived by a later run (the ledger still says where its partition stands).
 """
 
 from __future__ import annotations

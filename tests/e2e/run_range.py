@@ -58,7 +58,8 @@ def _before(module: ModuleType, name: str) -> None:
 
 CRASH_POINTS: dict[str, Callable[[], None]] = {
     "after_consume": lambda: _after(ops, "read_together"),
-    "after_claim": lambda: _after(ops, "claim_batch"),
+    # Claims are committed many to a transaction: after the dedupe step, all of them are.
+    "after_claim": lambda: _after(ops, "dedupe"),
     "after_upload": lambda: _before(archive_store, "_compose_queued"),
     "after_compose": lambda: _before(archive_store, "_delete_quietly"),
     "before_commit": lambda: _before(ops, "finish_batches"),

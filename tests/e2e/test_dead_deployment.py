@@ -101,13 +101,14 @@ def assert_exactly_once(stack: Stack, expected: dict[str, list[str]]) -> None:
 
 
 def step_events(instance: dg.DagsterInstance, run_id: str) -> list[tuple[str, str, float]]:
-    """(event type, step, time) of a run's step starts and ends."""
+    """(event type, step, time) of a run's step starts (a retry's: STEP_RESTARTED) and ends."""
     return [
         (entry.dagster_event.event_type_value, entry.step_key or "", entry.timestamp)
         for entry in instance.all_logs(
             run_id,
             of_type={
                 DagsterEventType.STEP_START,
+                DagsterEventType.STEP_RESTARTED,
                 DagsterEventType.STEP_SUCCESS,
                 DagsterEventType.STEP_FAILURE,
             },
@@ -138,6 +139,7 @@ def keys_of(run: dg.DagsterRun) -> set[str]:
     return {f"{r.topic}/{r.partition}" for r in targets}
 
 
+STARTS = ("STEP_START", "STEP_RESTARTED")
 # The archive op's log line as each of its steps ends (ops.py); a range's failure is logged as
 # "consume: 1 range(s) failed", which does not match.
 STEP_DONE = {
@@ -173,7 +175,7 @@ class Moment:
                 for record in unfinished_runs(instance):
                     run_id = record.dagster_run.run_id
                     events = step_events(instance, run_id)
-                    if not events or events[-1][0] != "STEP_START":
+                    if not events or events[-1][0] not in STARTS:
                         continue
                     done = steps_done(instance, run_id, events[-1][2])
                     inside = "consume" not in done if step == "consume" else "encode" in done
@@ -451,7 +453,7 @@ def working_spans(
                 continue
             start = events[0][2]
             end = events[-1][2]
-            if events[-1][0] == "STEP_START":
+            if events[-1][0] in STARTS:
                 end = next((k for k in kills if k > start), time.time())
             for key in keys_of(record.dagster_run) - left_out(instance, record.dagster_run.run_id):
                 spans[key].append(

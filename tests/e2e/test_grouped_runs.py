@@ -6,7 +6,8 @@ offset order per partition, one upload and one compose per run for the shared ob
 In process: a grouped run SIGKILLed after some of its ranges were appended and before others;
 a group where one partition's object is bad, or another run holds one partition's lease: the
 other partitions are archived at once, that one later; a claim failing among the others of
-its transaction; and the Dagster events a grouped run writes do not grow with its partitions.
+its transaction, or the ledger's connection lost among them; and the Dagster events a grouped
+run writes do not grow with its partitions.
 """
 
 from __future__ import annotations
@@ -14,14 +15,17 @@ from __future__ import annotations
 import signal
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
+import psycopg
+import pytest
 from dagster._core.events import DagsterEventType
 
-from protoagg_dagster.archive import leases
+from protoagg_dagster.archive import leases, ops
 from protoagg_dagster.archive.assets import ARCHIVE_ASSET
 from protoagg_dagster.archive.job import archive_kafka_batch
-from protoagg_dagster.archive.ledger import ledger_connection, read_progress
+from protoagg_dagster.archive.ledger import claim_batch, ledger_connection, read_progress
 from protoagg_dagster.archive.run_tags import config_ranges, partition_key, ranges_run_config
 from protoagg_dagster.core.archive_object import (
     COMPRESSION_METADATA_KEY,
@@ -297,4 +301,43 @@ def test_a_claim_that_fails_among_others_fails_alone(stack: Stack, unique: str) 
         0: (10, None),
         1: (3, None),
         2: (10, None),
+    }
+
+
+def test_a_connection_lost_while_claiming_claims_nothing_twice(
+    stack: Stack, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The ledger's connection dies between two claims of one transaction: the first claim, made
+    # but never committed, must not be appended; the op's retry claims and appends both, once.
+    topic = topic_of(stack)
+    grouped = with_topics(replace_template(stack, f"{unique}/{{partition}}.pb"), f"{topic}:record")
+    create_topic(stack.kafka, topic, partitions=2)
+    produce_everywhere(stack, topic, 2, 10)
+    calls: list[int] = []
+
+    def claim_then_lose_the_connection(conn: psycopg.Connection, *args: Any, **kwargs: Any) -> Any:
+        calls.append(len(calls))
+        if len(calls) == 2:
+            conn.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+        return claim_batch(conn, *args, **kwargs)
+
+    monkeypatch.setattr(ops, "claim_batch", claim_then_lose_the_connection)
+    with dg.instance_for_test() as instance:
+        result = archive_kafka_batch.execute_in_process(
+            run_config=ranges_run_config([OffsetRange(topic, p, 0, 10) for p in (0, 1)]),
+            resources=grouped.resources(),
+            instance=instance,
+        )
+        retried = [
+            e for e in result.all_events if e.event_type == DagsterEventType.STEP_UP_FOR_RETRY
+        ]
+    assert result.success
+    assert len(retried) == 1 and "connection was lost" in str(retried[0].event_specific_data)
+    for p in (0, 1):
+        assert offsets_by_partition(grouped, f"{unique}/{p}.pb") == {p: list(range(10))}
+    with ledger_connection(stack.postgres) as conn:
+        progress = read_progress(conn, topic)
+    assert {p: (q.next_offset, q.pending) for p, q in progress.items()} == {
+        0: (10, None),
+        1: (10, None),
     }
