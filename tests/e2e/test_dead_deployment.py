@@ -28,6 +28,7 @@ from dagster._core.events import DagsterEventType
 
 from protoagg_dagster.archive.job import archive_kafka_batch
 from protoagg_dagster.archive.run_tags import run_ranges
+from protoagg_dagster.archive.sensor import STARTUP_GRACE_SECONDS
 from protoagg_dagster.resources import KafkaResource
 from tests.conftest import ROOT, Services
 from tests.helpers import (
@@ -309,7 +310,12 @@ def test_whole_deployment_killed_three_times_resumes_every_partition_exactly_onc
         queued = backfill(services, postgres_dsn, port, backfilled, "--no-wait")
         assert queued.returncode == 0, queued.stdout + queued.stderr
         for label, condition in kills:
-            wait_until(f"a moment {label}", condition, 240, alive, poll_s=0.2)
+            # A kill that lands between a run's RUN_START and its lease (it happened) leaves a
+            # STARTED run that took no lease: the sensor gives it STARTUP_GRACE_SECONDS before
+            # failing it, and its partitions have no quiet moment until then.
+            wait_until(
+                f"a moment {label}", condition, STARTUP_GRACE_SECONDS + 120, alive, poll_s=0.2
+            )
             with deployment.instance() as instance:
                 busy = {
                     key: r.dagster_run.run_id
