@@ -82,6 +82,19 @@ def _secure_ports() -> tuple[int, int, int, int]:
     return sasl, mtls, admin, controller
 
 
+def restart_ports() -> tuple[int, int, int]:
+    """``PROTOAGG_TEST_RESTART_PORTS=KAFKA,CONTROLLER,POSTGRES``: of the services a test stops and
+    starts again (tests/e2e/test_outages.py), ten ports further per xdist worker.
+
+    Fixed, below the ephemeral range (32768-60999 here): while such a service is down, a port
+    from ``bind(0)`` could be handed to any process (another worker's code server took one), and
+    the service could not come back on it.
+    """
+    raw = os.environ.get("PROTOAGG_TEST_RESTART_PORTS", "19100,19101,19102")
+    kafka, controller, postgres = (int(part) + 10 * _worker() for part in raw.split(","))
+    return kafka, controller, postgres
+
+
 @pytest.fixture(scope="session")
 def secured_kafka(services: Services) -> Iterator[SecuredKafka]:
     """A second broker with TLS, logins and ACLs (tests/support/secured_kafka.py), started once

@@ -6,7 +6,6 @@ Restarts use dedicated servers, so the shared test services are never disturbed.
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -20,7 +19,7 @@ from protoagg_dagster.core.settings import KAFKA_CLIENTS
 from protoagg_dagster.resources import GCSResource, KafkaResource, PostgresResource
 from protoagg_dagster.services.kafka import KafkaService
 from protoagg_dagster.services.postgres import PostgresService
-from tests.conftest import Services
+from tests.conftest import Services, restart_ports
 from tests.helpers import (
     Stack,
     archive,
@@ -34,12 +33,6 @@ from tests.helpers import (
 from tests.support.gcs_proxy import GcsProxy
 
 RETRY_EVENT = "STEP_UP_FOR_RETRY"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def run_range(stack: Stack, end: int) -> dg.ExecuteInProcessResult:
@@ -85,7 +78,7 @@ def restart_before_first_call(
 
 @pytest.fixture
 def own_postgres(tmp_path: Path) -> Iterator[PostgresService]:
-    service = PostgresService(tmp_path / "pg", port=free_port())
+    service = PostgresService(tmp_path / "pg", port=restart_ports()[2])
     service.up()
     yield service
     service.down()
@@ -95,8 +88,9 @@ def own_postgres(tmp_path: Path) -> Iterator[PostgresService]:
 def kafka_to_restart(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaService]:
     """One dedicated broker for the module's restart tests (a broker's start costs seconds):
     each test restarts it under its own topic."""
+    port, controller_port, _ = restart_ports()
     service = KafkaService(
-        tmp_path_factory.mktemp("kafka"), port=free_port(), controller_port=free_port()
+        tmp_path_factory.mktemp("kafka"), port=port, controller_port=controller_port
     )
     service.up()
     yield service
