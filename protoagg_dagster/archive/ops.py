@@ -294,17 +294,19 @@ def dedupe(
     The claims are committed CLAIMS_PER_TRANSACTION at a time, each in a savepoint of its own, so
     one range's failure is still its own. Their order is the objects' (then the partitions'):
     every run takes the objects' sequence rows, which a claim locks until its commit, in the same
-    order, so two runs sharing objects wait for one another but never in a circle.
+    order. Two runs can still wait in a circle through new ids both insert; PostgreSQL then fails
+    one claim, whose range a later run archives (docs/design.md, "Claiming").
     """
     lease.confirm()
     started = time.perf_counter()
     failures = RangeFailures("dedupe", context)
     claims: dict[int, Claim] = {}
     done = consumed.done
+    destinations = [_destination(gcs, part) for part in consumed.parts]
     order = sorted(
         range(len(consumed.parts)),
         key=lambda i: (
-            _destination(gcs, consumed.parts[i]),
+            destinations[i],
             consumed.parts[i].read.batch.topic,
             consumed.parts[i].read.batch.partition,
         ),
@@ -318,7 +320,9 @@ def dedupe(
                     with failures.each([batch]):
                         if not lease.holds(batch.topic, batch.partition):
                             raise LeaseTaken(f"lost the lease of {batch.topic}[{batch.partition}]")
-                        claims[i] = _claim(context, conn, gcs, archiver, consumed.parts[i])
+                        claims[i] = _claim(
+                            context, conn, gcs, archiver, consumed.parts[i], destinations[i]
+                        )
             if transaction.status != transaction.Status.COMMITTED:
                 # The connection was lost inside the chunk (psycopg then neither commits nor
                 # raises): the server rolled back every claim of it, those that looked made too.
@@ -381,9 +385,9 @@ def _claim(
     gcs: GCSResource,
     archiver: ArchiverSettings,
     part: Consumed,
+    destination: str,
 ) -> Claim:
     batch = part.read.batch
-    destination = _destination(gcs, part)
     with collector_paused():
         return claim_batch(
             conn,
