@@ -150,6 +150,16 @@ def create_topic(kafka: KafkaResource, topic: str, partitions: int) -> None:
         admin.close()
 
 
+def delete_topics(kafka: KafkaResource, topics: list[str]) -> None:
+    """Drop a benchmark's topics: a broker left with tens of thousands of partitions runs out of
+    file descriptors (the bench broker's log directory failed at about 20,000)."""
+    admin = kafka.get_admin()
+    try:
+        admin.delete_topics(topics)
+    finally:
+        admin.close()
+
+
 def produce(kafka: KafkaResource, topic: str, values: list[bytes], partitions: int) -> float:
     """Send value i to partition i % partitions; seconds until all are acknowledged (acks=all).
 

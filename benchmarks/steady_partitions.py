@@ -41,6 +41,7 @@ The table, then one JSON line ``{"benchmark": "steady_partitions", ...}`` (the l
 from __future__ import annotations
 
 import argparse
+import atexit
 import bisect
 import json
 import statistics
@@ -64,6 +65,7 @@ from benchmarks.e2e_dagster import (  # noqa: E402
     add_service_args,
     archived_to,
     create_topic,
+    delete_topics,
     deployment_env,
     end_offsets,
     fresh_database,
@@ -232,6 +234,43 @@ def dagster_breakdown(dsn: str, tables0: dict[str, int]) -> dict[str, Any]:
     }
 
 
+def dump_rows(dsn: str, path: Path) -> None:
+    """The last archive run's event rows, the last sensor tick and check execution, as stored."""
+    with psycopg.connect(dsn) as conn:
+        run = conn.execute(
+            "SELECT run_id FROM runs WHERE pipeline_name = 'archive_kafka_batch'"
+            " AND status = 'SUCCESS' ORDER BY create_timestamp DESC LIMIT 1"
+        ).fetchone()
+        rows = conn.execute(
+            "SELECT coalesce(dagster_event_type, 'log message'), pg_column_size(event), event"
+            " FROM event_logs WHERE run_id = %s ORDER BY id",
+            (run[0] if run else "",),
+        ).fetchall()
+        others = [
+            ("run", *row)
+            for row in conn.execute(
+                "SELECT pg_column_size(run_body), run_body FROM runs WHERE run_id = %s",
+                (run[0] if run else "",),
+            ).fetchall()
+        ]
+        stored_bodies = (("job_ticks", "tick_body"), ("asset_check_executions", "evaluation_event"))
+        for table, column in stored_bodies:
+            others += [
+                (table, *row)
+                for row in conn.execute(
+                    f"SELECT pg_column_size({column}), {column} FROM {table}"
+                    " ORDER BY id DESC LIMIT 2"
+                ).fetchall()
+            ]
+        tags = conn.execute(
+            "SELECT key, value FROM run_tags WHERE run_id = %s", (run[0] if run else "",)
+        ).fetchall()
+    with path.open("w") as out:
+        for kind, stored, text in [*rows, *others]:
+            out.write(f"## {kind} {stored} B stored, {len(text or '')} B raw\n{text}\n")
+        out.write(f"## run_tags\n{tags}\n")
+
+
 def run_phases(runs: list[Any]) -> dict[str, float | None]:
     """Where a run's time goes, the median over ``runs`` of each phase (seconds).
 
@@ -269,6 +308,12 @@ def main() -> int:
     parser.add_argument("--drain", type=float, default=600.0, help="seconds to wait after")
     parser.add_argument("--dagster-storage", choices=("sqlite", "postgres"), default="sqlite")
     parser.add_argument(
+        "--dump-rows",
+        type=Path,
+        help="with postgres storage: write the last archive run's event rows, one sensor tick "
+        "and one check execution to this file (what each of Dagster's rows holds)",
+    )
+    parser.add_argument(
         "--set",
         action="append",
         default=[],
@@ -283,6 +328,7 @@ def main() -> int:
     topics = [f"bench-steady-{token}-{t}" for t in range(args.topics)]
     for topic in topics:
         create_topic(svc.kafka(topic), topic, args.partitions)
+    atexit.register(delete_topics, svc.kafka(topics[0]), topics)
     targets = [(t, p) for p in range(args.partitions) for t in topics]
     home = ROOT / ".protoagg" / "bench-steady" / token
     result: dict[str, Any] = {
@@ -339,6 +385,8 @@ def main() -> int:
             kept1 = database_bytes(dagster_dsn, compact=True)
             # Each table's growth in live rows (both sizes after VACUUM FULL).
             result["dagster_breakdown"] = dagster_breakdown(dagster_dsn, tables0)
+            if args.dump_rows:
+                dump_rows(dagster_dsn, args.dump_rows)
         found, missing = latencies(dsn, producer.sent)
         appended, appends = archived_bytes(dsn)
         # Read while the databases exist (with postgres storage Dagster's runs are in one).
