@@ -428,10 +428,11 @@ def encode(context: dg.OpExecutionContext, claimed: ClaimedRun, gcs: GCSResource
     )
 
 
-RunEvent = dg.AssetMaterialization | dg.AssetCheckEvaluation | dg.Output[int]
+RunEvent = dg.AssetMaterialization | dg.AssetCheckEvaluation
 
 
-@dg.op(retry_policy=TRANSIENT_RETRY)
+# No output: nothing reads it, and Dagster would store two more events for every run.
+@dg.op(retry_policy=TRANSIENT_RETRY, out={})
 @fail_fast
 def archive(
     context: dg.OpExecutionContext,
@@ -513,7 +514,6 @@ def append(
             allow_retries=False,
         )
     _check_dead_letter_ratio(gcs, archiver, encoded.parts)
-    yield dg.Output(records)
 
 
 def _append_dead_letters(
