@@ -1,8 +1,10 @@
 """Asset checks on the archive: framing of the appended bytes, unique records, no offset gaps.
 
-A run's append step evaluates them over its own ranges: one evaluation per check per run, on
-the whole archive's asset. The same checks can be executed from the UI on the archive's asset or
-on a topic entry's, where they re-check the latest appended batch of each of its partitions.
+Three verdicts per appended range. A run's append step evaluates them over its own ranges and
+records one check, ``appended_ranges_verified`` on the whole archive's asset, that fails when any
+verdict fails and says which. Each topic entry's asset has the three as checks of their own,
+executed from the UI over the latest appended batch of each of its partitions (so does the run
+check, on the archive's asset, over every partition's).
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ from protoagg_dagster.resources import GCSResource, PostgresResource
 FRAMING = "framing_intact"
 UNIQUE_IDS = "no_duplicate_ids_in_batch"
 NO_GAPS = "no_offset_gaps"
+VERDICTS = (FRAMING, UNIQUE_IDS, NO_GAPS)
+# One evaluation a run, not one per verdict: each evaluation is an event and a row of
+# asset_check_executions, about 4 KB kept for every run (docs/benchmarks.md).
+RUN_CHECK = "appended_ranges_verified"
 READ_BACK_BYTES = 16 * 1024 * 1024
 
 
@@ -186,45 +192,56 @@ def evaluate_batch(
 def evaluate_run(
     bucket: storage.Bucket, appended: Sequence[Appended]
 ) -> list[dg.AssetCheckEvaluation]:
-    """The three checks over a run's fresh ranges: one evaluation each, on the archive's asset.
+    """The run check over a run's fresh ranges: one evaluation, on the archive's asset.
 
     Each range is checked as ``evaluate_batch`` checks it (its bytes read back and compared with
-    the bytes written); the evaluation counts the ranges checked per topic and names the first
-    that failed. A run of many partitions and topics adds three events, not three per range or
-    per topic entry: each evaluation is about 4 KB of Dagster storage, kept for every run
-    (docs/benchmarks.md).
+    the bytes written). The evaluation counts the ranges checked per topic and the failures per
+    verdict, and names the first range that failed. None when the run appended nothing new.
     """
-    found: dict[str, list[tuple[str, dg.AssetCheckEvaluation]]] = {}
     # An earlier attempt's piece (no records this time) was checked when it was appended.
     fresh = [done for done in appended if done.records]
+    if not fresh:
+        return []
     stored = stored_all(bucket, [(done.batch, done.part.data) for done in fresh])
+    evaluations = []
     for done in fresh:
         part = done.part
-        for evaluation in evaluate_batch(
+        evaluations += evaluate_batch(
             bucket,
             done.batch,
             gaps=done.gaps,
             archive=part.claimed.consumed.format,
             compression=part.compression,
             written=Written(part.data, part.claimed.claim.kept, stored[done.batch.batch_id]),
-        ):
-            found.setdefault(evaluation.check_name, []).append((done.batch.batch.topic, evaluation))
-    summaries = []
-    for name, evaluations in found.items():
-        failing = [e for _, e in evaluations if not e.passed]
-        metadata: dict[str, Any] = {
-            "ranges_checked": len(evaluations),
-            "ranges_by_topic": dg.JsonMetadataValue(dict(Counter(t for t, _ in evaluations))),
-            "failed": len(failing),
-        }
-        if failing:
-            metadata.update({k: v.value for k, v in failing[0].metadata.items()})
-        summaries.append(
-            dg.AssetCheckEvaluation(
-                asset_key=ARCHIVE_ASSET, check_name=name, passed=not failing, metadata=metadata
-            )
         )
-    return summaries
+    topics = Counter(done.batch.batch.topic for done in fresh)
+    return [summarized(evaluations, {"ranges_by_topic": dg.JsonMetadataValue(dict(topics))})]
+
+
+def summarized(
+    evaluations: Sequence[dg.AssetCheckEvaluation], metadata: dict[str, Any]
+) -> dg.AssetCheckEvaluation:
+    """RUN_CHECK on the archive's asset from the verdicts of ``evaluations`` (three per range)."""
+    failing = [e for e in evaluations if not e.passed]
+    by_verdict = Counter(e.check_name for e in failing)
+    metadata = {
+        **metadata,
+        "ranges_checked": len(evaluations) // len(VERDICTS),
+        "failed": len({(e.metadata["batch"].value) for e in failing}),
+        **{f"failed_{name}": by_verdict[name] for name in VERDICTS},
+    }
+    if failing:
+        metadata["first_failure"] = failing[0].check_name
+        metadata.update({k: v.value for k, v in failing[0].metadata.items()})
+    return dg.AssetCheckEvaluation(
+        asset_key=ARCHIVE_ASSET,
+        check_name=RUN_CHECK,
+        passed=not failing,
+        metadata=metadata,
+        description=None
+        if not failing
+        else "failed: " + ", ".join(f"{name} ({n} ranges)" for name, n in by_verdict.items()),
+    )
 
 
 def repeated_ids(identities: Callable[[], Iterable[str]], count: int) -> list[str]:
@@ -252,13 +269,14 @@ def repeated_ids(identities: Callable[[], Iterable[str]], count: int) -> list[st
 
 
 def build_archive_checks(rules: Sequence[TopicRule]) -> dg.AssetChecksDefinition:
-    """The three checks on the whole archive and on each topic entry's asset.
+    """RUN_CHECK on the whole archive, the three verdicts on each topic entry's asset.
 
     Run from the UI, they re-check the latest appended batch of every partition.
     """
-    keys = [ARCHIVE_ASSET, *(topic_asset_key(rule) for rule in rules)]
+    topic_keys = [topic_asset_key(rule) for rule in rules]
+    specs = [_run_check_spec()] + [spec for key in topic_keys for spec in _check_specs(key)]
 
-    @dg.multi_asset_check(specs=[spec for key in keys for spec in _check_specs(key)])
+    @dg.multi_asset_check(specs=specs)
     def archive_checks(
         gcs: GCSResource, postgres: PostgresResource
     ) -> Iterator[dg.AssetCheckResult]:
@@ -276,8 +294,16 @@ def build_archive_checks(rules: Sequence[TopicRule]) -> dg.AssetChecksDefinition
             evaluations += evaluate_batch(
                 bucket, b, gaps[b.batch_id], archive, asset_keys=own, compression=compression
             )
-        for key in keys:
-            for name in (FRAMING, UNIQUE_IDS, NO_GAPS):
+        whole = summarized([e for e in evaluations if e.asset_key == ARCHIVE_ASSET], {})
+        yield dg.AssetCheckResult(
+            check_name=RUN_CHECK,
+            asset_key=ARCHIVE_ASSET,
+            passed=whole.passed,
+            metadata=whole.metadata,
+            description=whole.description,
+        )
+        for key in topic_keys:
+            for name in VERDICTS:
                 mine = [e for e in evaluations if e.check_name == name and e.asset_key == key]
                 yield dg.AssetCheckResult(
                     check_name=name,
@@ -290,6 +316,16 @@ def build_archive_checks(rules: Sequence[TopicRule]) -> dg.AssetChecksDefinition
                 )
 
     return archive_checks
+
+
+def _run_check_spec() -> dg.AssetCheckSpec:
+    return dg.AssetCheckSpec(
+        RUN_CHECK,
+        asset=ARCHIVE_ASSET,
+        description="Every range a run appended: its bytes read back equal the bytes written "
+        f"({FRAMING}), no record repeats in it ({UNIQUE_IDS}), it starts where its "
+        f"partition's archive ended ({NO_GAPS}). Fails naming the verdicts that failed.",
+    )
 
 
 def _check_specs(key: dg.AssetKey) -> list[dg.AssetCheckSpec]:

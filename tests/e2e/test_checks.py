@@ -1,9 +1,19 @@
-"""Asset checks run with each batch, and catch a corrupted archive when re-checked."""
+"""Asset checks run with each batch, and catch a corrupted archive when re-checked from the UI."""
 
 from __future__ import annotations
 
-from protoagg_dagster.archive.assets import ARCHIVE_ASSET
-from protoagg_dagster.archive.checks import FRAMING, NO_GAPS, UNIQUE_IDS, evaluate_batch
+import dagster as dg
+
+from protoagg_dagster.archive.assets import ARCHIVE_ASSET, archive_asset, topic_asset_specs
+from protoagg_dagster.archive.checks import (
+    FRAMING,
+    NO_GAPS,
+    RUN_CHECK,
+    UNIQUE_IDS,
+    VERDICTS,
+    build_archive_checks,
+    evaluate_batch,
+)
 from protoagg_dagster.archive.job import archive_kafka_batch
 from protoagg_dagster.archive.ledger import latest_appended, ledger_connection
 from protoagg_dagster.archive.run_tags import range_run_config
@@ -37,13 +47,17 @@ def test_each_batch_reports_passing_checks_and_a_corruption_is_caught(stack: Sta
                 for e in result.all_events
                 if e.event_type_value == "ASSET_CHECK_EVALUATION"
             ]
-            archive = ARCHIVE_ASSET.to_user_string()
-            assert sorted(
-                (e.asset_key.to_user_string(), e.check_name, e.passed) for e in evaluations
-            ) == sorted((archive, name, True) for name in (FRAMING, UNIQUE_IDS, NO_GAPS))
-            assert all(e.metadata["ranges_by_topic"].value == {topic: 1} for e in evaluations), (
-                evaluations
+            # One evaluation a run, on the archive's asset, with each verdict's count.
+            [run_check] = evaluations
+            assert (run_check.asset_key, run_check.check_name, run_check.passed) == (
+                ARCHIVE_ASSET,
+                RUN_CHECK,
+                True,
             )
+            counts = {k: v.value for k, v in run_check.metadata.items()}
+            assert counts["ranges_by_topic"] == {topic: 1}
+            assert counts["ranges_checked"] == 1
+            assert [counts[f"failed_{name}"] for name in VERDICTS] == [0, 0, 0]
     bucket = stack.gcs.get_bucket()
     blob = bucket.get_blob(stack.gcs.object_template)
     assert blob is not None
@@ -53,4 +67,28 @@ def test_each_batch_reports_passing_checks_and_a_corruption_is_caught(stack: Sta
     with ledger_connection(stack.postgres) as conn:
         [latest] = latest_appended(conn)
     verdicts = {e.check_name: e.passed for e in evaluate_batch(bucket, latest, [], LogFormat())}
-    assert verdicts[FRAMING] is False
+    assert verdicts == {FRAMING: False, UNIQUE_IDS: True, NO_GAPS: True}
+    # The checks as the UI executes them: the run check on the archive's asset and the three
+    # verdicts on the topic entry's, over each partition's latest batch.
+    rules = stack.archiver.topic_formats(topic).rules
+    recheck = dg.define_asset_job("recheck", selection=dg.AssetSelection.all_asset_checks())
+    defs = dg.Definitions(
+        assets=[archive_asset, *topic_asset_specs(rules)],
+        asset_checks=[build_archive_checks(rules)],
+        jobs=[recheck],
+        resources=stack.resources(),
+    )
+    with memory_instance() as instance:
+        result = defs.resolve_job_def("recheck").execute_in_process(instance=instance)
+    found = {(e.asset_key, e.check_name): e for e in result.get_asset_check_evaluations()}
+    [topic_key] = [spec.key for spec in topic_asset_specs(rules)]
+    assert {key: e.passed for key, e in found.items()} == {
+        (ARCHIVE_ASSET, RUN_CHECK): False,
+        (topic_key, FRAMING): False,
+        (topic_key, UNIQUE_IDS): True,
+        (topic_key, NO_GAPS): True,
+    }
+    run_check = found[(ARCHIVE_ASSET, RUN_CHECK)]
+    whole = {k: v.value for k, v in run_check.metadata.items()}
+    assert (whole["failed"], whole["first_failure"], whole[f"failed_{FRAMING}"]) == (1, FRAMING, 1)
+    assert run_check.description == f"failed: {FRAMING} (1 ranges)"
