@@ -190,6 +190,7 @@ def kafka_offsets_sensor(
                     pending=state.pending if state is not None else None,
                     in_flight=in_flight.get(key, NONE_IN_FLIGHT).runs,
                     in_flight_end=in_flight.get(key, NONE_IN_FLIGHT).end,
+                    leased=leases.partition_lease(key) in taken,
                 )
                 views.append(view)
                 behind[TopicPartition(topic, partition)] = (

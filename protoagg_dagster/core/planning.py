@@ -117,7 +117,8 @@ class PartitionView:
     append was not confirmed: it must be finished, exactly as claimed, before anything else.
     ``in_flight`` counts the runs holding a range of the partition that have not finished
     (queued, starting or working); ``in_flight_end`` is where the last of those ranges ends, when
-    the sensor knows it (a run of another deployment is seen only by its lease).
+    the sensor knows it (a run of another deployment is seen only by its lease). ``leased``: a
+    live run holds the partition's lease, i.e. the run in flight has started working.
     """
 
     topic: str
@@ -127,6 +128,7 @@ class PartitionView:
     pending: OffsetRange | None = None
     in_flight: int = 0
     in_flight_end: int | None = None
+    leased: bool = False
 
 
 @dataclass(frozen=True)
@@ -148,11 +150,17 @@ def next_range(view: PartitionView, limits: BatchLimits) -> Candidate | None:
 
     A pending claim is relaunched exactly as claimed. While one run of the partition is in
     flight, the range after it is a follow-up, so its run starts up while the other works and
-    begins the moment the other ends; never more than one follow-up, and none after a run whose
-    range is unknown. Appends stay in offset order because the ledger refuses a range that does
-    not start at the archived position.
+    begins the moment the other ends; never more than one follow-up, none after a run whose
+    range is unknown, and none before the run in flight holds the partition's lease. Appends stay
+    in offset order because the ledger refuses a range that does not start at the archived
+    position.
     """
     if view.in_flight > 1 or (view.in_flight == 1 and view.in_flight_end is None):
+        return None
+    if view.in_flight == 1 and not view.leased:
+        # Still queued or booting, or dead before its lease (the sensor fails such a run only
+        # after STARTUP_GRACE_SECONDS): a follow-up would find the range before it unarchived
+        # and leave its own out, again at every tick until then.
         return None
     if view.in_flight == 0 and view.pending is not None:
         return Candidate(view.pending, due=True, follows=False)
