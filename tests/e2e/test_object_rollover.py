@@ -26,8 +26,10 @@ from tests.helpers import (
 from tests.support.dagster_deployment import DagsterDeployment, run_summaries
 
 PARTITIONS, PER_PARTITION = 2, 600
-# Each object holds a few batches of 100 messages (~6 KB of frames each; a claim reserves its
-# frames' exact size).
+# Runs of 200 messages, one partition's range each (the range fills the run's bound), the two
+# partitions' runs side by side: ~12 KB of frames a batch, so each object holds one batch and the
+# next one rolls over (a claim reserves its frames' exact size). Three runs a partition.
+BATCH = 200
 MAX_OBJECT_BYTES = 20_000
 DEADLINE_SECONDS = 300.0
 
@@ -51,11 +53,8 @@ def test_the_archive_rolls_over_into_a_sequence_that_cat_verify_and_checks_follo
         "PROTOAGG_GCS_BUCKET": services.bucket,
         "PROTOAGG_GCS_OBJECT": base,
         "PROTOAGG_MAX_OBJECT_BYTES": str(MAX_OBJECT_BYTES),
-        "PROTOAGG_BATCH_SIZE": "100",
-        "PROTOAGG_MAX_BATCH_MESSAGES": "100",
-        # One partition a run, as this test was written for: grouped, the 100-message bound
-        # covers both partitions and the twelve appends run one after another (twice the time).
-        "PROTOAGG_MAX_PARTITIONS_PER_RUN": "1",
+        "PROTOAGG_BATCH_SIZE": str(BATCH),
+        "PROTOAGG_MAX_BATCH_MESSAGES": str(BATCH),
         "STORAGE_EMULATOR_HOST": services.gcs_url,
     }
     deployment = DagsterDeployment("rollover", tmp_path / "rollover", env)
