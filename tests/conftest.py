@@ -23,6 +23,36 @@ from tests.support.secured_kafka import SecuredKafka, start_secured_kafka
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# The files that take minutes (deployments of their own, kills, broker restarts), the longest
+# first, from the whole suite's JUnit times (docs/design.md, "The tests"). pytest-xdist hands
+# the workers whole files in collection order (scripts/test turns off its reordering, which
+# sends the files with the most tests first): started first, none of them is left to run alone
+# at the end while the other workers idle.
+LONG_FILES = (
+    "test_dead_deployment.py",
+    "test_secured_kafka.py",
+    "test_shared_object_rate.py",
+    "test_outages.py",
+    "test_restore.py",
+    "test_object_rollover.py",
+    "test_ui.py",
+    "test_follow_up_runs.py",
+    "test_two_deployments.py",
+    "test_grouped_runs.py",
+    "test_crashes.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The LONG_FILES first, in that order; the rest as collected (a file's tests stay together)."""
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+
+    def key(item: pytest.Item) -> tuple[int, int]:
+        # tests/e2e before tests/integration: the same file name exists in both.
+        return (rank.get(item.path.name, len(rank)), "e2e" not in item.path.parts)
+
+    items.sort(key=key)
+
 
 def _test_ports() -> Ports:
     """Test ports differ from the defaults so a developer's running stack is left alone.

@@ -24,7 +24,8 @@ def refused_job() -> None:
 
 
 def test_a_refusal_is_not_retried_by_the_op_nor_by_run_retries() -> None:
-    with dg.instance_for_test() as instance:
+    # In memory: a SQLite instance costs seconds of schema creation (tests/helpers.py).
+    with dg.DagsterInstance.ephemeral() as instance:
         result = refused_job.execute_in_process(instance=instance, raise_on_error=False)
         run = instance.get_run_by_id(result.run_id)
     assert not result.success
