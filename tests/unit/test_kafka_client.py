@@ -8,7 +8,7 @@ import json
 from typing import Any
 
 import pytest
-from kafka import KafkaAdminClient, KafkaConsumer
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka import errors as kafka_errors
 
 from protoagg_dagster.archive import tick_backoff
@@ -134,6 +134,20 @@ def test_extra_properties_go_to_the_client_they_name() -> None:
     unknown = settings(properties='{"socket.keepalive.enable": true}')
     with pytest.raises(ConfigError, match=r"'librdkafka:socket\.keepalive\.enable'"):
         clients.kafka_python_config(unknown, KafkaConsumer, None)
+
+
+def test_kafka_python_retries_a_lost_broker_at_least_every_second_unless_told() -> None:
+    # Its own 30 s cap left a connected reader idle for half a minute after a broker restart.
+    for factory in (KafkaConsumer, KafkaProducer, KafkaAdminClient):
+        assert (
+            clients.kafka_python_config(settings(), factory, None)["reconnect_backoff_max_ms"]
+            == clients.RECONNECT_BACKOFF_MAX_MS
+            == 1000
+        )
+    slower = settings(properties='{"reconnect.backoff.max.ms": 10000}')
+    assert clients.kafka_python_config(slower, KafkaConsumer, None)["reconnect_backoff_max_ms"] == (
+        10000
+    )
 
 
 def test_oauthbearer_hands_both_clients_the_token_provider() -> None:
