@@ -402,7 +402,7 @@ def _claim(
         )
 
 
-def encode(context: dg.OpExecutionContext, claimed: ClaimedRun, gcs: GCSResource) -> EncodedRun:
+def encode(claimed: ClaimedRun, gcs: GCSResource) -> EncodedRun:
     """Join each range's kept records' frames (``uint32 LE length | message``, made when parsing).
 
     The frames of a range are then compressed (PROTOAGG_COMPRESSION) into one gzip member or
@@ -411,18 +411,13 @@ def encode(context: dg.OpExecutionContext, claimed: ClaimedRun, gcs: GCSResource
     started = time.perf_counter()
     codec = gcs.codec()
     parts = []
-    framed_bytes = 0
     with collector_paused():
         for part in claimed.parts:
             framed = part.consumed.records.frames_of(part.claim.kept)
-            framed_bytes += len(framed)
             parts.append(Encoded(part, codec.compress(framed), codec.name))
     elapsed = time.perf_counter() - started
-    context.log.info(
-        f"encode: {sum(len(p.claimed.claim.kept) for p in parts)} records, {framed_bytes} bytes"
-        + (f", {sum(len(p.data) for p in parts)} with {codec.name}" if codec.name != NONE else "")
-        + f" in {elapsed:.3f} s"
-    )
+    # No line of its own (append's says what was encoded): Dagster keeps every log line of
+    # every run, and this step takes hundredths of a second.
     return EncodedRun(
         tuple(parts), claimed.failed, {**claimed.seconds, "encode": elapsed}, claimed.done
     )
@@ -451,7 +446,7 @@ def archive(
     """
     consumed = consume(context, config, kafka, postgres, archiver, lease)
     claimed = dedupe(context, consumed, postgres, gcs, archiver, lease)
-    encoded = encode(context, claimed, gcs)
+    encoded = encode(claimed, gcs)
     yield from append(context, encoded, gcs, postgres, archiver, lease)
 
 
@@ -492,9 +487,13 @@ def append(
     failed = encoded.failed + tuple(failures.failed)
     seconds = {**encoded.seconds, "append": time.perf_counter() - started}
     records = sum(a.records for a in appended)
+    codecs = sorted({p.compression for p in encoded.parts} - {NONE})
     context.log.info(
-        f"append: {records} records of {len(appended)} ranges to {len(by_object)} objects in "
-        f"gs://{gcs.bucket} in {seconds['append']:.2f} s"
+        f"append: {records} records, "
+        f"{sum(len(a.part.data) for a in appended if a.records)} bytes"
+        + (f" ({', '.join(codecs)})" if codecs else "")
+        + f" encoded in {seconds['encode']:.3f} s, of {len(appended)} ranges to "
+        f"{len(by_object)} objects in gs://{gcs.bucket} in {seconds['append']:.2f} s"
         + (f"; {len(failed)} ranges failed, a later run archives them" if failed else "")
     )
     yield from run_events(

@@ -16,8 +16,6 @@ from protoagg_dagster.core.planning import OffsetRange, offsets_text, parse_all_
 PARTITION_TAG = "protoagg/partition"
 # The run's key (``RunBatch.run_key``): a relaunch of the same ranges counts its attempts by it.
 RANGE_TAG = "protoagg/range"
-# How many partitions' ranges the run archives.
-PARTITIONS_TAG = "protoagg/partitions"
 # On a run the sensor launched while runs before its ranges were still in flight: each range
 # must find its partition archived up to its start, after waiting for the partition's lease.
 FOLLOWS_TAG = "protoagg/follows"
@@ -28,7 +26,9 @@ BACKFILL_PARTITION_TAG = "protoagg/backfill-partition"
 
 def ranges_tags(ranges: Sequence[OffsetRange], key: str, follows: bool = False) -> dict[str, str]:
     """Tags of a run archiving ``ranges``, launched under the run key ``key``."""
-    tags = {RANGE_TAG: key, PARTITIONS_TAG: str(len(ranges))}
+    # No count of partitions: the run key says it ("+N" more ranges), and each tag is a row
+    # Dagster keeps, with its indexes, for every run.
+    tags = {RANGE_TAG: key}
     if len(ranges) == 1:
         tags[PARTITION_TAG] = partition_key(ranges[0].topic, ranges[0].partition)
     if follows:

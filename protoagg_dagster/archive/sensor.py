@@ -385,17 +385,15 @@ def _lag_observation(
         # Not yet archivable: an open transaction holds its partition at the last stable offset.
         "open_transaction_messages": dg.IntMetadataValue(sum(held.get(tp, 0) for tp in behind)),
     }
-    for tp, (_, lag) in sorted(behind.items()):
-        if tp not in shown:
-            continue
-        metadata[f"lag_messages[{tp.topic}/{tp.partition}]"] = dg.IntMetadataValue(lag)
-        metadata[f"lag_seconds[{tp.topic}/{tp.partition}]"] = dg.FloatMetadataValue(
-            round(seconds.get(tp, 0.0), 1)
-        )
-        if held.get(tp):
-            metadata[f"open_transaction_messages[{tp.topic}/{tp.partition}]"] = dg.IntMetadataValue(
-                held[tp]
-            )
+    # One entry for the partitions most behind, not three numbers each: Dagster keeps every
+    # entry of every observation (each one its own JSON object, about 150 bytes).
+    most_behind = {
+        f"{tp.topic}/{tp.partition}": [lag, round(seconds.get(tp, 0.0), 1), held.get(tp, 0)]
+        for tp, (_, lag) in sorted(behind.items())
+        if tp in shown
+    }
+    if most_behind:
+        metadata["most_behind"] = dg.JsonMetadataValue(most_behind)
     metadata.update(extra)
     return dg.AssetObservation(asset_key=asset_key, metadata=metadata)
 

@@ -145,7 +145,7 @@ STARTS = ("STEP_START", "STEP_RESTARTED")
 # "consume: 1 range(s) failed", which does not match.
 STEP_DONE = {
     "consume": re.compile(r"consume: \d+ messages"),
-    "encode": re.compile(r"encode: \d+ records"),
+    "dedupe": re.compile(r"dedupe: \d+ new"),
 }
 
 
@@ -168,7 +168,8 @@ class Moment:
         self.since = since
 
     def in_step(self, step: str) -> Callable[[], bool]:
-        """A run is inside the archive op's ``step`` (consume, or append: after encode)."""
+        """A run is inside the archive op's ``step`` (consume, or append: after dedupe; the encode
+        between them takes hundredths of a second)."""
         assert step in ("consume", "append")
 
         def holds() -> bool:
@@ -179,7 +180,7 @@ class Moment:
                     if not events or events[-1][0] not in STARTS:
                         continue
                     done = steps_done(instance, run_id, events[-1][2])
-                    inside = "consume" not in done if step == "consume" else "encode" in done
+                    inside = "consume" not in done if step == "consume" else "dedupe" in done
                     # Well inside the op (slow_code's delays are seconds long).
                     if inside and time.time() - events[-1][2] > 0.5:
                         return True

@@ -228,7 +228,7 @@ def test_transactions_only_committed_records_and_open_ones_once_committed(
             topic_asset_key(parse_topics(stack.kafka.topics)[0]),
         }
         for metadata in observations.values():
-            assert metadata[f"open_transaction_messages[{topic}/0]"].value == 5
+            assert metadata["most_behind"].value[f"{topic}/0"][2] == 5
             assert metadata["lag_messages"].value == 0
         assert sorted(archived_values(), key=values.index) == (
             values[0:5] + values[10:15] + values[20:25]
