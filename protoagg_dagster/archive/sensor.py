@@ -149,6 +149,7 @@ def kafka_offsets_sensor(
             keys = {partition_key(t, p) for t, partitions in bounds.items() for p in partitions}
             taken = leases.held(conn, {leases.partition_lease(key) for key in keys})
             _fail_dead_runs(context, conn, unfinished, cursor, now)
+            stalled = _stalled_partitions(unfinished, cursor, now)
             # Once per cursor: it reads every partition's last batch.
             biggest = (
                 None
@@ -190,7 +191,7 @@ def kafka_offsets_sensor(
                     pending=state.pending if state is not None else None,
                     in_flight=in_flight.get(key, NONE_IN_FLIGHT).runs,
                     in_flight_end=in_flight.get(key, NONE_IN_FLIGHT).end,
-                    leased=leases.partition_lease(key) in taken,
+                    stalled=key in stalled,
                 )
                 views.append(view)
                 behind[TopicPartition(topic, partition)] = (
@@ -407,6 +408,23 @@ NOT_FINISHED = [
     dg.DagsterRunStatus.STARTED,
     dg.DagsterRunStatus.CANCELING,
 ]
+
+
+def _stalled_partitions(
+    unfinished: Sequence[dg.RunRecord], cursor: SensorCursor, now: float
+) -> set[str]:
+    """The partitions of STARTED runs whose lease has been free for DEAD_AFTER_SECONDS.
+
+    One that held its lease is failed then; one that never took it (dead while booting, or
+    starved) only after STARTUP_GRACE_SECONDS, and meanwhile no follow-up is launched behind it.
+    """
+    found: set[str] = set()
+    for record in unfinished:
+        run = record.dagster_run
+        since = cursor.lease_free_since.get(run.run_id, now)
+        if run.status == dg.DagsterRunStatus.STARTED and now - since >= DEAD_AFTER_SECONDS:
+            found |= {partition_key(r.topic, r.partition) for r in run_ranges(run)}
+    return found
 
 
 def _fail_dead_runs(

@@ -117,8 +117,9 @@ class PartitionView:
     append was not confirmed: it must be finished, exactly as claimed, before anything else.
     ``in_flight`` counts the runs holding a range of the partition that have not finished
     (queued, starting or working); ``in_flight_end`` is where the last of those ranges ends, when
-    the sensor knows it (a run of another deployment is seen only by its lease). ``leased``: a
-    live run holds the partition's lease, i.e. the run in flight has started working.
+    the sensor knows it (a run of another deployment is seen only by its lease). ``stalled``:
+    the run in flight started but has not held its lease for a while (DEAD_AFTER_SECONDS): it
+    may have died before taking it.
     """
 
     topic: str
@@ -128,7 +129,7 @@ class PartitionView:
     pending: OffsetRange | None = None
     in_flight: int = 0
     in_flight_end: int | None = None
-    leased: bool = False
+    stalled: bool = False
 
 
 @dataclass(frozen=True)
@@ -151,16 +152,15 @@ def next_range(view: PartitionView, limits: BatchLimits) -> Candidate | None:
     A pending claim is relaunched exactly as claimed. While one run of the partition is in
     flight, the range after it is a follow-up, so its run starts up while the other works and
     begins the moment the other ends; never more than one follow-up, none after a run whose
-    range is unknown, and none before the run in flight holds the partition's lease. Appends stay
-    in offset order because the ledger refuses a range that does not start at the archived
-    position.
+    range is unknown, and none after a stalled run. Appends stay in offset order because the
+    ledger refuses a range that does not start at the archived position.
     """
     if view.in_flight > 1 or (view.in_flight == 1 and view.in_flight_end is None):
         return None
-    if view.in_flight == 1 and not view.leased:
-        # Still queued or booting, or dead before its lease (the sensor fails such a run only
-        # after STARTUP_GRACE_SECONDS): a follow-up would find the range before it unarchived
-        # and leave its own out, again at every tick until then.
+    if view.in_flight == 1 and view.stalled:
+        # Maybe dead before its lease, which the sensor fails only after STARTUP_GRACE_SECONDS
+        # (a starved run can take that long to boot): a follow-up would find the range before
+        # it unarchived and leave its own out, and one would be launched at every tick.
         return None
     if view.in_flight == 0 and view.pending is not None:
         return Candidate(view.pending, due=True, follows=False)

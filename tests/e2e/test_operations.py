@@ -193,25 +193,20 @@ def test_a_run_not_yet_started_counts_as_in_flight(stack: Stack) -> None:
             tags=request.tags,
             status=dg.DagsterRunStatus.NOT_STARTED,
         )
-        # Not the same range again, and no follow-up while the run has not taken its lease.
+        # Not the same range again: the range after it, as a follow-up.
         second = tick(stack, instance, first.cursor)
-        assert launched(second) == []
-        with ledger_connection(stack.postgres) as conn:
-            # The run started: it holds its partition's lease. The range after it follows.
-            leases.hold(conn, leases.partition_lease(f"{topic}-0"), wait_seconds=0.0)
-            third = tick(stack, instance, second.cursor)
-            assert launched(third) == [(100, 150)]
-            [follow_up] = third.run_requests or []
-            assert follow_up.tags[FOLLOWS_TAG] == "true"
-            instance.create_run_for_job(
-                archive_kafka_batch,
-                run_config=follow_up.run_config,
-                tags=follow_up.tags,
-                status=dg.DagsterRunStatus.NOT_STARTED,
-            )
-            produce(stack.kafka, topic, [log_value() for _ in range(150)])
-            # Never a second follow-up.
-            assert launched(tick(stack, instance, third.cursor)) == []
+        assert launched(second) == [(100, 150)]
+        [follow_up] = second.run_requests or []
+        assert follow_up.tags[FOLLOWS_TAG] == "true"
+        instance.create_run_for_job(
+            archive_kafka_batch,
+            run_config=follow_up.run_config,
+            tags=follow_up.tags,
+            status=dg.DagsterRunStatus.NOT_STARTED,
+        )
+        produce(stack.kafka, topic, [log_value() for _ in range(150)])
+        # Never a second follow-up.
+        assert launched(tick(stack, instance, second.cursor)) == []
 
 
 def test_a_run_launched_without_tags_counts_as_in_flight(stack: Stack) -> None:
@@ -227,9 +222,7 @@ def test_a_run_launched_without_tags_counts_as_in_flight(stack: Stack) -> None:
             run_config=request.run_config,
             status=dg.DagsterRunStatus.STARTED,
         )
-        with ledger_connection(stack.postgres) as conn:
-            leases.hold(conn, leases.partition_lease(f"{topic}-0"), wait_seconds=0.0)
-            assert launched(tick(stack, instance, first.cursor)) == [(100, 150)]
+        assert launched(tick(stack, instance, first.cursor)) == [(100, 150)]
 
 
 def test_no_follow_up_after_a_run_of_unknown_range(stack: Stack) -> None:

@@ -1,4 +1,5 @@
-"""A run starved of CPU before it takes its lease is not failed as dead; a dead one still is."""
+"""A run starved of CPU before it takes its lease is not failed as dead; a dead one still is.
+Either way no follow-up is launched behind it while its lease stays free."""
 
 from __future__ import annotations
 
@@ -11,10 +12,19 @@ from dagster._core.events import DagsterEvent, DagsterEventType
 from protoagg_dagster.archive import leases
 from protoagg_dagster.archive.job import archive_kafka_batch
 from protoagg_dagster.archive.ledger import ledger_connection
+from protoagg_dagster.archive.run_tags import config_ranges
 from protoagg_dagster.archive.sensor import DEAD_AFTER_SECONDS, SensorCursor
 from tests.helpers import Stack, create_topic, log_value, produce, tick, topic_of
 
 FREE_FOR = DEAD_AFTER_SECONDS + 5
+
+
+def launched(result: dg.SensorResult) -> list[tuple[int, int]]:
+    return [
+        (r.start, r.end)
+        for request in result.run_requests or []
+        for r in config_ranges(request.run_config)
+    ]
 
 
 def started(instance: dg.DagsterInstance, request: dg.RunRequest, seconds_ago: float) -> str:
@@ -52,3 +62,23 @@ def test_a_run_is_failed_after_the_grace_only_once_it_has_held_its_lease(
         run = instance.get_run_by_id(run_id)
         assert run is not None
         assert (run.status == dg.DagsterRunStatus.FAILURE) is failed, run.status
+
+
+def test_no_follow_up_behind_a_run_whose_lease_stays_free(stack: Stack) -> None:
+    topic = topic_of(stack)
+    create_topic(stack.kafka, topic)
+    produce(stack.kafka, topic, [log_value() for _ in range(100)])
+    with dg.instance_for_test() as instance:
+        first = tick(stack, instance, None)
+        [request] = first.run_requests or []
+        run_id = started(instance, request, seconds_ago=FREE_FOR)
+        produce(stack.kafka, topic, [log_value() for _ in range(100)])
+        # Its lease just seen free: it may be taking it now; the next range follows it.
+        assert launched(tick(stack, instance, first.cursor)) == [(100, 200)]
+        # Free for DEAD_AFTER_SECONDS and never taken: dead while booting, or starved. It is
+        # failed only after STARTUP_GRACE_SECONDS; a follow-up would leave its range out.
+        cursor = SensorCursor.loads(first.cursor)
+        cursor.lease_free_since[run_id] = time.time() - FREE_FOR
+        assert launched(tick(stack, instance, cursor.dumps())) == []
+        run = instance.get_run_by_id(run_id)
+        assert run is not None and run.status == dg.DagsterRunStatus.STARTED

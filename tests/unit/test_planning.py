@@ -42,21 +42,21 @@ def view(**changes: object) -> PartitionView:
         ),
         (
             "a follow-up starts where the run in flight ends",
-            view(next_offset=0, end_offset=5000, in_flight=1, in_flight_end=1000, leased=True),
+            view(next_offset=0, end_offset=5000, in_flight=1, in_flight_end=1000),
             (1000, 2000),
             True,
             True,
         ),
         (
-            "no follow-up before the run in flight holds the lease",
-            view(next_offset=0, end_offset=5000, in_flight=1, in_flight_end=1000),
+            "no follow-up after a run that stalled before its lease",
+            view(next_offset=0, end_offset=5000, in_flight=1, in_flight_end=1000, stalled=True),
             None,
             False,
             False,
         ),
         (
             "a short follow-up is not due",
-            view(end_offset=1050, in_flight=1, in_flight_end=1000, leased=True),
+            view(end_offset=1050, in_flight=1, in_flight_end=1000),
             (1000, 1050),
             False,
             True,
@@ -83,7 +83,6 @@ def view(**changes: object) -> PartitionView:
                 pending=OffsetRange("logs", 0, 10, 60),
                 in_flight=1,
                 in_flight_end=60,
-                leased=True,
             ),
             (60, 1060),
             True,
@@ -172,7 +171,7 @@ def test_a_run_stays_within_the_message_budget_and_follow_ups_run_apart() -> Non
     views = [
         view(partition=0, end_offset=900),
         view(partition=1, end_offset=200),
-        view(partition=2, end_offset=5000, in_flight=1, in_flight_end=1000, leased=True),
+        view(partition=2, end_offset=5000, in_flight=1, in_flight_end=1000),
     ]
     plan = plan_runs(views, None, LIMITS, now=1.0)
     assert sorted((starts(r), r.follows) for r in plan.runs) == [
