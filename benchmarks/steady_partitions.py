@@ -154,6 +154,8 @@ def warm_up(
             raise RuntimeError(f"the warm-up was not archived\n{deployment.log_tail()}")
         time.sleep(1)
     while not settled(deployment):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the warm-up's runs did not finish\n{deployment.log_tail()}")
         time.sleep(1)
     producer.sent.clear()
     return producer.count
@@ -327,8 +329,8 @@ def main() -> int:
     parser.add_argument(
         "--dump-rows",
         type=Path,
-        help="with postgres storage: write the last archive run's event rows, one sensor tick "
-        "and one check execution to this file (what each of Dagster's rows holds)",
+        help="with postgres storage: write the last archive run's event rows, the last two sensor "
+        "ticks and check executions to this file (what each of Dagster's rows holds)",
     )
     parser.add_argument(
         "--set",

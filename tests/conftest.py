@@ -44,7 +44,8 @@ LONG_FILES = (
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The LONG_FILES first, in that order; the rest as collected (a file's tests stay together)."""
+    """The LONG_FILES first, in that order, then the other end-to-end files, then the rest, each
+    group as collected; a file's tests stay together."""
     rank = {name: i for i, name in enumerate(LONG_FILES)}
 
     def key(item: pytest.Item) -> tuple[int, int]:

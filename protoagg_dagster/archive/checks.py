@@ -323,8 +323,9 @@ def _run_check_spec() -> dg.AssetCheckSpec:
         RUN_CHECK,
         asset=ARCHIVE_ASSET,
         description="Every range a run appended: its bytes read back equal the bytes written "
-        f"({FRAMING}), no record repeats in it ({UNIQUE_IDS}), it starts where its "
-        f"partition's archive ended ({NO_GAPS}). Fails naming the verdicts that failed.",
+        f"({FRAMING}; run from the UI, the latest batch of each partition decodes as frames), "
+        f"no record repeats in it ({UNIQUE_IDS}), it starts where its partition's archive "
+        f"ended ({NO_GAPS}). Fails naming the verdicts that failed.",
     )
 
 

@@ -438,7 +438,7 @@ def archive(
     archiver: ArchiverSettings,
     lease: PartitionLease,
 ) -> Iterator[RunEvent]:
-    """Consume, dedupe, encode and append the run's ranges; each step logs what it did.
+    """Consume, dedupe, encode and append the run's ranges, logging a line after each but encode.
 
     A transient error that fails a whole step (every range of it) fails the op, and its
     RetryPolicy runs all four steps again: the ledger makes the second attempt finish the

@@ -148,8 +148,13 @@ def kafka_offsets_sensor(
             progress = {topic: read_progress(conn, topic) for topic in bounds}
             keys = {partition_key(t, p) for t, partitions in bounds.items() for p in partitions}
             taken = leases.held(conn, {leases.partition_lease(key) for key in keys})
-            _fail_dead_runs(context, conn, unfinished, cursor, now)
-            stalled = _stalled_partitions(unfinished, cursor, now)
+            suspect = _fail_dead_runs(context, conn, unfinished, cursor, now)
+            stalled = {
+                partition_key(r.topic, r.partition)
+                for record in unfinished
+                if record.dagster_run.run_id in suspect
+                for r in run_ranges(record.dagster_run)
+            }
             # Once per cursor: it reads every partition's last batch.
             biggest = (
                 None
@@ -410,31 +415,21 @@ NOT_FINISHED = [
 ]
 
 
-def _stalled_partitions(
-    unfinished: Sequence[dg.RunRecord], cursor: SensorCursor, now: float
-) -> set[str]:
-    """The partitions of STARTED runs whose lease has been free for DEAD_AFTER_SECONDS.
-
-    One that held its lease is failed then; one that never took it (dead while booting, or
-    starved) only after STARTUP_GRACE_SECONDS, and meanwhile no follow-up is launched behind it.
-    """
-    found: set[str] = set()
-    for record in unfinished:
-        run = record.dagster_run
-        since = cursor.lease_free_since.get(run.run_id, now)
-        if run.status == dg.DagsterRunStatus.STARTED and now - since >= DEAD_AFTER_SECONDS:
-            found |= {partition_key(r.topic, r.partition) for r in run_ranges(run)}
-    return found
-
-
 def _fail_dead_runs(
     context: dg.SensorEvaluationContext,
     conn: psycopg.Connection,
     unfinished: Sequence[dg.RunRecord],
     cursor: SensorCursor,
     now: float,
-) -> None:
-    """Fail each STARTED run whose lease has stayed free: its worker died without a word."""
+) -> set[str]:
+    """Fail each STARTED run whose lease has stayed free: its worker died without a word.
+
+    Returns the runs no follow-up should be launched behind: those failed now, those whose
+    lease is free after they held it (dead, failed once free for DEAD_AFTER_SECONDS), and those
+    that never took it for DEAD_AFTER_SECONDS (dead while booting, or starved; failed only
+    after STARTUP_GRACE_SECONDS). A follow-up behind one would find the range before it
+    unarchived and leave its own out, and one would be launched at every tick.
+    """
     started: dict[str, list[OffsetRange]] = {}
     start_times: dict[str, float] = {}
     for record in unfinished:
@@ -454,6 +449,11 @@ def _fail_dead_runs(
         watched, alive, cursor.lease_free_since, now, DEAD_AFTER_SECONDS, STARTUP_GRACE_SECONDS
     )
     cursor.lease_free_since = verdict.free_since
+    suspect = {
+        run_id
+        for run_id, since in verdict.free_since.items()
+        if run_id in took or now - since >= DEAD_AFTER_SECONDS
+    } | set(verdict.dead)
     for run_id, since in verdict.dead.items():
         held = ", ".join(f"{r.topic}/{r.partition}" for r in started[run_id][:5])
         more = len(started[run_id]) - 5
@@ -476,3 +476,4 @@ def _fail_dead_runs(
             JobFailureData(error=None, failure_reason=RunFailureReason.UNEXPECTED_TERMINATION),
         )
         cursor.lease_free_since.pop(run_id, None)
+    return suspect

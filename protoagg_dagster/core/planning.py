@@ -118,8 +118,8 @@ class PartitionView:
     ``in_flight`` counts the runs holding a range of the partition that have not finished
     (queued, starting or working); ``in_flight_end`` is where the last of those ranges ends, when
     the sensor knows it (a run of another deployment is seen only by its lease). ``stalled``:
-    the run in flight started but has not held its lease for a while (DEAD_AFTER_SECONDS): it
-    may have died before taking it.
+    the run in flight started and its lease is free: it took it and let go (its process died),
+    or it has not taken it for a while (it may have died while booting).
     """
 
     topic: str
@@ -158,9 +158,9 @@ def next_range(view: PartitionView, limits: BatchLimits) -> Candidate | None:
     if view.in_flight > 1 or (view.in_flight == 1 and view.in_flight_end is None):
         return None
     if view.in_flight == 1 and view.stalled:
-        # Maybe dead before its lease, which the sensor fails only after STARTUP_GRACE_SECONDS
-        # (a starved run can take that long to boot): a follow-up would find the range before
-        # it unarchived and leave its own out, and one would be launched at every tick.
+        # Dead, or maybe dead before its lease (the sensor fails that one only after
+        # STARTUP_GRACE_SECONDS): a follow-up would find the range before it unarchived and
+        # leave its own out, and one would be launched at every tick.
         return None
     if view.in_flight == 0 and view.pending is not None:
         return Candidate(view.pending, due=True, follows=False)

@@ -27,10 +27,10 @@ from tests.support.dagster_deployment import DagsterDeployment, run_summaries
 
 PARTITIONS, PER_PARTITION = 2, 600
 # Runs of 200 messages, one partition's range each (the range fills the run's bound), the two
-# partitions' runs side by side: ~12 KB of frames a batch, so each object holds one batch and the
-# next one rolls over (a claim reserves its frames' exact size). Three runs a partition.
+# partitions' runs side by side: ~12 KB of frames a batch, so an object holds two batches and the
+# third rolls over (a claim reserves its frames' exact size). Three runs a partition.
 BATCH = 200
-MAX_OBJECT_BYTES = 20_000
+MAX_OBJECT_BYTES = 30_000
 DEADLINE_SECONDS = 300.0
 
 

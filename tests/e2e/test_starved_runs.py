@@ -64,7 +64,10 @@ def test_a_run_is_failed_after_the_grace_only_once_it_has_held_its_lease(
         assert (run.status == dg.DagsterRunStatus.FAILURE) is failed, run.status
 
 
-def test_no_follow_up_behind_a_run_whose_lease_stays_free(stack: Stack) -> None:
+@pytest.mark.parametrize("took_its_lease", [False, True])
+def test_no_follow_up_behind_a_run_whose_lease_stays_free(
+    stack: Stack, took_its_lease: bool
+) -> None:
     topic = topic_of(stack)
     create_topic(stack.kafka, topic)
     produce(stack.kafka, topic, [log_value() for _ in range(100)])
@@ -72,13 +75,21 @@ def test_no_follow_up_behind_a_run_whose_lease_stays_free(stack: Stack) -> None:
         first = tick(stack, instance, None)
         [request] = first.run_requests or []
         run_id = started(instance, request, seconds_ago=FREE_FOR)
+        if took_its_lease:
+            with ledger_connection(stack.postgres) as conn:
+                leases.record_taken(conn, run_id)
         produce(stack.kafka, topic, [log_value() for _ in range(100)])
-        # Its lease just seen free: it may be taking it now; the next range follows it.
-        assert launched(tick(stack, instance, first.cursor)) == [(100, 200)]
-        # Free for DEAD_AFTER_SECONDS and never taken: dead while booting, or starved. It is
-        # failed only after STARTUP_GRACE_SECONDS; a follow-up would leave its range out.
+        # Its lease just seen free. Never taken: it may be taking it now, the next range
+        # follows it. Taken and let go: its process is gone, a follow-up would do nothing.
+        fresh = launched(tick(stack, instance, first.cursor))
+        assert fresh == ([] if took_its_lease else [(100, 200)])
+        # Free for DEAD_AFTER_SECONDS: failed if it held its lease; if it never took it (dead
+        # while booting, or starved), only after STARTUP_GRACE_SECONDS. No follow-up either way.
         cursor = SensorCursor.loads(first.cursor)
         cursor.lease_free_since[run_id] = time.time() - FREE_FOR
         assert launched(tick(stack, instance, cursor.dumps())) == []
         run = instance.get_run_by_id(run_id)
-        assert run is not None and run.status == dg.DagsterRunStatus.STARTED
+        assert run is not None
+        assert run.status == (
+            dg.DagsterRunStatus.FAILURE if took_its_lease else dg.DagsterRunStatus.STARTED
+        )
