@@ -424,11 +424,11 @@ def _fail_dead_runs(
 ) -> set[str]:
     """Fail each STARTED run whose lease has stayed free: its worker died without a word.
 
-    Returns the runs no follow-up should be launched behind: those failed now, those whose
-    lease is free after they held it (dead, failed once free for DEAD_AFTER_SECONDS), and those
-    that never took it for DEAD_AFTER_SECONDS (dead while booting, or starved; failed only
-    after STARTUP_GRACE_SECONDS). A follow-up behind one would find the range before it
-    unarchived and leave its own out, and one would be launched at every tick.
+    Returns the runs no follow-up should be launched behind: those failed now, and those whose
+    lease has been free for DEAD_AFTER_SECONDS but that are not failed yet because they never
+    took it (dead while booting, or starved; failed only after STARTUP_GRACE_SECONDS). A
+    follow-up behind one would find the range before it unarchived and leave its own out, and
+    one would be launched at every tick.
     """
     started: dict[str, list[OffsetRange]] = {}
     start_times: dict[str, float] = {}
@@ -449,10 +449,10 @@ def _fail_dead_runs(
         watched, alive, cursor.lease_free_since, now, DEAD_AFTER_SECONDS, STARTUP_GRACE_SECONDS
     )
     cursor.lease_free_since = verdict.free_since
+    # Not at once when a lease is free: a run that just ended its work lets go of it a moment
+    # before Dagster marks it finished, and its partitions' follow-ups must not wait a tick.
     suspect = {
-        run_id
-        for run_id, since in verdict.free_since.items()
-        if run_id in took or now - since >= DEAD_AFTER_SECONDS
+        run_id for run_id, since in verdict.free_since.items() if now - since >= DEAD_AFTER_SECONDS
     } | set(verdict.dead)
     for run_id, since in verdict.dead.items():
         held = ", ".join(f"{r.topic}/{r.partition}" for r in started[run_id][:5])

@@ -118,8 +118,7 @@ class PartitionView:
     ``in_flight`` counts the runs holding a range of the partition that have not finished
     (queued, starting or working); ``in_flight_end`` is where the last of those ranges ends, when
     the sensor knows it (a run of another deployment is seen only by its lease). ``stalled``:
-    the run in flight started and its lease is free: it took it and let go (its process died),
-    or it has not taken it for a while (it may have died while booting).
+    the run in flight started and its lease has been free for a while: it may have died.
     """
 
     topic: str
