@@ -204,6 +204,10 @@ def page(browser: Browser, deployment: Deployment, tmp_path: Path) -> Iterator[P
     )
     context.add_init_script(SKIP_COMMUNITY_DIALOG)
     context.set_default_timeout(30_000)
+    # Assertions wait as long as actions: Playwright's own 5 s for `expect` failed a clean run
+    # on three workers, with the locations page still "Loading…" (the UI waits on the code
+    # server, which shares two busy cores).
+    expect.set_options(timeout=30_000)
     page = context.new_page()
     try:
         yield page
