@@ -14,12 +14,14 @@ from tests.helpers import Stack
 from tests.support.shared_deployment import SharedDeployment, shared_deployment
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def shared(
     services: Services, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[SharedDeployment]:
-    """One ``dagster-daemon`` for the session's tests that do not kill it; a test keeps its data
-    apart with a topic of its own (``shared.new_topic()``)."""
+    """One ``dagster-daemon`` for a module's tests that do not kill it; a test keeps its data
+    apart with a topic of its own (``shared.new_topic()``). Per module, not per session: idle, a
+    deployment's sensor ticks and daemon loops cost about 5 s of CPU a minute, and the modules
+    that use it run on different workers and finish early."""
     with shared_deployment(services, tmp_path_factory.mktemp("shared") / "home") as deployment:
         yield deployment
 

@@ -1,6 +1,6 @@
 """Follow-up runs: the sensor launches a partition's next range while the run before it works.
 
-Through the session's shared ``dagster-daemon`` (tests/support/shared_deployment.py) with the
+Through the module's shared ``dagster-daemon`` (tests/support/shared_deployment.py) with the
 local run queue (two runs per partition): a backlog of several batches, the topic's uploads slowed
 by the proxy so each run works for seconds. The next run must be created before the one it
 follows has ended, start its work only after that one's work ended (the partition's lease), and

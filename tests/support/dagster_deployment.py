@@ -1,11 +1,13 @@
-"""A real Dagster deployment for the tests: its own DAGSTER_HOME and a ``dagster-daemon`` process.
+"""A real Dagster deployment for the tests: its own DAGSTER_HOME, a code server and a
+``dagster-daemon`` process.
 
 :class:`DagsterDeployment` copies ``deploy/dagster.local.yaml`` (the production queue: two runs
 per ``protoagg/partition`` value, one working and its follow-up starting up) into a fresh
-DAGSTER_HOME, starts ``dagster-daemon run`` on the
-project's ``workspace.yaml`` in a new session (the daemon, its code server and the run processes
-the code server spawns all share one process group), and stops the whole group: SIGTERM, then
-SIGKILL after a deadline. The daemon's output goes to ``<home>/daemon.log``.
+DAGSTER_HOME, starts the code location's gRPC server (``dagster api grpc``, as production runs
+it) and ``dagster-daemon run`` on a workspace pointing at it, all in one new process group with
+the run processes the code server spawns, and stops the whole group: SIGTERM, then SIGKILL after
+a deadline. Their output goes to ``<home>/daemon.log``. With ``dev_port``, ``dagster dev`` is the
+group instead (webserver, daemon, its code server and run workers).
 
 :func:`run_summaries` reads what a deployment did from its SQLite run storage: each run's range,
 status, start/end times, step retries and errors, and the batch numbers its materialization
@@ -17,6 +19,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator, Mapping
@@ -40,10 +43,13 @@ from protoagg_dagster.archive.assets import ARCHIVE_ASSET
 from protoagg_dagster.archive.run_tags import PARTITION_TAG, RANGE_TAG, partition_key, run_ranges
 from protoagg_dagster.core.planning import OffsetRange
 from tests.conftest import ROOT
+from tests.support.dagster_web import free_port, wait_until
 from tests.support.process_groups import group_members, signal_group
 
 INSTANCE_YAML = ROOT / "deploy" / "dagster.local.yaml"
 WORKSPACE_YAML = ROOT / "workspace.yaml"
+DEFINITIONS = "protoagg_dagster.definitions"  # workspace.yaml's code location
+LOCATION = "protoagg"
 DAEMON = ROOT / ".venv" / "bin" / "dagster-daemon"
 DAGSTER = ROOT / ".venv" / "bin" / "dagster"
 # Variables a developer's shell might set that must not leak into a test deployment.
@@ -62,7 +68,8 @@ class DagsterDeployment:
     # ``dagster dev`` on this port (webserver, daemon, code server and run workers in one
     # process group) instead of ``dagster-daemon run`` alone.
     dev_port: int | None = None
-    process: subprocess.Popen[bytes] | None = None
+    process: subprocess.Popen[bytes] | None = None  # the daemon (or dagster dev)
+    _group: int = 0  # the process group every process of the deployment is in
     _log: IO[bytes] | None = None
 
     @property
@@ -76,31 +83,65 @@ class DagsterDeployment:
             shutil.copyfile(INSTANCE_YAML, self.home / "dagster.yaml")
             with self.instance():
                 pass  # create the SQLite storages here, not in a race with the daemon
-        workspace = WORKSPACE_YAML
-        if self.module is not None:
-            workspace = self.home / "workspace.yaml"
-            workspace.write_text(
-                "load_from:\n  - python_module:\n"
-                f"      module_name: {self.module}\n"
-                f"      working_directory: {ROOT}\n"
-                "      location_name: protoagg\n"
-            )
         env = {k: v for k, v in os.environ.items() if k not in _DROPPED_ENV}
         env.update(self.env)
         env["DAGSTER_HOME"] = str(self.home)
         self._log = self.log_path.open("ab")
-        command = [str(DAEMON), "run", "-w", str(workspace)]
+        module = self.module or DEFINITIONS
         if self.dev_port is not None:
+            workspace = WORKSPACE_YAML
+            if self.module is not None:
+                workspace = self.home / "workspace.yaml"
+                workspace.write_text(
+                    "load_from:\n  - python_module:\n"
+                    f"      module_name: {module}\n"
+                    f"      working_directory: {ROOT}\n"
+                    f"      location_name: {LOCATION}\n"
+                )
             command = [str(DAGSTER), "dev", "-h", "127.0.0.1", "-p", str(self.dev_port)]
-            command += ["-w", str(workspace)]
-        self.process = subprocess.Popen(
+            self.process = self._spawn([*command, "-w", str(workspace)], env, group=0)
+            self._group = self.process.pid
+            return
+        # The code location serves from a process of its own, as in production (Helm's user
+        # deployments, docker-compose's dagster-code). A daemon given a python_module starts a
+        # code server itself and replaces it every minute (its workspace reload), each new one
+        # importing the definitions again: seconds of CPU a minute.
+        port = free_port()
+        server = self._spawn(
+            [str(DAGSTER), "api", "grpc", "-m", module, "-d", str(ROOT), "-h", "127.0.0.1",
+             "-p", str(port), "--location-name", LOCATION],
+            env,
+            group=0,
+        )  # fmt: skip
+        self._group = server.pid
+        wait_until(
+            f"{self.name}: the code server answers",
+            lambda: _listening(port),
+            120,
+            lambda: _alive(server, self.log_path),
+            poll_s=0.2,
+        )
+        workspace = self.home / "workspace.yaml"
+        workspace.write_text(
+            "load_from:\n  - grpc_server:\n"
+            f"      host: 127.0.0.1\n      port: {port}\n      location_name: {LOCATION}\n"
+        )
+        self.process = self._spawn(
+            [str(DAEMON), "run", "-w", str(workspace)], env, group=self._group
+        )
+
+    def _spawn(
+        self, command: list[str], env: dict[str, str], group: int
+    ) -> subprocess.Popen[bytes]:
+        """A process of the deployment's group (``group`` 0: a new group it leads)."""
+        return subprocess.Popen(
             command,
             cwd=ROOT,
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            start_new_session=True,
+            process_group=group,
         )
 
     def running(self) -> bool:
@@ -110,7 +151,7 @@ class DagsterDeployment:
         """SIGTERM the daemon's process group; SIGKILL what is left after ``grace_seconds``."""
         if self.process is None:
             return
-        group = self.process.pid  # start_new_session: the daemon leads its own group
+        group = self._group
         signal_group(group, signal.SIGTERM)
         deadline = time.monotonic() + grace_seconds
         while time.monotonic() < deadline and (self.process.poll() is None or group_members(group)):
@@ -129,7 +170,7 @@ class DagsterDeployment:
         """SIGKILL the whole process group at once, as a node loss or OOM kill does; returns the
         pids it held. Run records stay as the dead processes left them."""
         assert self.process is not None
-        group = self.process.pid
+        group = self._group
         members = group_members(group)
         signal_group(group, signal.SIGKILL)
         self.process.wait(timeout=30)
@@ -353,3 +394,14 @@ def _failures_unread(instance: dg.DagsterInstance, run_ids: set[str]) -> bool:
         after_cursor=int(cursor), dagster_event_type={DagsterEventType.RUN_FAILURE}
     )
     return any(entry.run_id in run_ids for entry in unread.values())
+
+
+def _listening(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _alive(process: subprocess.Popen[bytes], log: Path) -> None:
+    if process.poll() is not None:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+        raise AssertionError(f"the code server exited ({process.returncode}):\n{tail}")

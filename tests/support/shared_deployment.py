@@ -3,15 +3,16 @@ settings of their own.
 
 Booting a deployment (daemon, code server, first sensor tick) and stopping it again costs each
 test seconds of both cores; tests that only need *a* running deployment share this one, booted once
-per session (the ``shared_deployment`` fixture of tests/e2e/conftest.py), and keep their data apart
-by names, never by restarts:
+per test module (the ``shared`` fixture of tests/e2e/conftest.py: an idle deployment still costs
+seconds of CPU a minute, so it stops when its module ends), and keep their data apart by names,
+never by restarts:
 
-* the deployment archives every topic whose name starts with ``shared-<session>-`` (a
+* the deployment archives every topic whose name starts with ``shared-<token>-`` (a
   ``PROTOAGG_TOPICS`` pattern: the sensor lists topics at each tick, so a topic a test creates
-  later is picked up; the session's token leaves the topics of earlier sessions, which a local
-  broker keeps, alone); :meth:`SharedDeployment.new_topic` gives a test its own;
+  later is picked up; the deployment's own token leaves the topics of earlier deployments, which
+  a local broker keeps, alone); :meth:`SharedDeployment.new_topic` gives a test its own;
 * each topic has its own archive object, ``shared/{topic}/log.pb`` (one object for all of the
-  topic's partitions), and its own rows in the ledger (one PostgreSQL database for the session,
+  topic's partitions), and its own rows in the ledger (one PostgreSQL database for the deployment,
   keyed by topic);
 * GCS is fake-gcs-server behind one :class:`GcsProxy` with GCS's one mutation per second per object
   name; a test programs faults for its own objects only (``object_prefix`` of its topic);
@@ -57,13 +58,13 @@ ARCHIVE_JOB = "archive_kafka_batch"
 
 @dataclass
 class SharedDeployment:
-    """The session's deployment, its ledger database and the GCS proxy in front of it."""
+    """The shared deployment, its ledger database and the GCS proxy in front of it."""
 
     deployment: DagsterDeployment
     proxy: GcsProxy
     services: Services
     dsn: str
-    topic_prefix: str  # shared-<session>-
+    topic_prefix: str  # shared-<token>-
 
     def new_topic(self) -> str:
         """A topic name of the test's own that the deployment archives once it exists."""
@@ -135,9 +136,9 @@ class SharedDeployment:
 @contextmanager
 def shared_deployment(services: Services, home: Path) -> Iterator[SharedDeployment]:
     """Boot the shared deployment in ``home`` (a database of its own, a proxy); stop it after."""
-    session = uuid.uuid4().hex[:8]
-    topic_prefix = f"shared-{session}-"
-    name = f"t_shared_{session}"
+    token = uuid.uuid4().hex[:8]
+    topic_prefix = f"shared-{token}-"
+    name = f"t_shared_{token}"
     with psycopg.connect(services.postgres_admin_dsn, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     dsn = services.postgres_admin_dsn.rsplit("/", 1)[0] + f"/{name}"
