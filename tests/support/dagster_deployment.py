@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator, Mapping
@@ -43,13 +42,11 @@ from protoagg_dagster.archive.assets import ARCHIVE_ASSET
 from protoagg_dagster.archive.run_tags import PARTITION_TAG, RANGE_TAG, partition_key, run_ranges
 from protoagg_dagster.core.planning import OffsetRange
 from tests.conftest import ROOT
-from tests.support.dagster_web import free_port, wait_until
+from tests.support.dagster_web import DEFINITIONS, LOCATION, grpc_workspace, start_code_server
 from tests.support.process_groups import group_members, signal_group
 
 INSTANCE_YAML = ROOT / "deploy" / "dagster.local.yaml"
 WORKSPACE_YAML = ROOT / "workspace.yaml"
-DEFINITIONS = "protoagg_dagster.definitions"  # workspace.yaml's code location
-LOCATION = "protoagg"
 DAEMON = ROOT / ".venv" / "bin" / "dagster-daemon"
 DAGSTER = ROOT / ".venv" / "bin" / "dagster"
 # Variables a developer's shell might set that must not leak into a test deployment.
@@ -70,6 +67,7 @@ class DagsterDeployment:
     dev_port: int | None = None
     process: subprocess.Popen[bytes] | None = None  # the daemon (or dagster dev)
     _group: int = 0  # the process group every process of the deployment is in
+    _instance: dg.DagsterInstance | None = None
     _log: IO[bytes] | None = None
 
     @property
@@ -102,30 +100,9 @@ class DagsterDeployment:
             self.process = self._spawn([*command, "-w", str(workspace)], env, group=0)
             self._group = self.process.pid
             return
-        # The code location serves from a process of its own, as in production (Helm's user
-        # deployments, docker-compose's dagster-code). A daemon given a python_module starts a
-        # code server itself and replaces it every minute (its workspace reload), each new one
-        # importing the definitions again: seconds of CPU a minute.
-        port = free_port()
-        server = self._spawn(
-            [str(DAGSTER), "api", "grpc", "-m", module, "-d", str(ROOT), "-h", "127.0.0.1",
-             "-p", str(port), "--location-name", LOCATION],
-            env,
-            group=0,
-        )  # fmt: skip
+        server, port = start_code_server(module, env, self._log, self.log_path, group=0)
         self._group = server.pid
-        wait_until(
-            f"{self.name}: the code server answers",
-            lambda: _listening(port),
-            120,
-            lambda: _alive(server, self.log_path),
-            poll_s=0.2,
-        )
-        workspace = self.home / "workspace.yaml"
-        workspace.write_text(
-            "load_from:\n  - grpc_server:\n"
-            f"      host: 127.0.0.1\n      port: {port}\n      location_name: {LOCATION}\n"
-        )
+        workspace = grpc_workspace(self.home / "workspace.yaml", port)
         self.process = self._spawn(
             [str(DAEMON), "run", "-w", str(workspace)], env, group=self._group
         )
@@ -185,9 +162,13 @@ class DagsterDeployment:
 
     @contextmanager
     def instance(self) -> Iterator[dg.DagsterInstance]:
-        """The deployment's instance (its SQLite storages), opened in this process."""
-        with dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(self.home))) as instance:
-            yield instance
+        """The deployment's instance (its SQLite storages), opened in this process once and kept:
+        opening one costs a tenth of a second of CPU (its storages check their schema), a query
+        a few milliseconds, and the tests poll it several times a second. Every query opens its
+        own SQLite connection, so each sees what the deployment has written by then."""
+        if self._instance is None:
+            self._instance = dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(self.home)))
+        yield self._instance
 
     def log_tail(self, lines: int = 60) -> str:
         if not self.log_path.exists():
@@ -394,14 +375,3 @@ def _failures_unread(instance: dg.DagsterInstance, run_ids: set[str]) -> bool:
         after_cursor=int(cursor), dagster_event_type={DagsterEventType.RUN_FAILURE}
     )
     return any(entry.run_id in run_ids for entry in unread.values())
-
-
-def _listening(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
-def _alive(process: subprocess.Popen[bytes], log: Path) -> None:
-    if process.poll() is not None:
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
-        raise AssertionError(f"the code server exited ({process.returncode}):\n{tail}")

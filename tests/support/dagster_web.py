@@ -1,10 +1,11 @@
 """A real Dagster deployment with its UI: ``dagster-webserver`` and ``dagster-daemon`` on loopback.
 
 :class:`DagsterWeb` writes ``deploy/dagster.local.yaml`` into a fresh DAGSTER_HOME, starts the
-webserver on a free port of 127.0.0.1 and the daemon on the project's ``workspace.yaml``, each in
-a new session (so each one, its code server and the run processes it spawns share one process
-group), and stops both groups: SIGTERM, then SIGKILL after a deadline. Their output goes to
-``<home>/webserver.log`` and ``<home>/daemon.log``.
+code location's gRPC server (:func:`start_code_server`), then the webserver on a free port of
+127.0.0.1 and the daemon on a workspace pointing at that server, each in a new session (the run
+processes the code server spawns share its group), and stops every group: SIGTERM, then SIGKILL
+after a deadline. Their output goes to ``<home>/code.log``, ``<home>/webserver.log`` and
+``<home>/daemon.log``.
 
 The webserver's GraphQL API (:meth:`DagsterWeb.graphql`) is what the tests synchronise on: the
 code location's load status and each run's status.
@@ -33,8 +34,8 @@ from tests.conftest import ROOT
 from tests.support.process_groups import group_members, signal_group
 
 INSTANCE_YAML = ROOT / "deploy" / "dagster.local.yaml"
-WORKSPACE_YAML = ROOT / "workspace.yaml"
 BIN = ROOT / ".venv" / "bin"
+DEFINITIONS = "protoagg_dagster.definitions"  # workspace.yaml's code location
 LOCATION = "protoagg"
 # Variables of a developer's shell that must not leak into the test deployment.
 _DROPPED_ENV = ("DAGSTER_HOME",)
@@ -125,7 +126,11 @@ class DagsterWeb:
         env = {k: v for k, v in os.environ.items() if k not in _DROPPED_ENV}
         env.update(self.env)
         env["DAGSTER_HOME"] = str(self.home)
-        workspace = str(WORKSPACE_YAML)
+        log = self.log_path("code").open("wb")
+        self._logs.append(log)
+        code, port = start_code_server(DEFINITIONS, env, log, self.log_path("code"), group=0)
+        self.processes["code"] = code
+        workspace = str(grpc_workspace(self.home / "workspace.yaml", port))
         commands = {
             "webserver": [
                 str(BIN / "dagster-webserver"),
@@ -234,3 +239,43 @@ class DagsterWeb:
             return f"no {name} log"
         text = path.read_text(errors="replace").splitlines()[-lines:]
         return f"----- last {len(text)} lines of {path}\n" + "\n".join(text)
+
+
+def start_code_server(
+    module: str, env: Mapping[str, str], log: IO[bytes], log_path: Path, group: int
+) -> tuple[subprocess.Popen[bytes], int]:
+    """Serve ``module``'s code location from a process of its own (``dagster api grpc`` on a free
+    port, in process group ``group``; 0: a new one it leads), as production does (Helm's user
+    deployments, docker-compose's code server); return it and its port once it answers.
+
+    A daemon or webserver given a ``python_module`` starts a code server itself, and the daemon
+    replaces it every minute (its workspace reload), each new one importing the definitions
+    again: about 3 s of CPU a minute of a deployment's life, more than its idle sensor ticks."""
+    port = free_port()
+    process = subprocess.Popen(
+        [str(BIN / "dagster"), "api", "grpc", "-m", module, "-d", str(ROOT), "-h", "127.0.0.1",
+         "-p", str(port), "--location-name", LOCATION],
+        cwd=ROOT, env=dict(env), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+        process_group=group,
+    )  # fmt: skip
+
+    def alive() -> None:
+        if process.poll() is not None:
+            tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
+            raise AssertionError(f"the code server exited ({process.returncode}):\n{tail}")
+
+    def listening() -> bool:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            return sock.connect_ex(("127.0.0.1", port)) == 0
+
+    wait_until(f"the code server of {module} answers", listening, 120, alive, poll_s=0.2)
+    return process, port
+
+
+def grpc_workspace(path: Path, port: int) -> Path:
+    """A workspace file at ``path`` naming the code server on ``port``."""
+    path.write_text(
+        "load_from:\n  - grpc_server:\n"
+        f"      host: 127.0.0.1\n      port: {port}\n      location_name: {LOCATION}\n"
+    )
+    return path
