@@ -285,7 +285,8 @@ def test_whole_deployment_killed_three_times_resumes_every_partition_exactly_onc
     stack: Stack, services: Services, postgres_dsn: str, unique: str, tmp_path: Path
 ) -> None:
     topic, backfilled = f"logs-{unique}", f"old-{unique}"
-    per_partition, max_batch = 4000, 500
+    # Four runs a partition: the three kills land in its first two, the rest resume after them.
+    per_partition, max_batch = 4000, 1000
     expected = seed(stack, topic, 2, per_partition)
     expected |= seed(stack, backfilled, 1, 1600)
     port = free_port()
@@ -472,7 +473,7 @@ def working_spans(
 def test_two_deployments_one_killed_the_other_keeps_archiving(
     stack: Stack, services: Services, postgres_dsn: str, unique: str, tmp_path: Path
 ) -> None:
-    # Three runs a partition: B still has runs to finish once A is killed in its first.
+    # Two runs a partition: B still has runs to finish once A is killed in its first.
     topic, partitions, per_partition = f"logs-{unique}", 4, 900
     # A topic only A archives: A's runs always have a range to read, so the moment A works
     # in a step comes (B's runs may take every shared range's lease first, as they did once
@@ -480,7 +481,7 @@ def test_two_deployments_one_killed_the_other_keeps_archiving(
     own = f"own-{unique}"
     expected = seed(stack, topic, partitions, per_partition)
     expected |= seed(stack, own, 1, per_partition)
-    env = deployment_env(stack, services, postgres_dsn, topic, 300, "consume=1,compose=1")
+    env = deployment_env(stack, services, postgres_dsn, topic, 450, "consume=1,compose=1")
     env_a = {**env, "PROTOAGG_TOPICS": f"{topic},{own}", "PROTOAGG_TEST_DELAYS": "consume=3"}
     a = DagsterDeployment("A", tmp_path / "A", env_a, module=SLOW_CODE)
     b = DagsterDeployment("B", tmp_path / "B", env, module=SLOW_CODE)

@@ -136,17 +136,20 @@ def test_restore_killed_mid_way_and_rerun_writes_every_record_once(
     # The restore processes inherit the setting.
     monkeypatch.setenv(KAFKA_CLIENT.env, client)
     source = f"rsrc-{unique}"
-    stack = record_topic(stack, source, 6000)
+    # Twenty transactions: the kills land inside and between them.
+    count, transaction = 3000, 150
+    stack = record_topic(stack, source, count)
     target = f"rdst-{unique}"
-    args = [url_of(stack), "--to-topic", target, "--create-topic", "--transaction-records", "300"]
+    args = [url_of(stack), "--to-topic", target, "--create-topic"]
+    args += ["--transaction-records", str(transaction)]
     # Killed before anything, then inside or between transactions at growing points.
-    killed = [kill_when_written(stack, target, n, args) for n in (0, 1, 900, 2500, 4200)]
+    killed = [kill_when_written(stack, target, n, args) for n in (0, 1, 450, 1250, 2100)]
     assert sum(killed) >= 3, killed  # most kills hit a restore at work
-    assert len(committed(stack, target)) < 6000
+    assert len(committed(stack, target)) < count
     finished = run_restore(*args)
     assert finished.returncode == 0, finished.stderr
     original = committed(stack, source)
-    assert len(original) == 6000
+    assert len(original) == count
     restored = committed(stack, target)
     assert contents(restored) == contents(original)
     again = run_restore(*args)
