@@ -99,7 +99,7 @@ def services() -> Services:
 
 
 def _worker() -> int:
-    """This pytest-xdist worker's number (scripts/test runs two); 0 without xdist."""
+    """This pytest-xdist worker's number (scripts/test runs three); 0 without xdist."""
     return int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
 
 

@@ -245,8 +245,8 @@ def start_code_server(
     module: str, env: Mapping[str, str], log: IO[bytes], log_path: Path, group: int
 ) -> tuple[subprocess.Popen[bytes], int]:
     """Serve ``module``'s code location from a process of its own (``dagster api grpc`` on a free
-    port, in process group ``group``; 0: a new one it leads), as production does (Helm's user
-    deployments, docker-compose's code server); return it and its port once it answers.
+    port, in process group ``group``; 0: a new one it leads), as Helm's user deployments do in
+    production; return it and its port once it answers.
 
     A daemon or webserver given a ``python_module`` starts a code server itself, and the daemon
     replaces it every minute (its workspace reload), each new one importing the definitions
